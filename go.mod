@@ -1,0 +1,3 @@
+module github.com/podipc/podipc
+
+go 1.26
