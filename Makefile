@@ -28,6 +28,19 @@ test: control-plane ## Run unit, integration (real API server) and node-ipc comp
 bench: ## Run the Go benchmarks (figures go to docs/performance.md).
 	go test -run '^$$' -bench . -benchmem ./pkg/...
 
+# The load tool is a module of its own (hack/loadtest), so the NATS client stays out of
+# go.mod. LOADTEST_FLAGS passes flags through, e.g. LOADTEST_FLAGS='-runs 3 -duration 5s'.
+SIDECAR_BIN    ?= $(BIN)/podipc-sidecar
+LOADTEST_FLAGS ?=
+
+.PHONY: bench-dataplane
+bench-dataplane: sidecar $(BIN)/nats-server ## Measure the sidecar against a plain TCP relay and NATS on loopback (hack/loadtest).
+	cd hack/loadtest && go run . -sidecar=$(SIDECAR_BIN) -nats-server=$(BIN)/nats-server $(LOADTEST_FLAGS)
+
+.PHONY: sidecar
+sidecar: ## Build the sidecar binary into bin/ (or SIDECAR_BIN).
+	go build -o $(SIDECAR_BIN) ./cmd/podipc-sidecar
+
 .PHONY: lint
 lint: $(BIN)/golangci-lint ## Run gofmt, go vet and golangci-lint.
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }

@@ -1,0 +1,16 @@
+// The data-plane load tool, a module of its own so that the NATS client it compares
+// against never enters podipc's go.mod. It drives the sidecar, a plain TCP relay and
+// nats-server as processes over loopback sockets, and imports nothing from podipc.
+module github.com/podipc/podipc/hack/loadtest
+
+go 1.26.0
+
+require github.com/nats-io/nats.go v1.55.0
+
+require (
+	github.com/klauspost/compress v1.20.0 // indirect
+	github.com/nats-io/nkeys v0.4.16 // indirect
+	github.com/nats-io/nuid v1.0.1 // indirect
+	golang.org/x/crypto v0.57.0 // indirect
+	golang.org/x/sys v0.48.0 // indirect
+)

@@ -1,0 +1,309 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+)
+
+// Bounds on every wait, so a broken path fails a run instead of hanging the tool.
+const (
+	syncTimeout  = 10 * time.Second
+	syncInterval = 20 * time.Millisecond
+	drainTimeout = 15 * time.Second
+)
+
+// throughputResult is one closed-loop run.
+type throughputResult struct {
+	rate     float64 // data lines per second read by the receiving app in the window
+	received uint64  // lines received and checked over the whole run
+	cpu      float64 // CPU seconds the forwarding processes used in the window
+}
+
+// opener opens a fresh path for one run.
+type opener func(ctx context.Context) (path, error)
+
+// cpuMeter reads the CPU seconds used so far by the forwarding processes of a target.
+type cpuMeter func() float64
+
+// measureThroughput runs one sender as fast as the path lets it for warmup+dur and
+// reports the lines per second the receiving app read during dur. The sender keeps at
+// most window bytes in flight (sent, not yet received): TCP paths push back long before
+// that; it is what keeps a NATS publisher from running without bound ahead of its
+// subscriber, which would end in a slow-consumer cut-off rather than a figure. Every line
+// is checked; the run fails on any loss or reorder, and unless every sent line arrives.
+func measureThroughput(ctx context.Context, open opener, cpu cpuMeter, size int, warmup, dur time.Duration, window int) (throughputResult, error) {
+	var res throughputResult
+	p, err := open(ctx)
+	if err != nil {
+		return res, err
+	}
+	defer p.Close()
+	chk := newChecker(size, false)
+	recvErr := make(chan error, 1)
+	go func() { recvErr <- p.Receive(chk.consume) }()
+
+	if err := syncPath(p, size, chk.synced, recvErr); err != nil {
+		return res, err
+	}
+
+	line := newLine(size)
+	maxInFlight := uint64(max(window/size, 1))
+	var sent uint64
+	start := time.Now()
+	winStart, winEnd := start.Add(warmup), start.Add(warmup+dur)
+	var c0, c1 uint64
+	var cpu0, cpu1 float64
+	var t0, t1 time.Time
+	phase := 0 // 0 warming up, 1 measuring, 2 done
+	for phase < 2 {
+		for range 128 {
+			putSeq(line, sent)
+			if err := p.Send(line); err != nil {
+				return res, fmt.Errorf("send seq %d: %w", sent, err)
+			}
+			sent++
+		}
+		now := time.Now()
+		switch {
+		case phase == 0 && !now.Before(winStart):
+			t0, c0, cpu0 = time.Now(), chk.count.Load(), cpu()
+			phase = 1
+		case phase == 1 && !now.Before(winEnd):
+			t1, c1, cpu1 = time.Now(), chk.count.Load(), cpu()
+			phase = 2
+		}
+		for sent-chk.count.Load() > maxInFlight {
+			if err := p.Flush(); err != nil {
+				return res, err
+			}
+			if time.Since(now) > drainTimeout {
+				return res, fmt.Errorf("receiving app stuck at %d of %d lines", chk.count.Load(), sent)
+			}
+			if err := chk.Err(); err != nil {
+				return res, err
+			}
+			time.Sleep(20 * time.Microsecond)
+		}
+	}
+	if err := p.Flush(); err != nil {
+		return res, err
+	}
+	if err := waitCount(chk, sent, recvErr); err != nil {
+		return res, err
+	}
+	res.rate = float64(c1-c0) / t1.Sub(t0).Seconds()
+	res.received = chk.count.Load()
+	res.cpu = cpu1 - cpu0
+	return res, nil
+}
+
+// syncPath sends sync lines until the receiving app has seen one, proving the path is
+// connected end to end before anything is measured.
+func syncPath(p path, size int, synced <-chan struct{}, recvErr <-chan error) error {
+	s := newSyncLine(size)
+	deadline := time.Now().Add(syncTimeout)
+	for time.Now().Before(deadline) {
+		if err := p.Send(s); err != nil {
+			return fmt.Errorf("sync: %w", err)
+		}
+		if err := p.Flush(); err != nil {
+			return fmt.Errorf("sync: %w", err)
+		}
+		select {
+		case <-synced:
+			return nil
+		case err := <-recvErr:
+			return fmt.Errorf("receiving app ended during sync: %v", err)
+		case <-time.After(syncInterval):
+		}
+	}
+	return errors.New("sync: no line reached the receiving app within " + syncTimeout.String())
+}
+
+// waitCount waits until the receiving app has checked want lines.
+func waitCount(chk *checker, want uint64, recvErr <-chan error) error {
+	deadline := time.Now().Add(drainTimeout)
+	for chk.count.Load() < want {
+		if err := chk.Err(); err != nil {
+			return err
+		}
+		select {
+		case err := <-recvErr:
+			return fmt.Errorf("receiving app ended at %d of %d lines: %v", chk.count.Load(), want, err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("only %d of %d lines arrived within %s", chk.count.Load(), want, drainTimeout)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return chk.Err()
+}
+
+// rttResult is the latency distribution of one ping-pong run.
+type rttResult struct {
+	p50, p99, max time.Duration
+	samples       int
+}
+
+// measureRTT sends one line at a time and waits for the receiving app's echo, warmup
+// times unrecorded and then samples times recorded, within limit in all. Each echo must
+// carry the sequence number just sent.
+func measureRTT(ctx context.Context, open opener, size, warmup, samples int, limit time.Duration) (rttResult, error) {
+	var res rttResult
+	p, err := open(ctx)
+	if err != nil {
+		return res, err
+	}
+	defer p.Close()
+	echoErr := make(chan error, 1)
+	go func() { echoErr <- p.Echo() }()
+
+	deadline := time.Now().Add(limit)
+	if err := syncEcho(p, size); err != nil {
+		return res, err
+	}
+	line := newLine(size)
+	rtts := make([]time.Duration, 0, samples)
+	for i := range warmup + samples {
+		if time.Now().After(deadline) {
+			return res, fmt.Errorf("only %d of %d round trips within %s", len(rtts), samples, limit)
+		}
+		putSeq(line, uint64(i))
+		t := time.Now()
+		if err := p.Send(line); err != nil {
+			return res, err
+		}
+		if err := p.Flush(); err != nil {
+			return res, err
+		}
+		reply, err := readDataReply(p, time.Until(deadline))
+		d := time.Since(t)
+		if err != nil {
+			select {
+			case e := <-echoErr:
+				err = fmt.Errorf("%w (echo app: %v)", err, e)
+			default:
+			}
+			return res, fmt.Errorf("round trip %d: %w", i, err)
+		}
+		if seq, ok := parseSeq(reply); !ok || seq != uint64(i) || len(reply) != size {
+			return res, fmt.Errorf("round trip %d: echo %q is not the line sent", i, reply[:min(len(reply), seqDigits)])
+		}
+		if i >= warmup {
+			rtts = append(rtts, d)
+		}
+	}
+	slices.Sort(rtts)
+	res.samples = len(rtts)
+	res.p50 = rtts[len(rtts)/2]
+	res.p99 = rtts[len(rtts)*99/100]
+	res.max = rtts[len(rtts)-1]
+	return res, nil
+}
+
+// syncEcho sends sync lines until one comes back, proving both directions are connected.
+func syncEcho(p path, size int) error {
+	s := newSyncLine(size)
+	deadline := time.Now().Add(syncTimeout)
+	for time.Now().Before(deadline) {
+		if err := p.Send(s); err != nil {
+			return fmt.Errorf("sync: %w", err)
+		}
+		if err := p.Flush(); err != nil {
+			return fmt.Errorf("sync: %w", err)
+		}
+		if r, err := p.ReadReply(syncInterval * 5); err == nil && len(r) > 0 && r[0] == syncByte {
+			return nil
+		}
+	}
+	return errors.New("sync: no echo within " + syncTimeout.String())
+}
+
+// readDataReply returns the next echoed line that is not a late sync line.
+func readDataReply(p path, timeout time.Duration) ([]byte, error) {
+	for {
+		r, err := p.ReadReply(timeout)
+		if err != nil {
+			return nil, err
+		}
+		if len(r) > 0 && r[0] == syncByte {
+			continue
+		}
+		return r, nil
+	}
+}
+
+// overloadResult is one open-loop run.
+type overloadResult struct {
+	offered  float64 // the rate asked for, lines/s
+	achieved float64 // the rate the sending app managed to write, lines/s
+	sent     uint64
+	received uint64
+	rate     float64 // lines/s the receiving app read while the sender ran
+}
+
+// measureOverload writes lines at rate (open loop: on schedule, not waiting for the
+// receiver) for dur, then waits until nothing more arrives. Lines may be lost (a bounded
+// queue drops), but a sequence number going backwards is still an error. If the path
+// pushes back, the sender's writes block and it falls behind the schedule; achieved says
+// by how much.
+func measureOverload(ctx context.Context, open opener, size int, rate float64, dur time.Duration) (overloadResult, error) {
+	res := overloadResult{offered: rate}
+	p, err := open(ctx)
+	if err != nil {
+		return res, err
+	}
+	defer p.Close()
+	chk := newChecker(size, true)
+	recvErr := make(chan error, 1)
+	go func() { recvErr <- p.Receive(chk.consume) }()
+	if err := syncPath(p, size, chk.synced, recvErr); err != nil {
+		return res, err
+	}
+
+	line := newLine(size)
+	start := time.Now()
+	end := start.Add(dur)
+	for now := start; now.Before(end); now = time.Now() {
+		due := uint64(rate * now.Sub(start).Seconds())
+		for res.sent < due {
+			putSeq(line, res.sent)
+			if err := p.Send(line); err != nil {
+				return res, fmt.Errorf("send seq %d: %w", res.sent, err)
+			}
+			res.sent++
+			// A sender that has fallen behind must still stop on time.
+			if res.sent%1024 == 0 && !time.Now().Before(end) {
+				break
+			}
+		}
+		if err := p.Flush(); err != nil {
+			return res, err
+		}
+		if err := chk.Err(); err != nil {
+			return res, err
+		}
+		time.Sleep(time.Until(now.Add(time.Millisecond)))
+	}
+	elapsed := time.Since(start)
+	got := chk.count.Load()
+	res.achieved = float64(res.sent) / elapsed.Seconds()
+	res.rate = float64(got) / elapsed.Seconds()
+
+	// Drain: wait until a second passes with nothing new, within drainTimeout.
+	deadline := time.Now().Add(drainTimeout)
+	for last := uint64(0); time.Now().Before(deadline); {
+		time.Sleep(time.Second)
+		n := chk.count.Load()
+		if n == last || n == res.sent {
+			break
+		}
+		last = n
+	}
+	res.received = chk.count.Load()
+	return res, chk.Err()
+}

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+)
+
+// ioBufSize is the read and write buffer of every app end and relay hop: big enough for
+// any measured line, small enough to be what a careful app would use.
+const ioBufSize = 64 << 10
+
+// path is one measured route between a sending app and a receiving app, opened afresh
+// for every run. The sending end is driven by one goroutine (Send, Flush, ReadReply), the
+// receiving end by another (Receive or Echo).
+type path interface {
+	// Send queues one line from the sending app; it blocks when the path pushes back.
+	Send(line []byte) error
+	// Flush pushes queued lines out now; cheap enough to call after every line.
+	Flush() error
+	// ReadReply waits up to timeout for the next line coming back to the sending app.
+	ReadReply(timeout time.Duration) ([]byte, error)
+	// Receive runs the receiving app: fn sees every line until the path closes or fn fails.
+	Receive(fn func(line []byte) error) error
+	// Echo runs the receiving app as an echo server until the path closes.
+	Echo() error
+	// Close ends both apps' connections; Receive and Echo then return.
+	Close() error
+}
+
+// tcpPath is the app ends of a line-over-TCP route (podipc or the plain relay).
+type tcpPath struct {
+	tx   net.Conn
+	txw  *bufio.Writer
+	txr  *lineReader
+	rx   net.Conn
+	done chan struct{}
+}
+
+func newTCPPath(tx, rx net.Conn) *tcpPath {
+	return &tcpPath{
+		tx:   tx,
+		txw:  bufio.NewWriterSize(tx, ioBufSize),
+		txr:  newLineReader(tx, ioBufSize),
+		rx:   rx,
+		done: make(chan struct{}),
+	}
+}
+
+func (p *tcpPath) Send(line []byte) error {
+	_, err := p.txw.Write(line)
+	return err
+}
+
+func (p *tcpPath) Flush() error { return p.txw.Flush() }
+
+func (p *tcpPath) ReadReply(timeout time.Duration) ([]byte, error) {
+	if err := p.tx.SetReadDeadline(time.Now().Add(timeout)); err != nil {
+		return nil, err
+	}
+	return p.txr.readLine()
+}
+
+func (p *tcpPath) Receive(fn func(line []byte) error) error {
+	r := newLineReader(p.rx, ioBufSize)
+	for {
+		line, err := r.readLine()
+		if err != nil {
+			return p.endErr(err)
+		}
+		if err := fn(line); err != nil {
+			return err
+		}
+	}
+}
+
+func (p *tcpPath) Echo() error {
+	r := newLineReader(p.rx, ioBufSize)
+	w := bufio.NewWriterSize(p.rx, ioBufSize)
+	for {
+		line, err := r.readLine()
+		if err != nil {
+			return p.endErr(err)
+		}
+		if _, err := w.Write(line); err != nil {
+			return p.endErr(err)
+		}
+		// Batch replies only while more requests are already buffered.
+		if r.buffered() == 0 {
+			if err := w.Flush(); err != nil {
+				return p.endErr(err)
+			}
+		}
+	}
+}
+
+// endErr maps the error that ends a receiving loop: none if the path was closed.
+func (p *tcpPath) endErr(err error) error {
+	select {
+	case <-p.done:
+		return nil
+	default:
+		return err
+	}
+}
+
+func (p *tcpPath) Close() error {
+	close(p.done)
+	return errors.Join(p.tx.Close(), p.rx.Close())
+}
+
+// dialBoth connects the sending app to txAddr and the receiving app to rxAddr (the
+// podipc shape: both apps dial their own sidecar).
+func dialBoth(ctx context.Context, txAddr, rxAddr string) (*tcpPath, error) {
+	var d net.Dialer
+	// The receiver first, so that it is a member's connection before anything is sent.
+	rx, err := d.DialContext(ctx, "tcp", rxAddr)
+	if err != nil {
+		return nil, fmt.Errorf("receiving app: %w", err)
+	}
+	tx, err := d.DialContext(ctx, "tcp", txAddr)
+	if err != nil {
+		rx.Close()
+		return nil, fmt.Errorf("sending app: %w", err)
+	}
+	return newTCPPath(tx, rx), nil
+}
+
+// dialAccept connects the sending app to txAddr and takes the receiving app's connection
+// from ln (the relay shape: the last relay dials the receiving app).
+func dialAccept(ctx context.Context, txAddr string, ln *net.TCPListener) (*tcpPath, error) {
+	var d net.Dialer
+	tx, err := d.DialContext(ctx, "tcp", txAddr)
+	if err != nil {
+		return nil, fmt.Errorf("sending app: %w", err)
+	}
+	if err := ln.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		tx.Close()
+		return nil, err
+	}
+	rx, err := ln.Accept()
+	if err != nil {
+		tx.Close()
+		return nil, fmt.Errorf("receiving app: %w", err)
+	}
+	return newTCPPath(tx, rx), nil
+}

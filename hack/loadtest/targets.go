@@ -1,0 +1,203 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// target is one system under test: how to open a path through it, and the processes
+// that forward its lines (whose CPU and RSS are reported).
+type target struct {
+	name  string
+	open  opener
+	procs []*proc
+	// openFlood opens a path on the lossy channel used by the overload run (podipc only).
+	openFlood opener
+	// metrics are the sidecars' /metrics addresses (podipc only).
+	metrics []string
+	// cleanup releases what setup acquired besides procs.
+	cleanup func()
+}
+
+// cpu is the CPU seconds used so far by the target's forwarding processes.
+func (t *target) cpu() float64 {
+	var s float64
+	for _, p := range t.procs {
+		s += cpuSeconds(p.pid())
+	}
+	return s
+}
+
+func (t *target) alive() error {
+	for _, p := range t.procs {
+		if err := p.exited(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (t *target) stop() {
+	for _, p := range t.procs {
+		p.stop()
+	}
+	if t.cleanup != nil {
+		t.cleanup()
+	}
+}
+
+// The ports of the sidecar contract (DESIGN §2) and of the measured channels.
+const (
+	peerPort  = 7701
+	adminPort = 7702
+	benchPort = 7000 // channel "bench": Block, lossless; the throughput and RTT runs
+	floodPort = 7001 // channel "flood": WaitThenDrop; the overload run
+)
+
+// staticConfig is the static discovery file shared by both sidecars: two members and two
+// channels. Queue and message bounds are the Channel defaults (DESIGN §5).
+func staticConfig(ipA, ipB string) string {
+	members := fmt.Sprintf(`    members:
+      - {namespace: bench, name: pod-a, uid: uid-a, ip: %s, peerPort: %d, ready: true, serving: true}
+      - {namespace: bench, name: pod-b, uid: uid-b, ip: %s, peerPort: %d, ready: true, serving: true}
+`, ipA, peerPort, ipB, peerPort)
+	return "channels:\n" +
+		fmt.Sprintf("  bench:\n    localPort: %d\n    delivery: Broadcast\n    maxMessageBytes: 65536\n", benchPort) +
+		"    overflow: {policy: Block, maxWait: 100ms, queueBytes: 1048576}\n" + members +
+		fmt.Sprintf("  flood:\n    localPort: %d\n    delivery: Broadcast\n    maxMessageBytes: 65536\n", floodPort) +
+		"    overflow: {policy: WaitThenDrop, maxWait: 100ms, queueBytes: 1048576}\n" + members
+}
+
+// setupPodipc starts sidecar A on ipA and sidecar B on ipB in static mode.
+func setupPodipc(dir, bin, ipA, ipB string, extraArgs []string) (*target, error) {
+	cfg := filepath.Join(dir, "static.yaml")
+	if err := os.WriteFile(cfg, []byte(staticConfig(ipA, ipB)), 0o644); err != nil {
+		return nil, err
+	}
+	t := &target{name: "podipc"}
+	for _, m := range []struct{ pod, uid, ip string }{{"pod-a", "uid-a", ipA}, {"pod-b", "uid-b", ipB}} {
+		if err := portsFree(m.ip, benchPort, floodPort, peerPort, adminPort); err != nil {
+			t.stop()
+			return nil, err
+		}
+		sock := filepath.Join(dir, m.pod+"-sockets")
+		if err := os.MkdirAll(sock, 0o755); err != nil {
+			t.stop()
+			return nil, err
+		}
+		env := []string{
+			"PODIPC_POD_NAME=" + m.pod, "PODIPC_POD_NAMESPACE=bench", "PODIPC_POD_UID=" + m.uid,
+			"PODIPC_POD_IP=" + m.ip, "PODIPC_CHANNELS=bench,flood",
+		}
+		args := append([]string{
+			"--discovery=static", "--static-config=" + cfg,
+			"--app-address=" + m.ip, "--peer-address=" + m.ip, "--admin-address=" + m.ip,
+			"--socket-dir=" + sock,
+		}, extraArgs...)
+		p, err := startProc(dir, "sidecar-"+m.pod, env, bin, args...)
+		if err != nil {
+			t.stop()
+			return nil, err
+		}
+		t.procs = append(t.procs, p)
+		t.metrics = append(t.metrics, fmt.Sprintf("http://%s/metrics", hostPort(m.ip, adminPort)))
+	}
+	for i, p := range t.procs {
+		ip := []string{ipA, ipB}[i]
+		if err := p.waitHTTP(fmt.Sprintf("http://%s/readyz", hostPort(ip, adminPort)), 20*time.Second); err != nil {
+			t.stop()
+			return nil, err
+		}
+	}
+	t.open = func(ctx context.Context) (path, error) {
+		return dialBoth(ctx, hostPort(ipA, benchPort), hostPort(ipB, benchPort))
+	}
+	t.openFlood = func(ctx context.Context) (path, error) {
+		return dialBoth(ctx, hostPort(ipA, floodPort), hostPort(ipB, floodPort))
+	}
+	return t, nil
+}
+
+// setupRelay starts relay processes 1 and 2 and the receiving app's listener:
+// sender → ip1 → ip2 → ipRecv.
+func setupRelay(dir, self, ip1, ip2, ipRecv string, port int) (*target, error) {
+	ln, err := net.Listen("tcp", hostPort(ipRecv, port))
+	if err != nil {
+		return nil, fmt.Errorf("receiving app listener: %w", err)
+	}
+	t := &target{name: "relay", cleanup: func() { ln.Close() }}
+	hops := []struct{ name, listen, to string }{
+		{"relay-2", hostPort(ip2, port), hostPort(ipRecv, port)},
+		{"relay-1", hostPort(ip1, port), hostPort(ip2, port)},
+	}
+	for _, h := range hops {
+		p, err := startProc(dir, h.name, nil, self, "relay", "-listen", h.listen, "-to", h.to)
+		if err != nil {
+			t.stop()
+			return nil, err
+		}
+		t.procs = append(t.procs, p)
+		if err := p.waitLog("ready", 10*time.Second); err != nil {
+			t.stop()
+			return nil, err
+		}
+	}
+	tl := ln.(*net.TCPListener)
+	t.open = func(ctx context.Context) (path, error) { return dialAccept(ctx, hostPort(ip1, port), tl) }
+	return t, nil
+}
+
+// setupNATS starts nats-server on ip at a free port.
+func setupNATS(dir, bin, ip string) (*target, error) {
+	port, err := freePort(ip)
+	if err != nil {
+		return nil, err
+	}
+	p, err := startProc(dir, "nats-server", nil, bin, "-a", ip, "-p", strconv.Itoa(port))
+	if err != nil {
+		return nil, err
+	}
+	t := &target{name: "NATS", procs: []*proc{p}}
+	if err := p.waitLog("Server is ready", 10*time.Second); err != nil {
+		t.stop()
+		return nil, err
+	}
+	url := "nats://" + hostPort(ip, port)
+	t.open = func(context.Context) (path, error) { return openNATS(url) }
+	return t, nil
+}
+
+func hostPort(ip string, port int) string { return net.JoinHostPort(ip, strconv.Itoa(port)) }
+
+// portsFree fails early, with a clear message, if another process (another engineer's
+// sidecar, say) already holds one of the ports a sidecar needs.
+func portsFree(ip string, ports ...int) error {
+	var busy []string
+	for _, port := range ports {
+		ln, err := net.Listen("tcp", hostPort(ip, port))
+		if err != nil {
+			busy = append(busy, strconv.Itoa(port))
+			continue
+		}
+		ln.Close()
+	}
+	if len(busy) > 0 {
+		return fmt.Errorf("%s: ports %s are in use; pick other addresses with -addr-a/-addr-b", ip, strings.Join(busy, ","))
+	}
+	return nil
+}
+
+func freePort(ip string) (int, error) {
+	ln, err := net.Listen("tcp", hostPort(ip, 0))
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
