@@ -403,3 +403,17 @@ func (r *Router) Reroute(msgs []Message) {
 		}
 	}()
 }
+
+// Failed counts items taken for c that could not be written as dropped, releases their
+// bytes and completes them.
+func (c *Conn) Failed(items []Item, reason string) {
+	n := 0
+	for i := range items {
+		n += len(items[i].Data)
+		items[i].Done.Done()
+	}
+	c.Queue.Release(n)
+	if len(items) > 0 {
+		c.ch.drop(reason, len(items))
+	}
+}
