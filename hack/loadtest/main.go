@@ -22,7 +22,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -122,7 +121,7 @@ type results struct {
 	thr     map[string]map[int][]throughputResult // target → size → runs
 	rtt     map[string]map[int]rttResult
 	rss     map[string]rssFigures
-	over    *overloadFigures
+	over    []*overloadFigures
 	loadEnd [3]float64
 }
 
@@ -132,8 +131,10 @@ type rssFigures struct {
 	idle, peak []int64
 }
 
-// overloadFigures is what the overload run reports.
+// overloadFigures is what one overload run reports.
 type overloadFigures struct {
+	size                 int
+	slowReader           bool
 	res                  overloadResult
 	idle, peak, after    []int64
 	late                 []int64 // peak in the second half of the run
@@ -203,7 +204,11 @@ func run(ctx context.Context, cfg config) error {
 		return fmt.Errorf("%w (logs in %s)", err, dir)
 	}
 	if t := targets["podipc"]; t != nil && cfg.overloadFactor > 0 {
-		r.over = runOverload(ctx, r, t)
+		for _, size := range cfg.sizes {
+			for _, slow := range []bool{false, true} {
+				r.over = append(r.over, runOverload(ctx, r, t, size, slow))
+			}
+		}
 	}
 	r.loadEnd = loadAvg()
 
@@ -224,8 +229,10 @@ func run(ctx context.Context, cfg config) error {
 		targets = nil
 		os.RemoveAll(dir)
 	}
-	if r.over != nil && r.over.err != nil {
-		return fmt.Errorf("overload run: %w", r.over.err)
+	for _, o := range r.over {
+		if o.err != nil {
+			return fmt.Errorf("overload run, %d B: %w", o.size, o.err)
+		}
 	}
 	return nil
 }
@@ -291,14 +298,18 @@ func runAll(ctx context.Context, r *results, targets map[string]*target) error {
 	return nil
 }
 
-// runOverload drives podipc's lossy channel open loop at overloadFactor times the median
-// 64 B rate (or the smallest size measured), sampling the sidecars' RSS.
-func runOverload(ctx context.Context, r *results, t *target) *overloadFigures {
+// runOverload overloads podipc's lossy channel by overloadFactor, sampling the sidecars'
+// RSS: either the sending app writes open loop at overloadFactor times podipc's median
+// closed-loop rate at size, or (slowReader) it writes at that rate and the receiving app
+// reads overloadFactor times more slowly.
+func runOverload(ctx context.Context, r *results, t *target, size int, slowReader bool) *overloadFigures {
 	cfg := r.cfg
-	size := slices.Min(cfg.sizes)
-	o := &overloadFigures{}
+	o := &overloadFigures{size: size, slowReader: slowReader}
 	base := median(rates(r.thr["podipc"][size]))
-	rate := cfg.overloadFactor * base
+	rate, readRate := cfg.overloadFactor*base, 0.0
+	if slowReader {
+		rate, readRate = base, base/cfg.overloadFactor
+	}
 	for _, p := range t.procs {
 		rss, _ := rssBytes(p.pid())
 		o.idle = append(o.idle, rss)
@@ -311,7 +322,7 @@ func runOverload(ctx context.Context, r *results, t *target) *overloadFigures {
 	// The split is a rough half-time mark (the path sync comes first): RSS still growing in
 	// the second half of the run would show as a late peak above the overall early one.
 	s := sampleRSSSplit(pids, 50*time.Millisecond, time.Now().Add(cfg.overloadDuration/2))
-	o.res, o.err = measureOverload(ctx, t.openFlood, size, rate, cfg.overloadDuration)
+	o.res, o.err = measureOverload(ctx, t.openFlood, size, rate, readRate, cfg.overloadDuration)
 	peaks := s.stop()
 	for _, p := range t.procs {
 		o.peak = append(o.peak, peaks[p.pid()])
@@ -326,8 +337,8 @@ func runOverload(ctx context.Context, r *results, t *target) *overloadFigures {
 		rss, _ := rssBytes(p.pid())
 		o.after = append(o.after, rss)
 	}
-	fmt.Fprintf(os.Stderr, "overload: offered %.0f lines/s, wrote %.0f, sent %d, received %d, err %v\n",
-		o.res.offered, o.res.achieved, o.res.sent, o.res.received, o.err)
+	fmt.Fprintf(os.Stderr, "overload %5d B slow reader %-5v: offered %.0f lines/s, wrote %.0f, sent %d, received %d, err %v\n",
+		size, slowReader, o.res.offered, o.res.achieved, o.res.sent, o.res.received, o.err)
 	return o
 }
 

@@ -251,7 +251,10 @@ type overloadResult struct {
 // queue drops), but a sequence number going backwards is still an error. If the path
 // pushes back, the sender's writes block and it falls behind the schedule; achieved says
 // by how much.
-func measureOverload(ctx context.Context, open opener, size int, rate float64, dur time.Duration) (overloadResult, error) {
+//
+// readRate, if not 0, makes the receiving app a slow reader: it reads at most readRate
+// lines per second, so the receiving sidecar's queue for it fills.
+func measureOverload(ctx context.Context, open opener, size int, rate, readRate float64, dur time.Duration) (overloadResult, error) {
 	res := overloadResult{offered: rate}
 	p, err := open(ctx)
 	if err != nil {
@@ -260,7 +263,25 @@ func measureOverload(ctx context.Context, open opener, size int, rate float64, d
 	defer p.Close()
 	chk := newChecker(size, true)
 	recvErr := make(chan error, 1)
-	go func() { recvErr <- p.Receive(chk.consume) }()
+	consume := chk.consume
+	if readRate > 0 {
+		var n uint64
+		var start time.Time
+		consume = func(line []byte) error {
+			if err := chk.consume(line); err != nil {
+				return err
+			}
+			if n == 0 {
+				start = time.Now()
+			}
+			n++
+			if n%64 == 0 {
+				time.Sleep(time.Until(start.Add(time.Duration(float64(n) / readRate * float64(time.Second)))))
+			}
+			return nil
+		}
+	}
+	go func() { recvErr <- p.Receive(consume) }()
 	if err := syncPath(p, size, chk.synced, recvErr); err != nil {
 		return res, err
 	}

@@ -190,49 +190,73 @@ func writeReport(w io.Writer, r *results) {
 		}
 	}
 
-	if o := r.over; o != nil {
-		writeOverload(w, r, o)
+	if len(r.over) > 0 {
+		writeOverload(w, r)
 	}
 }
 
-func writeOverload(w io.Writer, r *results, o *overloadFigures) {
+func writeOverload(w io.Writer, r *results) {
 	p := func(format string, a ...any) { fmt.Fprintf(w, format, a...) }
-	size := slices.Min(r.cfg.sizes)
-	res := o.res
-	p("\n### Overload\n\nOpen loop on channel `flood` (`WaitThenDrop`, 1 MiB queues, 100 ms wait): the sending app writes %s lines on schedule at %.0f× podipc's median closed-loop rate for %s, then the receiving app drains. Lines may be dropped; a sequence number going backwards would still fail the run.\n\n",
-		sizeName(size), r.cfg.overloadFactor, r.cfg.overloadDuration)
-	if o.err != nil {
-		p("**The run failed:** %v\n\n", o.err)
+	p("\n### Overload\n\nOpen loop on channel `flood` (`WaitThenDrop`, 1 MiB queues, 100 ms wait), %[1]s per run, then the receiving app drains. *Fast reader*: the sending app writes lines on schedule at %.0[2]f× podipc's median closed-loop rate at that size. *Slow reader*: it writes at that median rate, and the receiving app reads %.0[2]f× more slowly. Lines may be dropped, but each lost line must be counted in `podipc_dropped_lines_total`, and a sequence number going backwards still fails the run. When the sidecar reads from the app more slowly than the schedule, the app's writes block (TCP backpressure) and it writes less than offered.\n\n",
+		r.cfg.overloadDuration, r.cfg.overloadFactor)
+	p("| run | offered | written by the app | read by the receiving app | lines sent | received | lost | drops counted |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, o := range r.over {
+		res := o.res
+		p("| %s | %s/s | %s/s | %s/s | %d | %d | %d | %.0f |\n", o.name(), si(res.offered), si(res.achieved), si(res.rate),
+			res.sent, res.received, int64(res.sent)-int64(res.received), o.counted())
 	}
-	lost := int64(res.sent) - int64(res.received)
-	counted := 0.0
-	for k, v := range o.dropsAt {
-		if strings.Contains(k, `channel="bench"`) {
-			continue
+	p("\n")
+	for _, o := range r.over {
+		if o.err != nil {
+			p("**The %s run failed:** %v\n\n", o.name(), o.err)
 		}
-		counted += v - o.dropsBefore[k]
+		if lost := float64(int64(o.res.sent) - int64(o.res.received)); lost != o.counted() {
+			p("**%s: %.0f lost lines are not accounted for by the drop counters.**\n\n", o.name(), lost-o.counted())
+		}
 	}
-	p("| offered | written by the app | read by the receiving app | lines sent | received | lost | drops counted in /metrics |\n|---:|---:|---:|---:|---:|---:|---:|\n")
-	p("| %s/s | %s/s | %s/s | %d | %d | %d | %.0f |\n\n", si(res.offered), si(res.achieved), si(res.rate), res.sent, res.received, lost, counted)
-	if float64(lost) != counted {
-		p("**%d lost lines are not accounted for by the drop counters.**\n\n", lost-int64(counted))
+	p("VmRSS of the sidecars (MB = 10⁶ bytes), sampled every 50 ms:\n\n")
+	p("| run | sidecar | before | peak, whole run | peak, second half | 2 s after |\n|---|---|---:|---:|---:|---:|\n")
+	for _, o := range r.over {
+		for i, n := range r.rss["podipc"].names {
+			p("| %s | `%s` | %s | %s | %s | %s |\n", o.name(), n, mb(o.idle[i]), mb(o.peak[i]), mb(o.late[i]), mb(o.after[i]))
+		}
 	}
-	p("| sidecar | RSS idle before | peak, whole run | peak, second half | 2 s after |\n|---|---:|---:|---:|---:|\n")
-	for i, n := range r.rss["podipc"].names {
-		p("| `%s` | %s | %s | %s | %s |\n", n, mb(o.idle[i]), mb(o.peak[i]), mb(o.late[i]), mb(o.after[i]))
+	p("\nDrop counters that changed (all series with `drop` in the name; before → after):\n\n")
+	any := false
+	for _, o := range r.over {
+		keys := make([]string, 0, len(o.dropsAt))
+		for k := range o.dropsAt {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		for _, k := range keys {
+			if o.dropsAt[k] != o.dropsBefore[k] {
+				p("- %s: `%s`: %.0f → %.0f\n", o.name(), k, o.dropsBefore[k], o.dropsAt[k])
+				any = true
+			}
+		}
 	}
-	p("\nDrop counters after the run (all series with `drop` in the name; before → after):\n\n")
-	keys := make([]string, 0, len(o.dropsAt))
-	for k := range o.dropsAt {
-		keys = append(keys, k)
+	if !any {
+		p("- none\n")
 	}
-	slices.Sort(keys)
-	if len(keys) == 0 {
-		p("- none exported\n")
+}
+
+func (o *overloadFigures) name() string {
+	if o.slowReader {
+		return sizeName(o.size) + ", slow reader"
 	}
-	for _, k := range keys {
-		p("- `%s`: %.0f → %.0f\n", k, o.dropsBefore[k], o.dropsAt[k])
+	return sizeName(o.size) + ", fast reader"
+}
+
+// counted is the drops of channel flood counted during the run, on both sidecars.
+func (o *overloadFigures) counted() float64 {
+	var n float64
+	for k, v := range o.dropsAt {
+		if strings.Contains(k, `channel="flood"`) {
+			n += v - o.dropsBefore[k]
+		}
 	}
+	return n
 }
 
 func sizeName(n int) string {
