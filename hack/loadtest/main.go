@@ -37,6 +37,7 @@ type config struct {
 	runs                int
 	duration, warmup    time.Duration
 	window              int
+	queueBytes          int
 	rttSamples          int
 	rttWarmup           int
 	rttLimit            time.Duration
@@ -80,6 +81,7 @@ func parseFlags(args []string) (config, error) {
 	fs.IntVar(&c.runs, "runs", 5, "throughput runs per target and size (the median is reported)")
 	fs.DurationVar(&c.duration, "duration", 3*time.Second, "measured time of one throughput run")
 	fs.DurationVar(&c.warmup, "warmup", 500*time.Millisecond, "unmeasured time before each throughput run")
+	fs.IntVar(&c.queueBytes, "queue-bytes", 1<<20, "the channels' overflow.queueBytes (the Channel default is 1 MiB)")
 	fs.IntVar(&c.window, "window", 16<<20, "most bytes the sender keeps in flight")
 	fs.IntVar(&c.rttSamples, "rtt-samples", 10000, "round trips measured per target and size")
 	fs.IntVar(&c.rttWarmup, "rtt-warmup", 1000, "round trips before measuring")
@@ -173,7 +175,7 @@ func run(ctx context.Context, cfg config) error {
 		var err error
 		switch name {
 		case "podipc":
-			t, err = setupPodipc(dir, cfg.sidecar, cfg.addrA, cfg.addrB, strings.Fields(cfg.sidecarArgs))
+			t, err = setupPodipc(dir, cfg.sidecar, cfg.addrA, cfg.addrB, cfg.queueBytes, strings.Fields(cfg.sidecarArgs))
 		case "relay":
 			t, err = setupRelay(dir, self, cfg.relayAddrs[0], cfg.relayAddrs[1], cfg.relayAddrs[2], benchPort)
 		case "nats":
@@ -265,7 +267,7 @@ func runAll(ctx context.Context, r *results, targets map[string]*target) error {
 					return err
 				}
 				t := targets[name]
-				res, err := measureThroughput(ctx, t.open, t.cpu, size, cfg.warmup, cfg.duration, cfg.window)
+				res, err := measureThroughput(ctx, t.open, t.usage, size, cfg.warmup, cfg.duration, cfg.window)
 				if err == nil {
 					err = t.alive()
 				}

@@ -19,14 +19,20 @@ const (
 type throughputResult struct {
 	rate     float64 // data lines per second read by the receiving app in the window
 	received uint64  // lines received and checked over the whole run
-	cpu      float64 // CPU seconds the forwarding processes used in the window
+	used     usage   // what the forwarding processes used in the window
+}
+
+// usage is what a target's forwarding processes used.
+type usage struct {
+	cpu      float64 // CPU seconds
+	syscalls float64 // read and write system calls
 }
 
 // opener opens a fresh path for one run.
 type opener func(ctx context.Context) (path, error)
 
-// cpuMeter reads the CPU seconds used so far by the forwarding processes of a target.
-type cpuMeter func() float64
+// usageMeter reads what the forwarding processes of a target used so far.
+type usageMeter func() usage
 
 // measureThroughput runs one sender as fast as the path lets it for warmup+dur and
 // reports the lines per second the receiving app read during dur. The sender keeps at
@@ -34,7 +40,7 @@ type cpuMeter func() float64
 // that; it is what keeps a NATS publisher from running without bound ahead of its
 // subscriber, which would end in a slow-consumer cut-off rather than a figure. Every line
 // is checked; the run fails on any loss or reorder, and unless every sent line arrives.
-func measureThroughput(ctx context.Context, open opener, cpu cpuMeter, size int, warmup, dur time.Duration, window int) (throughputResult, error) {
+func measureThroughput(ctx context.Context, open opener, meter usageMeter, size int, warmup, dur time.Duration, window int) (throughputResult, error) {
 	var res throughputResult
 	p, err := open(ctx)
 	if err != nil {
@@ -55,7 +61,7 @@ func measureThroughput(ctx context.Context, open opener, cpu cpuMeter, size int,
 	start := time.Now()
 	winStart, winEnd := start.Add(warmup), start.Add(warmup+dur)
 	var c0, c1 uint64
-	var cpu0, cpu1 float64
+	var u0, u1 usage
 	var t0, t1 time.Time
 	phase := 0 // 0 warming up, 1 measuring, 2 done
 	for phase < 2 {
@@ -69,10 +75,10 @@ func measureThroughput(ctx context.Context, open opener, cpu cpuMeter, size int,
 		now := time.Now()
 		switch {
 		case phase == 0 && !now.Before(winStart):
-			t0, c0, cpu0 = time.Now(), chk.count.Load(), cpu()
+			t0, c0, u0 = time.Now(), chk.count.Load(), meter()
 			phase = 1
 		case phase == 1 && !now.Before(winEnd):
-			t1, c1, cpu1 = time.Now(), chk.count.Load(), cpu()
+			t1, c1, u1 = time.Now(), chk.count.Load(), meter()
 			phase = 2
 		}
 		for sent-chk.count.Load() > maxInFlight {
@@ -96,7 +102,7 @@ func measureThroughput(ctx context.Context, open opener, cpu cpuMeter, size int,
 	}
 	res.rate = float64(c1-c0) / t1.Sub(t0).Seconds()
 	res.received = chk.count.Load()
-	res.cpu = cpu1 - cpu0
+	res.used = usage{cpu: u1.cpu - u0.cpu, syscalls: u1.syscalls - u0.syscalls}
 	return res, nil
 }
 

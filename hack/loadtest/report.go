@@ -133,19 +133,27 @@ func writeReport(w io.Writer, r *results) {
 		}
 	}
 
-	p("\nCPU time used by the forwarding processes (both sidecars; both relays; nats-server) per line carried, in the measured windows of all runs:\n\n")
-	header("line size")
+	p("\nWhat the forwarding processes (both sidecars; both relays; nats-server) used per line carried, over the measured windows of all runs: CPU time, and read plus write system calls (from /proc/<pid>/io; fewer means better batching):\n\n")
+	header("line size, per line")
 	for _, size := range cfg.sizes {
-		p("| %s |", sizeName(size))
-		for _, c := range cols {
-			var cpu, lines float64
-			for _, t := range r.thr[c][size] {
-				cpu += t.cpu
-				lines += t.rate * cfg.duration.Seconds()
+		for _, what := range []string{"CPU", "syscalls"} {
+			p("| %s, %s |", sizeName(size), what)
+			for _, c := range cols {
+				var u usage
+				var lines float64
+				for _, t := range r.thr[c][size] {
+					u.cpu += t.used.cpu
+					u.syscalls += t.used.syscalls
+					lines += t.rate * cfg.duration.Seconds()
+				}
+				if what == "CPU" {
+					p(" %.2f µs |", u.cpu/lines*1e6)
+				} else {
+					p(" %.3f |", u.syscalls/lines)
+				}
 			}
-			p(" %.2f µs |", cpu/lines*1e6)
+			p("\n")
 		}
-		p("\n")
 	}
 
 	p("\n### Round-trip latency\n\nOne line outstanding: the sending app writes a line and waits for the receiving app's echo (podipc: sender → A → B → receiver → B → A → sender; the relay likewise; NATS: publisher → server → subscriber, echoed back through the server). %d round trips measured after %d unmeasured.\n\n",
@@ -197,8 +205,8 @@ func writeReport(w io.Writer, r *results) {
 
 func writeOverload(w io.Writer, r *results) {
 	p := func(format string, a ...any) { fmt.Fprintf(w, format, a...) }
-	p("\n### Overload\n\nOpen loop on channel `flood` (`WaitThenDrop`, 1 MiB queues, 100 ms wait), %[1]s per run, then the receiving app drains. *Fast reader*: the sending app writes lines on schedule at %.0[2]f× podipc's median closed-loop rate at that size. *Slow reader*: it writes at that median rate, and the receiving app reads %.0[2]f× more slowly. Lines may be dropped, but each lost line must be counted in `podipc_dropped_lines_total`, and a sequence number going backwards still fails the run. When the sidecar reads from the app more slowly than the schedule, the app's writes block (TCP backpressure) and it writes less than offered.\n\n",
-		r.cfg.overloadDuration, r.cfg.overloadFactor)
+	p("\n### Overload\n\nOpen loop on channel `flood` (`WaitThenDrop`, %[3]s queues, 100 ms wait), %[1]s per run, then the receiving app drains. *Fast reader*: the sending app writes lines on schedule at %.0[2]f× podipc's median closed-loop rate at that size. *Slow reader*: it writes at that median rate, and the receiving app reads %.0[2]f× more slowly. Lines may be dropped, but each lost line must be counted in `podipc_dropped_lines_total`, and a sequence number going backwards still fails the run. When the sidecar reads from the app more slowly than the schedule, the app's writes block (TCP backpressure) and it writes less than offered.\n\n",
+		r.cfg.overloadDuration, r.cfg.overloadFactor, sizeName(r.cfg.queueBytes))
 	p("| run | offered | written by the app | read by the receiving app | lines sent | received | lost | drops counted |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, o := range r.over {
 		res := o.res

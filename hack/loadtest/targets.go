@@ -25,13 +25,14 @@ type target struct {
 	cleanup func()
 }
 
-// cpu is the CPU seconds used so far by the target's forwarding processes.
-func (t *target) cpu() float64 {
-	var s float64
+// usage is the CPU seconds and read/write system calls of the forwarding processes so far.
+func (t *target) usage() usage {
+	var u usage
 	for _, p := range t.procs {
-		s += cpuSeconds(p.pid())
+		u.cpu += cpuSeconds(p.pid())
+		u.syscalls += ioSyscalls(p.pid())
 	}
-	return s
+	return u
 }
 
 func (t *target) alive() error {
@@ -61,23 +62,24 @@ const (
 )
 
 // staticConfig is the static discovery file shared by both sidecars: two members and two
-// channels. Queue and message bounds are the Channel defaults (DESIGN §5).
-func staticConfig(ipA, ipB string) string {
+// channels. Message bounds are the Channel defaults (DESIGN §5); so are queue bounds
+// unless -queue-bytes says otherwise.
+func staticConfig(ipA, ipB string, queueBytes int) string {
 	members := fmt.Sprintf(`    members:
       - {namespace: bench, name: pod-a, uid: uid-a, ip: %s, peerPort: %d, ready: true, serving: true}
       - {namespace: bench, name: pod-b, uid: uid-b, ip: %s, peerPort: %d, ready: true, serving: true}
 `, ipA, peerPort, ipB, peerPort)
 	return "channels:\n" +
 		fmt.Sprintf("  bench:\n    localPort: %d\n    delivery: Broadcast\n    maxMessageBytes: 65536\n", benchPort) +
-		"    overflow: {policy: Block, maxWait: 100ms, queueBytes: 1048576}\n" + members +
+		fmt.Sprintf("    overflow: {policy: Block, maxWait: 100ms, queueBytes: %d}\n", queueBytes) + members +
 		fmt.Sprintf("  flood:\n    localPort: %d\n    delivery: Broadcast\n    maxMessageBytes: 65536\n", floodPort) +
-		"    overflow: {policy: WaitThenDrop, maxWait: 100ms, queueBytes: 1048576}\n" + members
+		fmt.Sprintf("    overflow: {policy: WaitThenDrop, maxWait: 100ms, queueBytes: %d}\n", queueBytes) + members
 }
 
 // setupPodipc starts sidecar A on ipA and sidecar B on ipB in static mode.
-func setupPodipc(dir, bin, ipA, ipB string, extraArgs []string) (*target, error) {
+func setupPodipc(dir, bin, ipA, ipB string, queueBytes int, extraArgs []string) (*target, error) {
 	cfg := filepath.Join(dir, "static.yaml")
-	if err := os.WriteFile(cfg, []byte(staticConfig(ipA, ipB)), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(staticConfig(ipA, ipB, queueBytes)), 0o644); err != nil {
 		return nil, err
 	}
 	t := &target{name: "podipc"}
