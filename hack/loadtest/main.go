@@ -22,6 +22,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -46,6 +47,7 @@ type config struct {
 	addrA, addrB        string
 	relayAddrs          []string
 	out                 string
+	perfDir             string
 	workDir             string
 }
 
@@ -91,6 +93,7 @@ func parseFlags(args []string) (config, error) {
 	fs.StringVar(&c.addrA, "addr-a", "127.0.0.2", "sidecar A's address (app, peer, admin)")
 	fs.StringVar(&c.addrB, "addr-b", "127.0.0.3", "sidecar B's address")
 	fs.StringVar(&relays, "relay-addrs", "127.0.0.4,127.0.0.5,127.0.0.6", "relay 1, relay 2 and the relay receiver's addresses")
+	fs.StringVar(&c.perfDir, "perf-dir", "", "record a CPU profile of the sidecars with perf(1) during podipc's first throughput run at each size, into this directory")
 	fs.StringVar(&c.out, "out", "", "also write the Markdown report to this file")
 	fs.StringVar(&c.workDir, "work-dir", "", "directory for configs and process logs (default: a new temporary one, removed on success)")
 	if err := fs.Parse(args); err != nil {
@@ -267,7 +270,14 @@ func runAll(ctx context.Context, r *results, targets map[string]*target) error {
 					return err
 				}
 				t := targets[name]
+				var prof *proc
+				if name == "podipc" && run == 0 && cfg.perfDir != "" {
+					prof = startPerf(cfg.perfDir, t, size, cfg.warmup, cfg.duration)
+				}
 				res, err := measureThroughput(ctx, t.open, t.usage, size, cfg.warmup, cfg.duration, cfg.window)
+				if prof != nil {
+					<-prof.done
+				}
 				if err == nil {
 					err = t.alive()
 				}
@@ -359,4 +369,28 @@ func scrapeAll(urls []string) map[string]float64 {
 		}
 	}
 	return out
+}
+
+// startPerf records the sidecars' CPU with perf for the measured part of a throughput run
+// (it starts now, sleeps through the warm-up, and stops after dur). A failure to start is
+// reported and the run goes on without a profile.
+func startPerf(dir string, t *target, size int, warmup, dur time.Duration) *proc {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, "perf:", err)
+		return nil
+	}
+	var pids []string
+	for _, p := range t.procs {
+		pids = append(pids, strconv.Itoa(p.pid()))
+	}
+	out := filepath.Join(dir, fmt.Sprintf("sidecars-%dB.perf.data", size))
+	script := fmt.Sprintf("sleep %f && exec perf record -F 999 -g -p %s -o %s -- sleep %f",
+		warmup.Seconds(), strings.Join(pids, ","), out, dur.Seconds())
+	p, err := startProc(dir, fmt.Sprintf("perf-%dB", size), nil, "/bin/sh", "-c", script)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "perf:", err)
+		return nil
+	}
+	fmt.Fprintf(os.Stderr, "perf: recording the sidecars into %s (perf report -i %s)\n", out, out)
+	return p
 }
