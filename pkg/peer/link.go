@@ -116,12 +116,16 @@ func (l *Link) Presence(channel string) (int, bool) {
 	return l.presence[channel], l.up
 }
 
-// Send queues a message under the channel's overflow policy. The Disconnect policy
-// does not apply to peer links (the slow reader is a local connection over there); a
-// full link queue under Disconnect waits maxWait and drops like WaitThenDrop.
+// Send queues a message under the channel's overflow policy. Slow readers are
+// judged where they are, by the receiving sidecar, so a link is more patient than a
+// local queue: under WaitThenDrop and Disconnect it waits maxWait plus one keepalive
+// interval, because the receiver may itself legitimately pause its link for up to
+// maxWait while one local reader's queue is full, and a drop here would hit every
+// reader over there, fast or slow.
 func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, data []byte, anyOne bool, ov discovery.Overflow) (router.Result, string) {
-	if ov.Policy == discovery.Disconnect {
+	if ov.Policy != discovery.Block {
 		ov.Policy = discovery.WaitThenDrop
+		ov.MaxWait += l.cfg.Keepalive
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()

@@ -41,6 +41,7 @@ const (
 	ReasonShutdown      = "shutdown"        // the sidecar stopped before the line was acknowledged
 	ReasonClosed        = "receiver_closed" // the receiving connection ended before the write
 	ReasonNoChannel     = "no_channel"      // a peer sent a line for a channel this pod does not serve
+	ReasonNoConnection  = "no_connection"   // a line from a peer found no local connection
 )
 
 // Completion tracks one line received from a peer until every local connection it was

@@ -364,8 +364,10 @@ func (r *Router) Deliver(ctx context.Context, channel string, kind Kind, data []
 	}
 	spec := ch.spec.Load()
 	conns := *ch.conns.Load()
-	if len(conns) == 0 && spec.Delivery == discovery.AnyOne {
-		ch.drop(ReasonNoReceiver, 1)
+	if len(conns) == 0 {
+		// Counted so that a line a peer carried here never vanishes without a trace,
+		// although for Broadcast no connection means nobody to deliver to.
+		ch.drop(ReasonNoConnection, 1)
 		return
 	}
 	it := Item{Kind: kind, Data: data, Done: done}
