@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"net"
 	"strings"
@@ -87,11 +88,11 @@ func TestLineReaderKeepsPartialLines(t *testing.T) {
 	timeouts := 0
 	for {
 		line, err := r.readLine()
-		if err == iotest.ErrTimeout {
+		if errors.Is(err, iotest.ErrTimeout) {
 			timeouts++
 			continue
 		}
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
@@ -114,7 +115,7 @@ func TestMeasureThroughTwoRelays(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer recv.Close()
+	t.Cleanup(func() { _ = recv.Close() })
 	r2 := startTestRelay(t, recv.Addr().String())
 	r1 := startTestRelay(t, r2)
 	open := func(ctx context.Context) (path, error) { return dialAccept(ctx, r1, recv.(*net.TCPListener)) }
@@ -143,14 +144,14 @@ func startTestRelay(t *testing.T, to string) string {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	t.Cleanup(func() { _ = ln.Close(); wg.Wait() })
 	wg.Go(func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			wg.Go(func() { relayConn(c, to) })
+			wg.Go(func() { relayConn(t.Context(), c, to) })
 		}
 	})
 	return ln.Addr().String()

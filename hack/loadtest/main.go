@@ -52,23 +52,26 @@ type config struct {
 }
 
 func main() {
+	os.Exit(mainCode())
+}
+
+func mainCode() int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
 	if len(os.Args) > 1 && os.Args[1] == "relay" {
-		if err := runRelay(os.Args[2:]); err != nil {
-			fmt.Fprintln(os.Stderr, "relay:", err)
-			os.Exit(1)
-		}
-		return
+		// The relay serves until its parent kills it, so it only returns on failure.
+		fmt.Fprintln(os.Stderr, "relay:", runRelay(ctx, os.Args[2:]))
+		return 1
 	}
 	cfg, err := parseFlags(os.Args[1:])
 	if err != nil {
-		os.Exit(2)
+		return 2
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	if err := run(ctx, cfg); err != nil {
 		fmt.Fprintln(os.Stderr, "loadtest:", err)
-		os.Exit(1)
+		return 1
 	}
+	return 0
 }
 
 func parseFlags(args []string) (config, error) {
@@ -178,11 +181,11 @@ func run(ctx context.Context, cfg config) error {
 		var err error
 		switch name {
 		case "podipc":
-			t, err = setupPodipc(dir, cfg.sidecar, cfg.addrA, cfg.addrB, cfg.queueBytes, strings.Fields(cfg.sidecarArgs))
+			t, err = setupPodipc(ctx, dir, cfg.sidecar, cfg.addrA, cfg.addrB, cfg.queueBytes, strings.Fields(cfg.sidecarArgs))
 		case "relay":
-			t, err = setupRelay(dir, self, cfg.relayAddrs[0], cfg.relayAddrs[1], cfg.relayAddrs[2], benchPort)
+			t, err = setupRelay(ctx, dir, self, cfg.relayAddrs[0], cfg.relayAddrs[1], cfg.relayAddrs[2], benchPort)
 		case "nats":
-			t, err = setupNATS(dir, cfg.natsServer, "127.0.0.1")
+			t, err = setupNATS(ctx, dir, cfg.natsServer, "127.0.0.1")
 		default:
 			err = fmt.Errorf("unknown target %q", name)
 		}
@@ -223,7 +226,7 @@ func run(ctx context.Context, cfg config) error {
 		if err != nil {
 			return err
 		}
-		defer f.Close()
+		defer func() { _ = f.Close() }()
 		w = io.MultiWriter(os.Stdout, f)
 	}
 	writeReport(w, r)
@@ -232,7 +235,7 @@ func run(ctx context.Context, cfg config) error {
 			t.stop()
 		}
 		targets = nil
-		os.RemoveAll(dir)
+		_ = os.RemoveAll(dir)
 	}
 	for _, o := range r.over {
 		if o.err != nil {
@@ -272,7 +275,7 @@ func runAll(ctx context.Context, r *results, targets map[string]*target) error {
 				t := targets[name]
 				var prof *proc
 				if name == "podipc" && run == 0 && cfg.perfDir != "" {
-					prof = startPerf(cfg.perfDir, t, size, cfg.warmup, cfg.duration)
+					prof = startPerf(ctx, cfg.perfDir, t, size, cfg.warmup, cfg.duration)
 				}
 				res, err := measureThroughput(ctx, t.open, t.usage, size, cfg.warmup, cfg.duration, cfg.window)
 				if prof != nil {
@@ -326,8 +329,8 @@ func runOverload(ctx context.Context, r *results, t *target, size int, slowReade
 		rss, _ := rssBytes(p.pid())
 		o.idle = append(o.idle, rss)
 	}
-	o.dropsBefore = scrapeAll(t.metrics)
-	var pids []int
+	o.dropsBefore = scrapeAll(ctx, t.metrics)
+	pids := make([]int, 0, len(t.procs))
 	for _, p := range t.procs {
 		pids = append(pids, p.pid())
 	}
@@ -343,7 +346,7 @@ func runOverload(ctx context.Context, r *results, t *target, size int, slowReade
 	if o.err == nil {
 		o.err = t.alive()
 	}
-	o.dropsAt = scrapeAll(t.metrics)
+	o.dropsAt = scrapeAll(ctx, t.metrics)
 	time.Sleep(2 * time.Second)
 	for _, p := range t.procs {
 		rss, _ := rssBytes(p.pid())
@@ -356,10 +359,10 @@ func runOverload(ctx context.Context, r *results, t *target, size int, slowReade
 
 // scrapeAll merges the drop counters of several /metrics pages, prefixing each series
 // with the sidecar it came from.
-func scrapeAll(urls []string) map[string]float64 {
+func scrapeAll(ctx context.Context, urls []string) map[string]float64 {
 	out := map[string]float64{}
 	for i, u := range urls {
-		m, err := scrapeDrops(u)
+		m, err := scrapeDrops(ctx, u)
 		if err != nil {
 			out[fmt.Sprintf("sidecar %c: scrape error: %v", 'A'+i, err)] = -1
 			continue
@@ -374,7 +377,7 @@ func scrapeAll(urls []string) map[string]float64 {
 // startPerf records the sidecars' CPU with perf for the measured part of a throughput run
 // (it starts now, sleeps through the warm-up, and stops after dur). A failure to start is
 // reported and the run goes on without a profile.
-func startPerf(dir string, t *target, size int, warmup, dur time.Duration) *proc {
+func startPerf(ctx context.Context, dir string, t *target, size int, warmup, dur time.Duration) *proc {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		fmt.Fprintln(os.Stderr, "perf:", err)
 		return nil
@@ -386,7 +389,7 @@ func startPerf(dir string, t *target, size int, warmup, dur time.Duration) *proc
 	out := filepath.Join(dir, fmt.Sprintf("sidecars-%dB.perf.data", size))
 	script := fmt.Sprintf("sleep %f && exec perf record -F 999 -g -p %s -o %s -- sleep %f",
 		warmup.Seconds(), strings.Join(pids, ","), out, dur.Seconds())
-	p, err := startProc(dir, fmt.Sprintf("perf-%dB", size), nil, "/bin/sh", "-c", script)
+	p, err := startProc(ctx, dir, fmt.Sprintf("perf-%dB", size), nil, "/bin/sh", "-c", script)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "perf:", err)
 		return nil

@@ -46,7 +46,7 @@ func measureThroughput(ctx context.Context, open opener, meter usageMeter, size 
 	if err != nil {
 		return res, err
 	}
-	defer p.Close()
+	defer func() { _ = p.Close() }()
 	chk := newChecker(size, false)
 	recvErr := make(chan error, 1)
 	go func() { recvErr <- p.Receive(chk.consume) }()
@@ -122,7 +122,7 @@ func syncPath(p path, size int, synced <-chan struct{}, recvErr <-chan error) er
 		case <-synced:
 			return nil
 		case err := <-recvErr:
-			return fmt.Errorf("receiving app ended during sync: %v", err)
+			return fmt.Errorf("receiving app ended during sync: %w", err)
 		case <-time.After(syncInterval):
 		}
 	}
@@ -138,7 +138,7 @@ func waitCount(chk *checker, want uint64, recvErr <-chan error) error {
 		}
 		select {
 		case err := <-recvErr:
-			return fmt.Errorf("receiving app ended at %d of %d lines: %v", chk.count.Load(), want, err)
+			return fmt.Errorf("receiving app ended at %d of %d lines: %w", chk.count.Load(), want, err)
 		default:
 		}
 		if time.Now().After(deadline) {
@@ -164,7 +164,7 @@ func measureRTT(ctx context.Context, open opener, size, warmup, samples int, lim
 	if err != nil {
 		return res, err
 	}
-	defer p.Close()
+	defer func() { _ = p.Close() }()
 	echoErr := make(chan error, 1)
 	go func() { echoErr <- p.Echo() }()
 
@@ -191,7 +191,7 @@ func measureRTT(ctx context.Context, open opener, size, warmup, samples int, lim
 		if err != nil {
 			select {
 			case e := <-echoErr:
-				err = fmt.Errorf("%w (echo app: %v)", err, e)
+				err = fmt.Errorf("%w (echo app: %w)", err, e)
 			default:
 			}
 			return res, fmt.Errorf("round trip %d: %w", i, err)
@@ -266,7 +266,7 @@ func measureOverload(ctx context.Context, open opener, size int, rate, readRate 
 	if err != nil {
 		return res, err
 	}
-	defer p.Close()
+	defer func() { _ = p.Close() }()
 	chk := newChecker(size, true)
 	recvErr := make(chan error, 1)
 	consume := chk.consume

@@ -48,7 +48,7 @@ func openNATS(url string) (*natsPath, error) {
 		err = pub.Flush() // The server has the subscription before anything is echoed.
 	}
 	if err != nil {
-		p.Close()
+		_ = p.Close()
 		return nil, err
 	}
 	return p, nil

@@ -123,7 +123,7 @@ func dialBoth(ctx context.Context, txAddr, rxAddr string) (*tcpPath, error) {
 	}
 	tx, err := d.DialContext(ctx, "tcp", txAddr)
 	if err != nil {
-		rx.Close()
+		_ = rx.Close()
 		return nil, fmt.Errorf("sending app: %w", err)
 	}
 	return newTCPPath(tx, rx), nil
@@ -138,12 +138,12 @@ func dialAccept(ctx context.Context, txAddr string, ln *net.TCPListener) (*tcpPa
 		return nil, fmt.Errorf("sending app: %w", err)
 	}
 	if err := ln.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
-		tx.Close()
+		_ = tx.Close()
 		return nil, err
 	}
 	rx, err := ln.Accept()
 	if err != nil {
-		tx.Close()
+		_ = tx.Close()
 		return nil, fmt.Errorf("receiving app: %w", err)
 	}
 	return newTCPPath(tx, rx), nil

@@ -27,24 +27,24 @@ type proc struct {
 }
 
 // startProc starts a child that dies with the tool (Pdeathsig), logging to dir/name.log.
-func startProc(dir, name string, env []string, bin string, args ...string) (*proc, error) {
+func startProc(ctx context.Context, dir, name string, env []string, bin string, args ...string) (*proc, error) {
 	logPath := filepath.Join(dir, name+".log")
 	f, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(bin, args...)
+	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
-		f.Close()
+		_ = f.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	p := &proc{name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
 	go func() {
 		p.err = cmd.Wait()
-		f.Close()
+		_ = f.Close()
 		close(p.done)
 	}()
 	return p, nil
@@ -56,7 +56,10 @@ func (p *proc) pid() int { return p.cmd.Process.Pid }
 func (p *proc) exited() error {
 	select {
 	case <-p.done:
-		return fmt.Errorf("%s exited: %v\n%s", p.name, p.err, p.tail())
+		if p.err == nil {
+			return fmt.Errorf("%s exited with status 0\n%s", p.name, p.tail())
+		}
+		return fmt.Errorf("%s exited: %w\n%s", p.name, p.err, p.tail())
 	default:
 		return nil
 	}
@@ -96,16 +99,16 @@ func (p *proc) waitLog(s string, limit time.Duration) error {
 }
 
 // waitHTTP waits up to limit for url to answer 200.
-func (p *proc) waitHTTP(url string, limit time.Duration) error {
+func (p *proc) waitHTTP(ctx context.Context, url string, limit time.Duration) error {
 	deadline := time.Now().Add(limit)
 	c := http.Client{Timeout: time.Second}
 	for time.Now().Before(deadline) {
 		if err := p.exited(); err != nil {
 			return err
 		}
-		if resp, err := c.Get(url); err == nil {
+		if resp, err := get(ctx, &c, url); err == nil {
 			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
+			_ = resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
 				return nil
 			}
@@ -121,7 +124,7 @@ func rssBytes(pid int) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	s := bufio.NewScanner(f)
 	for s.Scan() {
 		if v, ok := strings.CutPrefix(s.Text(), "VmRSS:"); ok {
@@ -219,13 +222,13 @@ func (s *rssSampler) stop() map[int]int64 {
 }
 
 // scrapeDrops sums every podipc_*drop* counter on a /metrics page, by series.
-func scrapeDrops(url string) (map[string]float64, error) {
+func scrapeDrops(ctx context.Context, url string) (map[string]float64, error) {
 	c := http.Client{Timeout: 2 * time.Second}
-	resp, err := c.Get(url)
+	resp, err := get(ctx, &c, url)
 	if err != nil {
 		return nil, err
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("%s: %s", url, resp.Status)
 	}
@@ -252,4 +255,12 @@ func scrapeDrops(url string) (map[string]float64, error) {
 		out[series] = v
 	}
 	return out, s.Err()
+}
+
+func get(ctx context.Context, c *http.Client, url string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, err
+	}
+	return c.Do(req)
 }

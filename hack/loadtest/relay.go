@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"flag"
 	"fmt"
 	"net"
@@ -14,35 +15,39 @@ import (
 // goroutine per direction. It frames lines like the sidecar does (so it does the same
 // parsing work) and flushes only when no more input is already buffered, the same
 // batching rule the sidecar follows. It is deliberately all a relay needs and no more.
-func runRelay(args []string) error {
+func runRelay(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("relay", flag.ContinueOnError)
 	listen := fs.String("listen", "", "address to accept on")
 	to := fs.String("to", "", "address of the next hop")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", *listen)
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", *listen)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintln(os.Stdout, "ready") // The parent waits for this line.
+	if _, err := fmt.Fprintln(os.Stdout, "ready"); err != nil { // The parent waits for this line.
+		return err
+	}
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			return err
 		}
-		go relayConn(c, *to)
+		go relayConn(ctx, c, *to)
 	}
 }
 
-func relayConn(c net.Conn, to string) {
-	defer c.Close()
-	up, err := net.Dial("tcp", to)
+func relayConn(ctx context.Context, c net.Conn, to string) {
+	defer func() { _ = c.Close() }()
+	var d net.Dialer
+	up, err := d.DialContext(ctx, "tcp", to)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "relay: dial:", err)
 		return
 	}
-	defer up.Close()
+	defer func() { _ = up.Close() }()
 	var wg sync.WaitGroup
 	wg.Go(func() { relayLines(up, c) })
 	relayLines(c, up)
@@ -55,9 +60,9 @@ func relayLines(dst, src net.Conn) {
 	r := newLineReader(src, ioBufSize)
 	w := bufio.NewWriterSize(dst, ioBufSize)
 	defer func() {
-		w.Flush()
+		_ = w.Flush()
 		if tc, ok := dst.(*net.TCPConn); ok {
-			tc.CloseWrite()
+			_ = tc.CloseWrite()
 		}
 	}()
 	for {

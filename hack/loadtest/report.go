@@ -73,7 +73,7 @@ var display = map[string]string{"podipc": "podipc", "relay": "TCP relay", "nats"
 
 func writeReport(w io.Writer, r *results) {
 	cfg := r.cfg
-	p := func(format string, a ...any) { fmt.Fprintf(w, format, a...) }
+	p := func(format string, a ...any) { _, _ = fmt.Fprintf(w, format, a...) }
 	p("Taken %s with `loadtest %s`.\n\n", r.machine.started.UTC().Format("2006-01-02 15:04 MST"), strings.Join(os.Args[1:], " "))
 	p("Machine: %s, %d logical CPUs, Linux %s, %s. Load average (1, 5, 15 min) %.2f %.2f %.2f at the start, %.2f %.2f %.2f at the end.\n\n",
 		r.machine.cpu, r.machine.cores, r.machine.kernel, runtime.Version(),
@@ -204,7 +204,7 @@ func writeReport(w io.Writer, r *results) {
 }
 
 func writeOverload(w io.Writer, r *results) {
-	p := func(format string, a ...any) { fmt.Fprintf(w, format, a...) }
+	p := func(format string, a ...any) { _, _ = fmt.Fprintf(w, format, a...) }
 	p("\n### Overload\n\nOpen loop on channel `flood` (`WaitThenDrop`, %[3]s queues, 100 ms wait), %[1]s per run, then the receiving app drains. *Fast reader*: the sending app writes lines on schedule at %.0[2]f× podipc's median closed-loop rate at that size. *Slow reader*: it writes at that median rate, and the receiving app reads %.0[2]f× more slowly. Lines may be dropped, but each lost line must be counted in `podipc_dropped_lines_total`, and a sequence number going backwards still fails the run. When the sidecar reads from the app more slowly than the schedule, the app's writes block (TCP backpressure) and it writes less than offered.\n\n",
 		r.cfg.overloadDuration, r.cfg.overloadFactor, sizeName(r.cfg.queueBytes))
 	p("| run | offered | written by the app | read by the receiving app | lines sent | received | lost | drops counted |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
@@ -230,7 +230,7 @@ func writeOverload(w io.Writer, r *results) {
 		}
 	}
 	p("\nDrop counters that changed (all series with `drop` in the name; before → after):\n\n")
-	any := false
+	changed := false
 	for _, o := range r.over {
 		keys := make([]string, 0, len(o.dropsAt))
 		for k := range o.dropsAt {
@@ -240,11 +240,11 @@ func writeOverload(w io.Writer, r *results) {
 		for _, k := range keys {
 			if o.dropsAt[k] != o.dropsBefore[k] {
 				p("- %s: `%s`: %.0f → %.0f\n", o.name(), k, o.dropsBefore[k], o.dropsAt[k])
-				any = true
+				changed = true
 			}
 		}
 	}
-	if !any {
+	if !changed {
 		p("- none\n")
 	}
 }

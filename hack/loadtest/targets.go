@@ -77,14 +77,14 @@ func staticConfig(ipA, ipB string, queueBytes int) string {
 }
 
 // setupPodipc starts sidecar A on ipA and sidecar B on ipB in static mode.
-func setupPodipc(dir, bin, ipA, ipB string, queueBytes int, extraArgs []string) (*target, error) {
+func setupPodipc(ctx context.Context, dir, bin, ipA, ipB string, queueBytes int, extraArgs []string) (*target, error) {
 	cfg := filepath.Join(dir, "static.yaml")
 	if err := os.WriteFile(cfg, []byte(staticConfig(ipA, ipB, queueBytes)), 0o644); err != nil {
 		return nil, err
 	}
 	t := &target{name: "podipc"}
 	for _, m := range []struct{ pod, uid, ip string }{{"pod-a", "uid-a", ipA}, {"pod-b", "uid-b", ipB}} {
-		if err := portsFree(m.ip, benchPort, floodPort, peerPort, adminPort); err != nil {
+		if err := portsFree(ctx, m.ip, benchPort, floodPort, peerPort, adminPort); err != nil {
 			t.stop()
 			return nil, err
 		}
@@ -102,7 +102,7 @@ func setupPodipc(dir, bin, ipA, ipB string, queueBytes int, extraArgs []string) 
 			"--app-address=" + m.ip, "--peer-address=" + m.ip, "--admin-address=" + m.ip,
 			"--socket-dir=" + sock,
 		}, extraArgs...)
-		p, err := startProc(dir, "sidecar-"+m.pod, env, bin, args...)
+		p, err := startProc(ctx, dir, "sidecar-"+m.pod, env, bin, args...)
 		if err != nil {
 			t.stop()
 			return nil, err
@@ -112,7 +112,7 @@ func setupPodipc(dir, bin, ipA, ipB string, queueBytes int, extraArgs []string) 
 	}
 	for i, p := range t.procs {
 		ip := []string{ipA, ipB}[i]
-		if err := p.waitHTTP(fmt.Sprintf("http://%s/readyz", hostPort(ip, adminPort)), 20*time.Second); err != nil {
+		if err := p.waitHTTP(ctx, fmt.Sprintf("http://%s/readyz", hostPort(ip, adminPort)), 20*time.Second); err != nil {
 			t.stop()
 			return nil, err
 		}
@@ -128,18 +128,19 @@ func setupPodipc(dir, bin, ipA, ipB string, queueBytes int, extraArgs []string) 
 
 // setupRelay starts relay processes 1 and 2 and the receiving app's listener:
 // sender → ip1 → ip2 → ipRecv.
-func setupRelay(dir, self, ip1, ip2, ipRecv string, port int) (*target, error) {
-	ln, err := net.Listen("tcp", hostPort(ipRecv, port))
+func setupRelay(ctx context.Context, dir, self, ip1, ip2, ipRecv string, port int) (*target, error) {
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", hostPort(ipRecv, port))
 	if err != nil {
 		return nil, fmt.Errorf("receiving app listener: %w", err)
 	}
-	t := &target{name: "relay", cleanup: func() { ln.Close() }}
+	t := &target{name: "relay", cleanup: func() { _ = ln.Close() }}
 	hops := []struct{ name, listen, to string }{
 		{"relay-2", hostPort(ip2, port), hostPort(ipRecv, port)},
 		{"relay-1", hostPort(ip1, port), hostPort(ip2, port)},
 	}
 	for _, h := range hops {
-		p, err := startProc(dir, h.name, nil, self, "relay", "-listen", h.listen, "-to", h.to)
+		p, err := startProc(ctx, dir, h.name, nil, self, "relay", "-listen", h.listen, "-to", h.to)
 		if err != nil {
 			t.stop()
 			return nil, err
@@ -156,12 +157,12 @@ func setupRelay(dir, self, ip1, ip2, ipRecv string, port int) (*target, error) {
 }
 
 // setupNATS starts nats-server on ip at a free port.
-func setupNATS(dir, bin, ip string) (*target, error) {
-	port, err := freePort(ip)
+func setupNATS(ctx context.Context, dir, bin, ip string) (*target, error) {
+	port, err := freePort(ctx, ip)
 	if err != nil {
 		return nil, err
 	}
-	p, err := startProc(dir, "nats-server", nil, bin, "-a", ip, "-p", strconv.Itoa(port))
+	p, err := startProc(ctx, dir, "nats-server", nil, bin, "-a", ip, "-p", strconv.Itoa(port))
 	if err != nil {
 		return nil, err
 	}
@@ -179,15 +180,16 @@ func hostPort(ip string, port int) string { return net.JoinHostPort(ip, strconv.
 
 // portsFree fails early, with a clear message, if another process (another engineer's
 // sidecar, say) already holds one of the ports a sidecar needs.
-func portsFree(ip string, ports ...int) error {
+func portsFree(ctx context.Context, ip string, ports ...int) error {
 	var busy []string
 	for _, port := range ports {
-		ln, err := net.Listen("tcp", hostPort(ip, port))
+		var lc net.ListenConfig
+		ln, err := lc.Listen(ctx, "tcp", hostPort(ip, port))
 		if err != nil {
 			busy = append(busy, strconv.Itoa(port))
 			continue
 		}
-		ln.Close()
+		_ = ln.Close()
 	}
 	if len(busy) > 0 {
 		return fmt.Errorf("%s: ports %s are in use; pick other addresses with -addr-a/-addr-b", ip, strings.Join(busy, ","))
@@ -195,11 +197,12 @@ func portsFree(ip string, ports ...int) error {
 	return nil
 }
 
-func freePort(ip string) (int, error) {
-	ln, err := net.Listen("tcp", hostPort(ip, 0))
+func freePort(ctx context.Context, ip string) (int, error) {
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", hostPort(ip, 0))
 	if err != nil {
 		return 0, err
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	return ln.Addr().(*net.TCPAddr).Port, nil
 }
