@@ -268,6 +268,9 @@ func (o *overloadFigures) counted() float64 {
 }
 
 func sizeName(n int) string {
+	if n%(1<<20) == 0 {
+		return fmt.Sprintf("%d MiB", n>>20)
+	}
 	if n%1024 == 0 {
 		return fmt.Sprintf("%d KiB", n/1024)
 	}
