@@ -47,6 +47,9 @@ func measureThroughput(ctx context.Context, open opener, meter usageMeter, size 
 		return res, err
 	}
 	defer func() { _ = p.Close() }()
+	if err := p.Bound(time.Now().Add(syncTimeout + warmup + dur + 2*drainTimeout)); err != nil {
+		return res, err
+	}
 	chk := newChecker(size, false)
 	recvErr := make(chan error, 1)
 	go func() { recvErr <- p.Receive(chk.consume) }()
@@ -165,6 +168,9 @@ func measureRTT(ctx context.Context, open opener, size, warmup, samples int, lim
 		return res, err
 	}
 	defer func() { _ = p.Close() }()
+	if err := p.Bound(time.Now().Add(syncTimeout + limit)); err != nil {
+		return res, err
+	}
 	echoErr := make(chan error, 1)
 	go func() { echoErr <- p.Echo() }()
 
@@ -267,6 +273,9 @@ func measureOverload(ctx context.Context, open opener, size int, rate, readRate 
 		return res, err
 	}
 	defer func() { _ = p.Close() }()
+	if err := p.Bound(time.Now().Add(syncTimeout + dur + 2*drainTimeout)); err != nil {
+		return res, err
+	}
 	chk := newChecker(size, true)
 	recvErr := make(chan error, 1)
 	consume := chk.consume

@@ -121,6 +121,10 @@ func (p *natsPath) wait(errc chan error) error {
 	}
 }
 
+// Bound does nothing: publishing never blocks (the client buffers, and fails a
+// connection that falls too far behind).
+func (p *natsPath) Bound(time.Time) error { return nil }
+
 func (p *natsPath) Close() error {
 	select {
 	case <-p.done:

@@ -27,6 +27,9 @@ type path interface {
 	Receive(fn func(line []byte) error) error
 	// Echo runs the receiving app as an echo server until the path closes.
 	Echo() error
+	// Bound makes any write of either app that is still blocked at t fail, so that a
+	// path that stops moving fails the run instead of hanging it.
+	Bound(t time.Time) error
 	// Close ends both apps' connections; Receive and Echo then return.
 	Close() error
 }
@@ -105,6 +108,10 @@ func (p *tcpPath) endErr(err error) error {
 	default:
 		return err
 	}
+}
+
+func (p *tcpPath) Bound(t time.Time) error {
+	return errors.Join(p.tx.SetWriteDeadline(t), p.rx.SetWriteDeadline(t))
 }
 
 func (p *tcpPath) Close() error {
