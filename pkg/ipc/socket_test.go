@@ -136,7 +136,7 @@ func echoLines(c *ipc.Socket, client, lines int) error {
 		select {
 		case got, ok := <-c.In():
 			if !ok {
-				return fmt.Errorf("client %d: In() closed after %d lines: %v", client, j, c.Err())
+				return fmt.Errorf("client %d: In() closed after %d lines: %w", client, j, c.Err())
 			}
 			if got != want {
 				return fmt.Errorf("client %d: got %q, want %q", client, got, want)
