@@ -195,8 +195,16 @@ func (s *Socket) readLoop() {
 			s.end(err)
 			return
 		}
+		str := string(msg)
+		// Try a plain send first: it is much cheaper than the two-way select below,
+		// and In() usually has room.
 		select {
-		case s.in <- string(msg):
+		case s.in <- str:
+			continue
+		default:
+		}
+		select {
+		case s.in <- str:
 		case <-s.closing:
 			// The owner has stopped listening; nobody will read the rest.
 			return
