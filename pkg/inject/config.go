@@ -196,5 +196,3 @@ func tokenVolume() corev1.Volume {
 		},
 	}}}
 }
-
-
