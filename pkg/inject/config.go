@@ -58,6 +58,12 @@ func (c Config) Inject(pod *corev1.Pod) error {
 		}
 	}
 	pod.Spec.Volumes = append(pod.Spec.Volumes, socketsVolume(), tokenVolume())
+	// A serviceAccountToken projection needs a named account. The ServiceAccount admission
+	// plugin, which runs before webhooks, normally names "default" already; an API server
+	// without that plugin would otherwise reject the injected pod.
+	if pod.Spec.ServiceAccountName == "" {
+		pod.Spec.ServiceAccountName = "default"
+	}
 	pod.Spec.InitContainers = append([]corev1.Container{c.sidecar(channels, resources)}, pod.Spec.InitContainers...)
 	if pod.Labels == nil {
 		pod.Labels = map[string]string{}

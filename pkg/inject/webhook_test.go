@@ -2,6 +2,7 @@ package inject
 
 import (
 	"context"
+	"fmt"
 	"encoding/json"
 	"flag"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"gomodules.xyz/jsonpatch/v2"
 	admissionv1 "k8s.io/api/admission/v1"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -223,7 +225,7 @@ func TestTruthTableThroughAPIServer(t *testing.T) {
 			if tt.podAnnotation != "" {
 				ann = map[string]string{AnnotationInject: tt.podAnnotation}
 			}
-			pod := newPod(nsByLabel[tt.nsLabel], "p", ann)
+			pod := newPod(nsByLabel[tt.nsLabel], fmt.Sprintf("p%d", i), ann)
 			err := k8sClient.Create(t.Context(), pod)
 			if tt.rejected {
 				if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), `the value must be "true" or "false"`) {
@@ -360,7 +362,13 @@ func TestGoldenPatches(t *testing.T) {
 			if !resp.Allowed {
 				t.Fatalf("denied: %v", resp.Result)
 			}
-			got, err := json.MarshalIndent(resp.Patches, "", "  ")
+			// controller-runtime computes the patch by diffing JSON, whose operation order
+			// follows Go map iteration; the fixture holds the operations sorted by path.
+			ops := slices.Clone(resp.Patches)
+			slices.SortStableFunc(ops, func(a, b jsonpatch.JsonPatchOperation) int {
+				return strings.Compare(a.Path+" "+a.Operation, b.Path+" "+b.Operation)
+			})
+			got, err := json.MarshalIndent(ops, "", "  ")
 			if err != nil {
 				t.Fatal(err)
 			}
