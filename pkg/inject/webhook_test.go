@@ -13,10 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"gomodules.xyz/jsonpatch/v2"
 	admissionv1 "k8s.io/api/admission/v1"
-	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -25,8 +23,6 @@ import (
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
-
-	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden JSON patches under testdata/")
@@ -402,6 +398,3 @@ func mapsEqual(a, b map[string]string) bool {
 	return true
 }
 
-var _ = podipcv1alpha1.GroupVersion
-var _ = batchv1.SchemeGroupVersion
-var _ = testutil.ToFloat64
