@@ -1,5 +1,5 @@
-// Command podipc-controller runs the Channel controller (and, later, the sidecar
-// injection webhook) under one manager with leader election, metrics and health probes.
+// Command podipc-controller runs the Channel controller and the sidecar injection webhook
+// under one manager with leader election, metrics and health probes.
 package main
 
 import (
@@ -27,6 +27,7 @@ type options struct {
 	leaderElect             bool
 	leaderElectionNamespace string
 	channelConcurrency      int
+	webhook                 webhookOptions
 }
 
 func main() {
@@ -36,6 +37,7 @@ func main() {
 	flag.BoolVar(&o.leaderElect, "leader-elect", true, "Elect a leader, so that only one replica reconciles at a time.")
 	flag.StringVar(&o.leaderElectionNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: the pod's own).")
 	flag.IntVar(&o.channelConcurrency, "channel-concurrency", 4, "Channels reconciled at once.")
+	o.webhook.bindFlags(flag.CommandLine)
 	zapOpts := zap.Options{}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -52,7 +54,12 @@ func run(ctx context.Context, o options) error {
 	if err := errors.Join(clientgoscheme.AddToScheme(scheme), podipcv1alpha1.AddToScheme(scheme)); err != nil {
 		return err
 	}
+	webhookServer, keypair, err := webhookServer(o.webhook)
+	if err != nil {
+		return err
+	}
 	mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), ctrl.Options{
+		WebhookServer:           webhookServer,
 		Scheme:                  scheme,
 		Cache:                   cache.Options{ByObject: channel.CacheByObject()},
 		Metrics:                 metricsserver.Options{BindAddress: o.metricsAddr},
@@ -69,7 +76,7 @@ func run(ctx context.Context, o options) error {
 	if err := setupReconcilers(ctx, mgr, o); err != nil {
 		return err
 	}
-	if err := setupWebhooks(mgr); err != nil {
+	if err := setupWebhooks(mgr, o.webhook, keypair); err != nil {
 		return err
 	}
 	if err := setupChecks(mgr); err != nil {
@@ -84,12 +91,6 @@ func setupReconcilers(ctx context.Context, mgr ctrl.Manager, o options) error {
 	if err := r.SetupWithManager(ctx, mgr, o.channelConcurrency); err != nil {
 		return fmt.Errorf("setting up the Channel controller: %w", err)
 	}
-	return nil
-}
-
-// setupWebhooks registers the sidecar injection webhook and its certificate management.
-// It does nothing yet: the inject branch (pkg/inject, pkg/certs) fills it in.
-func setupWebhooks(_ ctrl.Manager) error {
 	return nil
 }
 

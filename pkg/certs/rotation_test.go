@@ -100,7 +100,7 @@ func TestRotationUnderLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	rotator := &Rotator{
-		Client: mgr.GetClient(), Secret: secret, WebhookConfig: "podipc-injector", Clock: clock.RealClock{},
+		Client: c, Secret: secret, WebhookConfig: "podipc-injector", Clock: clock.RealClock{},
 		CheckInterval: 200 * time.Millisecond,
 		Policy: Policy{
 			Hosts:      []string{wo.LocalServingHost},
