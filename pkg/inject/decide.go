@@ -64,10 +64,10 @@ func Decide(pod *corev1.Pod, namespace string, nsLabels map[string]string, contr
 	nsValue := nsLabels[LabelNamespaceInject]
 	d := Decision{Requested: podValue == "true" || (nsValue == "enabled" && podValue != "false")}
 
-	switch {
-	case namespace == metav1.NamespaceSystem:
+	switch namespace {
+	case metav1.NamespaceSystem:
 		return d.skip(SkipKubeSystem), nil
-	case namespace == controllerNamespace:
+	case controllerNamespace:
 		return d.skip(SkipControllerNamespace), nil
 	}
 	switch nsValue {
