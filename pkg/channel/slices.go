@@ -21,7 +21,7 @@ const (
 	// Kubernetes EndpointSlice controller marks its own.
 	ManagedByLabel = discoveryv1.LabelManagedBy
 	// ManagedBy is the value of ManagedByLabel on podipc's EndpointSlices.
-	ManagedBy = "controller.podipc.dev"
+	ManagedBy = podipcv1alpha1.ManagedBy
 
 	// MaxEndpointsPerSlice bounds a slice, like the Kubernetes EndpointSlice controller's
 	// default: a change to one member rewrites at most 100 endpoints.

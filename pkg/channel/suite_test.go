@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -34,6 +35,7 @@ func TestMain(m *testing.M) { testenv.Main(m, &env, startController) }
 // startController runs the controller as cmd/podipc-controller does (same cache
 // restrictions), once for the whole package, with its client wrapped to count writes.
 func startController(e *testenv.Env) (func(), error) {
+	ctrl.SetLogger(logr.Discard()) // the tests assert outcomes; controller logs are noise here
 	mgr, err := ctrl.NewManager(e.Config, ctrl.Options{
 		Scheme:     e.Scheme,
 		Cache:      cache.Options{ByObject: channel.CacheByObject()},
