@@ -20,6 +20,9 @@ const (
 	PeerPortName = "podipc-peer"
 	// AdminPort serves /healthz, /readyz and /metrics, bound on the pod IP.
 	AdminPort = 7702
+	// ManagedBy is the value of the endpointslice.kubernetes.io/managed-by label on the
+	// EndpointSlices the podipc controller publishes.
+	ManagedBy = "controller.podipc.dev"
 )
 
 // Delivery says how a line is spread over a channel's members.

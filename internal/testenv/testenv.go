@@ -20,6 +20,8 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -108,7 +110,9 @@ func Start(opts ...Option) (*Env, error) {
 		ErrorIfCRDPathMissing:    true,
 		Scheme:                   scheme,
 		ControlPlaneStartTimeout: 2 * time.Minute, // a busy 2-core machine
-		ControlPlaneStopTimeout:  time.Minute,
+		// kube-apiserver can linger on open watches when stopped under load; after this
+		// long it is killed (see RestartAPIServer).
+		ControlPlaneStopTimeout: 10 * time.Second,
 	}
 	te.ControlPlane.APIServer = &envtest.APIServer{CertDir: certDir}
 	for _, o := range opts {
@@ -135,10 +139,11 @@ func (e *Env) Stop() error {
 
 // RestartAPIServer stops the API server and starts it again on the same address, with
 // the same certificates, over the same etcd: clients see a connection outage, not a new
-// cluster. down runs while the API server is stopped.
+// cluster. down runs while the API server is stopped. An API server that does not stop
+// on SIGTERM in time (it can wait on open watches) is killed, which is an outage too.
 func (e *Env) RestartAPIServer(down func()) error {
 	apiServer := e.Environment.ControlPlane.GetAPIServer()
-	if err := apiServer.Stop(); err != nil {
+	if err := apiServer.Stop(); err != nil && !strings.Contains(err.Error(), "timeout waiting for process") {
 		return fmt.Errorf("stopping the API server: %w", err)
 	}
 	if down != nil {
@@ -150,16 +155,32 @@ func (e *Env) RestartAPIServer(down func()) error {
 	return nil
 }
 
-// Main starts the control plane into *env, runs the package's tests and stops it. A
-// control plane that cannot start fails the package with the reason.
-func Main(m *testing.M, env **Env) {
+// Main starts the control plane into *env, runs setup (if any; e.g. to start a manager,
+// returning its stop function), runs the package's tests and stops it all. A control
+// plane or setup that cannot start makes the package fail with the reason.
+func Main(m *testing.M, env **Env, setup ...func(*Env) (stop func(), err error)) {
 	e, err := Start()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
 		os.Exit(1)
 	}
 	*env = e
-	code := m.Run()
+	var stops []func()
+	code := 1
+	for _, s := range setup {
+		stop, err := s(e)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "FAIL: test setup: %v\n", err)
+			break
+		}
+		stops = append(stops, stop)
+	}
+	if len(stops) == len(setup) {
+		code = m.Run()
+	}
+	for _, stop := range slices.Backward(stops) {
+		stop()
+	}
 	if err := e.Stop(); err != nil {
 		fmt.Fprintf(os.Stderr, "stopping the test control plane: %v\n", err)
 	}
