@@ -52,7 +52,8 @@ type Rotator struct {
 // NeedLeaderElection makes the Rotator run on the elected leader only.
 func (r *Rotator) NeedLeaderElection() bool { return true }
 
-// +kubebuilder:rbac:groups="",namespace=podipc-system,resources=secrets,verbs=get;create;update
+// +kubebuilder:rbac:groups="",namespace=podipc-system,resources=secrets,verbs=get;list;watch;create;update
+// The Keypair of every replica lists and watches the one Secret (by a field selector).
 // +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=mutatingwebhookconfigurations,verbs=get;patch
 
 // Start checks at once, then whenever the next step is due or CheckInterval has passed.
