@@ -75,7 +75,7 @@ func setupWebhooks(mgr ctrl.Manager, o webhookOptions, kp *certs.Keypair) error 
 	if err != nil {
 		return err
 	}
-	hook := &inject.Webhook{Reader: mgr.GetCache(), Config: cfg}
+	hook := &inject.Webhook{Reader: mgr.GetCache(), APIReader: mgr.GetAPIReader(), Config: cfg}
 	if err := hook.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("setting up the injection webhook: %w", err)
 	}

@@ -109,7 +109,7 @@ func TestRotationUnderLoad(t *testing.T) {
 			PropagationDelay: time.Second,
 		},
 	}
-	hook := &inject.Webhook{Reader: mgr.GetCache(), Config: inject.Config{Image: "sidecar:test", ControllerNamespace: "podipc-system"}}
+	hook := &inject.Webhook{Reader: mgr.GetCache(), APIReader: mgr.GetAPIReader(), Config: inject.Config{Image: "sidecar:test", ControllerNamespace: "podipc-system"}}
 	for _, add := range []error{mgr.Add(keypair), mgr.Add(rotator), hook.SetupWithManager(mgr)} {
 		if add != nil {
 			t.Fatal(add)

@@ -104,7 +104,7 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	hook = &Webhook{Reader: mgr.GetCache(), Config: testConfig}
+	hook = &Webhook{Reader: mgr.GetCache(), APIReader: mgr.GetAPIReader(), Config: testConfig}
 	if err := hook.SetupWithManager(mgr); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1

@@ -9,6 +9,7 @@ import (
 	"sync"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/klog/v2"
@@ -29,6 +30,9 @@ type Webhook struct {
 	// Reader reads namespaces and Channels; it is the manager's cache, so admission never
 	// makes a request to the API server.
 	Reader client.Reader
+	// APIReader reads a namespace the cache does not have yet (a pod created right after its
+	// namespace); without it such a pod would be denied.
+	APIReader client.Reader
 	// Config describes the sidecar to inject.
 	Config Config
 }
@@ -64,7 +68,11 @@ func (w *Webhook) Default(ctx context.Context, pod *corev1.Pod) error {
 	}
 	ns := &metav1.PartialObjectMetadata{}
 	ns.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("Namespace"))
-	if err := w.Reader.Get(ctx, client.ObjectKey{Name: namespace}, ns); err != nil {
+	err := w.Reader.Get(ctx, client.ObjectKey{Name: namespace}, ns)
+	if apierrors.IsNotFound(err) && w.APIReader != nil {
+		err = w.APIReader.Get(ctx, client.ObjectKey{Name: namespace}, ns)
+	}
+	if err != nil {
 		return fmt.Errorf("podipc: reading namespace %q: %w", namespace, err)
 	}
 	d, err := Decide(pod, namespace, ns.Labels, w.Config.ControllerNamespace)
