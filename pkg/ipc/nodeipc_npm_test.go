@@ -182,7 +182,7 @@ func installNodeIPC(root string, p nodeIPCPackage) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	defer os.RemoveAll(tmp) //nolint:errcheck // best effort; after a successful rename it is gone already
+	defer os.RemoveAll(tmp)                      //nolint:errcheck // best effort; after a successful rename it is gone already
 	if err := os.Chmod(tmp, 0o755); err != nil { // MkdirTemp makes it private
 		return "", err
 	}
