@@ -28,6 +28,10 @@ test: control-plane ## Run unit, integration (real API server) and node-ipc comp
 bench: ## Run the Go benchmarks (figures go to docs/performance.md).
 	go test -run '^$$' -bench . -benchmem ./pkg/...
 
+.PHONY: bench-nodeipc
+bench-nodeipc: ## Compare node-ipc events/s: Go<->Go (pkg/ipc) against Node<->Node (node-ipc 9.2.1).
+	hack/nodeipc/bench.sh
+
 .PHONY: lint
 lint: $(BIN)/golangci-lint ## Run gofmt, go vet and golangci-lint.
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
