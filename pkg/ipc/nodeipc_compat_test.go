@@ -40,6 +40,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -308,7 +309,11 @@ func sendAll(sock *ipc.Socket, n int, msg func(int) (string, error)) <-chan erro
 			select {
 			case sock.Out() <- m:
 			case <-sock.Done():
-				done <- fmt.Errorf("socket ended after %d of %d sends: %v", i, n, sock.Err())
+				err := sock.Err()
+				if err == nil {
+					err = errors.New("closed cleanly")
+				}
+				done <- fmt.Errorf("socket ended after %d of %d sends: %w", i, n, err)
 				return
 			}
 		}
@@ -426,8 +431,9 @@ func startPeer(t *testing.T, cfg peerConfig) *nodePeer {
 		default:
 		}
 		_ = cmd.Process.Kill()
+		// Drain stdout so the reader goroutine reaches cmd.Wait.
 		go func() {
-			for range p.msgs { //nolint:revive // drain so the reader goroutine can reach Wait
+			for range p.msgs {
 			}
 		}()
 		<-p.exited

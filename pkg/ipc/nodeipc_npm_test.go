@@ -182,8 +182,9 @@ func installNodeIPC(root string, p nodeIPCPackage) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	defer os.RemoveAll(tmp)                      //nolint:errcheck // best effort; after a successful rename it is gone already
-	if err := os.Chmod(tmp, 0o755); err != nil { // MkdirTemp makes it private
+	defer os.RemoveAll(tmp) //nolint:errcheck // best effort; after a successful rename it is gone already
+	// MkdirTemp makes it private; the install is shared by everyone using bin/.
+	if err := os.Chmod(tmp, 0o755); err != nil {
 		return "", err
 	}
 	for name, data := range map[string][]byte{"package.json": manifest, "package-lock.json": lock} {
