@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 EVENTS=${EVENTS:-200000}   # events per run, both sides
-PAYLOAD=64                 # bytes; BenchmarkNodeIPCEvents uses the same (benchPayloadBytes)
+PAYLOAD=64                 # bytes; BenchmarkNodeIPCEvents uses the same (nodeIPCBenchPayloadBytes)
 ROUNDS=${ROUNDS:-3}
 
 command -v node >/dev/null || { echo "bench-nodeipc: node is required (hack/ci-deps.sh installs it)" >&2; exit 1; }

@@ -16,14 +16,14 @@ import (
 	"github.com/podipc/podipc/pkg/ipc"
 )
 
-// benchEvent is the event hack/nodeipc/bench.cjs sends Node to Node:
+// nodeIPCBenchEvent is the event hack/nodeipc/bench.cjs sends Node to Node:
 // {"type":"bench","data":{"seq":i,"payload":"xxx…"}} with a 64-byte payload.
-type benchEvent struct {
+type nodeIPCBenchEvent struct {
 	Seq     int    `json:"seq"`
 	Payload string `json:"payload"`
 }
 
-const benchPayloadBytes = 64
+const nodeIPCBenchPayloadBytes = 64
 
 // BenchmarkNodeIPCEvents measures node-ipc events/s from one Go socket to another, the
 // Go side of make bench-nodeipc (hack/nodeipc/bench.cjs is node-ipc 9.2.1 Node to Node,
@@ -43,21 +43,21 @@ const benchPayloadBytes = 64
 func BenchmarkNodeIPCEvents(b *testing.B) {
 	for _, network := range []string{"unix", "tcp"} {
 		b.Run(network, func(b *testing.B) {
-			b.Run("decoded", func(b *testing.B) { benchChannels(b, network, true) })
-			b.Run("frames", func(b *testing.B) { benchChannels(b, network, false) })
-			b.Run("framing", func(b *testing.B) { benchFraming(b, network) })
+			b.Run("decoded", func(b *testing.B) { benchNodeIPCChannels(b, network, true) })
+			b.Run("frames", func(b *testing.B) { benchNodeIPCChannels(b, network, false) })
+			b.Run("framing", func(b *testing.B) { benchNodeIPCFraming(b, network) })
 		})
 	}
 }
 
-func benchChannels(b *testing.B, network string, decode bool) {
-	server, client := benchPair(b, network)
-	payload := strings.Repeat("x", benchPayloadBytes)
+func benchNodeIPCChannels(b *testing.B, network string, decode bool) {
+	server, client := nodeIPCBenchPair(b, network)
+	payload := strings.Repeat("x", nodeIPCBenchPayloadBytes)
 	received := make(chan error, 1)
 	b.ResetTimer()
-	cpu0 := cpuTime(b)
+	cpu0 := processCPUTime(b)
 	go func() {
-		var ev benchEvent
+		var ev nodeIPCBenchEvent
 		for i := range b.N {
 			msg, ok := <-server.In()
 			if !ok {
@@ -81,13 +81,13 @@ func benchChannels(b *testing.B, network string, decode bool) {
 	for i := range b.N {
 		var msg string
 		if decode {
-			enc, err := ipc.EncodeEvent("bench", benchEvent{Seq: i, Payload: payload})
+			enc, err := ipc.EncodeEvent("bench", nodeIPCBenchEvent{Seq: i, Payload: payload})
 			if err != nil {
 				b.Fatal(err)
 			}
 			msg = string(enc)
 		} else {
-			frame = appendBenchFrame(frame[:0], i, payload)
+			frame = appendNodeIPCBenchFrame(frame[:0], i, payload)
 			msg = string(frame)
 		}
 		client.Out() <- msg
@@ -95,15 +95,15 @@ func benchChannels(b *testing.B, network string, decode bool) {
 	if err := <-received; err != nil {
 		b.Fatal(err)
 	}
-	reportEvents(b, cpu0)
+	reportNodeIPCEvents(b, cpu0)
 }
 
-func benchFraming(b *testing.B, network string) {
-	srv, conn := benchConns(b, network)
-	payload := strings.Repeat("x", benchPayloadBytes)
+func benchNodeIPCFraming(b *testing.B, network string) {
+	srv, conn := nodeIPCBenchConns(b, network)
+	payload := strings.Repeat("x", nodeIPCBenchPayloadBytes)
 	received := make(chan error, 1)
 	b.ResetTimer()
-	cpu0 := cpuTime(b)
+	cpu0 := processCPUTime(b)
 	go func() {
 		r := ipc.NewReader(srv, ipc.NodeIPC, 0)
 		for range b.N {
@@ -117,7 +117,7 @@ func benchFraming(b *testing.B, network string) {
 	w := ipc.NewWriter(conn, ipc.NodeIPC)
 	var frame []byte
 	for i := range b.N {
-		frame = appendBenchFrame(frame[:0], i, payload)
+		frame = appendNodeIPCBenchFrame(frame[:0], i, payload)
 		if err := w.Write(frame); err != nil {
 			b.Fatal(err)
 		}
@@ -128,11 +128,11 @@ func benchFraming(b *testing.B, network string) {
 	if err := <-received; err != nil {
 		b.Fatal(err)
 	}
-	reportEvents(b, cpu0)
+	reportNodeIPCEvents(b, cpu0)
 }
 
-// appendBenchFrame appends the benchmark event's JSON text, as EncodeEvent writes it.
-func appendBenchFrame(dst []byte, seq int, payload string) []byte {
+// appendNodeIPCBenchFrame appends the benchmark event's JSON text, as EncodeEvent writes it.
+func appendNodeIPCBenchFrame(dst []byte, seq int, payload string) []byte {
 	dst = append(dst, `{"type":"bench","data":{"seq":`...)
 	dst = strconv.AppendInt(dst, int64(seq), 10)
 	dst = append(dst, `,"payload":"`...)
@@ -140,14 +140,14 @@ func appendBenchFrame(dst []byte, seq int, payload string) []byte {
 	return append(dst, `"}}`...)
 }
 
-func reportEvents(b *testing.B, cpu0 time.Duration) {
+func reportNodeIPCEvents(b *testing.B, cpu0 time.Duration) {
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
-	b.ReportMetric(float64(cpuTime(b)-cpu0)/float64(time.Microsecond)/float64(b.N), "cpu-µs/event")
+	b.ReportMetric(float64(processCPUTime(b)-cpu0)/float64(time.Microsecond)/float64(b.N), "cpu-µs/event")
 }
 
-// benchPair returns two connected NodeIPC sockets, closed when the benchmark ends.
-func benchPair(b *testing.B, network string) (server, client *ipc.Socket) {
-	srv, err := ipc.Listen(network, benchAddress(b, network), ipc.WithFraming(ipc.NodeIPC))
+// nodeIPCBenchPair returns two connected NodeIPC sockets, closed when the benchmark ends.
+func nodeIPCBenchPair(b *testing.B, network string) (server, client *ipc.Socket) {
+	srv, err := ipc.Listen(network, nodeIPCBenchAddress(b, network), ipc.WithFraming(ipc.NodeIPC))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -162,9 +162,9 @@ func benchPair(b *testing.B, network string) (server, client *ipc.Socket) {
 	return server, client
 }
 
-// benchConns returns the two ends of a plain connection, closed when the benchmark ends.
-func benchConns(b *testing.B, network string) (server, client net.Conn) {
-	ln, err := net.Listen(network, benchAddress(b, network))
+// nodeIPCBenchConns returns the two ends of a plain connection, closed when the benchmark ends.
+func nodeIPCBenchConns(b *testing.B, network string) (server, client net.Conn) {
+	ln, err := net.Listen(network, nodeIPCBenchAddress(b, network))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -190,15 +190,15 @@ func benchConns(b *testing.B, network string) (server, client net.Conn) {
 	return server, client
 }
 
-func benchAddress(b *testing.B, network string) string {
+func nodeIPCBenchAddress(b *testing.B, network string) string {
 	if network == "unix" {
 		return filepath.Join(b.TempDir(), "bench.sock")
 	}
 	return "127.0.0.1:0"
 }
 
-// cpuTime is the user plus system CPU time this process has used so far, all threads.
-func cpuTime(b *testing.B) time.Duration {
+// processCPUTime is the user plus system CPU time this process has used so far, all threads.
+func processCPUTime(b *testing.B) time.Duration {
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
 		b.Fatal(err)
