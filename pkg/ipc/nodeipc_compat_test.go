@@ -535,3 +535,47 @@ func firstDiff(a, b []byte) int {
 	}
 	return min(len(a), len(b))
 }
+
+// TestNodeIPCCompatOversized pins down the one limit the two sides do not share: node-ipc
+// accepts events of any size, pkg/ipc ends a socket whose frame exceeds its maximum
+// (64 KiB by default) with an error a user can recognise, rather than growing without bound.
+func TestNodeIPCCompatOversized(t *testing.T) {
+	modules := requireNodeIPC(t)
+	for _, p := range nodeIPCPackages {
+		t.Run(p.Dir, func(t *testing.T) {
+			big := `"` + strings.Repeat("x", ipc.DefaultMaxMessageBytes) + `"`
+			cfg := peerConfig{
+				Module: modules[p.Dir], Role: "client", Transport: "unix", ID: "compat",
+				SocketRoot: shortTempDir(t) + "/", Appspace: "app.", TimeoutMs: int(compatWait / time.Millisecond),
+				Events: []peerEvent{{Type: "small", Data: json.RawMessage(`1`)}, {Type: "big", Data: json.RawMessage(big)}},
+			}
+			srv, err := ipc.Listen("unix", ipc.SocketPath(cfg.SocketRoot, cfg.Appspace, cfg.ID), ipc.WithFraming(ipc.NodeIPC))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = srv.Close() })
+			peer := startPeer(t, cfg)
+			var sock *ipc.Socket
+			select {
+			case sock = <-srv.Connections():
+			case <-time.After(compatWait):
+				t.Fatalf("node-ipc client never connected; node stderr:\n%s", peer.stderr.String())
+			}
+			t.Cleanup(func() { _ = sock.Close() })
+			if got := receive(t, sock, "the small event"); got != `{"type":"small","data":1}` {
+				t.Fatalf("first event: %s", got)
+			}
+			select {
+			case m, ok := <-sock.In():
+				if ok {
+					t.Fatalf("In() yielded %s; want it closed after an oversized frame", clip(m))
+				}
+			case <-time.After(compatWait):
+				t.Fatal("In() still open after node-ipc sent a frame over the limit")
+			}
+			if !errors.Is(sock.Err(), ipc.ErrMessageTooLarge) {
+				t.Fatalf("Err() = %v, want ErrMessageTooLarge", sock.Err())
+			}
+		})
+	}
+}
