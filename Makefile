@@ -29,6 +29,10 @@ test: control-plane ## Run unit, integration (real API server) and node-ipc comp
 bench: ## Run the Go benchmarks (figures go to docs/performance.md).
 	go test -run '^$$' -bench . -benchmem ./pkg/...
 
+.PHONY: bench-nodeipc
+bench-nodeipc: ## Compare node-ipc events/s: Go<->Go (pkg/ipc) against Node<->Node (node-ipc 9.2.1).
+	hack/nodeipc/bench.sh
+
 .PHONY: fuzz
 fuzz: ## Run each fuzz target for FUZZTIME (default 20s).
 	@for pkg in $$(go list ./pkg/...); do \
