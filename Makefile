@@ -35,12 +35,15 @@ lint: $(BIN)/golangci-lint ## Run gofmt, go vet and golangci-lint.
 	$(BIN)/golangci-lint run ./...
 
 .PHONY: generate
-generate: ## Regenerate code and manifests.
-	@true
+generate: $(BIN)/controller-gen ## Regenerate code and manifests (deepcopy, CRD, RBAC) with controller-gen.
+	$(BIN)/controller-gen object paths=./api/...
+	$(BIN)/controller-gen crd paths=./api/... output:crd:artifacts:config=config/crd/bases
+	$(BIN)/controller-gen rbac:roleName=podipc-controller paths=./pkg/... output:rbac:artifacts:config=config/rbac
 
 .PHONY: verify
 verify: generate ## Regenerate and fail if the tree changed (generated code is never hand-edited).
-	@git diff --exit-code -- . || { echo "generated files are out of date: run 'make generate' and commit"; exit 1; }
+	@git diff --exit-code -- . && test -z "$$(git status --porcelain --untracked-files=all -- api config)" || \
+	  { git status --short -- api config; echo "generated files are out of date: run 'make generate' and commit"; exit 1; }
 
 ##@ Build dependencies (built from source, cached under bin/)
 
