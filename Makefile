@@ -21,7 +21,7 @@ help: ## List the targets.
 ##@ Development
 
 .PHONY: test
-test: control-plane ## Run unit, integration (real API server) and node-ipc compatibility tests.
+test: control-plane $(BIN)/helm ## Run unit, integration (real API server) and node-ipc compatibility tests.
 	KUBEBUILDER_ASSETS=$(K8S_BIN) go test $(GOTEST_FLAGS) ./...
 
 .PHONY: bench
@@ -39,11 +39,17 @@ generate: $(BIN)/controller-gen ## Regenerate code and manifests (deepcopy, CRD,
 	$(BIN)/controller-gen object paths=./api/...
 	$(BIN)/controller-gen crd paths=./api/... output:crd:artifacts:config=config/crd/bases
 	$(BIN)/controller-gen rbac:roleName=podipc-controller paths=./pkg/... output:rbac:artifacts:config=config/rbac
+	@$(MAKE) --no-print-directory chart-crds
+
+.PHONY: chart-crds
+chart-crds: ## Copy the generated CRDs into charts/podipc/crds/ (never edit them there).
+	rm -f charts/podipc/crds/*.yaml
+	cp config/crd/bases/*.yaml charts/podipc/crds/
 
 .PHONY: verify
 verify: generate ## Regenerate and fail if the tree changed (generated code is never hand-edited).
-	@git diff --exit-code -- . && test -z "$$(git status --porcelain --untracked-files=all -- api config)" || \
-	  { git status --short -- api config; echo "generated files are out of date: run 'make generate' and commit"; exit 1; }
+	@git diff --exit-code -- . && test -z "$$(git status --porcelain --untracked-files=all -- api config charts)" || \
+	  { git status --short -- api config charts; echo "generated files are out of date: run 'make generate' and commit"; exit 1; }
 
 ##@ Build dependencies (built from source, cached under bin/)
 
