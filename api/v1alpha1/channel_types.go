@@ -51,7 +51,7 @@ const (
 
 // ChannelSpec configures a channel. Every field has a default, so an empty spec is valid.
 //
-// +kubebuilder:validation:XValidation:rule="self.overflow.queueBytes >= self.maxMessageBytes",message="overflow.queueBytes must be at least maxMessageBytes: a queue smaller than one message could never accept it"
+// +kubebuilder:validation:XValidation:rule="!has(self.overflow) || !has(self.overflow.queueBytes) || !has(self.maxMessageBytes) || self.overflow.queueBytes >= self.maxMessageBytes",message="overflow.queueBytes must be at least maxMessageBytes: a queue smaller than one message could never accept it"
 type ChannelSpec struct {
 	// LocalPort is the TCP port, on 127.0.0.1 in every member pod, where apps read and
 	// write lines. It cannot change once set: running apps are connected to it.
