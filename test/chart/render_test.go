@@ -61,8 +61,9 @@ func TestRenderDefaults(t *testing.T) {
 		t.Errorf("controller image %q command %q", c.Image, c.Command)
 	}
 	for _, arg := range []string{"--leader-elect", "--cert-mode=self", "--webhook-port=9443",
-		"--webhook-config-name=podipc-injector", "--webhook-service-name=podipc-webhook",
-		"--webhook-secret-name=podipc-webhook-tls", "--sidecar-image=ghcr.io/podipc/podipc:0.1.0"} {
+		"--webhook-config-name=podipc-injector", "--webhook-service=podipc-webhook",
+		"--webhook-secret=podipc-webhook-tls", "--sidecar-image=ghcr.io/podipc/podipc:0.1.0",
+		"--sidecar-cpu-request=50m", "--sidecar-cpu-limit=", "--sidecar-memory-limit=128Mi", "--zap-log-level=info"} {
 		if !slices.Contains(c.Args, arg) {
 			t.Errorf("controller args %q lack %q", c.Args, arg)
 		}
