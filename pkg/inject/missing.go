@@ -12,12 +12,15 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 )
@@ -60,6 +63,10 @@ type MissingReconciler struct {
 	// reported holds the UIDs of pods already given an Event, so a pod's status updates do
 	// not repeat it; a controller restart repeats it once, which is harmless.
 	reported sync.Map
+	// pods is this reconciler's own metadata-only cache of uninjected pods: the manager's
+	// cache may select only injected pods (the channel reconciler's), which are the very
+	// pods this one never needs.
+	pods cache.Cache
 	// flagged maps a flagged pod's key to the channels it named, so that its deletion, which
 	// leaves nothing to read, still brings those Channels' condition back to True.
 	flagged sync.Map
@@ -70,15 +77,30 @@ type MissingReconciler struct {
 // +kubebuilder:rbac:groups=podipc.dev,resources=channels/status,verbs=patch
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
 
-// SetupWithManager watches pod metadata, only for pods that carry an opt-in annotation or sit
-// in an enabled namespace and lack the injected label.
+// SetupWithManager watches the metadata of pods without the injected label, through a cache
+// of its own selecting exactly those, and reconciles the ones that asked for the sidecar.
 func (r *MissingReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	uninjected := predicate.NewPredicateFuncs(func(o client.Object) bool {
-		return o.GetLabels()[LabelInjected] != "true"
+	uninjected, err := labels.NewRequirement(LabelInjected, selection.NotEquals, []string{"true"})
+	if err != nil {
+		return err
+	}
+	r.pods, err = cache.New(mgr.GetConfig(), cache.Options{
+		Scheme: mgr.GetScheme(), Mapper: mgr.GetRESTMapper(), HTTPClient: mgr.GetHTTPClient(),
+		ByObject: map[client.Object]cache.ByObject{&corev1.Pod{}: {
+			Label: labels.NewSelector().Add(*uninjected), Transform: cache.TransformStripManagedFields(),
+		}},
 	})
+	if err != nil {
+		return err
+	}
+	if err := mgr.Add(r.pods); err != nil {
+		return err
+	}
+	pod := &metav1.PartialObjectMetadata{}
+	pod.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("Pod"))
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("injection-monitor").
-		For(&corev1.Pod{}, builder.OnlyMetadata, builder.WithPredicates(uninjected)).
+		WatchesRawSource(source.Kind(r.pods, pod, &handler.TypedEnqueueRequestForObject[*metav1.PartialObjectMetadata]{})).
 		Complete(r)
 }
 
@@ -86,7 +108,7 @@ func (r *MissingReconciler) SetupWithManager(mgr ctrl.Manager) error {
 func (r *MissingReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	pod := &metav1.PartialObjectMetadata{}
 	pod.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("Pod"))
-	if err := r.Client.Get(ctx, req.NamespacedName, pod); err != nil {
+	if err := r.pods.Get(ctx, req.NamespacedName, pod); err != nil {
 		if !apierrors.IsNotFound(err) {
 			return ctrl.Result{}, err
 		}
@@ -154,7 +176,7 @@ func (r *MissingReconciler) applyCondition(ctx context.Context, key types.Namesp
 	}
 	pods := &metav1.PartialObjectMetadataList{}
 	pods.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("PodList"))
-	if err := r.Client.List(ctx, pods, client.InNamespace(key.Namespace)); err != nil {
+	if err := r.pods.List(ctx, pods, client.InNamespace(key.Namespace)); err != nil {
 		return err
 	}
 	var notInjected []string

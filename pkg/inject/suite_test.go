@@ -17,6 +17,7 @@ import (
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
@@ -24,6 +25,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/pkg/channel"
 )
 
 // The one test environment of this package: a real kube-apiserver and etcd with the
@@ -90,7 +92,9 @@ func run(m *testing.M) int {
 	}
 	wo := testEnv.WebhookInstallOptions
 	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
-		Scheme:  testScheme,
+		Scheme: testScheme,
+		// The controller's cache configuration, whose pod informer sees injected pods only.
+		Cache:   cache.Options{ByObject: channel.CacheByObject()},
 		Metrics: metricsserver.Options{BindAddress: "0"},
 		WebhookServer: webhook.NewServer(webhook.Options{
 			Host: wo.LocalServingHost, Port: wo.LocalServingPort, CertDir: wo.LocalServingCertDir,

@@ -2,9 +2,9 @@ package inject
 
 import (
 	"context"
-	"fmt"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -397,4 +397,3 @@ func mapsEqual(a, b map[string]string) bool {
 	}
 	return true
 }
-
