@@ -20,6 +20,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -150,16 +151,32 @@ func (e *Env) RestartAPIServer(down func()) error {
 	return nil
 }
 
-// Main starts the control plane into *env, runs the package's tests and stops it. A
-// control plane that cannot start fails the package with the reason.
-func Main(m *testing.M, env **Env) {
+// Main starts the control plane into *env, runs setup (if any; e.g. to start a manager,
+// returning its stop function), runs the package's tests and stops it all. A control
+// plane or setup that cannot start makes the package fail with the reason.
+func Main(m *testing.M, env **Env, setup ...func(*Env) (stop func(), err error)) {
 	e, err := Start()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
 		os.Exit(1)
 	}
 	*env = e
-	code := m.Run()
+	var stops []func()
+	code := 1
+	for _, s := range setup {
+		stop, err := s(e)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "FAIL: test setup: %v\n", err)
+			break
+		}
+		stops = append(stops, stop)
+	}
+	if len(stops) == len(setup) {
+		code = m.Run()
+	}
+	for _, stop := range slices.Backward(stops) {
+		stop()
+	}
 	if err := e.Stop(); err != nil {
 		fmt.Fprintf(os.Stderr, "stopping the test control plane: %v\n", err)
 	}

@@ -86,7 +86,8 @@ func endpointFor(pod *corev1.Pod) (discoveryv1.Endpoint, bool) {
 
 // podIPv4 returns the pod's IPv4 address, or "" if it has none (the slices are IPv4).
 func podIPv4(pod *corev1.Pod) string {
-	ips := []string{pod.Status.PodIP}
+	ips := make([]string, 0, 1+len(pod.Status.PodIPs))
+	ips = append(ips, pod.Status.PodIP)
 	for _, ip := range pod.Status.PodIPs {
 		ips = append(ips, ip.IP)
 	}

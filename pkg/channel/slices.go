@@ -17,10 +17,11 @@ import (
 )
 
 const (
-	// ManagedByLabel and ManagedBy mark the EndpointSlices this controller owns, the way
-	// the Kubernetes EndpointSlice controller marks its own.
+	// ManagedByLabel marks the EndpointSlices this controller owns, the way the
+	// Kubernetes EndpointSlice controller marks its own.
 	ManagedByLabel = discoveryv1.LabelManagedBy
-	ManagedBy      = "controller.podipc.dev"
+	// ManagedBy is the value of ManagedByLabel on podipc's EndpointSlices.
+	ManagedBy = "controller.podipc.dev"
 
 	// MaxEndpointsPerSlice bounds a slice, like the Kubernetes EndpointSlice controller's
 	// default: a change to one member rewrites at most 100 endpoints.
