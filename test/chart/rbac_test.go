@@ -13,6 +13,14 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 )
 
+// narrowed are the resources the chart deliberately grants more narrowly than the markers
+// can say: by name, or in the release namespace only. The controller touches only its own.
+var narrowed = map[string]string{
+	"leases":                        "leader election uses one Lease, in the release namespace: a Role, not the ClusterRole",
+	"secrets":                       "only podipc-webhook-tls, in the release namespace (create cannot be narrowed by name)",
+	"mutatingwebhookconfigurations": "only podipc-injector, by resourceNames",
+}
+
 // TestRBACCoversGeneratedRole: every permission the +kubebuilder:rbac markers ask for
 // (config/rbac/role.yaml, generated) is granted by the chart, so the controller never
 // fails on a Forbidden the markers predicted.
@@ -45,6 +53,13 @@ func TestRBACCoversGeneratedRole(t *testing.T) {
 				for _, res := range rule.Resources {
 					for _, v := range rule.Verbs {
 						checked++
+						if _, ok := narrowed[res]; ok {
+							// Granted in some form, by name or in the release namespace.
+							if !allowsSome(append(slices.Clone(nsRole.Rules), chartRole.Rules...), g, res, v) {
+								t.Errorf("the chart does not grant %s %q in group %q at all (generated %s %s asks for it)", v, res, g, r.Kind, r.Name)
+							}
+							continue
+						}
 						if !allows(granted, g, res, v, rule.ResourceNames) {
 							t.Errorf("the chart does not grant %s %q in group %q (generated %s %s asks for it)", v, res, g, r.Kind, r.Name)
 						}
@@ -69,6 +84,12 @@ func allows(rules []rbacv1.PolicyRule, group, resource, verb string, names []str
 			return true
 		}
 		return len(names) > 0 && !slices.ContainsFunc(names, func(n string) bool { return !slices.Contains(r.ResourceNames, n) })
+	})
+}
+
+func allowsSome(rules []rbacv1.PolicyRule, group, resource, verb string) bool {
+	return slices.ContainsFunc(rules, func(r rbacv1.PolicyRule) bool {
+		return slices.Contains(r.APIGroups, group) && slices.Contains(r.Resources, resource) && slices.Contains(r.Verbs, verb)
 	})
 }
 
