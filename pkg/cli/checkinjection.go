@@ -100,7 +100,7 @@ func checkInjection(ctx context.Context, cs kubernetes.Interface, ns, channel st
 		if err == nil {
 			err = injected(pod)
 			if err == nil {
-				fmt.Fprintf(out, "Injection works: a pod annotated %s=true in namespace %s gets the %s sidecar (attempt %d).\n", injectAnnotation, ns, sidecarName, attempt)
+				_, _ = fmt.Fprintf(out, "Injection works: a pod annotated %s=true in namespace %s gets the %s sidecar (attempt %d).\n", injectAnnotation, ns, sidecarName, attempt)
 				return nil
 			}
 		}

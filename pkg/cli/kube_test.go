@@ -49,7 +49,7 @@ func TestMain(m *testing.M) {
 			fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
 			return 1
 		}
-		defer os.RemoveAll(dir)
+		defer func() { _ = os.RemoveAll(dir) }()
 		kubeconfig = filepath.Join(dir, "kubeconfig")
 		if err := os.WriteFile(kubeconfig, raw, 0o600); err != nil {
 			fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)

@@ -44,7 +44,7 @@ func startLineServer(t *testing.T, onConn func(net.Conn)) *lineServer {
 }
 
 func (s *lineServer) serve(c net.Conn) {
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	if s.onConn != nil {
 		s.onConn(c)
 		return
@@ -250,10 +250,10 @@ func TestBackoff(t *testing.T) {
 	for range 6 {
 		got = append(got, b.wait())
 	}
-	want := []time.Duration{100, 200, 400, 800, 1000, 1000}
+	want := []time.Duration{100 * time.Millisecond, 200 * time.Millisecond, 400 * time.Millisecond, 800 * time.Millisecond, time.Second, time.Second}
 	for i := range want {
-		if got[i] != want[i]*time.Millisecond {
-			t.Fatalf("waits %v, want %v ms", got, want)
+		if got[i] != want[i] {
+			t.Fatalf("waits %v, want %v", got, want)
 		}
 	}
 	b.reset()

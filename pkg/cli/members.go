@@ -53,7 +53,7 @@ A pod annotated for the channel but missing here was most likely created without
 				return err
 			}
 			if len(ms) == 0 {
-				fmt.Fprintf(streams.Err, "No members of channel %s in namespace %s.\n", args[0], ns)
+				_, _ = fmt.Fprintf(streams.Err, "No members of channel %s in namespace %s.\n", args[0], ns)
 				return nil
 			}
 			return printMembers(streams.Out, ms)
@@ -109,9 +109,9 @@ func memberOf(ep discoveryv1.Endpoint) member {
 
 func printMembers(out io.Writer, ms []member) error {
 	tw := tabwriter.NewWriter(out, 0, 8, 3, ' ', 0)
-	fmt.Fprintln(tw, "POD\tIP\tNODE\tREADY\tTERMINATING")
+	_, _ = fmt.Fprintln(tw, "POD\tIP\tNODE\tREADY\tTERMINATING")
 	for _, m := range ms {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Pod, m.IP, m.Node, strconv.FormatBool(m.Ready), strconv.FormatBool(m.Terminating))
+		_, _ = fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Pod, m.IP, m.Node, strconv.FormatBool(m.Ready), strconv.FormatBool(m.Terminating))
 	}
 	return tw.Flush()
 }

@@ -55,10 +55,8 @@ may read the Channels of its namespace). With --port, every argument is a line.`
 			if err != nil {
 				return err
 			}
-			var src io.Reader = strings.NewReader("")
-			if len(lines) == 0 {
-				src = streams.In
-			} else {
+			src := streams.In
+			if len(lines) > 0 {
 				src = strings.NewReader(strings.Join(lines, "\n") + "\n")
 			}
 			return send(cmd.Context(), addr, src)
@@ -78,7 +76,7 @@ func send(ctx context.Context, addr string, src io.Reader) error {
 	if err != nil {
 		return fmt.Errorf("connecting to the sidecar at %s (is this a member pod of the channel?): %w", addr, err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	// Stop a blocked read or write when the context ends (Ctrl-C).
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
 	defer stop()

@@ -88,7 +88,7 @@ func (t *tailer) run(ctx context.Context) error {
 	for {
 		got, err := t.once(ctx)
 		if ctx.Err() != nil {
-			return nil
+			return nil //nolint:nilerr // the error is the cancellation the user asked for
 		}
 		if !t.reconnect || errors.Is(err, errOutput) {
 			return err
@@ -101,7 +101,7 @@ func (t *tailer) run(ctx context.Context) error {
 		if err != nil {
 			reason = err.Error()
 		}
-		fmt.Fprintf(t.log, "podipc: connection to %s lost (%s); reconnecting in %s\n", t.addr, reason, d)
+		_, _ = fmt.Fprintf(t.log, "podipc: connection to %s lost (%s); reconnecting in %s\n", t.addr, reason, d)
 		select {
 		case <-ctx.Done():
 			return nil
@@ -117,7 +117,7 @@ func (t *tailer) once(ctx context.Context) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Now()) })
 	defer stop()
 

@@ -33,7 +33,7 @@ func TestRBACCoversGeneratedRole(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the generated role is missing (run 'make generate'): %v", err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	dec := utilyaml.NewYAMLOrJSONDecoder(f, 4096)
 	checked := 0
 	for {

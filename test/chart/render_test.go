@@ -218,7 +218,7 @@ func TestRenderMonitors(t *testing.T) {
 	if sel, _, _ := unstructured.NestedStringMap(pm.Object, "spec", "selector", "matchLabels"); sel["podipc.dev/injected"] != "true" {
 		t.Errorf("PodMonitor selects %v, want the injected label", sel)
 	}
-	if any, _, _ := unstructured.NestedBool(pm.Object, "spec", "namespaceSelector", "any"); !any {
+	if anyNS, _, _ := unstructured.NestedBool(pm.Object, "spec", "namespaceSelector", "any"); !anyNS {
 		t.Error("PodMonitor does not look in every namespace")
 	}
 	peps, _, _ := unstructured.NestedSlice(pm.Object, "spec", "podMetricsEndpoints")

@@ -30,9 +30,8 @@ func parseDockerfile(t *testing.T, path string) finalStage {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	var st finalStage
-	var build []string
 	sc := bufio.NewScanner(f)
 	cont := ""
 	for sc.Scan() {
@@ -64,7 +63,6 @@ func parseDockerfile(t *testing.T, path string) finalStage {
 				st.copied = append(st.copied, filepath.Join(dst, filepath.Base(src)))
 			}
 		case "RUN":
-			build = append(build, line)
 			if strings.Contains(line, "CGO_ENABLED=0") && strings.Contains(line, "go build") {
 				st.cgoOff = true
 				for _, f := range fields {
