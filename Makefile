@@ -22,7 +22,7 @@ help: ## List the targets.
 ##@ Development
 
 .PHONY: test
-test: control-plane ## Run unit, integration (real API server) and node-ipc compatibility tests.
+test: control-plane $(BIN)/helm ## Run unit, integration (real API server) and node-ipc compatibility tests.
 	KUBEBUILDER_ASSETS=$(K8S_BIN) go test $(GOTEST_FLAGS) ./...
 
 .PHONY: bench
@@ -53,11 +53,42 @@ generate: $(BIN)/controller-gen ## Regenerate code and manifests (deepcopy, CRD,
 	$(BIN)/controller-gen object paths=./api/...
 	$(BIN)/controller-gen crd paths=./api/... output:crd:artifacts:config=config/crd/bases
 	$(BIN)/controller-gen rbac:roleName=podipc-controller paths=./pkg/... output:rbac:artifacts:config=config/rbac
+	@$(MAKE) --no-print-directory chart-crds
+
+.PHONY: chart-crds
+chart-crds: ## Copy the generated CRDs into charts/podipc/crds/ (never edit them there).
+	rm -f charts/podipc/crds/*.yaml
+	cp config/crd/bases/*.yaml charts/podipc/crds/
 
 .PHONY: verify
 verify: generate ## Regenerate and fail if the tree changed (generated code is never hand-edited).
-	@git diff --exit-code -- . && test -z "$$(git status --porcelain --untracked-files=all -- api config)" || \
-	  { git status --short -- api config; echo "generated files are out of date: run 'make generate' and commit"; exit 1; }
+	@git diff --exit-code -- . && test -z "$$(git status --porcelain --untracked-files=all -- api config charts)" || \
+	  { git status --short -- api config charts; echo "generated files are out of date: run 'make generate' and commit"; exit 1; }
+
+##@ Image
+
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+IMAGE_ARCHES ?= amd64 arm64
+IMAGE_BINS := podipc-controller podipc-sidecar podipc
+
+.PHONY: binaries
+binaries: ## Build the image's static binaries for each of IMAGE_ARCHES into bin/images/<arch>/.
+	@for arch in $(IMAGE_ARCHES); do \
+	  CGO_ENABLED=0 GOOS=linux GOARCH=$$arch go build -trimpath -ldflags "-s -w" \
+	    -o $(BIN)/images/$$arch/ $(addprefix ./cmd/,$(IMAGE_BINS)) || exit 1; \
+	done
+
+# The same image the Dockerfile describes (test/image checks they agree), as a docker-archive
+# tarball per architecture, without a Docker engine.
+.PHONY: image
+image: binaries ## Build bin/images/podipc-$(VERSION)-<arch>.tar with hack/image (no Docker needed).
+	@test -d hack/image || { echo "hack/image (the tarball builder) is not on this branch yet"; exit 1; }
+	@for arch in $(IMAGE_ARCHES); do \
+	  go run ./hack/image --arch $$arch --user 65532:65532 --entrypoint /podipc-controller \
+	    --tag podipc:$(VERSION) --out $(BIN)/images/podipc-$(VERSION)-$$arch.tar \
+	    $(addprefix $(BIN)/images/$$arch/,$(IMAGE_BINS)) || exit 1; \
+	  ls -l $(BIN)/images/podipc-$(VERSION)-$$arch.tar; \
+	done
 
 ##@ Build dependencies (built from source, cached under bin/)
 
