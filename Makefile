@@ -8,6 +8,7 @@ KUBE_VERSION := v1.37.2
 K8S_BIN      := $(BIN)/k8s/$(KUBE_VERSION)
 TOOLS_MOD    := $(ROOT)/hack/tools/go.mod
 GOTEST_FLAGS ?= -race -count=1
+FUZZTIME     ?= 20s
 export PATH := $(BIN):$(PATH)
 
 ##@ General
@@ -21,12 +22,25 @@ help: ## List the targets.
 ##@ Development
 
 .PHONY: test
-test: control-plane ## Run unit, integration (real API server) and node-ipc compatibility tests.
+test: control-plane $(BIN)/helm ## Run unit, integration (real API server) and node-ipc compatibility tests.
 	KUBEBUILDER_ASSETS=$(K8S_BIN) go test $(GOTEST_FLAGS) ./...
 
 .PHONY: bench
 bench: ## Run the Go benchmarks (figures go to docs/performance.md).
 	go test -run '^$$' -bench . -benchmem ./pkg/...
+
+.PHONY: bench-nodeipc
+bench-nodeipc: ## Compare node-ipc events/s: Go<->Go (pkg/ipc) against Node<->Node (node-ipc 9.2.1).
+	hack/nodeipc/bench.sh
+
+.PHONY: fuzz
+fuzz: ## Run each fuzz target for FUZZTIME (default 20s).
+	@for pkg in $$(go list ./pkg/...); do \
+	  for target in $$(go test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+	    echo "== $$pkg $$target"; \
+	    go test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	  done; \
+	done
 
 # The load tool is a module of its own (hack/loadtest), so the NATS client stays out of
 # go.mod. LOADTEST_FLAGS passes flags through, e.g. LOADTEST_FLAGS='-runs 3 -duration 5s'.
@@ -49,12 +63,46 @@ lint: $(BIN)/golangci-lint ## Run gofmt, go vet and golangci-lint.
 	cd hack/loadtest && go vet ./... && $(BIN)/golangci-lint run --config $(ROOT)/.golangci.yml ./...
 
 .PHONY: generate
-generate: ## Regenerate code and manifests.
-	@true
+generate: $(BIN)/controller-gen ## Regenerate code and manifests (deepcopy, CRD, RBAC) with controller-gen.
+	$(BIN)/controller-gen object paths=./api/...
+	$(BIN)/controller-gen crd paths=./api/... output:crd:artifacts:config=config/crd/bases
+	$(BIN)/controller-gen rbac:roleName=podipc-controller paths=./pkg/... output:rbac:artifacts:config=config/rbac
+	@$(MAKE) --no-print-directory chart-crds
+
+.PHONY: chart-crds
+chart-crds: ## Copy the generated CRDs into charts/podipc/crds/ (never edit them there).
+	rm -f charts/podipc/crds/*.yaml
+	cp config/crd/bases/*.yaml charts/podipc/crds/
 
 .PHONY: verify
 verify: generate ## Regenerate and fail if the tree changed (generated code is never hand-edited).
-	@git diff --exit-code -- . || { echo "generated files are out of date: run 'make generate' and commit"; exit 1; }
+	@git diff --exit-code -- . && test -z "$$(git status --porcelain --untracked-files=all -- api config charts)" || \
+	  { git status --short -- api config charts; echo "generated files are out of date: run 'make generate' and commit"; exit 1; }
+
+##@ Image
+
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+IMAGE_ARCHES ?= amd64 arm64
+IMAGE_BINS := podipc-controller podipc-sidecar podipc
+
+.PHONY: binaries
+binaries: ## Build the image's static binaries for each of IMAGE_ARCHES into bin/images/<arch>/.
+	@for arch in $(IMAGE_ARCHES); do \
+	  CGO_ENABLED=0 GOOS=linux GOARCH=$$arch go build -trimpath -ldflags "-s -w" \
+	    -o $(BIN)/images/$$arch/ $(addprefix ./cmd/,$(IMAGE_BINS)) || exit 1; \
+	done
+
+# The same image the Dockerfile describes (test/image checks they agree), as a docker-archive
+# tarball per architecture, without a Docker engine.
+.PHONY: image
+image: binaries ## Build bin/images/podipc-$(VERSION)-<arch>.tar with hack/image (no Docker needed).
+	@test -d hack/image || { echo "hack/image (the tarball builder) is not on this branch yet"; exit 1; }
+	@for arch in $(IMAGE_ARCHES); do \
+	  go run ./hack/image --arch $$arch --user 65532:65532 --entrypoint /podipc-controller \
+	    --tag podipc:$(VERSION) --out $(BIN)/images/podipc-$(VERSION)-$$arch.tar \
+	    $(addprefix $(BIN)/images/$$arch/,$(IMAGE_BINS)) || exit 1; \
+	  ls -l $(BIN)/images/podipc-$(VERSION)-$$arch.tar; \
+	done
 
 ##@ Build dependencies (built from source, cached under bin/)
 

@@ -1,0 +1,195 @@
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// Well-known names shared by the controller, the webhook and the sidecar (DESIGN.md §2).
+const (
+	// ChannelLabel is set on every EndpointSlice of a channel; its value is the Channel name.
+	ChannelLabel = "podipc.dev/channel"
+	// InjectedLabel marks a pod the webhook injected the sidecar into.
+	InjectedLabel = "podipc.dev/injected"
+	// SidecarContainerName is the name of the injected sidecar container.
+	SidecarContainerName = "podipc-sidecar"
+	// ChannelsEnv is the sidecar's env var listing the pod's channels, comma-separated.
+	ChannelsEnv = "PODIPC_CHANNELS"
+	// PeerPort is the sidecar-to-sidecar port, bound on the pod IP.
+	PeerPort = 7701
+	// PeerPortName names PeerPort in EndpointSlices and container ports.
+	PeerPortName = "podipc-peer"
+	// AdminPort serves /healthz, /readyz and /metrics, bound on the pod IP.
+	AdminPort = 7702
+	// ManagedBy is the value of the endpointslice.kubernetes.io/managed-by label on the
+	// EndpointSlices the podipc controller publishes.
+	ManagedBy = "controller.podipc.dev"
+)
+
+// Delivery says how a line is spread over a channel's members.
+//
+// +kubebuilder:validation:Enum=Broadcast;AnyOne
+type Delivery string
+
+const (
+	// DeliveryBroadcast delivers each line to every other connection on the channel.
+	DeliveryBroadcast Delivery = "Broadcast"
+	// DeliveryAnyOne delivers each line to the connections of one member pod, round robin.
+	DeliveryAnyOne Delivery = "AnyOne"
+)
+
+// OverflowPolicy says what a sidecar does when a receiver's queue is full.
+//
+// +kubebuilder:validation:Enum=WaitThenDrop;Block;Disconnect
+type OverflowPolicy string
+
+const (
+	// OverflowWaitThenDrop waits up to maxWait once per overflow episode, then drops
+	// (counted) for that receiver until its queue is below half.
+	OverflowWaitThenDrop OverflowPolicy = "WaitThenDrop"
+	// OverflowBlock applies lossless backpressure: a slow receiver slows the channel.
+	OverflowBlock OverflowPolicy = "Block"
+	// OverflowDisconnect disconnects a slow local reader (NATS's slow-consumer rule).
+	OverflowDisconnect OverflowPolicy = "Disconnect"
+)
+
+// ChannelSpec configures a channel. Every field has a default, so an empty spec is valid.
+//
+// +kubebuilder:validation:XValidation:rule="!has(self.overflow) || !has(self.overflow.queueBytes) || !has(self.maxMessageBytes) || self.overflow.queueBytes >= self.maxMessageBytes",message="overflow.queueBytes must be at least maxMessageBytes: a queue smaller than one message could never accept it"
+type ChannelSpec struct {
+	// LocalPort is the TCP port, on 127.0.0.1 in every member pod, where apps read and
+	// write lines. It cannot change once set: running apps are connected to it.
+	//
+	// +kubebuilder:default=7000
+	// +kubebuilder:validation:Minimum=1024
+	// +kubebuilder:validation:Maximum=65535
+	// +kubebuilder:validation:XValidation:rule="self != 7701 && self != 7702",message="localPort must not be 7701 or 7702: the sidecar uses them for its peer and admin ports"
+	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="localPort is immutable: apps are connected to it; create a new Channel instead"
+	// +optional
+	LocalPort int32 `json:"localPort,omitempty"`
+
+	// Delivery says how a line is spread: Broadcast to every other connection, or AnyOne
+	// to the connections of one member pod chosen round robin.
+	//
+	// +kubebuilder:default=Broadcast
+	// +optional
+	Delivery Delivery `json:"delivery,omitempty"`
+
+	// MaxMessageBytes bounds one line (or node-ipc message); a longer one ends the
+	// connection that sent it.
+	//
+	// +kubebuilder:default=65536
+	// +kubebuilder:validation:Minimum=16
+	// +kubebuilder:validation:Maximum=16777216
+	// +optional
+	MaxMessageBytes int32 `json:"maxMessageBytes,omitempty"`
+
+	// Overflow bounds each receiver's queue and says what happens when it is full.
+	//
+	// +kubebuilder:default={}
+	// +optional
+	Overflow Overflow `json:"overflow,omitempty"`
+}
+
+// Overflow is a channel's bounded-queue policy.
+type Overflow struct {
+	// Policy is what happens when a receiver's queue is full.
+	//
+	// +kubebuilder:default=WaitThenDrop
+	// +optional
+	Policy OverflowPolicy `json:"policy,omitempty"`
+
+	// MaxWait is how long WaitThenDrop waits for room, once per overflow episode, before
+	// dropping; a Go duration such as "100ms", at most 10s.
+	//
+	// +kubebuilder:default="100ms"
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:MaxLength=32
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`
+	// +kubebuilder:validation:XValidation:rule="duration(self) <= duration('10s')",message="overflow.maxWait must be at most 10s"
+	// +optional
+	MaxWait *metav1.Duration `json:"maxWait,omitempty"`
+
+	// QueueBytes bounds the bytes queued for one receiver.
+	//
+	// +kubebuilder:default=1048576
+	// +kubebuilder:validation:Minimum=1024
+	// +kubebuilder:validation:Maximum=268435456
+	// +optional
+	QueueBytes int32 `json:"queueBytes,omitempty"`
+}
+
+// ConditionReady says whether the controller has published the channel's membership
+// (EndpointSlices and the members' read access) for its current spec.
+const ConditionReady = "Ready"
+
+// Reasons of the Ready condition.
+const (
+	// ReasonMembershipPublished: the EndpointSlices and RBAC match the member pods.
+	ReasonMembershipPublished = "MembershipPublished"
+	// ReasonPublishFailed: writing the EndpointSlices or RBAC failed; the message says
+	// which, and the controller retries.
+	ReasonPublishFailed = "PublishFailed"
+)
+
+// ChannelStatus is what the controller observed of a channel.
+type ChannelStatus struct {
+	// ObservedGeneration is the generation the controller last published successfully.
+	//
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+
+	// Members counts the pods (with an IP) whose sidecar names this channel.
+	//
+	// +optional
+	Members int32 `json:"members"`
+
+	// ReadyMembers counts the members whose pod is Ready and not terminating.
+	//
+	// +optional
+	ReadyMembers int32 `json:"readyMembers"`
+
+	// Conditions are the observations of the channel's state; see ConditionReady.
+	//
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// Channel is a named group of pods that exchange lines through their podipc sidecars.
+// Pods join it through the podipc.dev/channels annotation; the controller publishes its
+// members as EndpointSlices labelled podipc.dev/channel=<name>.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:shortName={chan,ch},categories=podipc
+// +kubebuilder:printcolumn:name="Members",type=integer,JSONPath=`.status.members`
+// +kubebuilder:printcolumn:name="Ready",type=integer,JSONPath=`.status.readyMembers`
+// +kubebuilder:printcolumn:name="Delivery",type=string,JSONPath=`.spec.delivery`
+// +kubebuilder:printcolumn:name="Port",type=integer,JSONPath=`.spec.localPort`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+// +kubebuilder:validation:XValidation:rule="self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",message="a Channel name must be a DNS label (lower case letters, digits and '-', at most 63 characters): it is used as a label value and in socket paths"
+type Channel struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// Spec configures the channel.
+	//
+	// +kubebuilder:default={}
+	// +optional
+	Spec ChannelSpec `json:"spec,omitempty"`
+
+	// Status is written by the controller.
+	//
+	// +optional
+	Status ChannelStatus `json:"status,omitempty"`
+}
+
+// ChannelList is a list of Channels.
+//
+// +kubebuilder:object:root=true
+type ChannelList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []Channel `json:"items"`
+}

@@ -1,0 +1,188 @@
+// Package testenv starts the test control plane — a real kube-apiserver and etcd, built
+// from source by hack/k8s/build.sh into bin/k8s/<version>/ — with podipc's CRDs
+// installed, for integration tests of the controller, the webhook and the sidecar's
+// Kubernetes discovery.
+//
+// Start it once per test package, from TestMain:
+//
+//	var env *testenv.Env
+//
+//	func TestMain(m *testing.M) { testenv.Main(m, &env) }
+//
+// The binaries are looked up in $KUBEBUILDER_ASSETS, then in the repository's
+// bin/k8s/<KubeVersion>/. If they are missing the package FAILS (it never skips): a green
+// run must mean the integration tests ran. `make control-plane` builds them.
+package testenv
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	apiruntime "k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+
+	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+)
+
+// KubeVersion is the Kubernetes version of the test control plane; it matches
+// KUBE_VERSION in the Makefile and hack/k8s/build.sh.
+const KubeVersion = "v1.37.2"
+
+// Env is a running test control plane.
+type Env struct {
+	// Environment is the underlying envtest environment; its ControlPlane gives access
+	// to the API server and etcd processes.
+	Environment *envtest.Environment
+	// Config reaches the API server as a cluster admin.
+	Config *rest.Config
+	// Scheme knows the built-in kinds and podipc's.
+	Scheme *apiruntime.Scheme
+	// Client is an uncached admin client, for arranging and asserting in tests.
+	Client client.Client
+
+	certDir string
+}
+
+// Option adjusts the envtest environment before it starts (the webhook tests use it to
+// add WebhookInstallOptions).
+type Option func(*envtest.Environment)
+
+// RepoRoot returns the repository root, found from this source file.
+func RepoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+// AssetsDir returns the directory holding kube-apiserver and etcd, or an error telling
+// how to build them.
+func AssetsDir() (string, error) {
+	dir := os.Getenv("KUBEBUILDER_ASSETS")
+	source := "KUBEBUILDER_ASSETS"
+	if dir == "" {
+		dir = filepath.Join(RepoRoot(), "bin", "k8s", KubeVersion)
+		source = "the repository's bin path"
+	}
+	var missing []string
+	for _, name := range []string{"kube-apiserver", "etcd"} {
+		if fi, err := os.Stat(filepath.Join(dir, name)); err != nil || fi.IsDir() {
+			missing = append(missing, name)
+		}
+	}
+	if len(missing) > 0 {
+		return "", fmt.Errorf("test control plane missing: %v not found in %s (from %s); run 'make control-plane' (or 'make test', which builds it first)", missing, dir, source)
+	}
+	return dir, nil
+}
+
+// Start starts a control plane with podipc's CRDs installed and waits until it serves.
+func Start(opts ...Option) (*Env, error) {
+	assets, err := AssetsDir()
+	if err != nil {
+		return nil, err
+	}
+	scheme := apiruntime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return nil, err
+	}
+	if err := podipcv1alpha1.AddToScheme(scheme); err != nil {
+		return nil, err
+	}
+	// A fixed certificate directory makes the API server restartable with the same
+	// serving CA and port: envtest regenerates both for a directory it allocated itself,
+	// which would leave every existing client unable to reconnect (see RestartAPIServer).
+	certDir, err := os.MkdirTemp("", "podipc-apiserver-")
+	if err != nil {
+		return nil, err
+	}
+	te := &envtest.Environment{
+		BinaryAssetsDirectory:    assets,
+		CRDDirectoryPaths:        []string{filepath.Join(RepoRoot(), "config", "crd", "bases")},
+		ErrorIfCRDPathMissing:    true,
+		Scheme:                   scheme,
+		ControlPlaneStartTimeout: 2 * time.Minute, // a busy 2-core machine
+		// kube-apiserver can linger on open watches when stopped under load; after this
+		// long it is killed (see RestartAPIServer).
+		ControlPlaneStopTimeout: 10 * time.Second,
+	}
+	te.ControlPlane.APIServer = &envtest.APIServer{CertDir: certDir}
+	for _, o := range opts {
+		o(te)
+	}
+	cfg, err := te.Start()
+	if err != nil {
+		_ = os.RemoveAll(certDir)
+		return nil, fmt.Errorf("starting the test control plane from %s: %w", assets, err)
+	}
+	cfg.QPS, cfg.Burst = 1000, 2000 // tests create hundreds of objects
+	c, err := client.New(cfg, client.Options{Scheme: scheme})
+	if err != nil {
+		return nil, errors.Join(err, te.Stop())
+	}
+	return &Env{Environment: te, Config: cfg, Scheme: scheme, Client: c, certDir: certDir}, nil
+}
+
+// Stop stops the control plane and removes its files.
+func (e *Env) Stop() error {
+	err := e.Environment.Stop()
+	return errors.Join(err, os.RemoveAll(e.certDir))
+}
+
+// RestartAPIServer stops the API server and starts it again on the same address, with
+// the same certificates, over the same etcd: clients see a connection outage, not a new
+// cluster. down runs while the API server is stopped. An API server that does not stop
+// on SIGTERM in time (it can wait on open watches) is killed, which is an outage too.
+func (e *Env) RestartAPIServer(down func()) error {
+	apiServer := e.Environment.ControlPlane.GetAPIServer()
+	if err := apiServer.Stop(); err != nil && !strings.Contains(err.Error(), "timeout waiting for process") {
+		return fmt.Errorf("stopping the API server: %w", err)
+	}
+	if down != nil {
+		down()
+	}
+	if err := apiServer.Start(); err != nil {
+		return fmt.Errorf("starting the API server again: %w", err)
+	}
+	return nil
+}
+
+// Main starts the control plane into *env, runs setup (if any; e.g. to start a manager,
+// returning its stop function), runs the package's tests and stops it all. A control
+// plane or setup that cannot start makes the package fail with the reason.
+func Main(m *testing.M, env **Env, setup ...func(*Env) (stop func(), err error)) {
+	e, err := Start()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
+		os.Exit(1)
+	}
+	*env = e
+	var stops []func()
+	code := 1
+	for _, s := range setup {
+		stop, err := s(e)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "FAIL: test setup: %v\n", err)
+			break
+		}
+		stops = append(stops, stop)
+	}
+	if len(stops) == len(setup) {
+		code = m.Run()
+	}
+	for _, stop := range slices.Backward(stops) {
+		stop()
+	}
+	if err := e.Stop(); err != nil {
+		fmt.Fprintf(os.Stderr, "stopping the test control plane: %v\n", err)
+	}
+	os.Exit(code)
+}

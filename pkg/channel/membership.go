@@ -1,0 +1,108 @@
+package channel
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/utils/ptr"
+
+	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+)
+
+// ChannelsOf returns the channels a pod's sidecar serves: the comma-separated names in
+// PODIPC_CHANNELS of the container named podipc-sidecar, looked up among the init
+// containers (native sidecar) and then the containers. The env var, not the pod's
+// annotation, is the truth: the webhook copies the annotation into it at admission, and
+// neither can change for a running pod. Duplicates and blanks are dropped.
+func ChannelsOf(pod *corev1.Pod) []string {
+	for _, list := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
+		for i := range list {
+			if list[i].Name != podipcv1alpha1.SidecarContainerName {
+				continue
+			}
+			for _, env := range list[i].Env {
+				if env.Name == podipcv1alpha1.ChannelsEnv {
+					return splitChannels(env.Value)
+				}
+			}
+			return nil
+		}
+	}
+	return nil
+}
+
+func splitChannels(value string) []string {
+	var names []string
+	for name := range strings.SplitSeq(value, ",") {
+		name = strings.TrimSpace(name)
+		if name != "" && !slices.Contains(names, name) {
+			names = append(names, name)
+		}
+	}
+	return names
+}
+
+// endpointFor returns the EndpointSlice endpoint of a member pod, and false for a pod
+// that cannot be a member yet or any more: no IPv4 address, or a terminal phase.
+func endpointFor(pod *corev1.Pod) (discoveryv1.Endpoint, bool) {
+	if pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
+		return discoveryv1.Endpoint{}, false
+	}
+	ip := podIPv4(pod)
+	if ip == "" {
+		return discoveryv1.Endpoint{}, false
+	}
+	podReady := false
+	for _, c := range pod.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			podReady = c.Status == corev1.ConditionTrue
+		}
+	}
+	terminating := pod.DeletionTimestamp != nil
+	ep := discoveryv1.Endpoint{
+		Addresses: []string{ip},
+		// Ready follows the EndpointSlice convention: a terminating pod is never ready,
+		// but keeps serving (and receiving) while its PodReady condition holds.
+		Conditions: discoveryv1.EndpointConditions{
+			Ready:       ptr.To(podReady && !terminating),
+			Serving:     ptr.To(podReady),
+			Terminating: ptr.To(terminating),
+		},
+		TargetRef: &corev1.ObjectReference{
+			Kind:      "Pod",
+			Namespace: pod.Namespace,
+			Name:      pod.Name,
+			UID:       pod.UID,
+		},
+	}
+	if pod.Spec.NodeName != "" {
+		ep.NodeName = ptr.To(pod.Spec.NodeName)
+	}
+	return ep, true
+}
+
+// podIPv4 returns the pod's IPv4 address, or "" if it has none (the slices are IPv4).
+func podIPv4(pod *corev1.Pod) string {
+	ips := make([]string, 0, 1+len(pod.Status.PodIPs))
+	ips = append(ips, pod.Status.PodIP)
+	for _, ip := range pod.Status.PodIPs {
+		ips = append(ips, ip.IP)
+	}
+	for _, s := range ips {
+		if a, err := netip.ParseAddr(s); err == nil && a.Is4() {
+			return a.String()
+		}
+	}
+	return ""
+}
+
+// serviceAccountOf returns the service account a pod runs as.
+func serviceAccountOf(pod *corev1.Pod) string {
+	if pod.Spec.ServiceAccountName == "" {
+		return "default"
+	}
+	return pod.Spec.ServiceAccountName
+}

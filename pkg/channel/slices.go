@@ -1,0 +1,152 @@
+package channel
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
+
+	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+)
+
+const (
+	// ManagedByLabel marks the EndpointSlices this controller owns, the way the
+	// Kubernetes EndpointSlice controller marks its own.
+	ManagedByLabel = discoveryv1.LabelManagedBy
+	// ManagedBy is the value of ManagedByLabel on podipc's EndpointSlices.
+	ManagedBy = podipcv1alpha1.ManagedBy
+
+	// MaxEndpointsPerSlice bounds a slice, like the Kubernetes EndpointSlice controller's
+	// default: a change to one member rewrites at most 100 endpoints.
+	MaxEndpointsPerSlice = 100
+)
+
+// slicePlan is the set of writes that turns a channel's existing slices into the desired
+// ones.
+type slicePlan struct {
+	create, update, delete []*discoveryv1.EndpointSlice
+}
+
+// planSlices assigns the desired endpoints to slices, keeping each endpoint in the slice
+// it is already in, so that a member joining, leaving or changing readiness rewrites one
+// slice, not all of them. New endpoints go first into slices that are rewritten anyway,
+// then into any slice with room, and only then into new slices. A slice left empty is
+// deleted. Slices are never compacted: after many departures there may be more slices
+// than strictly needed, which costs readers nothing but a few objects.
+//
+// existing must be the channel's slices (from the cache; they are not modified). The
+// returned objects are fresh copies, ready to write.
+func planSlices(ch *podipcv1alpha1.Channel, existing []discoveryv1.EndpointSlice, desired []discoveryv1.Endpoint, owner metav1.OwnerReference) slicePlan {
+	want := make(map[types.UID]discoveryv1.Endpoint, len(desired))
+	for _, ep := range desired {
+		want[ep.TargetRef.UID] = ep
+	}
+	existing = slices.Clone(existing)
+	slices.SortFunc(existing, func(a, b discoveryv1.EndpointSlice) int { return strings.Compare(a.Name, b.Name) })
+
+	var plan slicePlan
+	var kept []*discoveryv1.EndpointSlice // every slice that stays, with its new endpoints
+	changed := map[*discoveryv1.EndpointSlice]bool{}
+	placed := make(map[types.UID]bool, len(desired))
+	for i := range existing {
+		s := desiredSlice(ch, &existing[i], owner)
+		s.Endpoints = s.Endpoints[:0]
+		for _, ep := range existing[i].Endpoints {
+			if ep.TargetRef == nil || placed[ep.TargetRef.UID] {
+				continue // not ours, or a duplicate left by an interrupted rewrite
+			}
+			if d, ok := want[ep.TargetRef.UID]; ok {
+				s.Endpoints = append(s.Endpoints, d)
+				placed[ep.TargetRef.UID] = true
+			}
+		}
+		if len(s.Endpoints) == 0 {
+			plan.delete = append(plan.delete, existing[i].DeepCopy())
+			continue
+		}
+		kept = append(kept, s)
+		changed[s] = !equality.Semantic.DeepEqual(&existing[i], s)
+	}
+
+	var fresh []discoveryv1.Endpoint
+	for _, ep := range desired {
+		if !placed[ep.TargetRef.UID] {
+			fresh = append(fresh, ep)
+		}
+	}
+	slices.SortFunc(fresh, func(a, b discoveryv1.Endpoint) int { return cmp.Compare(a.TargetRef.Name, b.TargetRef.Name) })
+
+	// Fill slices that are written anyway first, then the others with room.
+	for _, pass := range []bool{true, false} {
+		for _, s := range kept {
+			if changed[s] != pass {
+				continue
+			}
+			n := min(MaxEndpointsPerSlice-len(s.Endpoints), len(fresh))
+			if n > 0 {
+				s.Endpoints = append(s.Endpoints, fresh[:n]...)
+				fresh = fresh[n:]
+				changed[s] = true
+			}
+		}
+	}
+	for _, s := range kept {
+		if changed[s] {
+			plan.update = append(plan.update, s)
+		}
+	}
+
+	names := map[string]bool{}
+	for i := range existing {
+		names[existing[i].Name] = true
+	}
+	for len(fresh) > 0 {
+		n := min(MaxEndpointsPerSlice, len(fresh))
+		s := desiredSlice(ch, &discoveryv1.EndpointSlice{}, owner)
+		s.Name = freeSliceName(ch.Name, names)
+		s.Endpoints = slices.Clone(fresh[:n])
+		fresh = fresh[n:]
+		plan.create = append(plan.create, s)
+	}
+	return plan
+}
+
+// desiredSlice returns a copy of base with everything but the endpoints set to what the
+// controller wants: labels, owner, address type and the peer port.
+func desiredSlice(ch *podipcv1alpha1.Channel, base *discoveryv1.EndpointSlice, owner metav1.OwnerReference) *discoveryv1.EndpointSlice {
+	s := base.DeepCopy()
+	s.Namespace = ch.Namespace
+	if s.Labels == nil {
+		s.Labels = map[string]string{}
+	}
+	s.Labels[podipcv1alpha1.ChannelLabel] = ch.Name
+	s.Labels[ManagedByLabel] = ManagedBy
+	s.OwnerReferences = []metav1.OwnerReference{owner}
+	s.AddressType = discoveryv1.AddressTypeIPv4
+	s.Ports = []discoveryv1.EndpointPort{{
+		Name:     ptr.To(podipcv1alpha1.PeerPortName),
+		Port:     ptr.To[int32](podipcv1alpha1.PeerPort),
+		Protocol: ptr.To(corev1.ProtocolTCP),
+	}}
+	return s
+}
+
+// freeSliceName returns the lowest-numbered unused slice name of a channel. Names are
+// deterministic (not generateName) so that a create from a stale cache fails with
+// AlreadyExists instead of duplicating a slice.
+func freeSliceName(channel string, used map[string]bool) string {
+	for i := 0; ; i++ {
+		name := fmt.Sprintf("podipc-%s-%d", channel, i)
+		if !used[name] {
+			used[name] = true
+			return name
+		}
+	}
+}

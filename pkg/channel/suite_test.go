@@ -1,0 +1,210 @@
+package channel_test
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/rand"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/internal/testenv"
+	"github.com/podipc/podipc/pkg/channel"
+)
+
+var (
+	env *testenv.Env
+	// writes counts the controller's API writes (creates, updates, patches, deletes,
+	// status patches), for the scale benchmark.
+	writes atomic.Int64
+)
+
+func TestMain(m *testing.M) { testenv.Main(m, &env, startController) }
+
+// startController runs the controller as cmd/podipc-controller does (same cache
+// restrictions), once for the whole package, with its client wrapped to count writes.
+func startController(e *testenv.Env) (func(), error) {
+	ctrl.SetLogger(logr.Discard()) // the tests assert outcomes; controller logs are noise here
+	mgr, err := ctrl.NewManager(e.Config, ctrl.Options{
+		Scheme:     e.Scheme,
+		Cache:      cache.Options{ByObject: channel.CacheByObject()},
+		Metrics:    metricsserver.Options{BindAddress: "0"},
+		Controller: config.Controller{SkipNameValidation: ptrTo(true)},
+	})
+	if err != nil {
+		return nil, err
+	}
+	c := countingClient{mgr.GetClient()}
+	r := &channel.Reconciler{Client: c, Recorder: mgr.GetEventRecorder("podipc-controller")}
+	ctx, cancel := context.WithCancel(context.Background())
+	if err := r.SetupWithManager(ctx, mgr, 4); err != nil {
+		cancel()
+		return nil, err
+	}
+	done := make(chan error, 1)
+	go func() { done <- mgr.Start(ctx) }()
+	return func() {
+		cancel()
+		if err := <-done; err != nil {
+			fmt.Printf("manager: %v\n", err)
+		}
+	}, nil
+}
+
+func ptrTo[T any](v T) *T { return &v }
+
+// newNamespace creates a namespace for one test.
+func newNamespace(t testing.TB) string {
+	t.Helper()
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "t-" + rand.String(8)}}
+	if err := env.Client.Create(context.Background(), ns); err != nil {
+		t.Fatalf("creating namespace: %v", err)
+	}
+	return ns.Name
+}
+
+func newChannel(t testing.TB, ns, name string) *podipcv1alpha1.Channel {
+	t.Helper()
+	ch := &podipcv1alpha1.Channel{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+	if err := env.Client.Create(context.Background(), ch); err != nil {
+		t.Fatalf("creating Channel %s: %v", name, err)
+	}
+	return ch
+}
+
+// sidecarPod returns a pod as the webhook leaves it: labelled injected, with the
+// sidecar as a native sidecar naming channels in PODIPC_CHANNELS.
+func sidecarPod(ns, name, serviceAccount, channels string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: ns, Name: name,
+			Labels: map[string]string{podipcv1alpha1.InjectedLabel: "true"},
+		},
+		Spec: corev1.PodSpec{
+			ServiceAccountName: serviceAccount,
+			InitContainers: []corev1.Container{{
+				Name:          podipcv1alpha1.SidecarContainerName,
+				Image:         "podipc-sidecar:test",
+				RestartPolicy: ptrTo(corev1.ContainerRestartPolicyAlways),
+				Env:           []corev1.EnvVar{{Name: podipcv1alpha1.ChannelsEnv, Value: channels}},
+			}},
+			Containers: []corev1.Container{{Name: "app", Image: "app:test"}},
+		},
+	}
+}
+
+// createPod creates a pod and, if ip is set, gives it that IP and readiness through the
+// status subresource, as a kubelet would (envtest has none).
+func createPod(t testing.TB, pod *corev1.Pod, ip string, ready bool) *corev1.Pod {
+	t.Helper()
+	if err := env.Client.Create(context.Background(), pod); err != nil {
+		t.Fatalf("creating pod %s: %v", pod.Name, err)
+	}
+	if ip != "" {
+		setPodStatus(t, pod, ip, ready)
+	}
+	return pod
+}
+
+func setPodStatus(t testing.TB, pod *corev1.Pod, ip string, ready bool) {
+	t.Helper()
+	status := corev1.ConditionFalse
+	if ready {
+		status = corev1.ConditionTrue
+	}
+	pod.Status.Phase = corev1.PodRunning
+	pod.Status.PodIP = ip
+	pod.Status.PodIPs = []corev1.PodIP{{IP: ip}}
+	pod.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: status, LastTransitionTime: metav1.Now()}}
+	if err := env.Client.Status().Update(context.Background(), pod); err != nil {
+		t.Fatalf("setting the status of pod %s: %v", pod.Name, err)
+	}
+}
+
+// eventually retries check until it returns nil or the (generous) timeout expires.
+func eventually(t testing.TB, what string, check func() error) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := check()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: still failing after 30s: %v", what, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// slicesOf lists a channel's EndpointSlices straight from the API server.
+func slicesOf(t testing.TB, ns, name string) []discoveryv1.EndpointSlice {
+	t.Helper()
+	list := &discoveryv1.EndpointSliceList{}
+	if err := env.Client.List(context.Background(), list, client.InNamespace(ns), client.MatchingLabels{podipcv1alpha1.ChannelLabel: name}); err != nil {
+		t.Fatalf("listing slices: %v", err)
+	}
+	return list.Items
+}
+
+// endpointsByPod flattens slices into pod name → endpoint, failing on a pod listed twice.
+func endpointsByPod(slices []discoveryv1.EndpointSlice) (map[string]discoveryv1.Endpoint, error) {
+	out := map[string]discoveryv1.Endpoint{}
+	for _, s := range slices {
+		for _, ep := range s.Endpoints {
+			if _, dup := out[ep.TargetRef.Name]; dup {
+				return nil, fmt.Errorf("pod %s is in more than one slice", ep.TargetRef.Name)
+			}
+			out[ep.TargetRef.Name] = ep
+		}
+	}
+	return out, nil
+}
+
+// countingClient counts the writes of the client it wraps.
+type countingClient struct{ client.Client }
+
+func (c countingClient) Create(ctx context.Context, o client.Object, opts ...client.CreateOption) error {
+	writes.Add(1)
+	return c.Client.Create(ctx, o, opts...)
+}
+
+func (c countingClient) Update(ctx context.Context, o client.Object, opts ...client.UpdateOption) error {
+	writes.Add(1)
+	return c.Client.Update(ctx, o, opts...)
+}
+
+func (c countingClient) Patch(ctx context.Context, o client.Object, p client.Patch, opts ...client.PatchOption) error {
+	writes.Add(1)
+	return c.Client.Patch(ctx, o, p, opts...)
+}
+
+func (c countingClient) Delete(ctx context.Context, o client.Object, opts ...client.DeleteOption) error {
+	writes.Add(1)
+	return c.Client.Delete(ctx, o, opts...)
+}
+
+func (c countingClient) Status() client.SubResourceWriter { return countingStatus{c.Client.Status()} }
+
+type countingStatus struct{ client.SubResourceWriter }
+
+func (c countingStatus) Update(ctx context.Context, o client.Object, opts ...client.SubResourceUpdateOption) error {
+	writes.Add(1)
+	return c.SubResourceWriter.Update(ctx, o, opts...)
+}
+
+func (c countingStatus) Patch(ctx context.Context, o client.Object, p client.Patch, opts ...client.SubResourcePatchOption) error {
+	writes.Add(1)
+	return c.SubResourceWriter.Patch(ctx, o, p, opts...)
+}

@@ -1,0 +1,234 @@
+// Package kube is the sidecar's Kubernetes discovery.Source: it reads the pod's Channels
+// and their EndpointSlices (published by the podipc controller) with client-go informers,
+// in the pod's own namespace only and only for the channels the pod names, and turns them
+// into discovery.State snapshots.
+//
+// It needs read access to those Channels and to EndpointSlices in the namespace, which
+// the controller grants the member pods' service account.
+//
+// While the API server is unreachable the informers keep their last contents, so the
+// sidecar keeps the last known members; when it comes back the informers list again and
+// the next snapshot catches up.
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"reflect"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-logr/logr"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/fields"
+	apiruntime "k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+
+	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/pkg/discovery"
+)
+
+// channelsResource is the Channel resource, for the dynamic client.
+var channelsResource = schema.GroupVersionResource{Group: podipcv1alpha1.GroupVersion.Group, Version: podipcv1alpha1.GroupVersion.Version, Resource: "channels"}
+
+// settle is how long Run lets a burst of events accumulate into one snapshot.
+const settle = 20 * time.Millisecond
+
+// Source reads the channels of one pod from the Kubernetes API.
+type Source struct {
+	// Config reaches the API server (in a pod: rest.InClusterConfig()).
+	Config *rest.Config
+	// Namespace is the pod's namespace; nothing outside it is read.
+	Namespace string
+	// Channels are the channel names the pod serves (PODIPC_CHANNELS).
+	Channels []string
+	// Log receives what the source notices (Channel missing, decode errors).
+	Log logr.Logger
+}
+
+var _ discovery.Source = (*Source)(nil)
+
+// Run implements discovery.Source.
+func (s *Source) Run(ctx context.Context, update func(discovery.State)) error {
+	if len(s.Channels) == 0 {
+		return errors.New("kube discovery: no channels to serve")
+	}
+	dyn, err := dynamic.NewForConfig(s.Config)
+	if err != nil {
+		return err
+	}
+	cs, err := kubernetes.NewForConfig(s.Config)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	dirty := make(chan struct{}, 1)
+	// One narrow informer per channel name (a metadata.name field selector, which the
+	// members' Role authorizes by resourceNames), and one for the EndpointSlices of all
+	// of them.
+	var watched []*watchedInformer
+	channels := map[string]cache.SharedIndexInformer{}
+	for _, name := range s.Channels {
+		inf := cache.NewSharedIndexInformer(s.channelWatch(dyn, name), &unstructured.Unstructured{}, 0, cache.Indexers{})
+		channels[name] = inf
+		watched = append(watched, &watchedInformer{SharedIndexInformer: inf, what: "Channel " + name})
+	}
+	factory := informers.NewSharedInformerFactoryWithOptions(cs, 0, informers.WithNamespace(s.Namespace),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = s.sliceSelector() }))
+	slicesInf := factory.Discovery().V1().EndpointSlices().Informer()
+	watched = append(watched, &watchedInformer{SharedIndexInformer: slicesInf, what: "EndpointSlices"})
+	for _, w := range watched {
+		if err := w.watch(s.Log, dirty); err != nil {
+			return err
+		}
+	}
+	for _, inf := range channels {
+		go inf.RunWithContext(ctx)
+	}
+	factory.Start(ctx.Done())
+	defer factory.Shutdown()
+	if !waitForSync(ctx, watched) {
+		return nil // ctx ended: a normal stop
+	}
+
+	var last *discovery.State
+	for {
+		st := s.snapshot(channels, slicesInf.GetStore())
+		if last == nil || !reflect.DeepEqual(*last, st) {
+			update(st)
+			last = &st
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-dirty:
+		}
+		select { // let a burst of events settle into one snapshot
+		case <-ctx.Done():
+			return nil
+		case <-time.After(settle):
+		}
+	}
+}
+
+// watchedInformer is an informer whose access errors are remembered.
+type watchedInformer struct {
+	cache.SharedIndexInformer
+	what string
+	// forbidden is set when listing was refused by RBAC: the pod's service account is
+	// bound to a channel's Role only once the Channel exists and lists the pod, so a
+	// channel named before it is created cannot be read yet. The informer keeps retrying.
+	forbidden atomic.Bool
+}
+
+// watch pokes dirty on every change and remembers access errors.
+func (w *watchedInformer) watch(log logr.Logger, dirty chan struct{}) error {
+	notify := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { poke(dirty) },
+		UpdateFunc: func(any, any) { poke(dirty) },
+		DeleteFunc: func(any) { poke(dirty) },
+	}
+	if _, err := w.AddEventHandler(notify); err != nil {
+		return err
+	}
+	return w.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) {
+		if apierrors.IsForbidden(err) {
+			w.forbidden.Store(true)
+			poke(dirty)
+		}
+		log.V(1).Info("Watch failed, retrying", "what", w.what, "err", err.Error())
+	})
+}
+
+// waitForSync waits until every informer has synced or been refused access (and so has
+// nothing to show yet), so that the first snapshot does not wait for channels the pod
+// cannot read yet, but does wait while the API server is unreachable. It returns false
+// if ctx ended first.
+func waitForSync(ctx context.Context, watched []*watchedInformer) bool {
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		done := true
+		for _, w := range watched {
+			done = done && (w.HasSynced() || w.forbidden.Load())
+		}
+		if done {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-tick.C:
+		}
+	}
+}
+
+func poke(dirty chan struct{}) {
+	select {
+	case dirty <- struct{}{}:
+	default:
+	}
+}
+
+// channelWatch lists and watches the one Channel called name.
+func (s *Source) channelWatch(dyn dynamic.Interface, name string) cache.ListerWatcher {
+	sel := fields.OneTermEqualSelector("metadata.name", name).String()
+	res := dyn.Resource(channelsResource).Namespace(s.Namespace)
+	return &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (apiruntime.Object, error) {
+			o.FieldSelector = sel
+			return res.List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			o.FieldSelector = sel
+			return res.Watch(ctx, o)
+		},
+	}
+}
+
+// sliceSelector selects the controller's EndpointSlices of the pod's channels.
+func (s *Source) sliceSelector() string {
+	return fmt.Sprintf("%s in (%s),%s=%s", podipcv1alpha1.ChannelLabel, strings.Join(s.Channels, ","),
+		discoveryv1.LabelManagedBy, podipcv1alpha1.ManagedBy)
+}
+
+// snapshot builds the state from the informers' stores.
+func (s *Source) snapshot(channels map[string]cache.SharedIndexInformer, slices cache.Store) discovery.State {
+	byChannel := map[string][]*discoveryv1.EndpointSlice{}
+	for _, o := range slices.List() {
+		es := o.(*discoveryv1.EndpointSlice)
+		name := es.Labels[podipcv1alpha1.ChannelLabel]
+		byChannel[name] = append(byChannel[name], es)
+	}
+	st := discovery.State{Channels: map[string]discovery.Channel{}}
+	for name, inf := range channels {
+		obj, ok, _ := inf.GetStore().GetByKey(s.Namespace + "/" + name)
+		if !ok {
+			continue // not (yet) created: not served
+		}
+		ch := &podipcv1alpha1.Channel{}
+		if err := apiruntime.DefaultUnstructuredConverter.FromUnstructured(obj.(*unstructured.Unstructured).Object, ch); err != nil {
+			s.Log.Error(err, "Ignoring a Channel that cannot be decoded", "channel", name)
+			continue
+		}
+		st.Channels[name] = discovery.Channel{
+			Name:    name,
+			Spec:    SpecFromChannel(ch),
+			Members: membersFromSlices(ch, byChannel[name]),
+		}
+	}
+	return st
+}
