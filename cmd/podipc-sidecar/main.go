@@ -1,0 +1,106 @@
+// Command podipc-sidecar is the podipc data plane of one pod: it serves the pod's
+// channels to its apps and carries their lines to the other member pods.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+
+	"github.com/go-logr/logr"
+
+	"github.com/podipc/podipc/pkg/discovery"
+	"github.com/podipc/podipc/pkg/sidecar"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "podipc-sidecar:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	cfg, err := sidecar.ParseConfig(os.Args[1:], os.Getenv)
+	if err != nil {
+		return err
+	}
+	log, err := newLogger(cfg.LogLevel)
+	if err != nil {
+		return err
+	}
+	source, reload, err := newSource(cfg, log)
+	if err != nil {
+		return err
+	}
+	ctx := signalContext(log, reload)
+	sc, err := sidecar.New(cfg, source, log)
+	if err != nil {
+		return err
+	}
+	return sc.Start(ctx)
+}
+
+// newSource builds the discovery source the flags name.
+func newSource(cfg sidecar.Config, log logr.Logger) (discovery.Source, func(), error) {
+	switch cfg.Discovery {
+	case "static":
+		s := discovery.NewStatic(cfg.StaticConfig, cfg.Channels, log.WithName("discovery"))
+		return s, s.Reload, nil
+	default:
+		return nil, nil, errors.New("--discovery=kubernetes is not available in this build; use --discovery=static")
+	}
+}
+
+// signalContext is cancelled by the first SIGTERM or SIGINT; a second one exits at
+// once. SIGHUP re-reads the static discovery file.
+func signalContext(log logr.Logger, reload func()) context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	go func() {
+		stopping := false
+		for sig := range sigs {
+			switch {
+			case sig == syscall.SIGHUP:
+				log.Info("Reloading discovery (SIGHUP)")
+				if reload != nil {
+					reload()
+				}
+			case stopping:
+				log.Info("Second signal: exiting now", "signal", sig.String())
+				os.Exit(1)
+			default:
+				log.Info("Shutting down", "signal", sig.String())
+				stopping = true
+				cancel()
+			}
+		}
+	}()
+	return ctx
+}
+
+// newLogger returns a JSON logr logger on stderr at the verbosity named by level.
+func newLogger(level string) (logr.Logger, error) {
+	v := 0
+	switch level {
+	case "info", "":
+	case "debug":
+		v = 1
+	case "trace":
+		v = 4
+	default:
+		n, err := strconv.Atoi(level)
+		if err != nil {
+			return logr.Logger{}, fmt.Errorf("--log-level=%q: want info, debug, trace or a number", level)
+		}
+		v = n
+	}
+	h := slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: slog.Level(-v)})
+	return logr.FromSlogHandler(h), nil
+}

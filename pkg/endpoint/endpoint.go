@@ -1,0 +1,315 @@
+// Package endpoint serves a channel to the apps of the pod: a line port (TCP, newline
+// framing) and a node-ipc Unix socket (JSON '\f' framing). Each app connection gets one
+// reader goroutine, which hands every message to the router, and one writer goroutine,
+// which drains the connection's router queue in batches and translates between the
+// message kinds at this, the receiving, edge only.
+package endpoint
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/go-logr/logr"
+
+	"github.com/podipc/podipc/pkg/ipc"
+	"github.com/podipc/podipc/pkg/router"
+)
+
+// Endpoint is one listener of a channel and the app connections it accepted.
+type Endpoint struct {
+	ch      *router.Channel
+	ln      net.Listener
+	kind    router.Kind
+	framing ipc.Framing
+	log     logr.Logger
+
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+	// draining stops readers without closing their connections, so lines from peers
+	// are still written while the sidecar drains.
+	draining bool
+	closed   bool
+	wg       sync.WaitGroup
+	ctx      context.Context
+	cancel   context.CancelFunc
+}
+
+// ListenLines binds the channel's line port on address (host:port).
+func ListenLines(ch *router.Channel, address string, log logr.Logger) (*Endpoint, error) {
+	var lc net.ListenConfig
+	ln, err := lc.Listen(context.Background(), "tcp", address)
+	if err != nil {
+		return nil, fmt.Errorf("listen on line port of channel %s: %w", ch.Name(), err)
+	}
+	return newEndpoint(ch, ln, router.Line, ipc.Lines, log.WithValues("channel", ch.Name(), "address", address)), nil
+}
+
+// ListenNodeIPC binds the channel's node-ipc socket at path, removing a stale socket
+// file left by a previous sidecar.
+func ListenNodeIPC(ch *router.Channel, path string, log logr.Logger) (*Endpoint, error) {
+	if err := removeStale(path); err != nil {
+		return nil, err
+	}
+	var lc net.ListenConfig
+	ln, err := lc.Listen(context.Background(), "unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on node-ipc socket of channel %s: %w", ch.Name(), err)
+	}
+	// Every container of the pod connects, whatever its user.
+	_ = os.Chmod(path, 0o666)
+	return newEndpoint(ch, ln, router.NodeIPC, ipc.NodeIPC, log.WithValues("channel", ch.Name(), "socket", path)), nil
+}
+
+func newEndpoint(ch *router.Channel, ln net.Listener, kind router.Kind, f ipc.Framing, log logr.Logger) *Endpoint {
+	return &Endpoint{ch: ch, ln: ln, kind: kind, framing: f, log: log, conns: map[net.Conn]struct{}{}}
+}
+
+// removeStale removes a Unix socket file nobody answers on.
+func removeStale(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil || fi.Mode().Type() != fs.ModeSocket {
+		return nil
+	}
+	d := net.Dialer{Timeout: time.Second}
+	c, err := d.Dial("unix", path)
+	if err == nil {
+		_ = c.Close()
+		return fmt.Errorf("node-ipc socket %s is served by another process", path)
+	}
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove stale socket %s: %w", path, err)
+		}
+	}
+	return nil
+}
+
+// Addr returns the listening address.
+func (e *Endpoint) Addr() net.Addr { return e.ln.Addr() }
+
+// Start accepts app connections until ctx ends or Close is called.
+func (e *Endpoint) Start(ctx context.Context) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return net.ErrClosed
+	}
+	e.ctx, e.cancel = context.WithCancel(ctx)
+	e.wg.Add(2)
+	go func() {
+		defer e.wg.Done()
+		<-e.ctx.Done()
+		_ = e.ln.Close()
+	}()
+	go func() {
+		defer e.wg.Done()
+		e.acceptLoop()
+	}()
+	return nil
+}
+
+func (e *Endpoint) acceptLoop() {
+	var delay time.Duration
+	for {
+		conn, err := e.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || e.ctx.Err() != nil {
+				return
+			}
+			// Out of file descriptors and the like: back off and retry.
+			e.log.Error(err, "Accepting app connection failed")
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			select {
+			case <-time.After(delay):
+			case <-e.ctx.Done():
+				return
+			}
+			continue
+		}
+		delay = 0
+		e.mu.Lock()
+		if e.closed || e.draining {
+			e.mu.Unlock()
+			_ = conn.Close()
+			continue
+		}
+		e.conns[conn] = struct{}{}
+		e.wg.Add(1)
+		e.mu.Unlock()
+		go func() {
+			defer e.wg.Done()
+			e.serve(conn)
+		}()
+	}
+}
+
+// serve runs one app connection until it ends.
+func (e *Endpoint) serve(conn net.Conn) {
+	c := e.ch.Attach(e.kind, func() { _ = conn.Close() })
+	writerDone := make(chan struct{})
+	stop := make(chan struct{})
+	go func() {
+		defer close(writerDone)
+		e.writeLoop(conn, c, stop)
+	}()
+	err := e.readLoop(conn, c)
+	e.mu.Lock()
+	draining := e.draining && !e.closed
+	e.mu.Unlock()
+	if draining {
+		// Keep writing lines from peers until Close.
+		<-e.ctx.Done()
+	}
+	close(stop)
+	_ = conn.Close()
+	<-writerDone
+	c.Detach()
+	e.mu.Lock()
+	delete(e.conns, conn)
+	e.mu.Unlock()
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrDeadlineExceeded) {
+		e.log.Error(err, "Closed app connection")
+	}
+}
+
+// readLoop hands each message to the router until the connection ends. An app that
+// closes its sending side ends its connection (lines queued for it are dropped).
+func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
+	r := ipc.NewReader(conn, e.framing, e.ch.Spec().MaxMessageBytes)
+	var slab router.Slab
+	for {
+		msg, err := r.Next()
+		if err != nil {
+			if errors.Is(err, ipc.ErrMalformed) {
+				e.log.V(1).Info("Skipped malformed node-ipc frame", "err", err.Error())
+				continue
+			}
+			if errors.Is(err, ipc.ErrMessageTooLarge) {
+				return fmt.Errorf("app sent a message longer than maxMessageBytes (%d) of channel %s: %w",
+					e.ch.Spec().MaxMessageBytes, e.ch.Name(), err)
+			}
+			return err
+		}
+		e.ch.Route(e.ctx, c, e.kind, slab.Copy(msg))
+	}
+}
+
+// writeLoop writes whatever is queued for the connection in one batch per wakeup.
+func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}) {
+	w := ipc.NewWriter(conn, e.framing)
+	var items []router.Item
+	var scratch bytes.Buffer
+	for {
+		select {
+		case <-c.Queue.Ready():
+		case <-stop:
+			return
+		}
+		items = c.Queue.Take(items[:0])
+		if len(items) == 0 {
+			continue
+		}
+		var err error
+		written := 0
+		for i := range items {
+			err = e.write(w, items[i], &scratch)
+			if errors.Is(err, ipc.ErrUnframeable) {
+				e.log.V(1).Info("Dropped a message this connection cannot carry", "err", err.Error())
+				err = nil
+			}
+			if err != nil {
+				break
+			}
+			written = i + 1
+		}
+		if err == nil {
+			_ = conn.SetWriteDeadline(time.Now().Add(time.Minute))
+			err = w.Flush()
+		}
+		if err != nil {
+			// Whether the buffered part reached the app is unknown; count the whole
+			// batch as dropped so nothing is acknowledged that may be lost.
+			c.Failed(items, router.ReasonClosed)
+			clear(items)
+			_ = conn.Close()
+			return
+		}
+		c.Written(items[:written])
+		c.Failed(items[written:], "unframeable")
+		clear(items)
+	}
+}
+
+// write translates one item to the connection's kind and buffers it.
+func (e *Endpoint) write(w *ipc.Writer, it router.Item, scratch *bytes.Buffer) error {
+	switch {
+	case it.Kind == e.kind:
+		return w.Write(it.Data)
+	case e.kind == router.Line: // a node-ipc message reaches a line client as compact JSON
+		scratch.Reset()
+		if err := json.Compact(scratch, it.Data); err != nil {
+			return fmt.Errorf("%w: %w", ipc.ErrUnframeable, err)
+		}
+		return w.Write(scratch.Bytes())
+	default: // a line reaches a node-ipc client as {"type":"message","data":"<line>"}
+		ev, err := ipc.EncodeEvent("message", string(it.Data))
+		if err != nil {
+			return fmt.Errorf("%w: %w", ipc.ErrUnframeable, err)
+		}
+		return w.Write(ev)
+	}
+}
+
+// StopAccepting closes the listener; existing connections continue.
+func (e *Endpoint) StopAccepting() { _ = e.ln.Close() }
+
+// Drain stops accepting and stops reading from the app connections (their lines read
+// so far are routed); the connections stay open for lines from peers until Close.
+func (e *Endpoint) Drain() {
+	e.StopAccepting()
+	e.mu.Lock()
+	e.draining = true
+	for c := range e.conns {
+		_ = c.SetReadDeadline(time.Now())
+	}
+	e.mu.Unlock()
+}
+
+// Connections returns the number of open app connections.
+func (e *Endpoint) Connections() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.conns)
+}
+
+// Close stops accepting, closes every app connection and joins every goroutine.
+// Idempotent.
+func (e *Endpoint) Close(reason string) {
+	e.mu.Lock()
+	if !e.closed && len(e.conns) > 0 && reason != "" {
+		e.log.Info("Closing app connections", "reason", reason, "connections", len(e.conns))
+	}
+	e.closed = true
+	_ = e.ln.Close()
+	for c := range e.conns {
+		_ = c.Close()
+	}
+	if e.cancel != nil {
+		e.cancel()
+	}
+	e.mu.Unlock()
+	e.wg.Wait()
+	if ul, ok := e.ln.(*net.UnixListener); ok {
+		_ = os.Remove(ul.Addr().String())
+	}
+}

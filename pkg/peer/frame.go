@@ -1,0 +1,384 @@
+// Package peer is the sidecar-to-sidecar wire protocol (docs/protocol.md) and the links
+// that carry it: an outbound Link per remote member pod, dialled by the sender and
+// carrying every channel the two pods share, and a Server that accepts links from
+// members, hands their lines to the local router and answers with acknowledgements and
+// presence.
+package peer
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+
+	"github.com/podipc/podipc/pkg/router"
+)
+
+// Protocol versions. A sidecar speaks every version from MinVersion to Version; the two
+// ends of a link use the highest version both speak, so release N interoperates with
+// N-1 as long as MinVersion trails Version by one.
+const (
+	Version    uint16 = 1
+	MinVersion uint16 = 1
+)
+
+// FrameType is the first byte of every frame.
+type FrameType uint8
+
+// Frame types. Unknown types are skipped by the reader's user, so later versions may add
+// frames that older ones ignore.
+const (
+	FrameHello    FrameType = 1 // sender → receiver: identity, incarnation, channels
+	FrameWelcome  FrameType = 2 // receiver → sender: version, identity, resume point, presence
+	FrameRefuse   FrameType = 3 // receiver → sender: why the link is refused
+	FrameData     FrameType = 4 // sender → receiver: one sequenced message
+	FrameAck      FrameType = 5 // receiver → sender: cumulative acknowledgement
+	FramePresence FrameType = 6 // receiver → sender: local connection counts per channel
+	FramePing     FrameType = 7 // both ways: keepalive when otherwise idle
+	FrameGoodbye  FrameType = 8 // both ways: orderly end of the link
+)
+
+// headerLen is the frame header: a 4-byte big-endian length of what follows (type byte
+// plus body), then the type byte.
+const headerLen = 5
+
+// MaxFrameBytes bounds a frame: the largest message (16 MiB) plus its DATA header.
+const MaxFrameBytes = 16<<20 + 1024
+
+// maxHandshakeBytes bounds HELLO and WELCOME, which are read before authentication.
+const maxHandshakeBytes = 64 << 10
+
+// ErrFrame reports a malformed frame; the link is closed.
+var ErrFrame = errors.New("peer: malformed frame")
+
+// Identity names one incarnation of a sidecar: its pod and a random number chosen at
+// process start, which changes whenever the sidecar restarts.
+type Identity struct {
+	Namespace, Name, UID string
+	Incarnation          uint64
+}
+
+// Hello opens a link.
+type Hello struct {
+	MinVersion, MaxVersion uint16
+	Pod                    Identity
+	Channels               []string
+}
+
+// Welcome accepts a link. Known says the receiver remembers the sender's incarnation;
+// LastSeq is then the last sequence number it received from it (the sender resumes
+// after it).
+type Welcome struct {
+	Version  uint16
+	Pod      Identity
+	Known    bool
+	LastSeq  uint64
+	Presence map[string]int
+}
+
+// Data is one message.
+type Data struct {
+	Seq uint64
+	// Channel aliases the frame body; look it up without converting (no allocation).
+	Channel []byte
+	Kind    router.Kind
+	Payload []byte
+}
+
+// Reader splits a stream into frames.
+type Reader struct {
+	br  *bufio.Reader
+	buf []byte
+	max int
+}
+
+// NewReader reads frames of at most maxFrame bytes from r.
+func NewReader(r io.Reader, maxFrame int) *Reader {
+	return &Reader{br: bufio.NewReaderSize(r, 64<<10), max: maxFrame}
+}
+
+// SetMax changes the frame bound (raised after the handshake).
+func (r *Reader) SetMax(n int) { r.max = n }
+
+// Next returns the next frame's type and body, valid until the next call.
+func (r *Reader) Next() (FrameType, []byte, error) {
+	var hdr [headerLen]byte
+	if _, err := io.ReadFull(r.br, hdr[:]); err != nil {
+		return 0, nil, err
+	}
+	n := int(binary.BigEndian.Uint32(hdr[:4]))
+	if n < 1 || n > r.max {
+		return 0, nil, fmt.Errorf("%w: length %d", ErrFrame, n)
+	}
+	n-- // the type byte is already read
+	if cap(r.buf) < n {
+		r.buf = make([]byte, n)
+	}
+	r.buf = r.buf[:n]
+	if _, err := io.ReadFull(r.br, r.buf); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return 0, nil, err
+	}
+	return FrameType(hdr[4]), r.buf, nil
+}
+
+// Buffered reports bytes read from the stream but not yet returned.
+func (r *Reader) Buffered() int { return r.br.Buffered() }
+
+// appendHeader appends a frame header for a body of n bytes.
+func appendHeader(dst []byte, t FrameType, n int) []byte {
+	dst = binary.BigEndian.AppendUint32(dst, uint32(n+1))
+	return append(dst, byte(t))
+}
+
+func appendString(dst []byte, s string) []byte {
+	dst = binary.AppendUvarint(dst, uint64(len(s)))
+	return append(dst, s...)
+}
+
+func appendIdentity(dst []byte, id Identity) []byte {
+	dst = appendString(dst, id.Namespace)
+	dst = appendString(dst, id.Name)
+	dst = appendString(dst, id.UID)
+	return binary.BigEndian.AppendUint64(dst, id.Incarnation)
+}
+
+// frame wraps body (built after a placeholder header) into a frame.
+func frame(t FrameType, body func([]byte) []byte) []byte {
+	b := body(make([]byte, headerLen, 128))
+	binary.BigEndian.PutUint32(b, uint32(len(b)-headerLen+1))
+	b[4] = byte(t)
+	return b
+}
+
+// Frame returns h as a frame.
+func (h Hello) Frame() []byte {
+	return frame(FrameHello, func(b []byte) []byte {
+		b = binary.BigEndian.AppendUint16(b, h.MinVersion)
+		b = binary.BigEndian.AppendUint16(b, h.MaxVersion)
+		b = appendIdentity(b, h.Pod)
+		b = binary.AppendUvarint(b, uint64(len(h.Channels)))
+		for _, c := range h.Channels {
+			b = appendString(b, c)
+		}
+		return b
+	})
+}
+
+// Frame returns w as a frame.
+func (w Welcome) Frame() []byte {
+	return frame(FrameWelcome, func(b []byte) []byte {
+		b = binary.BigEndian.AppendUint16(b, w.Version)
+		b = appendIdentity(b, w.Pod)
+		known := byte(0)
+		if w.Known {
+			known = 1
+		}
+		b = append(b, known)
+		b = binary.BigEndian.AppendUint64(b, w.LastSeq)
+		return appendPresence(b, w.Presence)
+	})
+}
+
+func appendPresence(b []byte, p map[string]int) []byte {
+	names := make([]string, 0, len(p))
+	for n := range p {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	b = binary.AppendUvarint(b, uint64(len(names)))
+	for _, n := range names {
+		b = appendString(b, n)
+		b = binary.AppendUvarint(b, uint64(max(p[n], 0)))
+	}
+	return b
+}
+
+// PresenceFrame returns a PRESENCE frame.
+func PresenceFrame(p map[string]int) []byte {
+	return frame(FramePresence, func(b []byte) []byte { return appendPresence(b, p) })
+}
+
+// ReasonFrame returns a REFUSE or GOODBYE frame.
+func ReasonFrame(t FrameType, reason string) []byte {
+	return frame(t, func(b []byte) []byte { return appendString(b, reason) })
+}
+
+// AckFrame appends an ACK frame to dst.
+func AckFrame(dst []byte, seq uint64) []byte {
+	var body [binary.MaxVarintLen64]byte
+	n := binary.PutUvarint(body[:], seq)
+	dst = appendHeader(dst, FrameAck, n)
+	return append(dst, body[:n]...)
+}
+
+// PingFrame returns a PING frame.
+func PingFrame() []byte { return appendHeader(nil, FramePing, 0) }
+
+// AppendDataHeader appends the header of a DATA frame whose payload follows it, so a
+// writer can copy the payload straight from its queue without building the frame.
+func AppendDataHeader(dst []byte, seq uint64, channel string, kind router.Kind, payloadLen int) []byte {
+	var tmp [2*binary.MaxVarintLen64 + 1]byte
+	b := binary.AppendUvarint(tmp[:0], seq)
+	b = binary.AppendUvarint(b, uint64(len(channel)))
+	n := len(b) + len(channel) + 1 + payloadLen
+	dst = appendHeader(dst, FrameData, n)
+	dst = append(dst, b...)
+	dst = append(dst, channel...)
+	return append(dst, byte(kind))
+}
+
+// decoder reads fields from a frame body, remembering the first error.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) fail(what string) {
+	if d.err == nil {
+		d.err = fmt.Errorf("%w: short %s", ErrFrame, what)
+	}
+	d.b = nil
+}
+
+func (d *decoder) u16() uint16 {
+	if len(d.b) < 2 {
+		d.fail("u16")
+		return 0
+	}
+	v := binary.BigEndian.Uint16(d.b)
+	d.b = d.b[2:]
+	return v
+}
+
+func (d *decoder) u64() uint64 {
+	if len(d.b) < 8 {
+		d.fail("u64")
+		return 0
+	}
+	v := binary.BigEndian.Uint64(d.b)
+	d.b = d.b[8:]
+	return v
+}
+
+func (d *decoder) byte() byte {
+	if len(d.b) < 1 {
+		d.fail("byte")
+		return 0
+	}
+	v := d.b[0]
+	d.b = d.b[1:]
+	return v
+}
+
+func (d *decoder) uvarint() uint64 {
+	v, n := binary.Uvarint(d.b)
+	if n <= 0 {
+		d.fail("varint")
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) bytes() []byte {
+	n := d.uvarint()
+	if d.err != nil || n > uint64(len(d.b)) {
+		d.fail("string")
+		return nil
+	}
+	v := d.b[:n]
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) str() string { return string(d.bytes()) }
+
+func (d *decoder) identity() Identity {
+	return Identity{Namespace: d.str(), Name: d.str(), UID: d.str(), Incarnation: d.u64()}
+}
+
+// count reads a list length, bounded by the bytes left (each entry takes at least one).
+func (d *decoder) count() int {
+	n := d.uvarint()
+	if n > uint64(len(d.b)) {
+		d.fail("list")
+		return 0
+	}
+	return int(n)
+}
+
+func (d *decoder) presence() map[string]int {
+	n := d.count()
+	p := make(map[string]int, n)
+	for range n {
+		name := d.str()
+		c := d.uvarint()
+		if d.err != nil {
+			return nil
+		}
+		p[name] = int(min(c, 1<<31))
+	}
+	return p
+}
+
+// ParseHello decodes a HELLO body. Trailing bytes are ignored (later versions may add
+// fields).
+func ParseHello(b []byte) (Hello, error) {
+	d := decoder{b: b}
+	h := Hello{MinVersion: d.u16(), MaxVersion: d.u16(), Pod: d.identity()}
+	n := d.count()
+	for range n {
+		h.Channels = append(h.Channels, d.str())
+	}
+	return h, d.err
+}
+
+// ParseWelcome decodes a WELCOME body.
+func ParseWelcome(b []byte) (Welcome, error) {
+	d := decoder{b: b}
+	w := Welcome{Version: d.u16(), Pod: d.identity(), Known: d.byte() == 1, LastSeq: d.u64()}
+	w.Presence = d.presence()
+	return w, d.err
+}
+
+// ParsePresence decodes a PRESENCE body.
+func ParsePresence(b []byte) (map[string]int, error) {
+	d := decoder{b: b}
+	p := d.presence()
+	return p, d.err
+}
+
+// ParseReason decodes a REFUSE or GOODBYE body.
+func ParseReason(b []byte) (string, error) {
+	d := decoder{b: b}
+	s := d.str()
+	return s, d.err
+}
+
+// ParseAck decodes an ACK body.
+func ParseAck(b []byte) (uint64, error) {
+	d := decoder{b: b}
+	v := d.uvarint()
+	return v, d.err
+}
+
+// ParseData decodes a DATA body. Payload aliases b.
+func ParseData(b []byte) (Data, error) {
+	d := decoder{b: b}
+	m := Data{Seq: d.uvarint()}
+	ch := d.bytes()
+	k := d.byte()
+	if d.err != nil {
+		return Data{}, d.err
+	}
+	if k > byte(router.NodeIPC) {
+		return Data{}, fmt.Errorf("%w: kind %d", ErrFrame, k)
+	}
+	m.Channel, m.Kind, m.Payload = ch, router.Kind(k), d.b
+	return m, nil
+}

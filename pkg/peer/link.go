@@ -1,0 +1,583 @@
+package peer
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+
+	"github.com/podipc/podipc/pkg/discovery"
+	"github.com/podipc/podipc/pkg/router"
+)
+
+// DefaultKeepalive is how often an idle link sends PING; a link that hears nothing for
+// three intervals is considered dead.
+const DefaultKeepalive = 2 * time.Second
+
+// LinkConfig configures an outbound link.
+type LinkConfig struct {
+	// Self identifies this sidecar's incarnation in HELLO.
+	Self Identity
+	// Member is the receiving pod; the link dials Member.IP:Member.PeerPort.
+	Member discovery.Member
+	// LocalIP is the source address of the link, the pod IP the receiver checks.
+	LocalIP string
+	// Channels returns the channels this pod shares with the member, for HELLO.
+	Channels  func() []string
+	Router    *router.Router
+	Log       logr.Logger
+	Metrics   *Metrics
+	Keepalive time.Duration
+}
+
+// outMsg is a sequenced message waiting for its acknowledgement.
+type outMsg struct {
+	seq     uint64
+	channel string
+	kind    router.Kind
+	data    []byte
+	anyOne  bool
+}
+
+// Link carries lines from this sidecar to one member pod. It implements router.Remote.
+//
+// The link keeps every line until the receiver acknowledges it, in a queue bounded in
+// bytes per channel; that queue is both the send queue and the retransmit queue. A
+// session (one TCP connection) starts with HELLO/WELCOME, after which the link resumes
+// after the receiver's last sequence number if the receiver is the same incarnation, or
+// settles the lines the old incarnation may have seen (Broadcast: dropped
+// peer_restarted; AnyOne: rerouted) if it is not.
+type Link struct {
+	cfg LinkConfig
+	log logr.Logger
+
+	mu sync.Mutex
+	// q holds unacknowledged messages in sequence order; q[next:] are not yet written
+	// on the current session.
+	q    []*outMsg
+	next int
+	// nextSeq is the sequence number of the next message queued.
+	nextSeq uint64
+	// sentSeq is the highest sequence number possibly seen by the current receiver
+	// incarnation: a message is marked sent before it is written.
+	sentSeq uint64
+	bytes   map[string]int
+	bounds  map[string]*router.Bound
+	space   router.Signal
+	// peerInc is the receiver's incarnation from the last WELCOME (havePeer says there
+	// was one).
+	peerInc  uint64
+	havePeer bool
+	presence map[string]int
+	up       bool
+	conn     net.Conn
+	closed   bool
+	// bye asks the writer to say GOODBYE once the queue is empty.
+	bye bool
+
+	wake   chan struct{}
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// NewLink returns a link that is not yet running.
+func NewLink(cfg LinkConfig) *Link {
+	if cfg.Keepalive == 0 {
+		cfg.Keepalive = DefaultKeepalive
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
+	return &Link{
+		cfg: cfg, log: cfg.Log.WithValues("peer", cfg.Member.Namespace+"/"+cfg.Member.Name, "peerUID", cfg.Member.UID),
+		nextSeq: 1, bytes: map[string]int{}, bounds: map[string]*router.Bound{}, presence: map[string]int{},
+		wake: make(chan struct{}, 1),
+	}
+}
+
+// ID returns the member's UID.
+func (l *Link) ID() string { return l.cfg.Member.UID }
+
+// Member returns the member the link dials.
+func (l *Link) Member() discovery.Member { return l.cfg.Member }
+
+// Presence reports the member's advertised connections on channel and whether the
+// link is established.
+func (l *Link) Presence(channel string) (int, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.presence[channel], l.up
+}
+
+// Send queues a message under the channel's overflow policy. Slow readers are
+// judged where they are, by the receiving sidecar, so a link is more patient than a
+// local queue: under WaitThenDrop and Disconnect it waits maxWait plus one keepalive
+// interval, because the receiver may itself legitimately pause its link for up to
+// maxWait while one local reader's queue is full, and a drop here would hit every
+// reader over there, fast or slow.
+func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, data []byte, anyOne bool, ov discovery.Overflow) (router.Result, string) {
+	if ov.Policy != discovery.Block {
+		ov.Policy = discovery.WaitThenDrop
+		ov.MaxWait += l.cfg.Keepalive
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return router.Dropped, router.ReasonPeerRemoved
+	}
+	b := l.bounds[channel]
+	if b == nil {
+		b = &router.Bound{}
+		l.bounds[channel] = b
+	}
+	res, reason := b.Admit(ctx, &l.mu, len(data), func() int { return l.bytes[channel] }, &l.space,
+		func() bool { return l.closed }, ov)
+	if res != router.Queued {
+		return res, reason
+	}
+	if l.closed {
+		return router.Dropped, router.ReasonPeerRemoved
+	}
+	l.q = append(l.q, &outMsg{seq: l.nextSeq, channel: channel, kind: kind, data: data, anyOne: anyOne})
+	l.nextSeq++
+	l.bytes[channel] += len(data)
+	l.cfg.Metrics.Unacked.Add(float64(len(data)))
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+	return router.Queued, ""
+}
+
+// trimLocked removes the first k messages of q (acknowledged or settled).
+func (l *Link) trimLocked(k int) {
+	if k == 0 {
+		return
+	}
+	n := 0
+	for _, m := range l.q[:k] {
+		l.bytes[m.channel] -= len(m.data)
+		n += len(m.data)
+	}
+	clear(l.q[:k])
+	l.q = l.q[k:]
+	l.next = max(l.next-k, 0)
+	l.cfg.Metrics.Unacked.Sub(float64(n))
+	l.space.Broadcast()
+}
+
+// ackLocked removes messages up to and including seq.
+func (l *Link) ackLocked(seq uint64) {
+	k := 0
+	for k < len(l.q) && l.q[k].seq <= seq {
+		k++
+	}
+	l.trimLocked(k)
+}
+
+// settleLocked removes the messages with seq ≤ upTo (all of them if upTo is max) that a
+// receiver may have seen but will never acknowledge: Broadcast ones are counted dropped
+// for reason, AnyOne ones are returned for rerouting. Messages that no receiver has seen
+// stay queued.
+func (l *Link) settleLocked(upTo uint64, reason string) []router.Message {
+	var reroute []router.Message
+	drops := map[string]int{}
+	keep := l.q[:0:0]
+	n := 0
+	for _, m := range l.q {
+		if m.seq > upTo {
+			keep = append(keep, m)
+			continue
+		}
+		n += len(m.data)
+		l.bytes[m.channel] -= len(m.data)
+		if m.anyOne {
+			reroute = append(reroute, router.Message{Channel: m.channel, Kind: m.kind, Data: m.data})
+		} else {
+			drops[m.channel]++
+		}
+	}
+	l.q = keep
+	l.next = 0
+	l.cfg.Metrics.Unacked.Sub(float64(n))
+	for ch, c := range drops {
+		l.cfg.Router.Drop(ch, reason, c)
+		l.log.Info("Dropped unacknowledged lines", "channel", ch, "reason", reason, "count", c)
+	}
+	l.space.Broadcast()
+	return reroute
+}
+
+// Start runs the link until ctx ends or Close is called. It dials, resumes and redials
+// with backoff.
+func (l *Link) Start(ctx context.Context) error {
+	l.mu.Lock()
+	if l.ctx != nil {
+		l.mu.Unlock()
+		return errors.New("peer: link already started")
+	}
+	l.ctx, l.cancel = context.WithCancel(ctx)
+	l.wg.Add(1)
+	l.mu.Unlock()
+	go func() {
+		defer l.wg.Done()
+		l.run()
+	}()
+	return nil
+}
+
+func (l *Link) run() {
+	ctx := l.ctx
+	backoff := 50 * time.Millisecond
+	first := true
+	for ctx.Err() == nil {
+		if !first {
+			l.cfg.Metrics.Reconnects.Inc()
+		}
+		first = false
+		err := l.session(ctx)
+		l.mu.Lock()
+		bye := l.bye
+		l.mu.Unlock()
+		if ctx.Err() != nil || bye {
+			return
+		}
+		if errors.Is(err, errGoodbye) {
+			l.log.Info("Peer said goodbye")
+		} else {
+			l.log.V(1).Info("Peer link ended", "err", err)
+		}
+		if err == nil || errors.Is(err, errEstablished) {
+			backoff = 50 * time.Millisecond
+		}
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return
+		}
+		backoff = min(backoff*2, 2*time.Second)
+	}
+}
+
+var (
+	errGoodbye     = errors.New("peer said goodbye")
+	errEstablished = errors.New("session was established")
+)
+
+// session runs one connection: dial, handshake, then write and read until it fails.
+func (l *Link) session(ctx context.Context) error {
+	l.cfg.Metrics.Links.WithLabelValues("out", "connecting").Inc()
+	d := net.Dialer{Timeout: 5 * time.Second, KeepAlive: -1}
+	if l.cfg.LocalIP != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(l.cfg.LocalIP)}
+	}
+	addr := net.JoinHostPort(l.cfg.Member.IP, strconv.Itoa(l.cfg.Member.PeerPort))
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		l.cfg.Metrics.Links.WithLabelValues("out", "connecting").Dec()
+		return err
+	}
+	defer conn.Close()
+	w, fr, err := l.handshake(conn)
+	l.cfg.Metrics.Links.WithLabelValues("out", "connecting").Dec()
+	if err != nil {
+		return err
+	}
+	l.cfg.Metrics.Links.WithLabelValues("out", "up").Inc()
+	defer l.cfg.Metrics.Links.WithLabelValues("out", "up").Dec()
+	l.resume(conn, w)
+
+	done := make(chan struct{})
+	werr := make(chan error, 1)
+	go func() {
+		err := l.writeLoop(conn, done)
+		if err != nil {
+			conn.Close() // unblocks readLoop
+		}
+		werr <- err
+	}()
+	rerr := l.readLoop(conn, fr)
+	close(done)
+	conn.Close()
+	wErr := <-werr
+	l.mu.Lock()
+	l.up = false
+	l.conn = nil
+	var reroute []router.Message
+	if errors.Is(rerr, errGoodbye) {
+		// The receiver is going away and will not acknowledge more: AnyOne lines go to
+		// another candidate now rather than wait for it.
+		reroute = l.settleAnyOneLocked()
+	}
+	l.mu.Unlock()
+	l.cfg.Router.Reroute(reroute)
+	l.cfg.Router.Notify()
+	if rerr == nil {
+		rerr = wErr
+	}
+	return errors.Join(errEstablished, rerr)
+}
+
+// settleAnyOneLocked removes every unacknowledged AnyOne line for rerouting.
+func (l *Link) settleAnyOneLocked() []router.Message {
+	var out []router.Message
+	keep := l.q[:0:0]
+	n := 0
+	for _, m := range l.q {
+		if m.anyOne {
+			out = append(out, router.Message{Channel: m.channel, Kind: m.kind, Data: m.data})
+			l.bytes[m.channel] -= len(m.data)
+			n += len(m.data)
+		} else {
+			keep = append(keep, m)
+		}
+	}
+	l.q = keep
+	l.next = 0
+	l.cfg.Metrics.Unacked.Sub(float64(n))
+	l.space.Broadcast()
+	return out
+}
+
+// handshake sends HELLO and reads WELCOME.
+func (l *Link) handshake(conn net.Conn) (Welcome, *Reader, error) {
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	h := Hello{MinVersion: MinVersion, MaxVersion: Version, Pod: l.cfg.Self, Channels: l.cfg.Channels()}
+	if _, err := conn.Write(h.Frame()); err != nil {
+		return Welcome{}, nil, err
+	}
+	fr := NewReader(conn, maxHandshakeBytes)
+	t, body, err := fr.Next()
+	if err != nil {
+		return Welcome{}, nil, err
+	}
+	switch t {
+	case FrameRefuse:
+		reason, _ := ParseReason(body)
+		l.log.Info("Peer refused the link", "reason", reason)
+		return Welcome{}, nil, fmt.Errorf("refused: %s", reason)
+	case FrameWelcome:
+	default:
+		return Welcome{}, nil, fmt.Errorf("%w: expected WELCOME, got type %d", ErrFrame, t)
+	}
+	w, err := ParseWelcome(body)
+	if err != nil {
+		return Welcome{}, nil, err
+	}
+	if w.Version < MinVersion || w.Version > Version {
+		return Welcome{}, nil, fmt.Errorf("peer chose unsupported protocol version %d", w.Version)
+	}
+	if w.Pod.UID != l.cfg.Member.UID {
+		return Welcome{}, nil, fmt.Errorf("peer is pod UID %q, expected %q", w.Pod.UID, l.cfg.Member.UID)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	fr.SetMax(MaxFrameBytes)
+	return w, fr, nil
+}
+
+// resume applies WELCOME to the queue: same receiver incarnation → continue after its
+// last sequence number (exactly once); another incarnation → settle what it may have
+// seen.
+func (l *Link) resume(conn net.Conn, w Welcome) {
+	l.mu.Lock()
+	var reroute []router.Message
+	if w.Known && (!l.havePeer || l.peerInc == w.Pod.Incarnation) {
+		l.ackLocked(w.LastSeq)
+	} else if l.havePeer {
+		l.log.Info("Peer restarted", "oldIncarnation", l.peerInc, "incarnation", w.Pod.Incarnation)
+		reroute = l.settleLocked(l.sentSeq, router.ReasonPeerRestarted)
+	}
+	l.next = 0
+	l.havePeer, l.peerInc = true, w.Pod.Incarnation
+	l.presence = w.Presence
+	l.up = true
+	l.conn = conn
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+	l.mu.Unlock()
+	l.log.V(1).Info("Peer link established", "version", w.Version, "incarnation", w.Pod.Incarnation)
+	l.cfg.Router.Reroute(reroute)
+	l.cfg.Router.Notify()
+}
+
+// writeLoop is the link's only writer: it writes everything queued in one batch per
+// wakeup, pings when idle, and says GOODBYE when asked to once the queue is empty.
+func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
+	bw := bufio.NewWriterSize(conn, 64<<10)
+	ping := time.NewTicker(l.cfg.Keepalive)
+	defer ping.Stop()
+	var batch []*outMsg
+	var hdr []byte
+	wrote := false
+	for {
+		l.mu.Lock()
+		batch = append(batch[:0], l.q[l.next:]...)
+		l.next = len(l.q)
+		if n := len(batch); n > 0 && batch[n-1].seq > l.sentSeq {
+			l.sentSeq = batch[n-1].seq
+		}
+		bye := l.bye && len(l.q) == 0
+		l.mu.Unlock()
+		if len(batch) > 0 {
+			_ = conn.SetWriteDeadline(time.Now().Add(3 * l.cfg.Keepalive))
+			for _, m := range batch {
+				hdr = AppendDataHeader(hdr[:0], m.seq, m.channel, m.kind, len(m.data))
+				bw.Write(hdr)
+				bw.Write(m.data)
+			}
+			if err := bw.Flush(); err != nil {
+				return err
+			}
+			l.cfg.Metrics.Sent.Add(float64(len(batch)))
+			clear(batch)
+			wrote = true
+			continue
+		}
+		if bye {
+			_ = conn.SetWriteDeadline(time.Now().Add(3 * l.cfg.Keepalive))
+			_, err := conn.Write(ReasonFrame(FrameGoodbye, "shutdown"))
+			return err
+		}
+		select {
+		case <-l.wake:
+		case <-done:
+			return nil
+		case <-ping.C:
+			if !wrote {
+				_ = conn.SetWriteDeadline(time.Now().Add(3 * l.cfg.Keepalive))
+				if _, err := conn.Write(PingFrame()); err != nil {
+					return err
+				}
+			}
+			wrote = false
+		}
+	}
+}
+
+// readLoop reads ACK, PRESENCE, PING and GOODBYE until the connection fails.
+func (l *Link) readLoop(conn net.Conn, fr *Reader) error {
+	for {
+		_ = conn.SetReadDeadline(time.Now().Add(3 * l.cfg.Keepalive))
+		t, body, err := fr.Next()
+		if err != nil {
+			return err
+		}
+		switch t {
+		case FrameAck:
+			seq, err := ParseAck(body)
+			if err != nil {
+				return err
+			}
+			l.mu.Lock()
+			l.ackLocked(seq)
+			l.mu.Unlock()
+		case FramePresence:
+			p, err := ParsePresence(body)
+			if err != nil {
+				return err
+			}
+			l.mu.Lock()
+			l.presence = p
+			l.mu.Unlock()
+			l.cfg.Router.Notify()
+		case FrameGoodbye:
+			return errGoodbye
+		default: // PING, and frames of later versions, are skipped
+		}
+	}
+}
+
+// Reset aborts the current connection with a TCP reset (for tests); the link redials
+// and resumes.
+func (l *Link) Reset() {
+	l.mu.Lock()
+	c := l.conn
+	l.mu.Unlock()
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+		_ = tc.Close()
+	}
+}
+
+// Drain waits until every queued line is acknowledged or ctx ends, then says goodbye.
+// Lines still unacknowledged are counted dropped for reason shutdown by Close.
+func (l *Link) Drain(ctx context.Context) {
+	l.mu.Lock()
+	for len(l.q) > 0 && ctx.Err() == nil {
+		c := l.space.C()
+		l.mu.Unlock()
+		select {
+		case <-c:
+		case <-ctx.Done():
+		}
+		l.mu.Lock()
+	}
+	l.bye = true
+	up := l.up
+	l.mu.Unlock()
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+	if !up {
+		return
+	}
+	// Give the writer a moment to send GOODBYE; the receiver then closes the link.
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	for {
+		l.mu.Lock()
+		up = l.up
+		c := l.space.C()
+		l.mu.Unlock()
+		if !up {
+			return
+		}
+		select {
+		case <-t.C:
+			return
+		case <-c:
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// Close stops the link and joins its goroutines. Unacknowledged lines are settled:
+// Broadcast ones counted dropped for reason, AnyOne ones rerouted. Idempotent.
+func (l *Link) Close(reason string) {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		l.wg.Wait()
+		return
+	}
+	l.closed = true
+	if l.cancel != nil {
+		l.cancel()
+	}
+	if l.conn != nil {
+		_ = l.conn.Close()
+	}
+	l.mu.Unlock()
+	l.wg.Wait()
+	l.mu.Lock()
+	reroute := l.settleLocked(^uint64(0), reason)
+	l.mu.Unlock()
+	if reason != router.ReasonShutdown {
+		l.cfg.Router.Reroute(reroute)
+	} else {
+		for _, m := range reroute {
+			l.cfg.Router.Drop(m.Channel, reason, 1)
+		}
+	}
+	l.cfg.Router.Notify()
+}

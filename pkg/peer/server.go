@@ -1,0 +1,441 @@
+package peer
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+
+	"github.com/podipc/podipc/pkg/router"
+)
+
+// ServerConfig configures the inbound side of peer links.
+type ServerConfig struct {
+	// Self identifies this sidecar's incarnation in WELCOME.
+	Self   Identity
+	Router *router.Router
+	// Authorize returns "" if a peer presenting id from remoteIP is a current member of
+	// a channel this pod serves, with exactly that namespace, name, UID and IP, and the
+	// reason it is refused otherwise.
+	Authorize func(id Identity, remoteIP string) string
+	Log       logr.Logger
+	Metrics   *Metrics
+	Keepalive time.Duration
+}
+
+// Server accepts peer links, delivers their lines to the router, and answers with
+// cumulative acknowledgements, presence updates and keepalives.
+type Server struct {
+	cfg ServerConfig
+	ln  net.Listener
+
+	mu sync.Mutex
+	// senders holds, per sending pod UID, the resume state of its latest incarnation;
+	// it outlives connections so that a reset link resumes exactly once.
+	senders map[string]*sender
+	inbound map[*inbound]struct{}
+	closed  bool
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// sender is the receive state for one sending pod's incarnation.
+type sender struct {
+	mu          sync.Mutex
+	incarnation uint64
+	// started says a line was received; last is then its sequence number.
+	started bool
+	last    uint64
+	// pending are the dispatched lines not yet written everywhere, in sequence order.
+	pending []pending
+	notify  chan struct{}
+	// active is the connection currently serving this sender (guarded by Server.mu).
+	active *inbound
+}
+
+type pending struct {
+	seq uint64
+	c   *router.Completion
+}
+
+// inbound is one accepted connection.
+type inbound struct {
+	conn net.Conn
+	id   Identity
+	ip   string
+	bye  chan struct{} // closed to make the writer say GOODBYE
+	done chan struct{} // closed when the connection's goroutines have ended
+}
+
+// NewServer returns a server for the listener ln (bound by the caller so that
+// readiness can wait for it).
+func NewServer(ln net.Listener, cfg ServerConfig) *Server {
+	if cfg.Keepalive == 0 {
+		cfg.Keepalive = DefaultKeepalive
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
+	return &Server{cfg: cfg, ln: ln, senders: map[string]*sender{}, inbound: map[*inbound]struct{}{}}
+}
+
+// Start accepts links until ctx ends or Close is called.
+func (s *Server) Start(ctx context.Context) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return net.ErrClosed
+	}
+	s.ctx, s.cancel = context.WithCancel(ctx)
+	s.wg.Add(2)
+	s.mu.Unlock()
+	go func() {
+		defer s.wg.Done()
+		<-s.ctx.Done()
+		_ = s.ln.Close()
+	}()
+	go func() {
+		defer s.wg.Done()
+		for {
+			conn, err := s.ln.Accept()
+			if err != nil {
+				if !errors.Is(err, net.ErrClosed) {
+					s.cfg.Log.Error(err, "Peer listener failed")
+				}
+				return
+			}
+			s.mu.Lock()
+			if s.closed {
+				s.mu.Unlock()
+				_ = conn.Close()
+				return
+			}
+			in := &inbound{conn: conn, bye: make(chan struct{}), done: make(chan struct{})}
+			s.inbound[in] = struct{}{}
+			s.wg.Add(1)
+			s.mu.Unlock()
+			go func() {
+				defer s.wg.Done()
+				defer func() {
+					s.mu.Lock()
+					delete(s.inbound, in)
+					s.mu.Unlock()
+				}()
+				defer close(in.done)
+				defer conn.Close()
+				if err := s.serve(in); err != nil && !errors.Is(err, net.ErrClosed) {
+					s.cfg.Log.V(1).Info("Inbound peer link ended", "remote", conn.RemoteAddr().String(), "err", err)
+				}
+			}()
+		}
+	}()
+	return nil
+}
+
+func (s *Server) refuse(in *inbound, label, reason string) error {
+	s.cfg.Metrics.Refused.WithLabelValues(label).Inc()
+	s.cfg.Log.Info("Refused peer link", "remote", in.conn.RemoteAddr().String(),
+		"pod", in.id.Namespace+"/"+in.id.Name, "uid", in.id.UID, "reason", reason)
+	_, _ = in.conn.Write(ReasonFrame(FrameRefuse, reason))
+	return fmt.Errorf("refused: %s", reason)
+}
+
+// serve runs one inbound connection: handshake, then read DATA until it ends.
+func (s *Server) serve(in *inbound) error {
+	conn := in.conn
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fr := NewReader(conn, maxHandshakeBytes)
+	t, body, err := fr.Next()
+	if err != nil {
+		return err
+	}
+	if t != FrameHello {
+		return s.refuse(in, "handshake", fmt.Sprintf("expected HELLO, got frame type %d", t))
+	}
+	h, err := ParseHello(body)
+	if err != nil {
+		return s.refuse(in, "handshake", err.Error())
+	}
+	in.id = h.Pod
+	if tcp, ok := conn.RemoteAddr().(*net.TCPAddr); ok {
+		in.ip = tcp.IP.String()
+	}
+	v := min(h.MaxVersion, Version)
+	if v < max(h.MinVersion, MinVersion) {
+		return s.refuse(in, "version", fmt.Sprintf("no common protocol version: peer speaks %d-%d, this sidecar %d-%d",
+			h.MinVersion, h.MaxVersion, MinVersion, Version))
+	}
+	if reason := s.cfg.Authorize(h.Pod, in.ip); reason != "" {
+		return s.refuse(in, "unauthorized", reason)
+	}
+	st := s.takeOver(in)
+	if st == nil {
+		return net.ErrClosed
+	}
+	defer func() {
+		s.mu.Lock()
+		if st.active == in {
+			st.active = nil
+		}
+		s.mu.Unlock()
+	}()
+	st.mu.Lock()
+	w := Welcome{Version: v, Pod: s.cfg.Self}
+	if st.incarnation == h.Pod.Incarnation {
+		w.Known, w.LastSeq = true, st.last
+	} else {
+		st.incarnation, st.started, st.last, st.pending = h.Pod.Incarnation, false, 0, nil
+	}
+	st.mu.Unlock()
+	w.Presence = s.cfg.Router.Presence()
+	if _, err := conn.Write(w.Frame()); err != nil {
+		return err
+	}
+	_ = conn.SetDeadline(time.Time{})
+	fr.SetMax(MaxFrameBytes)
+	s.cfg.Log.V(1).Info("Accepted peer link", "pod", h.Pod.Namespace+"/"+h.Pod.Name, "version", v,
+		"resumeAfter", w.LastSeq, "known", w.Known)
+	s.cfg.Metrics.Links.WithLabelValues("in", "up").Inc()
+	defer s.cfg.Metrics.Links.WithLabelValues("in", "up").Dec()
+
+	readDone := make(chan struct{})
+	werr := make(chan error, 1)
+	go func() {
+		err := s.writeLoop(in, st, readDone)
+		if err != nil {
+			_ = conn.Close()
+		}
+		werr <- err
+	}()
+	err = s.readLoop(in, st, fr)
+	close(readDone)
+	_ = conn.Close()
+	<-werr
+	if errors.Is(err, errGoodbye) {
+		// The sender's incarnation has ended: forget it.
+		s.mu.Lock()
+		if cur := s.senders[h.Pod.UID]; cur == st {
+			delete(s.senders, h.Pod.UID)
+		}
+		s.mu.Unlock()
+		return nil
+	}
+	return err
+}
+
+// takeOver makes in the active connection of its sender, ending (and waiting for) the
+// previous one, so that no two connections deliver for one sender at once.
+func (s *Server) takeOver(in *inbound) *sender {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.senders[in.id.UID]
+	if st == nil {
+		st = &sender{notify: make(chan struct{}, 1)}
+		s.senders[in.id.UID] = st
+	}
+	for st.active != nil {
+		old := st.active
+		s.mu.Unlock()
+		_ = old.conn.Close()
+		<-old.done
+		s.mu.Lock()
+		if s.closed {
+			return nil
+		}
+	}
+	st.active = in
+	return st
+}
+
+// readLoop dispatches DATA frames in sequence order, skipping duplicates.
+func (s *Server) readLoop(in *inbound, st *sender, fr *Reader) error {
+	var slab router.Slab
+	names := map[string]string{}
+	for {
+		_ = in.conn.SetReadDeadline(time.Now().Add(3 * s.cfg.Keepalive))
+		t, body, err := fr.Next()
+		if err != nil {
+			return err
+		}
+		switch t {
+		case FrameData:
+		case FrameGoodbye:
+			return errGoodbye
+		default: // PING and frames of later versions
+			continue
+		}
+		d, err := ParseData(body)
+		if err != nil {
+			return err
+		}
+		st.mu.Lock()
+		if st.started && d.Seq <= st.last {
+			st.mu.Unlock() // a retransmission of a line already delivered
+			continue
+		}
+		if st.started && d.Seq != st.last+1 {
+			st.mu.Unlock()
+			return fmt.Errorf("%w: sequence gap: got %d after %d", ErrFrame, d.Seq, st.last)
+		}
+		st.started, st.last = true, d.Seq
+		c := router.NewCompletion(st.notify)
+		st.pending = append(st.pending, pending{seq: d.Seq, c: c})
+		st.mu.Unlock()
+		name, ok := names[string(d.Channel)]
+		if !ok {
+			name = string(d.Channel)
+			names[name] = name
+		}
+		s.cfg.Router.Deliver(s.ctx, name, d.Kind, slab.Copy(d.Payload), c)
+		c.Done()
+		s.cfg.Metrics.Received.Inc()
+	}
+}
+
+// ackable pops completed lines and returns the cumulative acknowledgement.
+func (st *sender) ackable() uint64 {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	k := 0
+	for k < len(st.pending) && st.pending[k].c.Complete() {
+		k++
+	}
+	clear(st.pending[:k])
+	st.pending = st.pending[k:]
+	if len(st.pending) == 0 {
+		return st.last
+	}
+	return st.pending[0].seq - 1
+}
+
+// writeLoop is the connection's only writer: acknowledgements as lines complete,
+// presence when local connections come and go, pings when idle, GOODBYE on shutdown.
+func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) error {
+	bw := bufio.NewWriterSize(in.conn, 4<<10)
+	ping := time.NewTicker(s.cfg.Keepalive)
+	defer ping.Stop()
+	presence := s.cfg.Router.PresenceChanged()
+	var sentAck uint64
+	var buf []byte
+	wrote := false
+	flush := func() error {
+		_ = in.conn.SetWriteDeadline(time.Now().Add(3 * s.cfg.Keepalive))
+		wrote = true
+		return bw.Flush()
+	}
+	ack := func() error {
+		if a := st.ackable(); a > sentAck {
+			sentAck = a
+			buf = AckFrame(buf[:0], a)
+			bw.Write(buf)
+			return flush()
+		}
+		return nil
+	}
+	if err := ack(); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-st.notify:
+			if err := ack(); err != nil {
+				return err
+			}
+		case <-presence:
+			presence = s.cfg.Router.PresenceChanged()
+			bw.Write(PresenceFrame(s.cfg.Router.Presence()))
+			if err := flush(); err != nil {
+				return err
+			}
+		case <-ping.C:
+			// A missed notification (taken by a previous connection's writer) is
+			// caught here at the latest.
+			if err := ack(); err != nil {
+				return err
+			}
+			if !wrote {
+				bw.Write(PingFrame())
+				if err := flush(); err != nil {
+					return err
+				}
+			}
+			wrote = false
+		case <-in.bye:
+			_ = ack()
+			bw.Write(ReasonFrame(FrameGoodbye, "shutdown"))
+			return flush()
+		case <-readDone:
+			return nil
+		}
+	}
+}
+
+// Revalidate closes inbound links whose peer is no longer authorized (called after a
+// membership change).
+func (s *Server) Revalidate() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for in := range s.inbound {
+		if in.id.UID == "" {
+			continue // still in its handshake, which authorizes it
+		}
+		if reason := s.cfg.Authorize(in.id, in.ip); reason != "" {
+			s.cfg.Log.Info("Closing peer link of a former member", "pod", in.id.Namespace+"/"+in.id.Name, "reason", reason)
+			_ = in.conn.Close()
+		}
+	}
+}
+
+// Reset aborts every inbound connection with a TCP reset (for tests).
+func (s *Server) Reset() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for in := range s.inbound {
+		if tc, ok := in.conn.(*net.TCPConn); ok {
+			_ = tc.SetLinger(0)
+			_ = tc.Close()
+		}
+	}
+}
+
+// Addr returns the listening address.
+func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+// Close says goodbye on every inbound link (waiting at most timeout for the goodbyes
+// to be written), stops accepting, and joins every goroutine. Idempotent.
+func (s *Server) Close(timeout time.Duration) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		s.wg.Wait()
+		return
+	}
+	s.closed = true
+	_ = s.ln.Close()
+	ins := make([]*inbound, 0, len(s.inbound))
+	for in := range s.inbound {
+		ins = append(ins, in)
+		close(in.bye)
+	}
+	s.mu.Unlock()
+	deadline := time.After(timeout)
+	for _, in := range ins {
+		select {
+		case <-in.done:
+		case <-deadline:
+		case <-time.After(50 * time.Millisecond):
+		}
+		_ = in.conn.Close()
+	}
+	if s.cancel != nil {
+		s.cancel()
+	}
+	s.wg.Wait()
+}

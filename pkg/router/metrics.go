@@ -1,0 +1,37 @@
+package router
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Metrics are the router's Prometheus series, all prefixed podipc_.
+type Metrics struct {
+	LinesIn     *prometheus.CounterVec
+	LinesOut    *prometheus.CounterVec
+	Dropped     *prometheus.CounterVec
+	QueueBytes  *prometheus.GaugeVec
+	Connections *prometheus.GaugeVec
+}
+
+// NewMetrics creates the router's series and registers them with reg (if not nil).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		LinesIn: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "podipc_lines_in_total", Help: "Lines accepted from local app connections.",
+		}, []string{"channel"}),
+		LinesOut: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "podipc_lines_out_total", Help: "Lines written to local app connections.",
+		}, []string{"channel"}),
+		Dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "podipc_dropped_lines_total", Help: "Lines not delivered to a receiver, by reason.",
+		}, []string{"channel", "reason"}),
+		QueueBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "podipc_queue_bytes", Help: "Bytes queued for local app connections.",
+		}, []string{"channel"}),
+		Connections: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "podipc_local_connections", Help: "Open local app connections.",
+		}, []string{"channel"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.LinesIn, m.LinesOut, m.Dropped, m.QueueBytes, m.Connections)
+	}
+	return m
+}

@@ -1,0 +1,180 @@
+package router
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/podipc/podipc/pkg/discovery"
+)
+
+// Result is the outcome of offering a message to a bounded queue.
+type Result int
+
+const (
+	// Queued means the message is in the queue.
+	Queued Result = iota
+	// Dropped means the message was not queued; the reason says why.
+	Dropped
+	// Disconnect means the channel's policy is Disconnect and the receiver is too slow:
+	// the caller must end the receiver's connection (the message is dropped).
+	Disconnect
+)
+
+// Bound is the overflow state of one receiver's queue, shared by local connection queues
+// and peer link queues. Its methods are called with the queue's mutex held.
+type Bound struct {
+	// overflowing is true from the moment WaitThenDrop gave up waiting until the queue
+	// drains below half: within one overflow episode lines are dropped without waiting.
+	overflowing bool
+}
+
+// Admit applies the overflow policy ov to a message of n bytes entering a queue that
+// holds used bytes. mu must be held; Admit may release and re-acquire it while waiting,
+// calling used again each time. space is broadcast whenever the queue shrinks; closed
+// reports whether the queue has ended.
+func (b *Bound) Admit(ctx context.Context, mu *sync.Mutex, n int, used func() int, space *Signal,
+	closed func() bool, ov discovery.Overflow) (Result, string) {
+	limit := ov.QueueBytes
+	fits := func() bool { u := used(); return u == 0 || u+n <= limit }
+	if b.overflowing {
+		if used() >= limit/2 {
+			return Dropped, ReasonQueueFull
+		}
+		b.overflowing = false
+	}
+	if fits() {
+		return Queued, ""
+	}
+	var deadline <-chan time.Time
+	switch ov.Policy {
+	case discovery.Disconnect:
+		return Disconnect, ReasonSlowConsumer
+	case discovery.Block:
+	default: // WaitThenDrop
+		t := time.NewTimer(ov.MaxWait)
+		defer t.Stop()
+		deadline = t.C
+	}
+	for {
+		c := space.C()
+		mu.Unlock()
+		select {
+		case <-c:
+			mu.Lock()
+		case <-deadline:
+			mu.Lock()
+			if fits() && !closed() {
+				return Queued, ""
+			}
+			b.overflowing = true
+			return Dropped, ReasonQueueFull
+		case <-ctx.Done():
+			mu.Lock()
+			return Dropped, ReasonShutdown
+		}
+		if closed() {
+			return Dropped, ReasonClosed
+		}
+		if fits() {
+			return Queued, ""
+		}
+	}
+}
+
+// Queue is the bounded FIFO of one local receiving connection. Many senders push; one
+// writer goroutine takes everything queued at once, writes it in one batch, then releases
+// the bytes. Bytes taken but not yet released still count against the bound.
+type Queue struct {
+	mu     sync.Mutex
+	items  []Item
+	bytes  int
+	closed bool
+	bound  Bound
+	space  Signal
+	ready  chan struct{}
+	// gauge receives every change of the queued bytes, for podipc_queue_bytes.
+	gauge func(delta int)
+}
+
+// NewQueue returns an empty queue. gauge, if not nil, observes byte count changes.
+func NewQueue(gauge func(delta int)) *Queue {
+	if gauge == nil {
+		gauge = func(int) {}
+	}
+	return &Queue{ready: make(chan struct{}, 1), gauge: gauge}
+}
+
+// Push offers it to the queue under policy ov, waiting as the policy says.
+func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Result, string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return Dropped, ReasonClosed
+	}
+	res, reason := q.bound.Admit(ctx, &q.mu, len(it.Data), func() int { return q.bytes }, &q.space,
+		func() bool { return q.closed }, ov)
+	if res != Queued {
+		return res, reason
+	}
+	if q.closed {
+		return Dropped, ReasonClosed
+	}
+	q.items = append(q.items, it)
+	q.bytes += len(it.Data)
+	q.gauge(len(it.Data))
+	select {
+	case q.ready <- struct{}{}:
+	default:
+	}
+	return Queued, ""
+}
+
+// Ready is signalled whenever items are pushed.
+func (q *Queue) Ready() <-chan struct{} { return q.ready }
+
+// Take appends every queued item to dst and empties the queue. The caller must Release
+// the bytes of what it took once written.
+func (q *Queue) Take(dst []Item) []Item {
+	q.mu.Lock()
+	dst = append(dst, q.items...)
+	clear(q.items)
+	q.items = q.items[:0]
+	q.mu.Unlock()
+	return dst
+}
+
+// Release returns n bytes of taken items to the bound.
+func (q *Queue) Release(n int) {
+	if n == 0 {
+		return
+	}
+	q.mu.Lock()
+	q.bytes -= n
+	q.mu.Unlock()
+	q.gauge(-n)
+	q.space.Broadcast()
+}
+
+// Close ends the queue: pending and future pushes are refused, and the items still
+// queued are returned so the caller can count them dropped and release their bytes.
+func (q *Queue) Close() []Item {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return nil
+	}
+	q.closed = true
+	items := q.items
+	q.items = nil
+	q.mu.Unlock()
+	q.space.Broadcast()
+	return items
+}
+
+// Bytes reports the bytes queued or being written.
+func (q *Queue) Bytes() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.bytes
+}

@@ -1,0 +1,421 @@
+package router
+
+import (
+	"context"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/podipc/podipc/pkg/discovery"
+)
+
+// Remote is a member pod reached over a peer link. Peer links implement it.
+type Remote interface {
+	// ID is the remote pod's UID.
+	ID() string
+	// Send queues one message for the remote pod under the channel's overflow policy.
+	// anyOne marks lines that must be rerouted, not dropped, if the remote restarts.
+	Send(ctx context.Context, channel string, kind Kind, data []byte, anyOne bool, ov discovery.Overflow) (Result, string)
+	// Presence reports how many connections the remote advertised on channel, and
+	// whether its link is established (presence is only trusted while it is).
+	Presence(channel string) (conns int, up bool)
+}
+
+// Router holds the channels a sidecar serves.
+type Router struct {
+	log     logr.Logger
+	metrics *Metrics
+
+	mu       sync.RWMutex
+	channels map[string]*Channel
+
+	// presence is broadcast when the local connection count of any channel changes;
+	// peer links subscribe to advertise it.
+	presence Signal
+	// changed is broadcast when candidates may have appeared (a remote's presence or
+	// link state changed); AnyOne lines waiting for a receiver re-check on it.
+	changed Signal
+
+	// wg joins the reroute goroutines.
+	wg     sync.WaitGroup
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+// New returns an empty router.
+func New(log logr.Logger, m *Metrics) *Router {
+	if m == nil {
+		m = NewMetrics(nil)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Router{log: log, metrics: m, channels: map[string]*Channel{}, ctx: ctx, cancel: cancel}
+}
+
+// Close cancels waits of rerouted lines and joins their goroutines. Idempotent.
+func (r *Router) Close() {
+	r.cancel()
+	r.wg.Wait()
+}
+
+// Channel is one served channel: its spec, its local connections and its remote members.
+type Channel struct {
+	r    *Router
+	name string
+	spec atomic.Pointer[discovery.Spec]
+	// conns and remotes are copy-on-write snapshots so the hot path reads them without
+	// a lock; writers hold mu.
+	mu      sync.Mutex
+	conns   atomic.Pointer[[]*Conn]
+	remotes atomic.Pointer[[]member]
+	rr      atomic.Uint64
+
+	linesIn  prometheus.Counter
+	linesOut prometheus.Counter
+	bytes    prometheus.Gauge
+	nconns   prometheus.Gauge
+}
+
+// member is a remote pod of the channel with the conditions discovery reports.
+type member struct {
+	Remote
+	ready, serving bool
+}
+
+// Conn is a local app connection registered on a channel.
+type Conn struct {
+	ch *Channel
+	// Kind is the framing of the app connection; the endpoint translates to it.
+	Kind Kind
+	// Queue holds the messages waiting to be written to the app.
+	Queue *Queue
+	kick  func()
+}
+
+// Ensure returns the channel named name, creating it, and applies spec.
+func (r *Router) Ensure(name string, spec discovery.Spec) *Channel {
+	spec = spec.WithDefaults()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ch := r.channels[name]
+	if ch == nil {
+		ch = &Channel{r: r, name: name,
+			linesIn:  r.metrics.LinesIn.WithLabelValues(name),
+			linesOut: r.metrics.LinesOut.WithLabelValues(name),
+			bytes:    r.metrics.QueueBytes.WithLabelValues(name),
+			nconns:   r.metrics.Connections.WithLabelValues(name),
+		}
+		ch.conns.Store(&[]*Conn{})
+		ch.remotes.Store(&[]member{})
+		r.channels[name] = ch
+	}
+	ch.spec.Store(&spec)
+	return ch
+}
+
+// Remove forgets a channel. Its endpoints must have closed their connections first.
+func (r *Router) Remove(name string) {
+	r.mu.Lock()
+	delete(r.channels, name)
+	r.mu.Unlock()
+	r.presence.Broadcast()
+}
+
+// Channel returns the channel named name, or nil.
+func (r *Router) Channel(name string) *Channel {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.channels[name]
+}
+
+// Presence returns the number of local connections of every channel.
+func (r *Router) Presence() map[string]int {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	p := make(map[string]int, len(r.channels))
+	for name, ch := range r.channels {
+		p[name] = len(*ch.conns.Load())
+	}
+	return p
+}
+
+// PresenceChanged returns a channel closed at the next local presence change.
+func (r *Router) PresenceChanged() <-chan struct{} { return r.presence.C() }
+
+// Notify tells waiting AnyOne lines that candidates may have changed.
+func (r *Router) Notify() { r.changed.Broadcast() }
+
+// Name returns the channel's name.
+func (ch *Channel) Name() string { return ch.name }
+
+// Spec returns the channel's current spec (with defaults).
+func (ch *Channel) Spec() discovery.Spec { return *ch.spec.Load() }
+
+// SetMembers replaces the channel's remote members. Remote i has the conditions of
+// ready[i] and serving[i].
+func (ch *Channel) SetMembers(remotes []Remote, ready, serving []bool) {
+	ms := make([]member, len(remotes))
+	for i, rem := range remotes {
+		ms[i] = member{Remote: rem, ready: ready[i], serving: serving[i]}
+	}
+	slices.SortFunc(ms, func(a, b member) int {
+		if a.ID() < b.ID() {
+			return -1
+		}
+		if a.ID() > b.ID() {
+			return 1
+		}
+		return 0
+	})
+	ch.remotes.Store(&ms)
+	ch.r.changed.Broadcast()
+}
+
+// Attach registers a local connection of the given kind. kick must end the
+// connection; it is called when the Disconnect policy finds it too slow.
+func (ch *Channel) Attach(kind Kind, kick func()) *Conn {
+	c := &Conn{ch: ch, Kind: kind, kick: kick}
+	c.Queue = NewQueue(func(d int) { ch.bytes.Add(float64(d)) })
+	ch.mu.Lock()
+	next := append(slices.Clone(*ch.conns.Load()), c)
+	ch.conns.Store(&next)
+	ch.mu.Unlock()
+	ch.nconns.Inc()
+	ch.r.presence.Broadcast()
+	ch.r.changed.Broadcast()
+	return c
+}
+
+// Detach unregisters c and counts what was still queued for it as dropped.
+func (c *Conn) Detach() {
+	ch := c.ch
+	ch.mu.Lock()
+	cur := *ch.conns.Load()
+	i := slices.Index(cur, c)
+	if i >= 0 {
+		next := slices.Delete(slices.Clone(cur), i, i+1)
+		ch.conns.Store(&next)
+	}
+	ch.mu.Unlock()
+	if i >= 0 {
+		ch.nconns.Dec()
+		ch.r.presence.Broadcast()
+	}
+	left := c.Queue.Close()
+	n := 0
+	for _, it := range left {
+		n += len(it.Data)
+		it.Done.Done()
+	}
+	c.Queue.Release(n)
+	if len(left) > 0 {
+		ch.drop(ReasonClosed, len(left))
+	}
+}
+
+// Written counts n messages written to the app, releases their bytes and completes them.
+func (c *Conn) Written(items []Item) {
+	n := 0
+	for i := range items {
+		n += len(items[i].Data)
+		items[i].Done.Done()
+	}
+	c.Queue.Release(n)
+	c.ch.linesOut.Add(float64(len(items)))
+}
+
+// Channel returns the channel c is attached to.
+func (c *Conn) Channel() *Channel { return c.ch }
+
+func (ch *Channel) drop(reason string, n int) {
+	ch.r.metrics.Dropped.WithLabelValues(ch.name, reason).Add(float64(n))
+	ch.r.log.V(4).Info("Dropped lines", "channel", ch.name, "reason", reason, "count", n)
+}
+
+// Drop counts n lines of channel dropped for reason (used by peer links).
+func (r *Router) Drop(channel, reason string, n int) {
+	r.metrics.Dropped.WithLabelValues(channel, reason).Add(float64(n))
+	r.log.V(4).Info("Dropped lines", "channel", channel, "reason", reason, "count", n)
+}
+
+// pushLocal queues it for c and handles the outcome. It reports whether it was queued.
+func (ch *Channel) pushLocal(ctx context.Context, c *Conn, it Item, ov discovery.Overflow) bool {
+	res, reason := c.Queue.Push(ctx, it, ov)
+	switch res {
+	case Queued:
+		return true
+	case Disconnect:
+		ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "queueBytes", ov.QueueBytes)
+		c.kick()
+	}
+	ch.drop(reason, 1)
+	return false
+}
+
+// Route sends a line accepted from the local connection from (which may be nil for
+// rerouted lines) to its receivers. data must stay valid while it is queued. Route
+// blocks as the overflow policy says; ctx ends any wait.
+func (ch *Channel) Route(ctx context.Context, from *Conn, kind Kind, data []byte) {
+	spec := ch.spec.Load()
+	if from != nil {
+		ch.linesIn.Inc()
+	}
+	if spec.Delivery == discovery.AnyOne {
+		ch.routeAnyOne(ctx, from, kind, data, spec.Overflow)
+		return
+	}
+	it := Item{Kind: kind, Data: data}
+	for _, c := range *ch.conns.Load() {
+		if c != from {
+			ch.pushLocal(ctx, c, it, spec.Overflow)
+		}
+	}
+	for _, m := range *ch.remotes.Load() {
+		if !m.serving {
+			continue
+		}
+		if res, reason := m.Send(ctx, ch.name, kind, data, false, spec.Overflow); res != Queued {
+			ch.drop(reason, 1)
+		}
+	}
+}
+
+// routeAnyOne picks the next candidate pod round robin and hands it the line, waiting
+// up to maxWait for a candidate to appear.
+func (ch *Channel) routeAnyOne(ctx context.Context, from *Conn, kind Kind, data []byte, ov discovery.Overflow) {
+	var deadline <-chan time.Time
+	for {
+		wake := ch.r.changed.C()
+		if ch.tryAnyOne(ctx, from, kind, data, ov) {
+			return
+		}
+		if deadline == nil {
+			t := time.NewTimer(ov.MaxWait)
+			defer t.Stop()
+			deadline = t.C
+		}
+		select {
+		case <-wake:
+		case <-deadline:
+			ch.drop(ReasonNoReceiver, 1)
+			return
+		case <-ctx.Done():
+			ch.drop(ReasonShutdown, 1)
+			return
+		}
+	}
+}
+
+// tryAnyOne reports whether it found a candidate (the line is then queued or counted).
+func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data []byte, ov discovery.Overflow) bool {
+	conns := *ch.conns.Load()
+	local := false
+	for _, c := range conns {
+		if c != from {
+			local = true
+			break
+		}
+	}
+	remotes := *ch.remotes.Load()
+	// Candidate 0 is the own pod, then the remotes in UID order, so every sender
+	// walks the same ring.
+	var cands [17]int
+	list := cands[:0]
+	if local {
+		list = append(list, -1)
+	}
+	for i, m := range remotes {
+		if n, up := m.Presence(ch.name); m.ready && up && n > 0 {
+			list = append(list, i)
+		}
+	}
+	if len(list) == 0 {
+		return false
+	}
+	pick := list[int(ch.rr.Add(1)-1)%len(list)]
+	if pick < 0 {
+		it := Item{Kind: kind, Data: data}
+		for _, c := range conns {
+			if c != from {
+				ch.pushLocal(ctx, c, it, ov)
+			}
+		}
+		return true
+	}
+	if res, reason := remotes[pick].Send(ctx, ch.name, kind, data, true, ov); res != Queued {
+		ch.drop(reason, 1)
+	}
+	return true
+}
+
+// Deliver hands a line received from a peer to every local connection of channel.
+// done is referenced once per connection and released when that connection has
+// written the line or counted it dropped; the caller keeps (and releases) its own
+// reference. Deliver may block under the Block policy, which is the intended
+// backpressure on the peer link; it never waits for acknowledgements.
+func (r *Router) Deliver(ctx context.Context, channel string, kind Kind, data []byte, done *Completion) {
+	ch := r.Channel(channel)
+	if ch == nil {
+		r.Drop(channel, ReasonNoChannel, 1)
+		return
+	}
+	spec := ch.spec.Load()
+	conns := *ch.conns.Load()
+	if len(conns) == 0 {
+		// Counted so that a line a peer carried here never vanishes without a trace,
+		// although for Broadcast no connection means nobody to deliver to.
+		ch.drop(ReasonNoConnection, 1)
+		return
+	}
+	it := Item{Kind: kind, Data: data, Done: done}
+	for _, c := range conns {
+		done.Add(1)
+		if !ch.pushLocal(ctx, c, it, spec.Overflow) {
+			done.Done()
+		}
+	}
+}
+
+// Message is a line in flight between a sender and a peer link.
+type Message struct {
+	Channel string
+	Kind    Kind
+	Data    []byte
+}
+
+// Reroute routes AnyOne lines that a failed or restarted remote never acknowledged to
+// the next candidates, in order, in one background goroutine.
+func (r *Router) Reroute(msgs []Message) {
+	if len(msgs) == 0 {
+		return
+	}
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		for _, m := range msgs {
+			ch := r.Channel(m.Channel)
+			if ch == nil {
+				r.Drop(m.Channel, ReasonNoChannel, 1)
+				continue
+			}
+			ch.routeAnyOne(r.ctx, nil, m.Kind, m.Data, ch.spec.Load().Overflow)
+		}
+	}()
+}
+
+// Failed counts items taken for c that could not be written as dropped, releases their
+// bytes and completes them.
+func (c *Conn) Failed(items []Item, reason string) {
+	n := 0
+	for i := range items {
+		n += len(items[i].Data)
+		items[i].Done.Done()
+	}
+	c.Queue.Release(n)
+	if len(items) > 0 {
+		c.ch.drop(reason, len(items))
+	}
+}

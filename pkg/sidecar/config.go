@@ -1,0 +1,105 @@
+package sidecar
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/podipc/podipc/pkg/peer"
+)
+
+// Well-known ports (DESIGN §2).
+const (
+	PeerPort  = 7701
+	AdminPort = 7702
+)
+
+// Config is the sidecar's configuration: the pod's identity from the environment
+// (downward API) and the flags.
+type Config struct {
+	Namespace, Name, UID, IP string
+	// Channels are the channel names of PODIPC_CHANNELS.
+	Channels []string
+
+	Discovery      string
+	StaticConfig   string
+	AppAddress     string
+	PeerAddress    string
+	AdminAddress   string
+	SocketDir      string
+	DrainTimeout   time.Duration
+	LogLevel       string
+	DebugEndpoints bool
+	Keepalive      time.Duration
+}
+
+// ParseConfig reads the environment through getenv and parses args (without the
+// program name).
+func ParseConfig(args []string, getenv func(string) string) (Config, error) {
+	c := Config{
+		Namespace: getenv("PODIPC_POD_NAMESPACE"),
+		Name:      getenv("PODIPC_POD_NAME"),
+		UID:       getenv("PODIPC_POD_UID"),
+		IP:        getenv("PODIPC_POD_IP"),
+	}
+	for _, ch := range strings.Split(getenv("PODIPC_CHANNELS"), ",") {
+		if ch = strings.TrimSpace(ch); ch != "" {
+			c.Channels = append(c.Channels, ch)
+		}
+	}
+	fs := flag.NewFlagSet("podipc-sidecar", flag.ContinueOnError)
+	fs.StringVar(&c.Discovery, "discovery", "kubernetes", "Where channel specs and members come from: kubernetes or static.")
+	fs.StringVar(&c.StaticConfig, "static-config", "", "The static discovery file (YAML), re-read every second and on SIGHUP.")
+	fs.StringVar(&c.AppAddress, "app-address", "127.0.0.1", "The host the channels' line ports are bound on.")
+	fs.StringVar(&c.PeerAddress, "peer-address", c.IP, "The host (or host:port) of the peer port (7701); also the source address of outbound links.")
+	fs.StringVar(&c.AdminAddress, "admin-address", c.IP, "The host (or host:port) of the admin port (7702): /healthz, /readyz, /metrics.")
+	fs.StringVar(&c.SocketDir, "socket-dir", "/var/run/podipc", "The directory of the node-ipc sockets (app.<channel>).")
+	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 5*time.Second, "How long SIGTERM waits for queued lines to be acknowledged by peers.")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "Log verbosity: info, debug (V(1)), trace (V(4)) or a number.")
+	fs.BoolVar(&c.DebugEndpoints, "debug-endpoints", false, "Serve test-only admin endpoints (POST /debug/reset-peers).")
+	fs.DurationVar(&c.Keepalive, "peer-keepalive", peer.DefaultKeepalive, "Idle interval between peer keepalives; three missed intervals end a link.")
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	return c, c.validate()
+}
+
+func (c Config) validate() error {
+	var errs []error
+	if c.UID == "" || c.Name == "" || c.Namespace == "" {
+		errs = append(errs, errors.New("PODIPC_POD_NAMESPACE, PODIPC_POD_NAME and PODIPC_POD_UID must be set"))
+	}
+	if c.PeerAddress == "" || c.AdminAddress == "" {
+		errs = append(errs, errors.New("PODIPC_POD_IP (or --peer-address and --admin-address) must be set"))
+	}
+	switch c.Discovery {
+	case "static":
+		if c.StaticConfig == "" {
+			errs = append(errs, errors.New("--discovery=static needs --static-config"))
+		}
+	case "kubernetes":
+	default:
+		errs = append(errs, fmt.Errorf("--discovery=%q: want kubernetes or static", c.Discovery))
+	}
+	return errors.Join(errs...)
+}
+
+// withPort returns addr with port unless it already has one.
+func withPort(addr string, port int) string {
+	if _, _, err := net.SplitHostPort(addr); err == nil {
+		return addr
+	}
+	return net.JoinHostPort(addr, strconv.Itoa(port))
+}
+
+// host returns the host part of addr.
+func host(addr string) string {
+	if h, _, err := net.SplitHostPort(addr); err == nil {
+		return h
+	}
+	return addr
+}

@@ -1,0 +1,388 @@
+package sidecar_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// sidecarBin is the podipc-sidecar binary built once by TestMain.
+var sidecarBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "podipc-sidecar-test")
+	if err != nil {
+		panic(err)
+	}
+	sidecarBin = filepath.Join(dir, "podipc-sidecar")
+	build := exec.Command("go", "build", "-o", sidecarBin, "github.com/podipc/podipc/cmd/podipc-sidecar")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "building podipc-sidecar:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// subnet gives each test its own 127.77.<n>.0/24, so the fixed ports (7000, 7701, 7702)
+// of one test's sidecars never meet another's, even if a process outlives its test.
+var subnet atomic.Int32
+
+// chanCfg is one channel of a test cluster.
+type chanCfg struct {
+	name, delivery, policy, maxWait string
+	queueBytes, maxMessageBytes   int
+}
+
+// pod is one sidecar process and its identity.
+type pod struct {
+	name, uid, ip string
+	sockDir       string
+	cmd           *exec.Cmd
+	exited        chan struct{}
+	exitErr       error
+	log           *bytes.Buffer
+	logMu         *sync.Mutex
+}
+
+type cluster struct {
+	t        *testing.T
+	dir      string
+	config   string
+	channels []chanCfg
+	pods     []*pod
+}
+
+// newCluster writes a static config for n pods sharing channels and starts them all.
+func newCluster(t *testing.T, n int, channels ...chanCfg) *cluster {
+	t.Helper()
+	net3 := 10 + subnet.Add(1)
+	c := &cluster{t: t, dir: shortTempDir(t), channels: channels}
+	c.config = filepath.Join(c.dir, "static.yaml")
+	for i := range n {
+		name := string(rune('a' + i))
+		p := &pod{name: "pod-" + name, uid: "uid-" + name, ip: fmt.Sprintf("127.77.%d.%d", net3, i+1),
+			sockDir: filepath.Join(c.dir, name)}
+		if err := os.MkdirAll(p.sockDir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		c.pods = append(c.pods, p)
+	}
+	c.writeConfig(c.pods)
+	for _, p := range c.pods {
+		c.start(p)
+	}
+	for _, p := range c.pods {
+		c.waitReady(p)
+	}
+	c.waitLinks()
+	return c
+}
+
+// shortTempDir keeps node-ipc socket paths under the 108-byte limit.
+func shortTempDir(t *testing.T) string {
+	dir, err := os.MkdirTemp("", "pi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return dir
+}
+
+func (c *cluster) writeConfig(members []*pod) {
+	var b strings.Builder
+	b.WriteString("channels:\n")
+	for i, ch := range c.channels {
+		fmt.Fprintf(&b, "  %s:\n    localPort: %d\n    delivery: %s\n", ch.name, 7000+i, orDefault(ch.delivery, "Broadcast"))
+		if ch.maxMessageBytes > 0 {
+			fmt.Fprintf(&b, "    maxMessageBytes: %d\n", ch.maxMessageBytes)
+		}
+		fmt.Fprintf(&b, "    overflow: {policy: %s, maxWait: %s, queueBytes: %d}\n", orDefault(ch.policy, "WaitThenDrop"),
+			orDefault(ch.maxWait, "100ms"), max(ch.queueBytes, 1<<20))
+		b.WriteString("    members:\n")
+		for _, p := range members {
+			fmt.Fprintf(&b, "      - {namespace: demo, name: %s, uid: %s, ip: %s, peerPort: 7701, ready: true, serving: true}\n", p.name, p.uid, p.ip)
+		}
+	}
+	tmp := c.config + ".tmp"
+	if err := os.WriteFile(tmp, []byte(b.String()), 0o644); err != nil {
+		c.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, c.config); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}
+
+// syncBuffer is a log sink safe for the process's writer and the test's reader.
+type syncBuffer struct {
+	mu *sync.Mutex
+	b  *bytes.Buffer
+}
+
+func (s syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (c *cluster) start(p *pod) {
+	c.t.Helper()
+	names := make([]string, 0, len(c.channels))
+	for _, ch := range c.channels {
+		names = append(names, ch.name)
+	}
+	cmd := exec.Command(sidecarBin, "--discovery=static", "--static-config="+c.config,
+		"--app-address="+p.ip, "--peer-address="+p.ip, "--admin-address="+p.ip, "--socket-dir="+p.sockDir,
+		"--debug-endpoints", "--drain-timeout=10s", "--log-level=debug")
+	cmd.Env = append(os.Environ(), "PODIPC_POD_NAME="+p.name, "PODIPC_POD_NAMESPACE=demo", "PODIPC_POD_UID="+p.uid,
+		"PODIPC_POD_IP="+p.ip, "PODIPC_CHANNELS="+strings.Join(names, ","))
+	p.log, p.logMu = &bytes.Buffer{}, &sync.Mutex{}
+	cmd.Stderr = syncBuffer{mu: p.logMu, b: p.log}
+	if err := cmd.Start(); err != nil {
+		c.t.Fatal(err)
+	}
+	p.cmd, p.exited = cmd, make(chan struct{})
+	go func() {
+		p.exitErr = cmd.Wait()
+		close(p.exited)
+	}()
+	c.t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-p.exited
+		if c.t.Failed() {
+			p.logMu.Lock()
+			c.t.Logf("log of %s:\n%s", p.name, lastLines(p.log.String(), 40))
+			p.logMu.Unlock()
+		}
+	})
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+// kill sends SIGKILL and waits for the process to end.
+func (c *cluster) kill(p *pod) {
+	_ = p.cmd.Process.Signal(syscall.SIGKILL)
+	<-p.exited
+}
+
+// terminate sends SIGTERM and returns the exit status.
+func (c *cluster) terminate(p *pod) error {
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+		return p.exitErr
+	case <-time.After(30 * time.Second):
+		c.t.Fatalf("%s did not exit within 30s of SIGTERM", p.name)
+		return nil
+	}
+}
+
+func (c *cluster) url(p *pod, path string) string { return "http://" + net.JoinHostPort(p.ip, "7702") + path }
+
+func (c *cluster) waitReady(p *pod) {
+	c.t.Helper()
+	eventually(c.t, "sidecar "+p.name+" ready", func() bool {
+		resp, err := http.Get(c.url(p, "/readyz"))
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
+// waitLinks waits until every pod has an established link to every other pod.
+func (c *cluster) waitLinks() {
+	c.t.Helper()
+	for _, p := range c.pods {
+		eventually(c.t, "peer links of "+p.name, func() bool {
+			return c.metric(p, `podipc_peer_links{direction="out",state="up"}`) == float64(len(c.pods)-1)
+		})
+	}
+}
+
+// metric returns the value of one series (name with labels exactly as exposed), or 0.
+func (c *cluster) metric(p *pod, series string) float64 {
+	resp, err := http.Get(c.url(p, "/metrics"))
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), series+" "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			return f
+		}
+	}
+	return 0
+}
+
+func (c *cluster) post(p *pod, path string) {
+	c.t.Helper()
+	resp, err := http.Post(c.url(p, path), "text/plain", nil)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		c.t.Fatalf("POST %s: %s", path, resp.Status)
+	}
+}
+
+// fds counts the open file descriptors of a sidecar.
+func fds(t *testing.T, p *pod) int {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// app is a line client of a channel that records everything it reads.
+type app struct {
+	conn net.Conn
+	mu   sync.Mutex
+	got  []string
+	done    chan struct{}
+	started atomic.Bool
+	err     error
+}
+
+// dialApp connects to the line port of the i-th channel on p, and starts reading
+// unless paused (then call read later).
+func (c *cluster) dialApp(p *pod, ch int, paused bool) *app {
+	c.t.Helper()
+	var conn net.Conn
+	eventually(c.t, "dial app port", func() bool {
+		var err error
+		conn, err = net.Dial("tcp", net.JoinHostPort(p.ip, strconv.Itoa(7000+ch)))
+		return err == nil
+	})
+	a := &app{conn: conn, done: make(chan struct{})}
+	c.t.Cleanup(func() {
+		conn.Close()
+		if a.started.Load() {
+			<-a.done
+		}
+	})
+	if !paused {
+		a.read()
+	}
+	return a
+}
+
+func (a *app) read() {
+	a.started.Store(true)
+	go func() {
+		defer close(a.done)
+		sc := bufio.NewScanner(a.conn)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			a.mu.Lock()
+			a.got = append(a.got, sc.Text())
+			a.mu.Unlock()
+		}
+		a.err = sc.Err()
+	}()
+}
+
+func (a *app) lines() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]string(nil), a.got...)
+}
+
+func (a *app) count() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.got)
+}
+
+// send writes lines "<prefix><i>" for i in [from, to) in large writes.
+func (a *app) send(t *testing.T, prefix string, from, to int) {
+	t.Helper()
+	if err := a.write(prefix, from, to); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// write is send for other goroutines.
+func (a *app) write(prefix string, from, to int) error {
+	w := bufio.NewWriterSize(a.conn, 64<<10)
+	for i := from; i < to; i++ {
+		fmt.Fprintf(w, "%s%08d\n", prefix, i)
+	}
+	return w.Flush()
+}
+
+// waitPresence waits until p sees n connections on channel ch at every other pod.
+func (c *cluster) waitConns(p *pod, channel string, n int) {
+	c.t.Helper()
+	eventually(c.t, fmt.Sprintf("%d connections on %s", n, p.name), func() bool {
+		return c.metric(p, fmt.Sprintf(`podipc_local_connections{channel=%q}`, channel)) == float64(n)
+	})
+}
+
+// eventually polls cond for up to a generous bound; never a timing assertion.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// checkSeq asserts got is exactly prefix+from … prefix+(to-1), in order.
+func checkSeq(t *testing.T, who string, got []string, prefix string, from, to int) {
+	t.Helper()
+	if len(got) != to-from {
+		t.Fatalf("%s received %d lines, want %d", who, len(got), to-from)
+	}
+	for i, l := range got {
+		if want := fmt.Sprintf("%s%08d", prefix, from+i); l != want {
+			t.Fatalf("%s line %d = %q, want %q", who, i, l, want)
+		}
+	}
+}
+
+// seqOf parses the number of a line made by send.
+func seqOf(t *testing.T, line, prefix string) int {
+	n, err := strconv.Atoi(strings.TrimPrefix(line, prefix))
+	if err != nil {
+		t.Fatalf("unexpected line %q", line)
+	}
+	return n
+}
+
+var _ = io.EOF
+var _ = context.Background
