@@ -69,4 +69,3 @@ func slicesCorrect(b *testing.B, ns, name string, n int) bool {
 	}
 	return true
 }
-
