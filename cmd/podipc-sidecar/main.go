@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -13,8 +12,10 @@ import (
 	"syscall"
 
 	"github.com/go-logr/logr"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/podipc/podipc/pkg/discovery"
+	"github.com/podipc/podipc/pkg/discovery/kube"
 	"github.com/podipc/podipc/pkg/sidecar"
 )
 
@@ -52,8 +53,18 @@ func newSource(cfg sidecar.Config, log logr.Logger) (discovery.Source, func(), e
 	case "static":
 		s := discovery.NewStatic(cfg.StaticConfig, cfg.Channels, log.WithName("discovery"))
 		return s, s.Reload, nil
+	case "kubernetes":
+		// In a pod: the projected service-account token (in-cluster config). Outside one
+		// (tests, local runs): the kubeconfig named by $KUBECONFIG.
+		rc, err := clientcmd.BuildConfigFromFlags("", os.Getenv("KUBECONFIG"))
+		if err != nil {
+			return nil, nil, fmt.Errorf("--discovery=kubernetes: %w", err)
+		}
+		rc.UserAgent = "podipc-sidecar"
+		s := &kube.Source{Config: rc, Namespace: cfg.Namespace, Channels: cfg.Channels, Log: log.WithName("discovery")}
+		return s, nil, nil
 	default:
-		return nil, nil, errors.New("--discovery=kubernetes is not available in this build; use --discovery=static")
+		return nil, nil, fmt.Errorf("--discovery=%q: want kubernetes or static", cfg.Discovery)
 	}
 }
 

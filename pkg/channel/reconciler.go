@@ -148,14 +148,16 @@ func (r *Reconciler) newScope(ctx context.Context, ch *podipcv1alpha1.Channel) (
 	}
 	seen := map[string]bool{}
 	for i := range pods.Items {
-		ep, ok := endpointFor(&pods.Items[i])
-		if !ok {
-			continue
-		}
-		s.members = append(s.members, ep)
-		if sa := serviceAccountOf(&pods.Items[i]); !seen[sa] {
+		pod := &pods.Items[i]
+		// Access is granted as soon as a pod names the channel, before it has an IP, so
+		// the binding usually exists before the sidecar starts; a sidecar refused access
+		// only retries at its informers' backoff (up to tens of seconds).
+		if sa := serviceAccountOf(pod); !seen[sa] && pod.Status.Phase != corev1.PodSucceeded && pod.Status.Phase != corev1.PodFailed {
 			seen[sa] = true
 			s.accounts = append(s.accounts, sa)
+		}
+		if ep, ok := endpointFor(pod); ok {
+			s.members = append(s.members, ep)
 		}
 	}
 	slices.Sort(s.accounts)
