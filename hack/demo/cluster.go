@@ -30,35 +30,70 @@ import (
 // launcher only) with podipc's CRDs installed.
 type cluster struct {
 	env *testenv.Env
-	// admin is the path of a cluster-admin kubeconfig, for the user and for kubectl.
+	// admin is the path of a cluster-admin kubeconfig, for kubectl inside the namespace.
 	admin string
+	// userKubeconfig is the same for the user's kubectl, outside the namespace.
+	userKubeconfig string
 	// kubectl is the path of the kubectl binary built with the control plane.
 	kubectl string
 }
 
-// startCluster starts the control plane from the binaries in assets and writes the admin
-// kubeconfig into dir.
-func startCluster(assets, dir string) (*cluster, error) {
+// startCluster starts the control plane from the binaries in assets, advertising nodeIP,
+// and writes the admin
+// kubeconfigs into dir: one for inside the namespace, one reaching the API server through
+// hostAPI from outside.
+func startCluster(assets, dir, nodeIP, hostAPI string) (*cluster, error) {
 	// testenv looks the binaries up in $KUBEBUILDER_ASSETS first.
 	if err := os.Setenv("KUBEBUILDER_ASSETS", assets); err != nil {
 		return nil, err
 	}
-	env, err := testenv.Start()
+	logs, err := os.Create(filepath.Join(dir, "control-plane.log"))
 	if err != nil {
 		return nil, err
 	}
-	c := &cluster{env: env, admin: filepath.Join(dir, "kubeconfig"), kubectl: filepath.Join(assets, "kubectl")}
-	user, err := env.Environment.ControlPlane.AddUser(envtest.User{Name: "podipc-demo-admin", Groups: []string{"system:masters"}}, nil)
-	if err == nil {
-		var b []byte
-		if b, err = user.KubeConfig(); err == nil {
-			err = os.WriteFile(c.admin, b, 0o600)
-		}
-	}
+	defer logs.Close() // the processes hold their own descriptors
+	env, err := testenv.Start(func(e *envtest.Environment) {
+		e.ControlPlane.APIServer.Out, e.ControlPlane.APIServer.Err = logs, logs
+		// The namespace has no default route to pick an address from.
+		e.ControlPlane.APIServer.Configure().Set("advertise-address", nodeIP)
+		e.ControlPlane.Etcd = &envtest.Etcd{Out: logs, Err: logs}
+	})
 	if err != nil {
+		return nil, err
+	}
+	c := &cluster{
+		env: env, kubectl: filepath.Join(assets, "kubectl"),
+		admin: filepath.Join(dir, "admin.kubeconfig"), userKubeconfig: filepath.Join(dir, "kubeconfig"),
+	}
+	if err := c.writeAdminKubeconfigs(hostAPI); err != nil {
 		return nil, fmt.Errorf("writing the admin kubeconfig: %w (and stopping: %v)", err, env.Stop())
 	}
 	return c, nil
+}
+
+// writeAdminKubeconfigs writes the kubeconfigs of a cluster admin: c.admin, and
+// c.userKubeconfig with the server address replaced by hostAPI. The API server's
+// certificate is valid for 127.0.0.1 on any port.
+func (c *cluster) writeAdminKubeconfigs(hostAPI string) error {
+	user, err := c.env.Environment.ControlPlane.AddUser(envtest.User{Name: "podipc-demo-admin", Groups: []string{"system:masters"}}, nil)
+	if err != nil {
+		return err
+	}
+	b, err := user.KubeConfig()
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(c.admin, b, 0o600); err != nil {
+		return err
+	}
+	kc, err := clientcmd.Load(b)
+	if err != nil {
+		return err
+	}
+	for _, cl := range kc.Clusters {
+		cl.Server = "https://" + hostAPI
+	}
+	return clientcmd.WriteToFile(*kc, c.userKubeconfig)
 }
 
 // stop stops the API server and etcd and removes their files.

@@ -29,29 +29,16 @@ const nodeName = "podipc-demo-node"
 type member struct {
 	// pod is the pod as the API server last returned it.
 	pod *corev1.Pod
-	// ip is the pod's IP: an address of its own in 127.0.0.0/8, standing in for the pod
-	// network namespace's address, so the sidecars' fixed ports do not collide.
+	// ip is the pod's IP, on the demo namespace's loopback interface (see netns.go).
+	// The pods share that namespace, so each sidecar binds its ports on its pod's IP
+	// rather than on every address.
 	ip string
 	// dir holds the pod's files: its kubeconfig (the projected token), its node-ipc
 	// sockets and the sidecar's log.
-	dir     string
+	dir string
+	// nodeIP is the address of the pretend node (the pod's hostIP).
+	nodeIP  string
 	sidecar *proc
-}
-
-// podAddresses returns n loopback addresses, from 127.0.0.101 up, on which every port is
-// free, so that the demo does not collide with other programs on the same machine.
-func podAddresses(n int, ports ...int) ([]string, error) {
-	var ips []string
-	for last := 101; last < 255 && len(ips) < n; last++ {
-		ip := "127.0.0." + strconv.Itoa(last)
-		if portsFree(ip, ports...) {
-			ips = append(ips, ip)
-		}
-	}
-	if len(ips) < n {
-		return nil, fmt.Errorf("found only %d of %d loopback addresses with ports %v free", len(ips), n, ports)
-	}
-	return ips, nil
 }
 
 // createPod creates an annotated pod through the API server, which sends it to the
@@ -92,8 +79,8 @@ func sidecarOf(pod *corev1.Pod) *corev1.Container {
 // startMember plays the kubelet for the pod's sidecar: it binds the pod to the demo node,
 // gives it its IP, runs the injected container as a local process and, once the sidecar's
 // startup probe (/readyz) passes, reports the pod Ready, so the controller publishes it.
-func startMember(ctx context.Context, c *cluster, binDir, dir string, pod *corev1.Pod, ip string) (*member, error) {
-	m := &member{pod: pod, ip: ip, dir: filepath.Join(dir, pod.Name)}
+func startMember(ctx context.Context, c *cluster, binDir, dir string, pod *corev1.Pod, nodeIP, ip string) (*member, error) {
+	m := &member{pod: pod, ip: ip, nodeIP: nodeIP, dir: filepath.Join(dir, pod.Name)}
 	if err := os.MkdirAll(filepath.Join(m.dir, "sockets"), 0o700); err != nil {
 		return nil, err
 	}
@@ -158,7 +145,7 @@ func (m *member) setStatus(ctx context.Context, cl client.Client, ready bool) er
 	if ready {
 		pod.Status.Phase = corev1.PodRunning
 	}
-	pod.Status.HostIP, pod.Status.HostIPs = "127.0.0.1", []corev1.HostIP{{IP: "127.0.0.1"}}
+	pod.Status.HostIP, pod.Status.HostIPs = m.nodeIP, []corev1.HostIP{{IP: m.nodeIP}}
 	pod.Status.PodIP, pod.Status.PodIPs = m.ip, []corev1.PodIP{{IP: m.ip}}
 	pod.Status.StartTime = &now
 	pod.Status.Conditions = []corev1.PodCondition{
@@ -175,10 +162,10 @@ func (m *member) setStatus(ctx context.Context, cl client.Client, ready bool) er
 // sidecarCommand turns the injected container into a local command line and environment,
 // as a container runtime would: the image's binary is bin/<name>, the environment is the
 // container's (downward API fields resolved from the pod) and nothing else. Four flags are
-// added for sharing one machine: the line ports on the pod's address (in a pod, 127.0.0.1
-// is the pod's own), the peer and admin ports on it too (the default, said explicitly),
-// and a socket directory of the pod's own (the emptyDir volume). KUBECONFIG stands in for
-// the projected service-account token.
+// added because the pods share one network namespace and file system: the line ports on
+// the pod's address (in a pod, 127.0.0.1 is the pod's own), the peer and admin ports on it
+// too (the default, said explicitly), and a socket directory of the pod's own (the
+// emptyDir volume). KUBECONFIG stands in for the projected service-account token.
 func (m *member) sidecarCommand(binDir, kubeconfig string) (argv, env []string, err error) {
 	c := sidecarOf(m.pod)
 	if len(c.Command) == 0 {

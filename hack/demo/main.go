@@ -1,13 +1,13 @@
 // Command demo is `make demo`: podipc's whole user journey on one Linux machine, with no
 // cluster, no container runtime and no root.
 //
-// It starts a real kube-apiserver and etcd (built from source into bin/k8s/), installs
+// It runs in a network namespace of its own (see netns.go for why). There it starts a
+// real kube-apiserver and etcd (built from source into bin/k8s/), installs
 // podipc as the Helm chart would (CRDs, RBAC, webhook configuration) and runs
 // bin/podipc-controller as a process with its own service account. It applies the sample
 // Channels and creates three annotated pods through the API server, which sends them to
 // the controller's webhook to be injected. Then, as there is no kubelet, it plays the
-// kubelet for the sidecar alone: it gives each pod an address of its own in 127.0.0.0/8,
-// runs the injected container's command line as a local process with the container's
+// kubelet for the sidecar alone: it gives each pod an address of its own, runs the injected container's command line as a local process with the container's
 // environment (downward API resolved from the pod) and a token for the pod's service
 // account, and reports the pod Ready once the sidecar's startup probe passes. The
 // sidecars find each other through the EndpointSlices the controller publishes: the real
@@ -25,6 +25,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -33,9 +34,9 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/term"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"golang.org/x/term"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 
 	"github.com/podipc/podipc/internal/testenv"
@@ -68,14 +69,18 @@ func main() {
 	flag.BoolVar(&o.keep, "keep", false, "Keep the temporary directory (logs, kubeconfigs) after the demo.")
 	flag.BoolVar(&o.interactive, "interactive", isTerminal(os.Stdin), "After the scripted lines, send the lines typed on stdin (default: if stdin is a terminal).")
 	flag.Parse()
-	if o.pods < 2 {
-		fmt.Fprintln(os.Stderr, "--pods must be at least 2")
+	if o.pods < 2 || o.pods > 200 {
+		fmt.Fprintln(os.Stderr, "--pods must be between 2 and 200")
 		os.Exit(2)
+	}
+	dir := os.Getenv(innerEnv)
+	if dir == "" {
+		os.Exit(runOutside(o))
 	}
 
 	out := &printer{w: os.Stdout, start: start}
 	ctx, stop := signalContext(out)
-	d := &demo{options: o, out: out, start: start}
+	d := &demo{options: o, out: out, start: start, dir: dir, hostAPI: os.Getenv("PODIPC_DEMO_HOST_API")}
 	err := d.run(ctx)
 	if errors.Is(err, errStopped) || errors.Is(context.Cause(ctx), errStopped) {
 		err = nil // the user's Ctrl-C is a normal end
@@ -95,8 +100,12 @@ type demo struct {
 	options
 	out   *printer
 	start time.Time
-	// dir is the temporary directory of kubeconfigs, logs and sockets.
-	dir        string
+	// dir is the run's temporary directory (kubeconfigs, logs, sockets), which the outer
+	// process created and removes.
+	dir string
+	// hostAPI is the outer process's address forwarding to the API server.
+	hostAPI    string
+	apiSocket  *forwarder
 	cluster    *cluster
 	controller *controller
 	members    []*member
@@ -105,11 +114,11 @@ type demo struct {
 
 // run is the demo, step by step. Each step leaves what it started in d for cleanup.
 func (d *demo) run(ctx context.Context) error {
-	var err error
-	if d.dir, err = os.MkdirTemp("", "podipc-demo-"); err != nil {
+	node, ips, err := setupNetwork(d.pods)
+	if err != nil {
 		return err
 	}
-	channel, port, err := d.startPlatform(ctx)
+	channel, port, err := d.startPlatform(ctx, node)
 	if err != nil {
 		return err
 	}
@@ -117,14 +126,15 @@ func (d *demo) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := d.startMembers(ctx, pods, port); err != nil {
+	if err := d.startMembers(ctx, pods, node, ips); err != nil {
 		return err
 	}
 	d.out.step("Connecting an app to each pod's line port (what `nc 127.0.0.1 %d` does in a pod)", port)
 	if d.apps, err = connectApps(ctx, d.members, channel, port); err != nil {
 		return err
 	}
-	d.out.printf("  in another terminal, `nc %s %d` joins %s as one more app\n", d.members[1].ip, port, d.members[1].pod.Name)
+	d.out.printf("  in another terminal, this joins %s as one more app:\n    %s nc %s %d\n",
+		d.members[1].pod.Name, nsenterCommand(), d.members[1].ip, port)
 	if err := d.broadcast(ctx, channel); err != nil {
 		return err
 	}
@@ -141,14 +151,21 @@ func (d *demo) run(ctx context.Context) error {
 
 // startPlatform starts the control plane and the controller, and applies the sample
 // Channels. It returns the Broadcast channel's name and line port.
-func (d *demo) startPlatform(ctx context.Context) (string, int32, error) {
+func (d *demo) startPlatform(ctx context.Context, node string) (string, int32, error) {
 	d.out.step("Starting kube-apiserver and etcd from %s", d.assets)
 	var err error
-	if d.cluster, err = startCluster(d.assets, d.dir); err != nil {
+	if d.cluster, err = startCluster(d.assets, d.dir, node, d.hostAPI); err != nil {
 		return "", 0, err
 	}
-	d.out.printf("  API server at %s; to look around while the demo runs:\n", d.cluster.env.Config.Host)
-	d.out.printf("    export KUBECONFIG=%s\n    %s get pods,channels,endpointslices -A\n", d.cluster.admin, d.cluster.kubectl)
+	apiURL, err := url.Parse(d.cluster.env.Config.Host)
+	if err != nil {
+		return "", 0, err
+	}
+	if d.apiSocket, err = serveAPISocket(ctx, d.dir, apiURL.Host); err != nil {
+		return "", 0, err
+	}
+	d.out.printf("  to look around while the demo runs (the API server is forwarded to %s):\n", d.hostAPI)
+	d.out.printf("    export KUBECONFIG=%s\n    %s get pods,channels,endpointslices -A\n", d.cluster.userKubeconfig, d.cluster.kubectl)
 
 	webhookPort, err := freePort("127.0.0.1")
 	if err != nil {
@@ -220,14 +237,10 @@ func (d *demo) createPods(ctx context.Context, channel string, port int32) ([]*c
 }
 
 // startMembers plays the kubelet for each pod's sidecar.
-func (d *demo) startMembers(ctx context.Context, pods []*corev1.Pod, port int32) error {
-	ips, err := podAddresses(len(pods), 7701, 7702, int(port))
-	if err != nil {
-		return err
-	}
+func (d *demo) startMembers(ctx context.Context, pods []*corev1.Pod, node string, ips []string) error {
 	d.out.step("Playing the kubelet: each pod gets an IP and runs its injected sidecar as a local process")
 	for i, pod := range pods {
-		m, err := startMember(ctx, d.cluster, d.bin, d.dir, pod, ips[i])
+		m, err := startMember(ctx, d.cluster, d.bin, d.dir, pod, node, ips[i])
 		if err != nil {
 			return err
 		}
@@ -295,15 +308,12 @@ func (d *demo) cleanup() error {
 		errs = append(errs, d.controller.stop(15*time.Second))
 		d.out.printf("  controller stopped\n")
 	}
+	if d.apiSocket != nil {
+		d.apiSocket.close()
+	}
 	if d.cluster != nil {
 		errs = append(errs, d.cluster.stop())
 		d.out.printf("  kube-apiserver and etcd stopped\n")
-	}
-	if d.dir != "" && d.keep {
-		d.out.printf("  kept %s (logs, kubeconfigs)\n", d.dir)
-	} else if d.dir != "" {
-		errs = append(errs, os.RemoveAll(d.dir))
-		d.out.printf("  removed %s\n", d.dir)
 	}
 	err := errors.Join(errs...)
 	if err != nil {
@@ -358,6 +368,14 @@ func (p *printer) printf(format string, args ...any) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	fmt.Fprintf(p.w, format, args...)
+}
+
+// nsenterCommand is the command prefix that runs a command in the demo's namespaces.
+func nsenterCommand() string {
+	if os.Getuid() == 0 {
+		return fmt.Sprintf("nsenter --net --target %d", os.Getpid())
+	}
+	return fmt.Sprintf("nsenter --preserve-credentials --user --net --target %d", os.Getpid())
 }
 
 // indent prefixes every line of s.

@@ -167,23 +167,5 @@ func freePort(host string) (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// portsFree reports whether every port can be bound on host right now.
-func portsFree(host string, ports ...int) bool {
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			_ = l.Close()
-		}
-	}()
-	for _, port := range ports {
-		l, err := net.Listen("tcp", net.JoinHostPort(host, fmt.Sprint(port)))
-		if err != nil {
-			return false
-		}
-		ls = append(ls, l)
-	}
-	return true
-}
-
 // errStopped is returned when the user stopped the demo (Ctrl-C) before it finished.
 var errStopped = errors.New("stopped")
