@@ -93,8 +93,9 @@ func startController(ctx context.Context, c *cluster, binDir, dir string, webhoo
 		return nil, err
 	}
 	p, err := startProc("podipc-controller", filepath.Join(dir, "controller.log"),
-		[]string{"KUBECONFIG=" + kubeconfig},
+		nil, // no HOME either: a ~/.kube/config would not be read
 		filepath.Join(binDir, "podipc-controller"),
+		"--kubeconfig="+kubeconfig,
 		"--namespace="+controllerNamespace,
 		"--leader-elect=false", // one replica
 		"--metrics-bind-address=0",

@@ -25,6 +25,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
@@ -268,10 +269,31 @@ func (d *demo) broadcast(ctx context.Context, channel string) error {
 	}
 	first, err := d.apps.expect(ctx, d.out, sent, script)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w\nthe sidecars' counters:\n%s", err, d.counters(ctx))
 	}
 	d.out.printf("  first line arrived %.1fs after the demo started\n", first.Sub(d.start).Seconds())
 	return nil
+}
+
+// counters returns each sidecar's line, drop and link metrics, to explain a missing line.
+func (d *demo) counters(ctx context.Context) string {
+	hc := &http.Client{Timeout: 2 * time.Second}
+	var b strings.Builder
+	for _, m := range d.members {
+		body, err := httpGet(ctx, hc, m.adminURL("/metrics"))
+		if err != nil {
+			fmt.Fprintf(&b, "  %s: %v\n", m.pod.Name, err)
+			continue
+		}
+		for line := range strings.SplitSeq(string(body), "\n") {
+			for _, prefix := range []string{"podipc_lines_", "podipc_dropped_", "podipc_peer_", "podipc_local_"} {
+				if strings.HasPrefix(line, prefix) {
+					fmt.Fprintf(&b, "  %s: %s\n", m.pod.Name, line)
+				}
+			}
+		}
+	}
+	return b.String()
 }
 
 // showObjects prints what the user would look at with kubectl.
