@@ -51,7 +51,7 @@ func startCluster(assets, dir, nodeIP, hostAPI string) (*cluster, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer logs.Close() // the processes hold their own descriptors
+	defer func() { _ = logs.Close() }() // the processes hold their own descriptors
 	env, err := testenv.Start(func(e *envtest.Environment) {
 		e.ControlPlane.APIServer.Out, e.ControlPlane.APIServer.Err = logs, logs
 		// The namespace has no default route to pick an address from.
@@ -66,7 +66,7 @@ func startCluster(assets, dir, nodeIP, hostAPI string) (*cluster, error) {
 		admin: filepath.Join(dir, "admin.kubeconfig"), userKubeconfig: filepath.Join(dir, "kubeconfig"),
 	}
 	if err := c.writeAdminKubeconfigs(hostAPI); err != nil {
-		return nil, fmt.Errorf("writing the admin kubeconfig: %w (and stopping: %v)", err, env.Stop())
+		return nil, errors.Join(fmt.Errorf("writing the admin kubeconfig: %w", err), env.Stop())
 	}
 	return c, nil
 }
@@ -138,7 +138,7 @@ func (c *cluster) applyFile(ctx context.Context, path, namespace string, edit fu
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	dec := utilyaml.NewYAMLOrJSONDecoder(f, 4096)
 	var objs []*unstructured.Unstructured
 	for {

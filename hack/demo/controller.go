@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -117,7 +118,7 @@ func startController(ctx context.Context, c *cluster, binDir, dir string, webhoo
 		return caBundlePublished(ctx, c.client())
 	})
 	if err != nil {
-		return nil, fmt.Errorf("%w (and stopping it: %v)", err, p.stop(10*time.Second))
+		return nil, errors.Join(err, p.stop(10*time.Second))
 	}
 	return ctl, nil
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
@@ -118,7 +120,7 @@ func startMember(ctx context.Context, c *cluster, binDir, dir string, pod *corev
 		err = m.setStatus(ctx, cl, true)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("%w (and stopping the sidecar: %v)", err, m.sidecar.stop(10*time.Second))
+		return nil, errors.Join(err, m.sidecar.stop(10*time.Second))
 	}
 	return m, nil
 }
@@ -151,6 +153,21 @@ func (m *member) setStatus(ctx context.Context, cl client.Client, ready bool) er
 	pod.Status.Conditions = []corev1.PodCondition{
 		cond(corev1.PodScheduled, true), cond(corev1.PodReadyToStartContainers, true),
 		cond(corev1.PodInitialized, ready), cond(corev1.ContainersReady, ready), cond(corev1.PodReady, ready),
+	}
+	pod.Status.InitContainerStatuses, pod.Status.ContainerStatuses = nil, nil
+	if ready {
+		// The sidecar runs; the app "runs" too, played by the demo's own connections.
+		for _, c := range append([]corev1.Container{*sidecarOf(pod)}, pod.Spec.Containers...) {
+			st := corev1.ContainerStatus{
+				Name: c.Name, Image: c.Image, Ready: true, Started: ptr.To(true),
+				State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}},
+			}
+			if c.Name == podipcv1alpha1.SidecarContainerName {
+				pod.Status.InitContainerStatuses = append(pod.Status.InitContainerStatuses, st)
+			} else {
+				pod.Status.ContainerStatuses = append(pod.Status.ContainerStatuses, st)
+			}
+		}
 	}
 	if err := cl.Status().Update(ctx, pod); err != nil {
 		return fmt.Errorf("updating the status of pod %s: %w", pod.Name, err)
@@ -240,12 +257,12 @@ func describeSidecar(pod *corev1.Pod) string {
 		}
 	}
 	fmt.Fprintf(&b, "  env      %s\n", strings.Join(env, " "))
-	var ports []string
+	ports := make([]string, 0, len(c.Ports))
 	for _, p := range c.Ports {
 		ports = append(ports, fmt.Sprintf("%s:%d", p.Name, p.ContainerPort))
 	}
 	fmt.Fprintf(&b, "  ports    %s; startupProbe GET %s\n", strings.Join(ports, " "), c.StartupProbe.HTTPGet.Path)
-	var mounts []string
+	mounts := make([]string, 0, len(c.VolumeMounts))
 	for _, v := range c.VolumeMounts {
 		mounts = append(mounts, v.Name+"→"+v.MountPath)
 	}

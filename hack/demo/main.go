@@ -130,7 +130,7 @@ func (d *demo) run(ctx context.Context) error {
 	if err := d.startMembers(ctx, pods, node, ips); err != nil {
 		return err
 	}
-	d.out.step("Connecting an app to each pod's line port (what `nc 127.0.0.1 %d` does in a pod)", port)
+	d.out.stepf("Connecting an app to each pod's line port (what `nc 127.0.0.1 %d` does in a pod)", port)
 	if d.apps, err = connectApps(ctx, d.members, channel, port); err != nil {
 		return err
 	}
@@ -146,14 +146,14 @@ func (d *demo) run(ctx context.Context) error {
 		d.out.printf("\nEvery line arrived. (Run `make demo` in a terminal to type lines of your own.)\n")
 		return nil
 	}
-	d.out.step("Type lines to send from %s (Ctrl-D or Ctrl-C to stop)", d.members[0].pod.Name)
+	d.out.stepf("Type lines to send from %s (Ctrl-D or Ctrl-C to stop)", d.members[0].pod.Name)
 	return d.apps.interact(ctx, d.out, d.members[0].pod.Name, os.Stdin)
 }
 
 // startPlatform starts the control plane and the controller, and applies the sample
 // Channels. It returns the Broadcast channel's name and line port.
 func (d *demo) startPlatform(ctx context.Context, node string) (string, int32, error) {
-	d.out.step("Starting kube-apiserver and etcd from %s", d.assets)
+	d.out.stepf("Starting kube-apiserver and etcd from %s", d.assets)
 	var err error
 	if d.cluster, err = startCluster(d.assets, d.dir, node, d.hostAPI); err != nil {
 		return "", 0, err
@@ -172,11 +172,11 @@ func (d *demo) startPlatform(ctx context.Context, node string) (string, int32, e
 	if err != nil {
 		return "", 0, err
 	}
-	d.out.step("Installing podipc: namespace %s, config/rbac, config/webhook (called at https://127.0.0.1:%d%s)", controllerNamespace, webhookPort, inject.Path)
+	d.out.stepf("Installing podipc: namespace %s, config/rbac, config/webhook (called at https://127.0.0.1:%d%s)", controllerNamespace, webhookPort, inject.Path)
 	if err := installController(ctx, d.cluster, d.root, webhookPort); err != nil {
 		return "", 0, err
 	}
-	d.out.step("Starting bin/podipc-controller as service account %s/%s", controllerNamespace, controllerAccount)
+	d.out.stepf("Starting bin/podipc-controller as service account %s/%s", controllerNamespace, controllerAccount)
 	if d.controller, err = startController(ctx, d.cluster, d.bin, d.dir, webhookPort); err != nil {
 		return "", 0, err
 	}
@@ -187,7 +187,7 @@ func (d *demo) startPlatform(ctx context.Context, node string) (string, int32, e
 // applySamples creates the namespace, opted in to injection, and the sample Channels, and
 // returns the name and line port of the Broadcast one.
 func (d *demo) applySamples(ctx context.Context) (string, int32, error) {
-	d.out.step("Creating namespace %s (label %s=enabled) and the Channels of config/samples", namespace, inject.LabelNamespaceInject)
+	d.out.stepf("Creating namespace %s (label %s=enabled) and the Channels of config/samples", namespace, inject.LabelNamespaceInject)
 	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace, Labels: map[string]string{inject.LabelNamespaceInject: "enabled"}}}
 	if err := d.cluster.client().Create(ctx, ns); err != nil {
 		return "", 0, err
@@ -220,7 +220,7 @@ func (d *demo) applySamples(ctx context.Context) (string, int32, error) {
 
 // createPods creates the annotated pods and shows what the webhook injected.
 func (d *demo) createPods(ctx context.Context, channel string, port int32) ([]*corev1.Pod, error) {
-	d.out.step("Creating %d pods annotated %s: \"true\", %s: %q", d.pods, inject.AnnotationInject, inject.AnnotationChannels, channel)
+	d.out.stepf("Creating %d pods annotated %s: \"true\", %s: %q", d.pods, inject.AnnotationInject, inject.AnnotationChannels, channel)
 	var pods []*corev1.Pod
 	for i := 1; i <= d.pods; i++ {
 		pod, err := createPod(ctx, d.cluster.client(), namespace, fmt.Sprintf("pod-%d", i), channel, port)
@@ -239,7 +239,7 @@ func (d *demo) createPods(ctx context.Context, channel string, port int32) ([]*c
 
 // startMembers plays the kubelet for each pod's sidecar.
 func (d *demo) startMembers(ctx context.Context, pods []*corev1.Pod, node string, ips []string) error {
-	d.out.step("Playing the kubelet: each pod gets an IP and runs its injected sidecar as a local process")
+	d.out.stepf("Playing the kubelet: each pod gets an IP and runs its injected sidecar as a local process")
 	for i, pod := range pods {
 		m, err := startMember(ctx, d.cluster, d.bin, d.dir, pod, node, ips[i])
 		if err != nil {
@@ -260,7 +260,7 @@ func (d *demo) startMembers(ctx context.Context, pods []*corev1.Pod, node string
 // app to read them all.
 func (d *demo) broadcast(ctx context.Context, channel string) error {
 	from := d.members[0].pod.Name
-	d.out.step("Writing into %s's line port for channel %s", from, channel)
+	d.out.stepf("Writing into %s's line port for channel %s", from, channel)
 	sent := time.Now()
 	for _, line := range script {
 		if err := d.apps.send(ctx, d.out, from, line); err != nil {
@@ -298,7 +298,7 @@ func (d *demo) counters(ctx context.Context) string {
 
 // showObjects prints what the user would look at with kubectl.
 func (d *demo) showObjects(ctx context.Context) error {
-	d.out.step("kubectl get channels,endpointslices -n %s", namespace)
+	d.out.stepf("kubectl get channels,endpointslices -n %s", namespace)
 	text, err := d.cluster.kubectlOutput(ctx, "get", "channels,endpointslices", "-n", namespace)
 	if err != nil {
 		return err
@@ -310,8 +310,8 @@ func (d *demo) showObjects(ctx context.Context) error {
 // cleanup stops, in order, what run started: the apps, the sidecars (which drain), the
 // controller, the API server and etcd; then it removes the temporary directory.
 func (d *demo) cleanup() error {
-	d.out.step("Cleaning up")
-	defer func() { d.out.step("Clean") }()
+	d.out.stepf("Cleaning up")
+	defer func() { d.out.stepf("Clean") }()
 	var errs []error
 	if d.apps != nil {
 		d.apps.close()
@@ -382,27 +382,35 @@ type printer struct {
 	start time.Time
 }
 
-func (p *printer) step(format string, args ...any) {
+// stepf prints the heading of a step.
+func (p *printer) stepf(format string, args ...any) {
 	p.printf("\n[%5.1fs] %s\n", time.Since(p.start).Seconds(), fmt.Sprintf(format, args...))
 }
 
+// printf prints a line or more of a step.
 func (p *printer) printf(format string, args ...any) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	fmt.Fprintf(p.w, format, args...)
+	_, _ = fmt.Fprintf(p.w, format, args...)
 }
 
 // nsenterCommand is the command prefix that runs a command in the demo's namespaces.
 func nsenterCommand() string {
-	if os.Getuid() == 0 {
+	if os.Getenv(userNamespaceEnv) == "" {
 		return fmt.Sprintf("nsenter --net --target %d", os.Getpid())
 	}
 	return fmt.Sprintf("nsenter --preserve-credentials --user --net --target %d", os.Getpid())
 }
 
-// indent prefixes every line of s.
+// indent prefixes every non-empty line of s.
 func indent(s, prefix string) string {
-	return prefix + strings.ReplaceAll(s, "\n", "\n"+prefix)
+	lines := strings.Split(s, "\n")
+	for i, l := range lines {
+		if l != "" {
+			lines[i] = prefix + l
+		}
+	}
+	return strings.Join(lines, "\n")
 }
 
 // isTerminal reports whether f is a terminal (not merely a character device: /dev/null

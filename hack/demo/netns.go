@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -28,6 +29,9 @@ import (
 // innerEnv marks the re-executed demo, inside the namespace; its value is the directory
 // the outer process created for the run.
 const innerEnv = "PODIPC_DEMO_DIR"
+
+// userNamespaceEnv is set for the re-executed demo when it runs in a user namespace too.
+const userNamespaceEnv = "PODIPC_DEMO_USERNS"
 
 // podNetwork is the prefix of the pods' addresses inside the namespace (kind's pod range).
 const podNetwork = "10.244.0."
@@ -52,18 +56,22 @@ func runOutside(o options) int {
 			fmt.Fprintln(os.Stderr, err)
 		}
 	}()
-	hostAPI, err := net.Listen("tcp", "127.0.0.1:0")
+	var lc net.ListenConfig
+	hostAPI, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	fwd := &forwarder{listener: hostAPI, dial: func() (net.Conn, error) { return net.Dial("unix", dir+"/"+apiSocket) }}
+	fwd := &forwarder{listener: hostAPI, network: "unix", address: dir + "/" + apiSocket}
 	go fwd.serve()
 	defer fwd.close()
 
 	cmd := exec.Command("/proc/self/exe", os.Args[1:]...) //nolint:noctx // the child stops on the signals it shares with us
 	cmd.Args[0] = os.Args[0]
 	cmd.Env = append(os.Environ(), innerEnv+"="+dir, "PODIPC_DEMO_HOST_API="+hostAPI.Addr().String())
+	if os.Getuid() != 0 {
+		cmd.Env = append(cmd.Env, userNamespaceEnv+"=1")
+	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.SysProcAttr = namespaceAttr()
 	// The terminal's Ctrl-C reaches the child directly (same process group); this process
@@ -122,7 +130,7 @@ func setupNetwork(pods int) (node string, ips []string, err error) {
 	if err != nil {
 		return "", nil, err
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	lo, err := unix.NewIfreq("lo")
 	if err != nil {
 		return "", nil, err
@@ -166,13 +174,14 @@ func addAddress(fd int, label, ip string) error {
 	return nil
 }
 
-// forwarder copies each connection accepted by listener to a connection from dial.
+// forwarder copies each connection accepted by listener to a new connection to address.
 type forwarder struct {
-	listener net.Listener
-	dial     func() (net.Conn, error)
-	mu       sync.Mutex
-	conns    map[net.Conn]struct{}
-	wg       sync.WaitGroup
+	listener         net.Listener
+	network, address string
+	// conns are the open connections, both sides, which close ends.
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+	wg    sync.WaitGroup
 }
 
 // serve accepts until the listener is closed.
@@ -182,7 +191,10 @@ func (f *forwarder) serve() {
 		if err != nil {
 			return
 		}
-		up, err := f.dial()
+		var d net.Dialer
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		up, err := d.DialContext(ctx, f.network, f.address)
+		cancel()
 		if err != nil {
 			_ = c.Close()
 			continue
@@ -234,7 +246,7 @@ func serveAPISocket(ctx context.Context, dir, addr string) (*forwarder, error) {
 	if err != nil {
 		return nil, err
 	}
-	f := &forwarder{listener: l, dial: func() (net.Conn, error) { return net.Dial("tcp", addr) }}
+	f := &forwarder{listener: l, network: "tcp", address: addr}
 	go f.serve()
 	return f, nil
 }

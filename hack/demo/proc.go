@@ -88,7 +88,7 @@ func (p *proc) exitErr() error {
 func (p *proc) failed() error {
 	select {
 	case <-p.done:
-		return fmt.Errorf("%s exited (%v); the end of %s:\n%s", p.name, p.err, p.logPath, tail(p.logPath, 15))
+		return fmt.Errorf("%s exited (%w); the end of %s:\n%s", p.name, p.err, p.logPath, tail(p.logPath, 15))
 	default:
 		return nil
 	}
@@ -146,7 +146,7 @@ func httpGet(ctx context.Context, client *http.Client, url string) ([]byte, erro
 	if err != nil {
 		return nil, err
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
 	if err != nil {
 		return nil, err
@@ -159,11 +159,12 @@ func httpGet(ctx context.Context, client *http.Client, url string) ([]byte, erro
 
 // freePort returns a TCP port that was free on host a moment ago.
 func freePort(host string) (int, error) {
-	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+	var lc net.ListenConfig
+	l, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		return 0, err
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }()
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 

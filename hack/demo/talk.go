@@ -35,8 +35,8 @@ type apps struct {
 
 // connectApps dials the channel's line port on every member's address, as each pod's app
 // would dial 127.0.0.1:<localPort>, and waits until the sidecars have registered the
-// connections and linked up with each other, so that the first line is not sent into a
-// mesh still forming.
+// connections and see each other serving, so that the first line is not sent into a mesh
+// still forming (Broadcast sends to the members that discovery reports serving, by design).
 func connectApps(ctx context.Context, members []*member, channel string, port int32) (*apps, error) {
 	a := &apps{arrivals: make(chan arrival, 64), quit: make(chan struct{})}
 	for i, m := range members {
@@ -85,29 +85,29 @@ func dialApp(ctx context.Context, m *member, port int32) (*ipc.Socket, error) {
 func (a *apps) close() {
 	close(a.quit)
 	if a.writer != nil {
-		a.writer.Close()
+		_ = a.writer.Close()
 	}
 	for _, r := range a.readers {
-		r.Close()
+		_ = r.Close()
 	}
 	a.wg.Wait()
 }
 
-// waitForMesh waits until each sidecar has a local connection on channel and a peer link
-// up to and from every other member, as its metrics say.
+// waitForMesh waits until each sidecar has a local connection on channel, a peer link up
+// to every other member, and sees every other member serving, as its metrics say.
 func waitForMesh(ctx context.Context, members []*member, channel string) error {
 	hc := &http.Client{Timeout: 2 * time.Second}
 	others := float64(len(members) - 1)
 	for _, m := range members {
-		err := waitUntil(ctx, "the sidecar of "+m.pod.Name+" to link up with its peers", 60*time.Second, m.sidecar, func(ctx context.Context) (bool, error) {
+		err := waitUntil(ctx, "the sidecar of "+m.pod.Name+" to see its peers serving", 60*time.Second, m.sidecar, func(ctx context.Context) (bool, error) {
 			body, err := httpGet(ctx, hc, m.adminURL("/metrics"))
 			if err != nil {
 				return false, err
 			}
 			text := string(body)
 			return metric(text, `podipc_local_connections{channel="`+channel+`"}`) >= 1 &&
-				metric(text, `podipc_peer_links{direction="out",state="up"}`) >= others &&
-				metric(text, `podipc_peer_links{direction="in",state="up"}`) >= others, nil
+				metric(text, `podipc_members{channel="`+channel+`",state="serving"}`) >= others &&
+				metric(text, `podipc_peer_links{direction="out",state="up"}`) >= others, nil
 		})
 		if err != nil {
 			return err
