@@ -5,6 +5,7 @@ go 1.26.0
 require (
 	github.com/go-logr/logr v1.4.3
 	github.com/prometheus/client_golang v1.23.2
+	go.uber.org/goleak v1.3.0
 	sigs.k8s.io/yaml v1.6.0
 )
 
