@@ -67,11 +67,20 @@ func TestStaticReload(t *testing.T) {
 	if st := <-updates; len(st.Channels["orders"].Members) != 1 {
 		t.Fatalf("first snapshot: %+v", st)
 	}
-	_ = os.WriteFile(path, []byte("not: [valid"), 0o644)
+	write := func(content string) {
+		tmp := path + ".tmp"
+		if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("not: [valid")
 	s.Reload()
 	time.Sleep(50 * time.Millisecond)
-	_ = os.WriteFile(path, []byte(strings.Replace(staticYAML, "#more",
-		"      - {namespace: demo, name: pod-b, uid: uid-b, ip: 127.0.0.3, ready: true, serving: true}", 1)), 0o644)
+	write(strings.Replace(staticYAML, "#more",
+		"      - {namespace: demo, name: pod-b, uid: uid-b, ip: 127.0.0.3, ready: true, serving: true}", 1))
 	select {
 	case st := <-updates:
 		if len(st.Channels["orders"].Members) != 2 {
