@@ -134,7 +134,7 @@ func (s *Server) Start(ctx context.Context) error {
 					s.mu.Unlock()
 				}()
 				defer close(in.done)
-				defer conn.Close()
+				defer func() { _ = conn.Close() }()
 				if err := s.serve(in); err != nil && !errors.Is(err, net.ErrClosed) {
 					s.cfg.Log.V(1).Info("Inbound peer link ended", "remote", conn.RemoteAddr().String(), "err", err)
 				}
@@ -222,7 +222,9 @@ func (s *Server) serve(in *inbound) error {
 	err = s.readLoop(in, st, fr)
 	close(readDone)
 	_ = conn.Close()
-	<-werr
+	if werrV := <-werr; werrV != nil {
+		s.cfg.Log.V(4).Info("Inbound peer writer ended", "err", werrV.Error())
+	}
 	if errors.Is(err, errGoodbye) {
 		// The sender's incarnation has ended: forget it.
 		s.mu.Lock()
@@ -361,7 +363,7 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 		if a > sentAck {
 			sentAck = a
 			buf = AckFrame(buf[:0], a)
-			bw.Write(buf)
+			_, _ = bw.Write(buf)
 			return flush()
 		}
 		return nil
@@ -381,7 +383,7 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 			}
 		case <-presence:
 			presence = s.cfg.Router.PresenceChanged()
-			bw.Write(PresenceFrame(s.cfg.Router.Presence()))
+			_, _ = bw.Write(PresenceFrame(s.cfg.Router.Presence()))
 			if err := flush(); err != nil {
 				return err
 			}
@@ -392,7 +394,7 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 				return err
 			}
 			if !wrote {
-				bw.Write(PingFrame())
+				_, _ = bw.Write(PingFrame())
 				if err := flush(); err != nil {
 					return err
 				}
@@ -400,7 +402,7 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 			wrote = false
 		case <-in.bye:
 			_ = ack()
-			bw.Write(ReasonFrame(FrameGoodbye, "shutdown"))
+			_, _ = bw.Write(ReasonFrame(FrameGoodbye, "shutdown"))
 			return flush()
 		case <-readDone:
 			return nil

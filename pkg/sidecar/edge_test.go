@@ -57,7 +57,7 @@ func TestLineAndNodeIPC(t *testing.T) {
 		nc, err = net.Dial("unix", filepath.Join(b.sockDir, "app.orders"))
 		return err == nil
 	})
-	defer nc.Close()
+	defer func() { _ = nc.Close() }()
 	c.waitConns(b, "orders", 1)
 	c.waitConns(a, "orders", 1)
 	line.send(t, "hello-", 0, 1)
@@ -99,7 +99,7 @@ func TestImpostorPeer(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer conn.Close()
+			defer func() { _ = conn.Close() }()
 			_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
 			h := peer.Hello{MinVersion: peer.MinVersion, MaxVersion: peer.Version, Pod: tc.id, Channels: []string{"orders"}}
 			if _, err := conn.Write(h.Frame()); err != nil {
@@ -148,7 +148,7 @@ func TestManyConnections(t *testing.T) {
 		if err != nil || got != "x00000000\n" {
 			t.Fatalf("connection %d read %q, %v", i, got, err)
 		}
-		conn.Close()
+		_ = conn.Close()
 	}
 	c.waitConns(b, "orders", 0)
 	eventually(t, fmt.Sprintf("fds back to %d", baseline), func() bool { return fds(t, b) <= baseline })

@@ -224,7 +224,7 @@ func (c *cluster) waitReady(p *pod) {
 		if err != nil {
 			return false
 		}
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
 	})
 }
@@ -245,7 +245,7 @@ func (c *cluster) metric(p *pod, series string) float64 {
 	if err != nil {
 		return -1
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
 		if v, ok := strings.CutPrefix(sc.Text(), series+" "); ok {
@@ -262,7 +262,7 @@ func (c *cluster) post(p *pod, path string) {
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	resp.Body.Close()
+	_ = resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		c.t.Fatalf("POST %s: %s", path, resp.Status)
 	}
@@ -299,7 +299,7 @@ func (c *cluster) dialApp(p *pod, ch int, paused bool) *app {
 	})
 	a := &app{conn: conn, done: make(chan struct{})}
 	c.t.Cleanup(func() {
-		conn.Close()
+		_ = conn.Close()
 		if a.started.Load() {
 			<-a.done
 		}
@@ -349,7 +349,7 @@ func (a *app) send(t *testing.T, prefix string, from, to int) {
 func (a *app) write(prefix string, from, to int) error {
 	w := bufio.NewWriterSize(a.conn, 64<<10)
 	for i := from; i < to; i++ {
-		fmt.Fprintf(w, "%s%08d\n", prefix, i)
+		_, _ = fmt.Fprintf(w, "%s%08d\n", prefix, i)
 	}
 	return w.Flush()
 }
