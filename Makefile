@@ -8,6 +8,7 @@ KUBE_VERSION := v1.37.2
 K8S_BIN      := $(BIN)/k8s/$(KUBE_VERSION)
 TOOLS_MOD    := $(ROOT)/hack/tools/go.mod
 GOTEST_FLAGS ?= -race -count=1
+FUZZTIME     ?= 20s
 export PATH := $(BIN):$(PATH)
 
 ##@ General
@@ -27,6 +28,15 @@ test: control-plane ## Run unit, integration (real API server) and node-ipc comp
 .PHONY: bench
 bench: ## Run the Go benchmarks (figures go to docs/performance.md).
 	go test -run '^$$' -bench . -benchmem ./pkg/...
+
+.PHONY: fuzz
+fuzz: ## Run each fuzz target for FUZZTIME (default 20s).
+	@for pkg in $$(go list ./pkg/...); do \
+	  for target in $$(go test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+	    echo "== $$pkg $$target"; \
+	    go test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	  done; \
+	done
 
 .PHONY: lint
 lint: $(BIN)/golangci-lint ## Run gofmt, go vet and golangci-lint.

@@ -35,7 +35,8 @@ func WithFraming(f Framing) Option { return func(o *options) { o.framing = f } }
 
 // WithMaxMessageBytes sets the largest message (without delimiter) a socket accepts;
 // the default is DefaultMaxMessageBytes. A larger incoming message ends the socket with
-// ErrMessageTooLarge; a larger outgoing one is dropped and reported. n must be between 1
+// ErrMessageTooLarge; a larger outgoing one is dropped and reported (except with Raw,
+// where the limit only caps each received chunk). n must be between 1
 // and MaxMessageBytesLimit.
 func WithMaxMessageBytes(n int) Option { return func(o *options) { o.maxMessage = n } }
 

@@ -29,8 +29,9 @@ type Server struct {
 
 // Listen listens on network ("tcp", "tcp4", "tcp6" or "unix") and address, and accepts
 // connections until Close. For "unix", a socket file left behind by a process that is
-// gone is removed first; one that still answers is an error, and a file that is not a
-// socket is never removed. The options apply to every accepted socket.
+// gone is removed first; one that still answers is an error (its server sees the probe
+// as a connection that closes at once), and a file that is not a socket is never
+// removed. The options apply to every accepted socket.
 func Listen(network, address string, opts ...Option) (*Server, error) {
 	o, err := resolve(opts)
 	if err != nil {

@@ -140,8 +140,8 @@ func (s *Socket) Err() error {
 // they were not JSON objects with a string "type".
 func (s *Socket) Malformed() uint64 { return s.malformed.Load() }
 
-// Dropped returns how many messages taken from Out() were not written: too large, not
-// frameable, or sent after the socket ended.
+// Dropped returns how many messages taken from Out() were not written: too large (not
+// for Raw), not frameable, or sent after the socket ended.
 func (s *Socket) Dropped() uint64 { return s.dropped.Load() }
 
 // Close ends the socket if it has not ended, flushes queued output for at most the
@@ -195,8 +195,16 @@ func (s *Socket) readLoop() {
 			s.end(err)
 			return
 		}
+		str := string(msg)
+		// Try a plain send first: it is much cheaper than the two-way select below,
+		// and In() usually has room.
 		select {
-		case s.in <- string(msg):
+		case s.in <- str:
+			continue
+		default:
+		}
+		select {
+		case s.in <- str:
 		case <-s.closing:
 			// The owner has stopped listening; nobody will read the rest.
 			return
@@ -247,7 +255,9 @@ func (s *Socket) writeQueued(w *Writer) {
 // write buffers one message. A message the socket must not send is dropped and
 // reported; an I/O error sticks in the Writer and surfaces at Flush.
 func (s *Socket) write(w *Writer, msg string) {
-	if len(msg) > s.opts.maxMessage {
+	// Raw has no messages on the wire, only bytes, so the limit (on received chunks)
+	// does not apply to what is sent.
+	if len(msg) > s.opts.maxMessage && s.opts.framing != Raw {
 		s.dropped.Add(1)
 		s.opts.onError(s, fmt.Errorf("outgoing message of %d bytes dropped: %w", len(msg), tooLarge(s.opts.maxMessage)))
 		return
