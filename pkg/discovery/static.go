@@ -50,7 +50,8 @@ const DefaultPeerPort = 7701
 
 // Static is a Source reading a file. The file is re-read every PollInterval (and at
 // once after Reload, which the sidecar calls on SIGHUP); a snapshot is published when
-// its parsed content changes. A file that cannot be read or parsed is logged and the
+// its parsed content changes. Write the file atomically (write a temporary file, then
+// rename it over the old one) so the poller never sees it half written. A file that cannot be read or parsed is logged and the
 // last good snapshot stays in force, like an unreachable API server.
 type Static struct {
 	// Path is the file to read.
@@ -89,6 +90,10 @@ func (s *Static) Run(ctx context.Context, update func(State)) error {
 		switch {
 		case err != nil:
 			s.Log.Error(err, "Reading static discovery file failed; keeping the last snapshot", "path", s.Path)
+		case len(bytes.TrimSpace(raw)) == 0:
+			// Most likely a writer truncated the file and has not written it yet;
+			// replace the file atomically (write and rename) to avoid the window.
+			s.Log.Info("Static discovery file is empty; keeping the last snapshot", "path", s.Path)
 		case last == nil || !bytes.Equal(raw, lastRaw):
 			st, err := ParseStatic(raw, s.Channels)
 			if err != nil {

@@ -284,7 +284,7 @@ func (l *Link) session(ctx context.Context) error {
 		l.cfg.Metrics.Links.WithLabelValues("out", "connecting").Dec()
 		return err
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	w, fr, err := l.handshake(conn)
 	l.cfg.Metrics.Links.WithLabelValues("out", "connecting").Dec()
 	if err != nil {
@@ -299,13 +299,13 @@ func (l *Link) session(ctx context.Context) error {
 	go func() {
 		err := l.writeLoop(conn, done)
 		if err != nil {
-			conn.Close() // unblocks readLoop
+			_ = conn.Close() // unblocks readLoop
 		}
 		werr <- err
 	}()
 	rerr := l.readLoop(conn, fr)
 	close(done)
-	conn.Close()
+	_ = conn.Close()
 	wErr := <-werr
 	l.mu.Lock()
 	l.up = false
@@ -431,8 +431,9 @@ func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
 			_ = conn.SetWriteDeadline(time.Now().Add(3 * l.cfg.Keepalive))
 			for _, m := range batch {
 				hdr = AppendDataHeader(hdr[:0], m.seq, m.channel, m.kind, len(m.data))
-				bw.Write(hdr)
-				bw.Write(m.data)
+				// bufio.Writer errors are sticky: Flush below reports them.
+				_, _ = bw.Write(hdr)
+				_, _ = bw.Write(m.data)
 			}
 			if err := bw.Flush(); err != nil {
 				return err

@@ -60,9 +60,14 @@ type sender struct {
 	active *inbound
 }
 
+// pending is a dispatched line. Its acknowledgement waits for c, but never past
+// deadline: a receiving sidecar does not withhold acknowledgements because a local
+// reader is slow (DESIGN §5), so a line still queued for a reader after the channel's
+// maxWait is acknowledged anyway.
 type pending struct {
-	seq uint64
-	c   *router.Completion
+	seq      uint64
+	c        *router.Completion
+	deadline time.Time
 }
 
 // inbound is one accepted connection.
@@ -129,7 +134,7 @@ func (s *Server) Start(ctx context.Context) error {
 					s.mu.Unlock()
 				}()
 				defer close(in.done)
-				defer conn.Close()
+				defer func() { _ = conn.Close() }()
 				if err := s.serve(in); err != nil && !errors.Is(err, net.ErrClosed) {
 					s.cfg.Log.V(1).Info("Inbound peer link ended", "remote", conn.RemoteAddr().String(), "err", err)
 				}
@@ -217,7 +222,9 @@ func (s *Server) serve(in *inbound) error {
 	err = s.readLoop(in, st, fr)
 	close(readDone)
 	_ = conn.Close()
-	<-werr
+	if werrV := <-werr; werrV != nil {
+		s.cfg.Log.V(4).Info("Inbound peer writer ended", "err", werrV.Error())
+	}
 	if errors.Is(err, errGoodbye) {
 		// The sender's incarnation has ended: forget it.
 		s.mu.Lock()
@@ -287,32 +294,47 @@ func (s *Server) readLoop(in *inbound, st *sender, fr *Reader) error {
 		st.started, st.last = true, d.Seq
 		c := router.NewCompletion(st.notify)
 		st.pending = append(st.pending, pending{seq: d.Seq, c: c})
+		i := len(st.pending) - 1
 		st.mu.Unlock()
 		name, ok := names[string(d.Channel)]
 		if !ok {
 			name = string(d.Channel)
 			names[name] = name
 		}
-		s.cfg.Router.Deliver(s.ctx, name, d.Kind, slab.Copy(d.Payload), c)
+		grace := s.cfg.Router.Deliver(s.ctx, name, d.Kind, slab.Copy(d.Payload), c)
+		st.mu.Lock()
+		// The grace period starts once the line is queued everywhere (Deliver may
+		// have waited under the overflow policy). ackable may have popped it already.
+		if i < len(st.pending) && st.pending[i].c == c {
+			st.pending[i].deadline = time.Now().Add(grace)
+		} else if j := len(st.pending) - 1; j >= 0 && st.pending[j].c == c {
+			st.pending[j].deadline = time.Now().Add(grace)
+		}
+		st.mu.Unlock()
 		c.Done()
 		s.cfg.Metrics.Received.Inc()
 	}
 }
 
-// ackable pops completed lines and returns the cumulative acknowledgement.
-func (st *sender) ackable() uint64 {
+// ackable pops the lines that are complete, or past their deadline, and returns the
+// cumulative acknowledgement and the deadline of the oldest line left (zero if none).
+func (st *sender) ackable(now time.Time) (uint64, time.Time) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	k := 0
-	for k < len(st.pending) && st.pending[k].c.Complete() {
+	for k < len(st.pending) {
+		p := st.pending[k]
+		if !p.c.Complete() && (p.deadline.IsZero() || now.Before(p.deadline)) {
+			break
+		}
 		k++
 	}
 	clear(st.pending[:k])
 	st.pending = st.pending[k:]
 	if len(st.pending) == 0 {
-		return st.last
+		return st.last, time.Time{}
 	}
-	return st.pending[0].seq - 1
+	return st.pending[0].seq - 1, st.pending[0].deadline
 }
 
 // writeLoop is the connection's only writer: acknowledgements as lines complete,
@@ -330,11 +352,18 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 		wrote = true
 		return bw.Flush()
 	}
+	// grace fires at the oldest pending line's deadline.
+	grace := time.NewTimer(time.Hour)
+	defer grace.Stop()
 	ack := func() error {
-		if a := st.ackable(); a > sentAck {
+		a, next := st.ackable(time.Now())
+		if !next.IsZero() {
+			grace.Reset(max(time.Until(next), time.Millisecond))
+		}
+		if a > sentAck {
 			sentAck = a
 			buf = AckFrame(buf[:0], a)
-			bw.Write(buf)
+			_, _ = bw.Write(buf)
 			return flush()
 		}
 		return nil
@@ -348,9 +377,13 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 			if err := ack(); err != nil {
 				return err
 			}
+		case <-grace.C:
+			if err := ack(); err != nil {
+				return err
+			}
 		case <-presence:
 			presence = s.cfg.Router.PresenceChanged()
-			bw.Write(PresenceFrame(s.cfg.Router.Presence()))
+			_, _ = bw.Write(PresenceFrame(s.cfg.Router.Presence()))
 			if err := flush(); err != nil {
 				return err
 			}
@@ -361,7 +394,7 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 				return err
 			}
 			if !wrote {
-				bw.Write(PingFrame())
+				_, _ = bw.Write(PingFrame())
 				if err := flush(); err != nil {
 					return err
 				}
@@ -369,7 +402,7 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 			wrote = false
 		case <-in.bye:
 			_ = ack()
-			bw.Write(ReasonFrame(FrameGoodbye, "shutdown"))
+			_, _ = bw.Write(ReasonFrame(FrameGoodbye, "shutdown"))
 			return flush()
 		case <-readDone:
 			return nil

@@ -117,6 +117,7 @@ type Signal struct {
 	ch chan struct{}
 }
 
+// C returns a channel closed at the next Broadcast.
 func (s *Signal) C() <-chan struct{} {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -126,6 +127,7 @@ func (s *Signal) C() <-chan struct{} {
 	return s.ch
 }
 
+// Broadcast wakes every waiter.
 func (s *Signal) Broadcast() {
 	s.mu.Lock()
 	if s.ch != nil {

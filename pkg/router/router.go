@@ -356,11 +356,14 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data []
 // written the line or counted it dropped; the caller keeps (and releases) its own
 // reference. Deliver may block under the Block policy, which is the intended
 // backpressure on the peer link; it never waits for acknowledgements.
-func (r *Router) Deliver(ctx context.Context, channel string, kind Kind, data []byte, done *Completion) {
+//
+// It returns the channel's maxWait: how long the peer link may hold the line's
+// acknowledgement for a slow local reader before acknowledging it anyway.
+func (r *Router) Deliver(ctx context.Context, channel string, kind Kind, data []byte, done *Completion) time.Duration {
 	ch := r.Channel(channel)
 	if ch == nil {
 		r.Drop(channel, ReasonNoChannel, 1)
-		return
+		return 0
 	}
 	spec := ch.spec.Load()
 	conns := *ch.conns.Load()
@@ -368,7 +371,7 @@ func (r *Router) Deliver(ctx context.Context, channel string, kind Kind, data []
 		// Counted so that a line a peer carried here never vanishes without a trace,
 		// although for Broadcast no connection means nobody to deliver to.
 		ch.drop(ReasonNoConnection, 1)
-		return
+		return 0
 	}
 	it := Item{Kind: kind, Data: data, Done: done}
 	for _, c := range conns {
@@ -377,6 +380,7 @@ func (r *Router) Deliver(ctx context.Context, channel string, kind Kind, data []
 			done.Done()
 		}
 	}
+	return spec.Overflow.MaxWait
 }
 
 // Message is a line in flight between a sender and a peer link.

@@ -40,14 +40,15 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// subnet gives each test its own 127.77.<n>.0/24, so the fixed ports (7000, 7701, 7702)
-// of one test's sidecars never meet another's, even if a process outlives its test.
+// subnet gives each test its own 127.<b>.<n>.0/24 (b from the process id), so the fixed
+// ports (7000, 7701, 7702) of one test's sidecars never meet another's, even across
+// concurrent runs of the package.
 var subnet atomic.Int32
 
 // chanCfg is one channel of a test cluster.
 type chanCfg struct {
 	name, delivery, policy, maxWait string
-	queueBytes, maxMessageBytes   int
+	queueBytes, maxMessageBytes     int
 }
 
 // pod is one sidecar process and its identity.
@@ -77,7 +78,7 @@ func newCluster(t *testing.T, n int, channels ...chanCfg) *cluster {
 	c.config = filepath.Join(c.dir, "static.yaml")
 	for i := range n {
 		name := string(rune('a' + i))
-		p := &pod{name: "pod-" + name, uid: "uid-" + name, ip: fmt.Sprintf("127.77.%d.%d", net3, i+1),
+		p := &pod{name: "pod-" + name, uid: "uid-" + name, ip: fmt.Sprintf("127.%d.%d.%d", 100+os.Getpid()%150, net3, i+1),
 			sockDir: filepath.Join(c.dir, name)}
 		if err := os.MkdirAll(p.sockDir, 0o755); err != nil {
 			t.Fatal(err)
@@ -114,7 +115,7 @@ func (c *cluster) writeConfig(members []*pod) {
 			fmt.Fprintf(&b, "    maxMessageBytes: %d\n", ch.maxMessageBytes)
 		}
 		fmt.Fprintf(&b, "    overflow: {policy: %s, maxWait: %s, queueBytes: %d}\n", orDefault(ch.policy, "WaitThenDrop"),
-			orDefault(ch.maxWait, "100ms"), max(ch.queueBytes, 1<<20))
+			orDefault(ch.maxWait, "100ms"), orDefaultInt(ch.queueBytes, 1<<20))
 		b.WriteString("    members:\n")
 		for _, p := range members {
 			fmt.Fprintf(&b, "      - {namespace: demo, name: %s, uid: %s, ip: %s, peerPort: 7701, ready: true, serving: true}\n", p.name, p.uid, p.ip)
@@ -127,6 +128,13 @@ func (c *cluster) writeConfig(members []*pod) {
 	if err := os.Rename(tmp, c.config); err != nil {
 		c.t.Fatal(err)
 	}
+}
+
+func orDefaultInt(v, d int) int {
+	if v == 0 {
+		return d
+	}
+	return v
 }
 
 func orDefault(s, d string) string {
@@ -159,6 +167,8 @@ func (c *cluster) start(p *pod) {
 		"--debug-endpoints", "--drain-timeout=10s", "--log-level=debug")
 	cmd.Env = append(os.Environ(), "PODIPC_POD_NAME="+p.name, "PODIPC_POD_NAMESPACE=demo", "PODIPC_POD_UID="+p.uid,
 		"PODIPC_POD_IP="+p.ip, "PODIPC_CHANNELS="+strings.Join(names, ","))
+	// The sidecars die with the test binary, even when it panics on a timeout.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	p.log, p.logMu = &bytes.Buffer{}, &sync.Mutex{}
 	cmd.Stderr = syncBuffer{mu: p.logMu, b: p.log}
 	if err := cmd.Start(); err != nil {
@@ -203,7 +213,9 @@ func (c *cluster) terminate(p *pod) error {
 	}
 }
 
-func (c *cluster) url(p *pod, path string) string { return "http://" + net.JoinHostPort(p.ip, "7702") + path }
+func (c *cluster) url(p *pod, path string) string {
+	return "http://" + net.JoinHostPort(p.ip, "7702") + path
+}
 
 func (c *cluster) waitReady(p *pod) {
 	c.t.Helper()
@@ -212,7 +224,7 @@ func (c *cluster) waitReady(p *pod) {
 		if err != nil {
 			return false
 		}
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
 	})
 }
@@ -233,7 +245,7 @@ func (c *cluster) metric(p *pod, series string) float64 {
 	if err != nil {
 		return -1
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
 		if v, ok := strings.CutPrefix(sc.Text(), series+" "); ok {
@@ -250,7 +262,7 @@ func (c *cluster) post(p *pod, path string) {
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	resp.Body.Close()
+	_ = resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		c.t.Fatalf("POST %s: %s", path, resp.Status)
 	}
@@ -267,9 +279,9 @@ func fds(t *testing.T, p *pod) int {
 
 // app is a line client of a channel that records everything it reads.
 type app struct {
-	conn net.Conn
-	mu   sync.Mutex
-	got  []string
+	conn    net.Conn
+	mu      sync.Mutex
+	got     []string
 	done    chan struct{}
 	started atomic.Bool
 	err     error
@@ -287,7 +299,7 @@ func (c *cluster) dialApp(p *pod, ch int, paused bool) *app {
 	})
 	a := &app{conn: conn, done: make(chan struct{})}
 	c.t.Cleanup(func() {
-		conn.Close()
+		_ = conn.Close()
 		if a.started.Load() {
 			<-a.done
 		}
@@ -337,7 +349,7 @@ func (a *app) send(t *testing.T, prefix string, from, to int) {
 func (a *app) write(prefix string, from, to int) error {
 	w := bufio.NewWriterSize(a.conn, 64<<10)
 	for i := from; i < to; i++ {
-		fmt.Fprintf(w, "%s%08d\n", prefix, i)
+		_, _ = fmt.Fprintf(w, "%s%08d\n", prefix, i)
 	}
 	return w.Flush()
 }

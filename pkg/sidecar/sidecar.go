@@ -108,8 +108,10 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 	return s, nil
 }
 
-// PeerAddr and AdminAddr return the bound addresses.
-func (s *Sidecar) PeerAddr() net.Addr  { return s.server.Addr() }
+// PeerAddr returns the bound peer address.
+func (s *Sidecar) PeerAddr() net.Addr { return s.server.Addr() }
+
+// AdminAddr returns the bound admin address.
 func (s *Sidecar) AdminAddr() net.Addr { return s.adminLn.Addr() }
 
 // Start serves until ctx ends, then drains within the drain timeout and returns.
@@ -145,7 +147,9 @@ func (s *Sidecar) Start(ctx context.Context) error {
 	}
 	stopDiscovery()
 	if err == nil {
-		<-discDone
+		if derr := <-discDone; derr != nil {
+			s.log.Error(derr, "Discovery stopped with an error")
+		}
 	}
 	s.drain()
 	cancelRun()

@@ -1,0 +1,130 @@
+package peer
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"reflect"
+	"testing"
+
+	"github.com/podipc/podipc/pkg/router"
+)
+
+func sampleStream() []byte {
+	var b []byte
+	b = append(b, Hello{MinVersion: 1, MaxVersion: 2, Pod: Identity{"ns", "pod-a", "uid-a", 42}, Channels: []string{"orders", "events"}}.Frame()...)
+	b = append(b, Welcome{Version: 1, Pod: Identity{"ns", "pod-b", "uid-b", 7}, Known: true, LastSeq: 99, Presence: map[string]int{"orders": 2}}.Frame()...)
+	b = AppendDataHeader(b, 100, "orders", router.NodeIPC, 5)
+	b = append(b, "hello"...)
+	b = AckFrame(b, 100)
+	b = append(b, PresenceFrame(map[string]int{"orders": 0, "events": 3})...)
+	b = append(b, PingFrame()...)
+	b = append(b, ReasonFrame(FrameGoodbye, "shutdown")...)
+	return b
+}
+
+// TestCodecRoundTrip: every frame type decodes to what was encoded.
+func TestCodecRoundTrip(t *testing.T) {
+	r := NewReader(bytes.NewReader(sampleStream()), MaxFrameBytes)
+	next := func(want FrameType) []byte {
+		t.Helper()
+		typ, body, err := r.Next()
+		if err != nil || typ != want {
+			t.Fatalf("Next = %d, %v; want type %d", typ, err, want)
+		}
+		return body
+	}
+	h, err := ParseHello(next(FrameHello))
+	if err != nil || !reflect.DeepEqual(h, Hello{1, 2, Identity{"ns", "pod-a", "uid-a", 42}, []string{"orders", "events"}}) {
+		t.Fatalf("hello = %+v, %v", h, err)
+	}
+	w, err := ParseWelcome(next(FrameWelcome))
+	if err != nil || !reflect.DeepEqual(w, Welcome{1, Identity{"ns", "pod-b", "uid-b", 7}, true, 99, map[string]int{"orders": 2}}) {
+		t.Fatalf("welcome = %+v, %v", w, err)
+	}
+	d, err := ParseData(next(FrameData))
+	if err != nil || d.Seq != 100 || string(d.Channel) != "orders" || d.Kind != router.NodeIPC || string(d.Payload) != "hello" {
+		t.Fatalf("data = %+v, %v", d, err)
+	}
+	if a, err := ParseAck(next(FrameAck)); err != nil || a != 100 {
+		t.Fatalf("ack = %d, %v", a, err)
+	}
+	if p, err := ParsePresence(next(FramePresence)); err != nil || !reflect.DeepEqual(p, map[string]int{"orders": 0, "events": 3}) {
+		t.Fatalf("presence = %v, %v", p, err)
+	}
+	next(FramePing)
+	if s, err := ParseReason(next(FrameGoodbye)); err != nil || s != "shutdown" {
+		t.Fatalf("goodbye = %q, %v", s, err)
+	}
+	if _, _, err := r.Next(); !errors.Is(err, io.EOF) {
+		t.Fatalf("end = %v, want EOF", err)
+	}
+}
+
+// TestReaderRejectsOversizedFrame: a length beyond the bound is an error, not an
+// allocation.
+func TestReaderRejectsOversizedFrame(t *testing.T) {
+	r := NewReader(bytes.NewReader([]byte{0xff, 0xff, 0xff, 0xff, 4}), maxHandshakeBytes)
+	if _, _, err := r.Next(); !errors.Is(err, ErrFrame) {
+		t.Fatalf("err = %v, want ErrFrame", err)
+	}
+}
+
+// oneByteReader returns one byte per Read, to split frames at every byte.
+type oneByteReader struct{ r io.Reader }
+
+func (o oneByteReader) Read(p []byte) (int, error) { return o.r.Read(p[:1]) }
+
+// FuzzDecode feeds arbitrary bytes to the reader and every body parser; none may
+// panic, and a valid stream split at every byte decodes the same.
+func FuzzDecode(f *testing.F) {
+	s := sampleStream()
+	f.Add(s)
+	for i := range s {
+		f.Add(s[:i])
+		f.Add(s[i:])
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		whole := decodeAll(NewReader(bytes.NewReader(b), MaxFrameBytes))
+		split := decodeAll(NewReader(oneByteReader{bytes.NewReader(b)}, MaxFrameBytes))
+		if !reflect.DeepEqual(whole, split) {
+			t.Fatalf("split reads decode differently:\n%v\n%v", whole, split)
+		}
+	})
+}
+
+func decodeAll(r *Reader) []string {
+	var out []string
+	for {
+		typ, body, err := r.Next()
+		if err != nil {
+			return append(out, "err")
+		}
+		var v any
+		switch typ {
+		case FrameHello:
+			v, err = ParseHello(body)
+		case FrameWelcome:
+			v, err = ParseWelcome(body)
+		case FrameData:
+			var d Data
+			d, err = ParseData(body)
+			v = []any{d.Seq, string(d.Channel), d.Kind, string(d.Payload)}
+		case FrameAck:
+			v, err = ParseAck(body)
+		case FramePresence:
+			v, err = ParsePresence(body)
+		case FrameRefuse, FrameGoodbye:
+			v, err = ParseReason(body)
+		}
+		out = append(out, fmt.Sprintf("%d %v", typ, v), errString(err))
+	}
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}

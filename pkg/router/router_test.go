@@ -1,0 +1,108 @@
+package router
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	"go.uber.org/goleak"
+
+	"github.com/podipc/podipc/pkg/discovery"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func ov(p discovery.OverflowPolicy, queue int) discovery.Overflow {
+	return discovery.Overflow{Policy: p, MaxWait: 10 * time.Millisecond, QueueBytes: queue}
+}
+
+// TestQueueOverflow: the policies as DESIGN §5 states them.
+func TestQueueOverflow(t *testing.T) {
+	item := Item{Data: make([]byte, 10)}
+	ctx := t.Context()
+	t.Run("WaitThenDrop drops until below half", func(t *testing.T) {
+		q := NewQueue(nil)
+		for range 10 {
+			if res, _ := q.Push(ctx, item, ov(discovery.WaitThenDrop, 100)); res != Queued {
+				t.Fatal("a push within the bound was refused")
+			}
+		}
+		if res, reason := q.Push(ctx, item, ov(discovery.WaitThenDrop, 100)); res != Dropped || reason != ReasonQueueFull {
+			t.Fatalf("full queue: %v %s", res, reason)
+		}
+		taken := q.Take(nil)
+		q.Release(len(taken[0].Data) * 4) // 60 bytes left: not below half
+		if res, _ := q.Push(ctx, item, ov(discovery.WaitThenDrop, 100)); res != Dropped {
+			t.Fatal("the overflow episode ended before the queue was below half")
+		}
+		q.Release(20) // 40 bytes: below half
+		if res, _ := q.Push(ctx, item, ov(discovery.WaitThenDrop, 100)); res != Queued {
+			t.Fatal("the episode did not end below half")
+		}
+	})
+	t.Run("Block waits for space", func(t *testing.T) {
+		q := NewQueue(nil)
+		_, _ = q.Push(ctx, item, ov(discovery.Block, 10))
+		done := make(chan Result)
+		go func() { r, _ := q.Push(ctx, item, ov(discovery.Block, 10)); done <- r }()
+		select {
+		case <-done:
+			t.Fatal("Block did not wait")
+		case <-time.After(50 * time.Millisecond):
+		}
+		q.Take(nil)
+		q.Release(10)
+		if r := <-done; r != Queued {
+			t.Fatalf("after space: %v", r)
+		}
+	})
+	t.Run("Disconnect", func(t *testing.T) {
+		q := NewQueue(nil)
+		_, _ = q.Push(ctx, item, ov(discovery.Disconnect, 10))
+		if r, reason := q.Push(ctx, item, ov(discovery.Disconnect, 10)); r != Disconnect || reason != ReasonSlowConsumer {
+			t.Fatalf("got %v %s", r, reason)
+		}
+	})
+}
+
+// fakeRemote is a Remote that records what it is sent.
+type fakeRemote struct {
+	id    string
+	conns int
+	got   []string
+}
+
+func (f *fakeRemote) ID() string { return f.id }
+func (f *fakeRemote) Send(_ context.Context, _ string, _ Kind, data []byte, _ bool, _ discovery.Overflow) (Result, string) {
+	f.got = append(f.got, string(data))
+	return Queued, ""
+}
+func (f *fakeRemote) Presence(string) (int, bool) { return f.conns, true }
+
+// TestAnyOneRoundRobin: candidates are the own pod (if another connection exists)
+// and remotes advertising a connection; remotes without one are skipped.
+func TestAnyOneRoundRobin(t *testing.T) {
+	r := New(logr.Discard(), nil)
+	defer r.Close()
+	ch := r.Ensure("jobs", discovery.Spec{Delivery: discovery.AnyOne})
+	sender := ch.Attach(Line, func() {})
+	other := ch.Attach(Line, func() {})
+	b, c, idle := &fakeRemote{id: "b", conns: 1}, &fakeRemote{id: "c", conns: 2}, &fakeRemote{id: "d"}
+	ch.SetMembers([]Remote{c, idle, b}, []bool{true, true, true}, []bool{true, true, true})
+	for i := range 9 {
+		ch.Route(t.Context(), sender, Line, []byte{byte('0' + i)})
+	}
+	local := other.Queue.Take(nil)
+	if len(local) != 3 || len(b.got) != 3 || len(c.got) != 3 || len(idle.got) != 0 {
+		t.Fatalf("local %d, b %d, c %d, idle %d; want 3, 3, 3, 0", len(local), len(b.got), len(c.got), len(idle.got))
+	}
+	if len(sender.Queue.Take(nil)) != 0 {
+		t.Fatal("the sender received its own line")
+	}
+	// Only the sender on the channel and no remote: wait maxWait, drop no_receiver.
+	other.Detach()
+	ch.SetMembers(nil, nil, nil)
+	ch.Route(t.Context(), sender, Line, []byte("x"))
+	sender.Detach()
+}

@@ -1,0 +1,132 @@
+package sidecar_test
+
+import (
+	"bufio"
+	"io"
+	"strings"
+	"testing"
+	"time"
+)
+
+// overflowCluster has a sender on pod a, and on pod b a fast reader and a reader that
+// stops reading. Lines are long so that the stalled reader's kernel buffers fill fast.
+func overflowCluster(t *testing.T, policy string) (c *cluster, sender, fast, slow *app, n int) {
+	c = newCluster(t, 2, chanCfg{name: "orders", policy: policy, maxWait: "50ms", queueBytes: 64 << 10})
+	sender = c.dialApp(c.pods[0], 0, false)
+	fast = c.dialApp(c.pods[1], 0, false)
+	slow = c.dialApp(c.pods[1], 0, true)
+	c.waitConns(c.pods[1], "orders", 2)
+	return c, sender, fast, slow, 40_000
+}
+
+const pad = "................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................"
+
+// sendPadded writes n long lines "p<seq><pad>".
+func sendPadded(a *app, n int) error {
+	w := bufio.NewWriterSize(a.conn, 64<<10)
+	for i := range n {
+		if _, err := w.WriteString("p" + itoa8(i) + pad + "\n"); err != nil {
+			return err
+		}
+	}
+	return w.Flush()
+}
+
+func itoa8(i int) string {
+	s := "00000000" + strings.TrimSpace(strings.Repeat(" ", 0)) + itoa(i)
+	return s[len(s)-8:]
+}
+
+func itoa(i int) string {
+	if i == 0 {
+		return "0"
+	}
+	var b []byte
+	for ; i > 0; i /= 10 {
+		b = append([]byte{byte('0' + i%10)}, b...)
+	}
+	return string(b)
+}
+
+func stripPad(lines []string) []string {
+	for i, l := range lines {
+		lines[i] = strings.TrimSuffix(l, pad)
+	}
+	return lines
+}
+
+// TestOverflowWaitThenDrop: the stalled reader loses lines (counted queue_full), the
+// fast reader and the sender are not affected, and what the stalled reader finally
+// reads plus the drops is every line.
+func TestOverflowWaitThenDrop(t *testing.T) {
+	c, sender, fast, slow, n := overflowCluster(t, "WaitThenDrop")
+	if err := sendPadded(sender, n); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "fast reader gets everything", func() bool { return fast.count() >= n })
+	checkSeq(t, "fast reader", stripPad(fast.lines()), "p", 0, n)
+	drops := "podipc_dropped_lines_total{channel=\"orders\",reason=\"queue_full\"}"
+	if d := c.metric(c.pods[1], drops); d == 0 {
+		t.Fatal("the stalled reader lost nothing: the test proved nothing")
+	}
+	if d := c.metric(c.pods[0], drops); d != 0 {
+		t.Fatalf("the sending sidecar dropped %v lines: a slow remote reader hurt every reader", d)
+	}
+	slow.read()
+	eventually(t, "stalled reader's lines plus drops are every line", func() bool {
+		return slow.count()+int(c.metric(c.pods[1], drops)) >= n
+	})
+	time.Sleep(100 * time.Millisecond)
+	if got := slow.count() + int(c.metric(c.pods[1], drops)); got != n {
+		t.Fatalf("stalled reader %d + dropped = %d, want %d", slow.count(), got, n)
+	}
+	last := -1
+	for _, l := range stripPad(slow.lines()) {
+		s := seqOf(t, l, "p")
+		if s <= last {
+			t.Fatalf("stalled reader: %d after %d", s, last)
+		}
+		last = s
+	}
+}
+
+// TestOverflowBlock: nothing is lost; the stalled reader holds the channel back until
+// it reads again.
+func TestOverflowBlock(t *testing.T) {
+	c, sender, fast, slow, n := overflowCluster(t, "Block")
+	done := make(chan error, 1)
+	go func() { done <- sendPadded(sender, n) }()
+	// While the slow reader is stalled the channel cannot complete.
+	eventually(t, "the stalled reader's queue to fill", func() bool {
+		return c.metric(c.pods[1], `podipc_queue_bytes{channel="orders"}`) >= 32<<10
+	})
+	if fast.count() >= n {
+		t.Fatal("the fast reader got every line although a Block receiver was stalled")
+	}
+	slow.read()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "both readers get everything", func() bool { return fast.count() >= n && slow.count() >= n })
+	checkSeq(t, "fast reader", stripPad(fast.lines()), "p", 0, n)
+	checkSeq(t, "slow reader", stripPad(slow.lines()), "p", 0, n)
+}
+
+// TestOverflowDisconnect: the stalled reader is disconnected (slow consumer); the fast
+// reader gets every line.
+func TestOverflowDisconnect(t *testing.T) {
+	c, sender, fast, slow, n := overflowCluster(t, "Disconnect")
+	if err := sendPadded(sender, n); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "fast reader gets everything", func() bool { return fast.count() >= n })
+	checkSeq(t, "fast reader", stripPad(fast.lines()), "p", 0, n)
+	if d := c.metric(c.pods[1], `podipc_dropped_lines_total{channel="orders",reason="slow_consumer"}`); d == 0 {
+		t.Fatal("no slow_consumer drop counted")
+	}
+	_ = slow.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.Copy(io.Discard, slow.conn); err != nil {
+		t.Fatalf("the slow reader's connection was not closed: %v", err)
+	}
+	c.waitConns(c.pods[1], "orders", 1)
+}
