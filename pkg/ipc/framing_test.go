@@ -291,6 +291,17 @@ func TestDecodeEventFollowsJSONParse(t *testing.T) {
 		"array":                {msg: `[{"type":"x"}]`, rejected: true},
 		"trailing garbage":     {msg: `{"type":"x"} x`, rejected: true},
 		"empty":                {msg: ``, rejected: true},
+		"null data":            {msg: `{"type":"t","data":null}`, typ: "t", data: "null"},
+		"spaced data":          {msg: ` { "data" : [ 1 , 2 ] , "type" : "t" } `, typ: "t", data: "[ 1 , 2 ]"},
+		"escaped type":         {msg: `{"type":"a\u0062\n"}`, typ: "ab\n"},
+		"invalid UTF-8 type":   {msg: "{\"type\":\"a\xffb\"}", typ: "a\ufffdb"},
+		"escaped data key":     {msg: `{"type":"t","\u0064ata":1}`, typ: "t", data: "1"},
+		"leading zero":         {msg: `{"type":"t","data":01}`, rejected: true},
+		"control character":    {msg: "{\"type\":\"a\tb\"}", rejected: true},
+		"bad escape":           {msg: `{"type":"\q"}`, rejected: true},
+		"unclosed data":        {msg: `{"type":"t","data":[1}`, rejected: true},
+		"nesting at the limit": {msg: `{"type":"t","data":` + strings.Repeat("[", 9999) + strings.Repeat("]", 9999) + "}", typ: "t", data: strings.Repeat("[", 9999) + strings.Repeat("]", 9999)},
+		"nesting over it":      {msg: `{"type":"t","data":` + strings.Repeat("[", 10000) + strings.Repeat("]", 10000) + "}", rejected: true},
 	}
 	for name, tt := range tests {
 		t.Run(name, func(t *testing.T) {

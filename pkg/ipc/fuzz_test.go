@@ -170,13 +170,24 @@ func FuzzDecodeEvent(f *testing.F) {
 			f.Add([]byte(fr))
 		}
 	}
+	for _, s := range decodeSeeds {
+		f.Add([]byte(s))
+	}
 	f.Fuzz(func(t *testing.T, msg []byte) {
 		ev, err := ipc.DecodeEvent(msg)
-		if (err == nil) != isEvent(msg) {
-			t.Fatalf("DecodeEvent(%q) error %v, JSON.parse view says valid=%v", msg, err, isEvent(msg))
+		want, valid := referenceEvent(msg)
+		if (err == nil) != valid {
+			t.Fatalf("DecodeEvent(%q) error %v, JSON.parse view says valid=%v", msg, err, valid)
+		}
+		// The Writer must refuse exactly what the Reader and DecodeEvent refuse.
+		if werr := ipc.NewWriter(io.Discard, ipc.NodeIPC).Write(msg); (werr == nil) != valid {
+			t.Fatalf("Writer.Write(%q) error %v, JSON.parse view says valid=%v", msg, werr, valid)
 		}
 		if err != nil {
 			return
+		}
+		if ev.Type != want.Type || !bytes.Equal(ev.Data, want.Data) || (ev.Data == nil) != (want.Data == nil) {
+			t.Fatalf("DecodeEvent(%q) = {%q %q}, encoding/json says {%q %q}", msg, ev.Type, ev.Data, want.Type, want.Data)
 		}
 		again, err := ipc.EncodeEvent(ev.Type, ev.Data)
 		if err != nil {
@@ -186,4 +197,39 @@ func FuzzDecodeEvent(f *testing.F) {
 			t.Fatalf("round trip of %q: %+v, %v", msg, ev2, err)
 		}
 	})
+}
+
+// decodeSeeds reach the corners of the JSON grammar that DecodeEvent's own scanner must
+// judge exactly as encoding/json does.
+var decodeSeeds = []string{
+	` { "type" : "a" , "data" : [ 1 , -0.5e+3 , true , false , null , { } , [ ] ] } `,
+	`{"type":"\u00e9\n\"\\\/\b\f\r\t","data":"\uD83D\uDE00"}`,
+	`{"type":"\ud800","data":{"a":{"b":[[{"c":"d"}]]}}}`,
+	"{\"type\":\"\xff\xfe\",\"data\":\"\xc3\xa9\"}",
+	`{"type":"t","data":01}`,
+	`{"type":"t","data":1.}`,
+	`{"type":"t","data":-}`,
+	`{"type":"t","data":1e}`,
+	`{"type":"t","data":tru}`,
+	`{"type":"t","data":[1,]}`,
+	`{"type":"t","data":{"a":1,}}`,
+	`{"type":"t",}`,
+	`{"type":"\x"}`,
+	`{"type":"\u12G4"}`,
+	`{"\u0064ata":5,"type":"t","data":6}`,
+}
+
+// referenceEvent is DecodeEvent the slow way, through a map as JSON.parse would build
+// it: valid is false unless msg is an object whose "type" is a string.
+func referenceEvent(msg []byte) (ev ipc.Event, valid bool) {
+	var fields map[string]json.RawMessage
+	if json.Unmarshal(msg, &fields) != nil || fields == nil {
+		return ev, false
+	}
+	typ, ok := fields["type"]
+	if !ok || len(typ) == 0 || typ[0] != '"' || json.Unmarshal(typ, &ev.Type) != nil {
+		return ev, false
+	}
+	ev.Data = fields["data"]
+	return ev, true
 }
