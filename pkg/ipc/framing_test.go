@@ -319,6 +319,31 @@ func TestDecodeEventFollowsJSONParse(t *testing.T) {
 	}
 }
 
+// TestDecodeEventEveryStringByte puts every byte value at every position of a string
+// long enough for the scanner's eight-bytes-at-a-time path, in the type and in the data,
+// and checks DecodeEvent and the Writer against encoding/json.
+func TestDecodeEventEveryStringByte(t *testing.T) {
+	for c := range 256 {
+		for pos := range 17 {
+			s := []byte(strings.Repeat("a", 17))
+			s[pos] = byte(c)
+			for _, msg := range []string{
+				`{"type":"` + string(s) + `"}`,
+				`{"type":"t","data":{"k":"` + string(s) + `"}}`,
+			} {
+				want, valid := referenceEvent([]byte(msg))
+				ev, err := ipc.DecodeEvent([]byte(msg))
+				if (err == nil) != valid || ev.Type != want.Type || string(ev.Data) != string(want.Data) {
+					t.Fatalf("DecodeEvent(%q) = %+v, %v; encoding/json says %+v, valid=%v", msg, ev, err, want, valid)
+				}
+				if werr := ipc.NewWriter(io.Discard, ipc.NodeIPC).WriteString(msg); (werr == nil) != valid {
+					t.Fatalf("WriteString(%q) = %v; encoding/json says valid=%v", msg, werr, valid)
+				}
+			}
+		}
+	}
+}
+
 func TestSocketPath(t *testing.T) {
 	tests := map[string]struct{ root, appspace, id, want string }{
 		"node-ipc defaults": {"", "", "world", "/tmp/app.world"},

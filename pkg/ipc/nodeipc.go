@@ -284,6 +284,9 @@ func scanNested[T string | []byte](b T, i, depth int) (int, bool) {
 // encoding/json it rejects control characters and bad escapes but not invalid UTF-8.
 func scanString[T string | []byte](b T, i int) (int, bool) {
 	for i++; i < len(b); i++ {
+		if i = skipPlain(b, i); i >= len(b) {
+			break
+		}
 		switch c := b[i]; {
 		case c == '"':
 			return i + 1, true
@@ -308,6 +311,40 @@ func scanString[T string | []byte](b T, i int) (int, bool) {
 	}
 	return i, false
 }
+
+// skipPlain returns the index of the first byte from b[i] on that does not stand for
+// itself inside a JSON string. Most of a frame is such plain bytes, so it tests eight
+// at a time (SWAR) before going byte by byte.
+func skipPlain[T string | []byte](b T, i int) int {
+	const (
+		ones  = 0x0101010101010101
+		highs = 0x8080808080808080
+	)
+	for ; i+8 <= len(b); i += 8 {
+		x := uint64(b[i]) | uint64(b[i+1])<<8 | uint64(b[i+2])<<16 | uint64(b[i+3])<<24 |
+			uint64(b[i+4])<<32 | uint64(b[i+5])<<40 | uint64(b[i+6])<<48 | uint64(b[i+7])<<56
+		// A byte's high bit is set in special if the byte is below 0x20, '"' or '\\'
+		// (the classic "has less than" and "has zero byte" tests); bytes from 0x80
+		// up are plain and masked out by ^x.
+		special := (x - 0x20*ones) | ((x ^ '"'*ones) - ones) | ((x ^ '\\'*ones) - ones)
+		if special&^x&highs != 0 {
+			break
+		}
+	}
+	for i < len(b) && plain[b[i]] {
+		i++
+	}
+	return i
+}
+
+// plain[c] says whether byte c stands for itself inside a JSON string: not a quote, a
+// backslash or a control character.
+var plain = func() (t [256]bool) {
+	for c := 0x20; c < 256; c++ {
+		t[c] = c != '"' && c != '\\'
+	}
+	return t
+}()
 
 func isHex(c byte) bool {
 	return ('0' <= c && c <= '9') || ('a' <= c && c <= 'f') || ('A' <= c && c <= 'F')
