@@ -250,6 +250,8 @@ func TestEncodeDecodeEvent(t *testing.T) {
 		"object":       {"o", map[string]int{"n": 1}, `{"type":"o","data":{"n":1}}`},
 		"raw, compact": {"r", json.RawMessage(`[ 1, 2 ]`), `{"type":"r","data":[1,2]}`},
 		"nil":          {"n", nil, `{"type":"n","data":null}`},
+		"escaped type": {"a\"b\\c\n<\u2028\x7f", 1, `{"type":"a\"b\\c\n<\u2028` + "\x7f" + `","data":1}`},
+		"long data":    {"l", strings.Repeat("d", 300), `{"type":"l","data":"` + strings.Repeat("d", 300) + `"}`},
 	}
 	for name, tt := range tests {
 		t.Run(name, func(t *testing.T) {

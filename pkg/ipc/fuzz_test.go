@@ -193,6 +193,9 @@ func FuzzDecodeEvent(f *testing.F) {
 		if err != nil {
 			t.Fatalf("re-encoding %+v: %v", ev, err)
 		}
+		if want := referenceEncode(t, ev.Type, ev.Data); !bytes.Equal(again, want) {
+			t.Fatalf("EncodeEvent(%q, %q) = %q, encoding/json says %q", ev.Type, ev.Data, again, want)
+		}
 		if ev2, err := ipc.DecodeEvent(again); err != nil || ev2.Type != ev.Type {
 			t.Fatalf("round trip of %q: %+v, %v", msg, ev2, err)
 		}
@@ -232,4 +235,20 @@ func referenceEvent(msg []byte) (ev ipc.Event, valid bool) {
 	}
 	ev.Data = fields["data"]
 	return ev, true
+}
+
+// referenceEncode is EncodeEvent the slow way: the whole event as one struct through
+// encoding/json.
+func referenceEncode(t *testing.T, typ string, data any) []byte {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	err := enc.Encode(struct {
+		Type string `json:"type"`
+		Data any    `json:"data"`
+	}{typ, data})
+	if err != nil {
+		t.Fatalf("encoding/json: %v", err)
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte{'\n'})
 }

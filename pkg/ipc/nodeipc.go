@@ -43,17 +43,40 @@ type Event struct {
 // encoding/json; a json.RawMessage is embedded as is. HTML characters are not escaped,
 // so the text matches what node's JSON.stringify produces.
 func EncodeEvent(typ string, data any) ([]byte, error) {
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
+	// Room for the usual small event, so the buffer is allocated once.
+	buf := bytes.NewBuffer(make([]byte, 0, 128+len(typ)))
+	enc := json.NewEncoder(buf)
 	enc.SetEscapeHTML(false)
-	err := enc.Encode(struct {
-		Type string `json:"type"`
-		Data any    `json:"data"`
-	}{typ, data})
-	if err != nil {
+	buf.WriteString(`{"type":`)
+	if plainASCII(typ) {
+		// What encoding/json writes for such a string, without boxing it in an any.
+		buf.WriteByte('"')
+		buf.WriteString(typ)
+		buf.WriteByte('"')
+	} else {
+		if err := enc.Encode(typ); err != nil {
+			return nil, fmt.Errorf("ipc: encode node-ipc event %q: %w", typ, err)
+		}
+		buf.Truncate(buf.Len() - 1) // Encode's '\n'
+	}
+	buf.WriteString(`,"data":`)
+	if err := enc.Encode(data); err != nil {
 		return nil, fmt.Errorf("ipc: encode node-ipc event %q: %w", typ, err)
 	}
-	return bytes.TrimSuffix(buf.Bytes(), []byte{'\n'}), nil
+	b := buf.Bytes()
+	b[len(b)-1] = '}' // in place of Encode's '\n'
+	return b, nil
+}
+
+// plainASCII reports whether s is printable ASCII without '"' or '\\': the strings
+// encoding/json quotes without escaping anything.
+func plainASCII(s string) bool {
+	for i := range len(s) {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' {
+			return false
+		}
+	}
+	return true
 }
 
 // DecodeEvent parses a node-ipc message (without its delimiter). It fails, with an
