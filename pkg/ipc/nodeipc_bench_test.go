@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -196,15 +195,6 @@ func nodeIPCBenchAddress(b *testing.B, network string) string {
 		return filepath.Join(b.TempDir(), "bench.sock")
 	}
 	return "127.0.0.1:0"
-}
-
-// processCPUTime is the user plus system CPU time this process has used so far, all threads.
-func processCPUTime(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // BenchmarkNodeIPCHelpers measures the per-event work of the node-ipc helpers on the
