@@ -28,7 +28,12 @@ import (
 
 var env *testenv.Env
 
-func TestMain(m *testing.M) { testenv.Main(m, &env, startController) }
+// TestMain runs in a private network namespace where testenv.PodCIDR is local, so that
+// real sidecars can run on pod IPs the API server accepts in EndpointSlices.
+func TestMain(m *testing.M) {
+	testenv.EnterPodNetwork()
+	testenv.Main(m, &env, startController)
+}
 
 // startController runs the real controller, which publishes the EndpointSlices and grants
 // the members the access the source relies on.
