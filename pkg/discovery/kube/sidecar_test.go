@@ -159,7 +159,7 @@ func TestSidecarsInKubernetesMode(t *testing.T) {
 // podIP returns the i-th test pod IP, in testenv.PodCIDR.
 func podIP(i int) string { return fmt.Sprintf("10.244.7.%d", i) }
 
-func buildSidecar(t *testing.T) string {
+func buildSidecar(t testing.TB) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "podipc-sidecar")
 	if out, err := exec.Command("go", "build", "-o", bin, "github.com/podipc/podipc/cmd/podipc-sidecar").CombinedOutput(); err != nil {
@@ -178,7 +178,7 @@ type sidecarProc struct {
 
 // startSidecar runs the sidecar of pod p on ip, as the injected container would (its
 // environment from the downward API), and stops it at the end of the test.
-func startSidecar(t *testing.T, bin, kubeconfig string, p *corev1.Pod, ip string) *sidecarProc {
+func startSidecar(t testing.TB, bin, kubeconfig string, p *corev1.Pod, ip string) *sidecarProc {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "pk") // short: node-ipc socket paths are limited to 108 bytes
 	if err != nil {
@@ -215,7 +215,7 @@ func startSidecar(t *testing.T, bin, kubeconfig string, p *corev1.Pod, ip string
 }
 
 // stop sends SIGTERM and waits for the sidecar to exit (SIGKILL after 10 s).
-func (sc *sidecarProc) stop(t *testing.T) {
+func (sc *sidecarProc) stop(t testing.TB) {
 	sc.once.Do(func() {
 		_ = sc.cmd.Process.Signal(syscall.SIGTERM)
 		select {
@@ -228,7 +228,7 @@ func (sc *sidecarProc) stop(t *testing.T) {
 	})
 }
 
-func waitReady(t *testing.T, sc *sidecarProc) {
+func waitReady(t testing.TB, sc *sidecarProc) {
 	t.Helper()
 	url := "http://" + net.JoinHostPort(sc.ip, "7702") + "/readyz"
 	eventually(t, "the sidecar of "+sc.name+" ready", func() error {
@@ -238,6 +238,7 @@ func waitReady(t *testing.T, sc *sidecarProc) {
 		default:
 		}
 		req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, url, nil)
+		req.Close = true // no idle connection (and its goroutines) outlives the check
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			return err
@@ -257,7 +258,7 @@ type app struct {
 	lines chan string
 }
 
-func dialApp(t *testing.T, name, ip string) *app {
+func dialApp(t testing.TB, name, ip string) *app {
 	t.Helper()
 	addr := net.JoinHostPort(ip, fmt.Sprint(talkPort))
 	a := &app{name: name, lines: make(chan string, 1024)}
@@ -282,7 +283,7 @@ func dialApp(t *testing.T, name, ip string) *app {
 	return a
 }
 
-func (a *app) send(t *testing.T, line string) {
+func (a *app) send(t testing.TB, line string) {
 	t.Helper()
 	_ = a.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
 	if _, err := fmt.Fprintln(a.conn, line); err != nil {
@@ -307,7 +308,7 @@ func (a *app) receives(line string, d time.Duration) bool {
 	}
 }
 
-func (a *app) expect(t *testing.T, line string) {
+func (a *app) expect(t testing.TB, line string) {
 	t.Helper()
 	if !a.receives(line, 10*time.Second) {
 		t.Fatalf("%s did not receive %q within 10s", a.name, line)
@@ -315,7 +316,7 @@ func (a *app) expect(t *testing.T, line string) {
 }
 
 // expectNothing fails on any line other than a mesh probe within d.
-func (a *app) expectNothing(t *testing.T, d time.Duration) {
+func (a *app) expectNothing(t testing.TB, d time.Duration) {
 	t.Helper()
 	deadline := time.After(d)
 	for {
@@ -332,7 +333,7 @@ func (a *app) expectNothing(t *testing.T, d time.Duration) {
 
 // meshUp waits until a line from every app reaches every other: the peer links come up
 // asynchronously, after each sidecar has seen the other members' EndpointSlice entries.
-func meshUp(t *testing.T, apps []*app) {
+func meshUp(t testing.TB, apps []*app) {
 	t.Helper()
 	for _, from := range apps {
 		for _, to := range others(apps, from) {
@@ -370,7 +371,7 @@ func others(apps []*app, self *app) []*app {
 }
 
 // eventually retries check every 100 ms for up to 30 s.
-func eventually(t *testing.T, what string, check func() error) {
+func eventually(t testing.TB, what string, check func() error) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -390,7 +391,7 @@ func eventually(t *testing.T, what string, check func() error) {
 }
 
 // writeKubeconfig writes a kubeconfig for the test API server that acts as user.
-func writeKubeconfig(t *testing.T, user string) string {
+func writeKubeconfig(t testing.TB, user string) string {
 	t.Helper()
 	cfg := clientcmdapi.NewConfig()
 	cfg.Clusters["test"] = &clientcmdapi.Cluster{Server: env.Config.Host, CertificateAuthorityData: env.Config.CAData}
@@ -402,4 +403,71 @@ func writeKubeconfig(t *testing.T, user string) string {
 		t.Fatal(err)
 	}
 	return path
+}
+
+// BenchmarkSidecarIdleRSS measures the resident memory of podipc-sidecar in Kubernetes
+// mode, idle, serving one channel with one peer (two sidecars, each with one app
+// connection), after the links are up and a few seconds have passed. Run it once:
+//
+//	KUBEBUILDER_ASSETS=$PWD/bin/k8s/v1.37.2 go test -run '^$' -bench SidecarIdleRSS -benchtime 1x ./pkg/discovery/kube/
+func BenchmarkSidecarIdleRSS(b *testing.B) {
+	bin := buildSidecar(b)
+	ns := "b-" + rand.String(8)
+	if err := env.Client.Create(b.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
+		b.Fatal(err)
+	}
+	ch := &podipcv1alpha1.Channel{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "talk"}, Spec: podipcv1alpha1.ChannelSpec{LocalPort: talkPort}}
+	if err := env.Client.Create(b.Context(), ch); err != nil {
+		b.Fatal(err)
+	}
+	kubeconfig := writeKubeconfig(b, "system:serviceaccount:"+ns+":default")
+	var procs []*sidecarProc
+	var apps []*app
+	for i, name := range []string{"pod-a", "pod-b"} {
+		ip := podIP(20 + i)
+		sc := startSidecar(b, bin, kubeconfig, addPod(b, sidecarPod(ns, name, "talk", ip)), ip)
+		waitReady(b, sc)
+		procs = append(procs, sc)
+		apps = append(apps, dialApp(b, name, ip))
+	}
+	meshUp(b, apps)
+	for range b.N {
+		time.Sleep(5 * time.Second) // idle: keepalives only
+	}
+	b.StopTimer()
+	var worst map[string]float64
+	for _, sc := range procs {
+		m, err := procMemory(sc.cmd.Process.Pid)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if worst == nil || m["VmRSS"] > worst["VmRSS"] {
+			worst = m
+		}
+	}
+	// The sidecar with the larger RSS; RssFile is the binary's mapped pages, RssAnon the
+	// heap and stacks.
+	for _, k := range []string{"VmRSS", "RssAnon", "RssFile", "VmHWM"} {
+		b.ReportMetric(worst[k]/(1<<20), k+"-MiB")
+	}
+}
+
+// procMemory returns the memory figures (kB lines) of /proc/<pid>/status, in bytes.
+func procMemory(pid int) (map[string]float64, error) {
+	out, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return nil, err
+	}
+	m := map[string]float64{}
+	for line := range strings.SplitSeq(string(out), "\n") {
+		var key string
+		var kb float64
+		if _, err := fmt.Sscanf(line, "%s %g kB", &key, &kb); err == nil {
+			m[strings.TrimSuffix(key, ":")] = kb * 1024
+		}
+	}
+	if m["VmRSS"] == 0 {
+		return nil, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
+	}
+	return m, nil
 }

@@ -141,7 +141,7 @@ func sidecarPod(ns, name, channels, ip string) *corev1.Pod {
 func ptrTo[T any](v T) *T { return &v }
 
 // addPod creates a member pod with its IP and readiness (no kubelet sets them here).
-func addPod(t *testing.T, p *corev1.Pod) *corev1.Pod {
+func addPod(t testing.TB, p *corev1.Pod) *corev1.Pod {
 	t.Helper()
 	status := p.Status
 	if err := env.Client.Create(context.Background(), p); err != nil {
