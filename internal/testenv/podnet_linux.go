@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -41,7 +42,7 @@ func EnterPodNetwork() {
 		fmt.Fprintf(os.Stderr, "FAIL: entering the pod network: %v\n", err)
 		os.Exit(1)
 	}
-	cmd := exec.Command(exe, os.Args[1:]...)
+	cmd := exec.CommandContext(context.Background(), exe, os.Args[1:]...) // ends with the child's own timeout
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.Env = append(os.Environ(), podNetworkEnv+"=1")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
@@ -124,7 +125,8 @@ func addLocalRoute(prefix netip.Prefix, ifindex int) error {
 	var oif [4]byte
 	binary.NativeEndian.PutUint32(oif[:], uint32(ifindex))
 	// struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-	body := []byte{unix.AF_INET, byte(prefix.Bits()), 0, 0, unix.RT_TABLE_LOCAL, unix.RTPROT_BOOT, unix.RT_SCOPE_HOST, unix.RTN_LOCAL, 0, 0, 0, 0}
+	body := make([]byte, 0, 32)
+	body = append(body, unix.AF_INET, byte(prefix.Bits()), 0, 0, unix.RT_TABLE_LOCAL, unix.RTPROT_BOOT, unix.RT_SCOPE_HOST, unix.RTN_LOCAL, 0, 0, 0, 0)
 	body = append(body, attr(unix.RTA_DST, dst[:])...)
 	body = append(body, attr(unix.RTA_OIF, oif[:])...)
 	// struct nlmsghdr: len, type, flags, seq, pid.
