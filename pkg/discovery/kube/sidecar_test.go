@@ -8,6 +8,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -34,6 +37,7 @@ const talkPort = 7400
 // ports exchange lines through them while members join and leave, the API server
 // restarts, and the Channel's delivery is edited.
 func TestSidecarsInKubernetesMode(t *testing.T) {
+	noLeaks(t)
 	bin := buildSidecar(t)
 	ns := "t-" + rand.String(8)
 	if err := env.Client.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
@@ -470,4 +474,51 @@ func procMemory(pid int) (map[string]float64, error) {
 		return nil, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
 	}
 	return m, nil
+}
+
+// noLeaks fails the test if, once its cleanups have run, a goroutine started during the
+// test is left whose stack runs podipc code (the test's app readers and process waiters,
+// kube.Source). The controller running in this process renews its own goroutines
+// across an API server restart, which is why goleak's all-goroutine check cannot be used.
+func noLeaks(t *testing.T) {
+	before := goroutineStacks()
+	t.Cleanup(func() { // registered first, so it runs last
+		var left []string
+		for range 50 {
+			left = left[:0]
+			for id, stack := range goroutineStacks() {
+				if _, ok := before[id]; !ok && strings.Contains(stack, "github.com/podipc/podipc/") && !strings.Contains(stack, "noLeaks") {
+					left = append(left, stack)
+				}
+			}
+			if len(left) == 0 {
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		slices.Sort(left)
+		t.Errorf("%d goroutines left running:\n%s", len(left), strings.Join(left, "\n\n"))
+	})
+}
+
+var goroutineHeader = regexp.MustCompile(`^goroutine (\d+) `)
+
+// goroutineStacks returns the stack of every goroutine, by goroutine id.
+func goroutineStacks() map[string]string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	out := map[string]string{}
+	for g := range strings.SplitSeq(string(buf), "\n\n") {
+		if m := goroutineHeader.FindStringSubmatch(g); m != nil {
+			out[m[1]] = g
+		}
+	}
+	return out
 }

@@ -158,6 +158,7 @@ func addPod(t testing.TB, p *corev1.Pod) *corev1.Pod {
 // members joining and leaving, a Channel edit, a channel created after the pod, and an
 // API server restart.
 func TestSourceFollowsTheChannel(t *testing.T) {
+	noLeaks(t)
 	ns := "t-" + rand.String(8)
 	if err := env.Client.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
 		t.Fatal(err)
