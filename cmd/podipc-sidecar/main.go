@@ -12,6 +12,7 @@ import (
 	"syscall"
 
 	"github.com/go-logr/logr"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/podipc/podipc/pkg/discovery"
@@ -54,9 +55,7 @@ func newSource(cfg sidecar.Config, log logr.Logger) (discovery.Source, func(), e
 		s := discovery.NewStatic(cfg.StaticConfig, cfg.Channels, log.WithName("discovery"))
 		return s, s.Reload, nil
 	case "kubernetes":
-		// In a pod: the projected service-account token (in-cluster config). Outside one
-		// (tests, local runs): the kubeconfig named by $KUBECONFIG.
-		rc, err := clientcmd.BuildConfigFromFlags("", os.Getenv("KUBECONFIG"))
+		rc, err := restConfig(cfg.Kubeconfig)
 		if err != nil {
 			return nil, nil, fmt.Errorf("--discovery=kubernetes: %w", err)
 		}
@@ -66,6 +65,16 @@ func newSource(cfg sidecar.Config, log logr.Logger) (discovery.Source, func(), e
 	default:
 		return nil, nil, fmt.Errorf("--discovery=%q: want kubernetes or static", cfg.Discovery)
 	}
+}
+
+// restConfig reaches the API server: in a pod with the projected service-account token
+// (in-cluster config); outside one (tests, local runs) with the kubeconfig named by
+// --kubeconfig or $KUBECONFIG.
+func restConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig == "" {
+		return rest.InClusterConfig()
+	}
+	return clientcmd.BuildConfigFromFlags("", kubeconfig)
 }
 
 // signalContext is cancelled by the first SIGTERM or SIGINT; a second one exits at

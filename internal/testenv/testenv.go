@@ -46,6 +46,17 @@ import (
 // KUBE_VERSION in the Makefile and hack/k8s/build.sh.
 const KubeVersion = "v1.37.2"
 
+// PodCIDR is the range of pod IPs inside the network EnterPodNetwork sets up: every
+// address in it is local, so a test can run one sidecar per pod IP on one machine.
+const PodCIDR = "10.244.0.0/16"
+
+// podNetworkAPIServerIP is the address the API server advertises inside the pod network;
+// tests must not give it to a pod.
+const podNetworkAPIServerIP = "10.244.0.1"
+
+// podNetworkEnv marks the re-executed test binary that runs inside the pod network.
+const podNetworkEnv = "PODIPC_TESTENV_POD_NETWORK"
+
 // Env is a running test control plane.
 type Env struct {
 	// Environment is the underlying envtest environment; its ControlPlane gives access
@@ -146,6 +157,9 @@ func Start(opts ...Option) (*Env, error) {
 		ControlPlaneStopTimeout: 10 * time.Second,
 	}
 	te.ControlPlane.APIServer = &envtest.APIServer{CertDir: certDir}
+	if os.Getenv(podNetworkEnv) == "1" {
+		te.ControlPlane.APIServer.Configure().Set("advertise-address", podNetworkAPIServerIP)
+	}
 	for _, o := range opts {
 		o(te)
 	}

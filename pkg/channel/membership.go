@@ -46,7 +46,8 @@ func splitChannels(value string) []string {
 }
 
 // endpointFor returns the EndpointSlice endpoint of a member pod, and false for a pod
-// that cannot be a member yet or any more: no IPv4 address, or a terminal phase.
+// that cannot be a member yet or any more: no publishable IPv4 address, or a terminal
+// phase.
 func endpointFor(pod *corev1.Pod) (discoveryv1.Endpoint, bool) {
 	if pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
 		return discoveryv1.Endpoint{}, false
@@ -84,7 +85,8 @@ func endpointFor(pod *corev1.Pod) (discoveryv1.Endpoint, bool) {
 	return ep, true
 }
 
-// podIPv4 returns the pod's IPv4 address, or "" if it has none (the slices are IPv4).
+// podIPv4 returns the pod's IPv4 address, or "" if it has none that an EndpointSlice
+// can hold (the slices are IPv4).
 func podIPv4(pod *corev1.Pod) string {
 	ips := make([]string, 0, 1+len(pod.Status.PodIPs))
 	ips = append(ips, pod.Status.PodIP)
@@ -92,11 +94,21 @@ func podIPv4(pod *corev1.Pod) string {
 		ips = append(ips, ip.IP)
 	}
 	for _, s := range ips {
-		if a, err := netip.ParseAddr(s); err == nil && a.Is4() {
+		if a, err := netip.ParseAddr(s); err == nil && a.Is4() && publishable(a) {
 			return a.String()
 		}
 	}
 	return ""
+}
+
+// publishable reports whether the API server accepts a as an EndpointSlice address. It
+// refuses unspecified, loopback and link-local addresses (ValidateEndpointIP in
+// k8s.io/kubernetes/pkg/apis/core/validation), and refuses the whole slice for one such
+// endpoint: a single pod with such an IP would otherwise keep every member of its
+// channel unpublished. No pod network hands them out, so a pod that has one is not a
+// member, the same as a pod without an IP.
+func publishable(a netip.Addr) bool {
+	return !a.IsUnspecified() && !a.IsLoopback() && !a.IsLinkLocalUnicast() && !a.IsLinkLocalMulticast()
 }
 
 // serviceAccountOf returns the service account a pod runs as.

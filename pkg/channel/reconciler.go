@@ -105,11 +105,13 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (_ ctrl.Re
 		}
 	}()
 
-	if err := r.applySlices(ctx, s); err != nil {
-		return r.applyFailed(ctx, "EndpointSlices", err)
-	}
+	// Access first: a member refused reading its channel retries only at its informers'
+	// backoff, so access must not wait on (or be blocked by a failure of) the slices.
 	if err := r.applyRBAC(ctx, s); err != nil {
 		return r.applyFailed(ctx, "RBAC", err)
+	}
+	if err := r.applySlices(ctx, s); err != nil {
+		return r.applyFailed(ctx, "EndpointSlices", err)
 	}
 	logger.V(4).Info("Published Channel membership", "members", len(s.members), "serviceAccounts", len(s.accounts))
 	return ctrl.Result{}, nil

@@ -26,6 +26,7 @@ type Config struct {
 	Channels []string
 
 	Discovery      string
+	Kubeconfig     string
 	StaticConfig   string
 	AppAddress     string
 	PeerAddress    string
@@ -53,6 +54,7 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	}
 	fs := flag.NewFlagSet("podipc-sidecar", flag.ContinueOnError)
 	fs.StringVar(&c.Discovery, "discovery", "kubernetes", "Where channel specs and members come from: kubernetes or static.")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", getenv("KUBECONFIG"), "With --discovery=kubernetes outside a pod: the kubeconfig to reach the API server with (default $KUBECONFIG; unset in a pod, where the service-account token is used).")
 	fs.StringVar(&c.StaticConfig, "static-config", "", "The static discovery file (YAML), re-read every second and on SIGHUP.")
 	fs.StringVar(&c.AppAddress, "app-address", "127.0.0.1", "The host the channels' line ports are bound on.")
 	fs.StringVar(&c.PeerAddress, "peer-address", c.IP, "The host (or host:port) of the peer port (7701); also the source address of outbound links.")

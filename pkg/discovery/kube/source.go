@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"reflect"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -30,8 +31,6 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 
@@ -41,6 +40,9 @@ import (
 
 // channelsResource is the Channel resource, for the dynamic client.
 var channelsResource = schema.GroupVersionResource{Group: podipcv1alpha1.GroupVersion.Group, Version: podipcv1alpha1.GroupVersion.Version, Resource: "channels"}
+
+// slicesResource is the EndpointSlice resource, for the dynamic client.
+var slicesResource = discoveryv1.SchemeGroupVersion.WithResource("endpointslices")
 
 // settle is how long Run lets a burst of events accumulate into one snapshot.
 const settle = 20 * time.Millisecond
@@ -64,11 +66,9 @@ func (s *Source) Run(ctx context.Context, update func(discovery.State)) error {
 	if len(s.Channels) == 0 {
 		return errors.New("kube discovery: no channels to serve")
 	}
+	// The dynamic client alone: the typed clientset would register every built-in API
+	// group in its scheme at start-up, which the sidecar pays for in memory and never uses.
 	dyn, err := dynamic.NewForConfig(s.Config)
-	if err != nil {
-		return err
-	}
-	cs, err := kubernetes.NewForConfig(s.Config)
 	if err != nil {
 		return err
 	}
@@ -82,24 +82,28 @@ func (s *Source) Run(ctx context.Context, update func(discovery.State)) error {
 	var watched []*watchedInformer
 	channels := map[string]cache.SharedIndexInformer{}
 	for _, name := range s.Channels {
-		inf := cache.NewSharedIndexInformer(s.channelWatch(dyn, name), &unstructured.Unstructured{}, 0, cache.Indexers{})
-		channels[name] = inf
-		watched = append(watched, &watchedInformer{SharedIndexInformer: inf, what: "Channel " + name})
+		sel := fields.OneTermEqualSelector("metadata.name", name).String()
+		w := s.newWatched("Channel "+name, dyn.Resource(channelsResource).Namespace(s.Namespace),
+			func(o *metav1.ListOptions) { o.FieldSelector = sel }, dirty)
+		channels[name] = w
+		watched = append(watched, w)
 	}
-	factory := informers.NewSharedInformerFactoryWithOptions(cs, 0, informers.WithNamespace(s.Namespace),
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = s.sliceSelector() }))
-	slicesInf := factory.Discovery().V1().EndpointSlices().Informer()
-	watched = append(watched, &watchedInformer{SharedIndexInformer: slicesInf, what: "EndpointSlices"})
+	slicesInf := s.newWatched("EndpointSlices", dyn.Resource(slicesResource).Namespace(s.Namespace),
+		func(o *metav1.ListOptions) { o.LabelSelector = s.sliceSelector() }, dirty)
+	watched = append(watched, slicesInf)
 	for _, w := range watched {
 		if err := w.watch(s.Log, dirty); err != nil {
 			return err
 		}
 	}
-	for _, inf := range channels {
-		go inf.RunWithContext(ctx)
+	var wg sync.WaitGroup
+	defer func() { // Run returns only once its informers have stopped
+		cancel()
+		wg.Wait()
+	}()
+	for _, w := range watched {
+		wg.Go(func() { w.RunWithContext(ctx) })
 	}
-	factory.Start(ctx.Done())
-	defer factory.Shutdown()
 	if !waitForSync(ctx, watched) {
 		return nil // ctx ended: a normal stop
 	}
@@ -132,6 +136,55 @@ type watchedInformer struct {
 	// bound to a channel's Role only once the Channel exists and lists the pod, so a
 	// channel named before it is created cannot be read yet. The informer keeps retrying.
 	forbidden atomic.Bool
+}
+
+// forbiddenRetry is how often a list or watch refused by RBAC is retried. A refusal is
+// expected for a while (until the controller binds the pod's service account), and the
+// reflector's own backoff would grow to 30 s with up to 100% jitter: a sidecar refused a
+// few times in a row was then blind for up to a minute after access had been granted.
+const forbiddenRetry = time.Second
+
+// newWatched returns an informer of the resource res, listed and watched with tweak
+// applied to the options, whose RBAC refusals are retried every forbiddenRetry.
+func (s *Source) newWatched(what string, res dynamic.ResourceInterface, tweak func(*metav1.ListOptions), dirty chan struct{}) *watchedInformer {
+	w := &watchedInformer{what: what}
+	// refused remembers a refusal and waits before the caller tries again; it returns
+	// false if ctx ended first.
+	refused := func(ctx context.Context, err error) bool {
+		if !w.forbidden.Swap(true) {
+			s.Log.V(1).Info("Access refused, retrying", "what", what, "every", forbiddenRetry, "err", err.Error())
+			poke(dirty)
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(forbiddenRetry):
+			return true
+		}
+	}
+	lw := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (apiruntime.Object, error) {
+			tweak(&o)
+			for {
+				obj, err := res.List(ctx, o)
+				if !apierrors.IsForbidden(err) || !refused(ctx, err) {
+					return obj, err
+				}
+			}
+		},
+		// With the WatchListClient feature (on by default) the initial list is a watch.
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			tweak(&o)
+			for {
+				wi, err := res.Watch(ctx, o)
+				if !apierrors.IsForbidden(err) || !refused(ctx, err) {
+					return wi, err
+				}
+			}
+		},
+	}
+	w.SharedIndexInformer = cache.NewSharedIndexInformer(lw, &unstructured.Unstructured{}, 0, cache.Indexers{})
+	return w
 }
 
 // watch pokes dirty on every change and remembers access errors.
@@ -183,22 +236,6 @@ func poke(dirty chan struct{}) {
 	}
 }
 
-// channelWatch lists and watches the one Channel called name.
-func (s *Source) channelWatch(dyn dynamic.Interface, name string) cache.ListerWatcher {
-	sel := fields.OneTermEqualSelector("metadata.name", name).String()
-	res := dyn.Resource(channelsResource).Namespace(s.Namespace)
-	return &cache.ListWatch{
-		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (apiruntime.Object, error) {
-			o.FieldSelector = sel
-			return res.List(ctx, o)
-		},
-		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
-			o.FieldSelector = sel
-			return res.Watch(ctx, o)
-		},
-	}
-}
-
 // sliceSelector selects the controller's EndpointSlices of the pod's channels.
 func (s *Source) sliceSelector() string {
 	return fmt.Sprintf("%s in (%s),%s=%s", podipcv1alpha1.ChannelLabel, strings.Join(s.Channels, ","),
@@ -209,7 +246,11 @@ func (s *Source) sliceSelector() string {
 func (s *Source) snapshot(channels map[string]cache.SharedIndexInformer, slices cache.Store) discovery.State {
 	byChannel := map[string][]*discoveryv1.EndpointSlice{}
 	for _, o := range slices.List() {
-		es := o.(*discoveryv1.EndpointSlice)
+		es := &discoveryv1.EndpointSlice{}
+		if err := apiruntime.DefaultUnstructuredConverter.FromUnstructured(o.(*unstructured.Unstructured).Object, es); err != nil {
+			s.Log.Error(err, "Ignoring an EndpointSlice that cannot be decoded", "endpointSlice", o.(*unstructured.Unstructured).GetName())
+			continue
+		}
 		name := es.Labels[podipcv1alpha1.ChannelLabel]
 		byChannel[name] = append(byChannel[name], es)
 	}

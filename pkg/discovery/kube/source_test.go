@@ -27,7 +27,12 @@ import (
 
 var env *testenv.Env
 
-func TestMain(m *testing.M) { testenv.Main(m, &env, startController) }
+// TestMain runs in a private network namespace where testenv.PodCIDR is local, so that
+// real sidecars can run on pod IPs the API server accepts in EndpointSlices.
+func TestMain(m *testing.M) {
+	testenv.EnterPodNetwork()
+	testenv.Main(m, &env, startController)
+}
 
 // startController runs the real controller, which publishes the EndpointSlices and grants
 // the members the access the source relies on.
@@ -119,7 +124,7 @@ func sidecarPod(ns, name, channels, ip string) *corev1.Pod {
 func ptrTo[T any](v T) *T { return &v }
 
 // addPod creates a member pod with its IP and readiness (no kubelet sets them here).
-func addPod(t *testing.T, p *corev1.Pod) *corev1.Pod {
+func addPod(t testing.TB, p *corev1.Pod) *corev1.Pod {
 	t.Helper()
 	status := p.Status
 	if err := env.Client.Create(context.Background(), p); err != nil {
@@ -136,6 +141,7 @@ func addPod(t *testing.T, p *corev1.Pod) *corev1.Pod {
 // members joining and leaving, a Channel edit, a channel created after the pod, and an
 // API server restart.
 func TestSourceFollowsTheChannel(t *testing.T) {
+	noLeaks(t)
 	ns := "t-" + rand.String(8)
 	if err := env.Client.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
 		t.Fatal(err)
