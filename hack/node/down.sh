@@ -84,24 +84,26 @@ network() {
   fi
 }
 
-# netfilter removes the nft tables created since up.sh (kube-proxy's ip/ip6 kube-proxy, the
-# iptables-nft tables the kubelet and the portmap plugin made). Tables that existed before keep
-# everything but the KUBE-*/CNI-* chains.
+# netfilter removes what kube-proxy, the kubelet and the portmap plugin add: kube-proxy's own
+# "kube-proxy" tables, and the KUBE-*/CNI-* chains in the iptables-nft tables. An iptables table
+# that did not exist before up.sh and holds nothing else now is deleted too. Anything else, even
+# if new, is not ours: it is left alone (and the final check reports the difference).
 netfilter() {
   [ -f "$STATE/baseline/nft-tables" ] || return 0
-  local t
-  while read -r t; do
-    [ -n "$t" ] || continue
-    if ! grep -qxF "$t" "$STATE/baseline/nft-tables"; then
-      nft delete "${t#table }" 2>/dev/null || nft delete $t || log "cannot delete nft $t"
+  local family ipt table chain
+  for family in ip ip6; do
+    if nft list table "$family" kube-proxy >/dev/null 2>&1 &&
+      ! grep -qxF "table $family kube-proxy" "$STATE/baseline/nft-tables"; then
+      nft delete table "$family" kube-proxy || log "cannot delete nft table $family kube-proxy"
     fi
-  done < <(nft_tables)
-  local ipt table chain
+  done
   for ipt in iptables ip6tables; do
-    for table in filter nat mangle raw; do
-      $ipt -t "$table" -S >/dev/null 2>&1 || continue
-      # Rules jumping to our chains first, then the chains.
-      $ipt -t "$table" -S 2>/dev/null | grep -E -- '-j (KUBE|CNI)-' | grep -E '^-A' | while read -r _ rule; do
+    family=ip
+    [ "$ipt" = ip6tables ] && family=ip6
+    for table in filter nat mangle raw security; do
+      nft list table "$family" "$table" >/dev/null 2>&1 || continue
+      # Rules jumping to our chains first, then the chains themselves.
+      $ipt -t "$table" -S 2>/dev/null | grep -E '^-A .* -j (KUBE|CNI)-' | while read -r _ rule; do
         # shellcheck disable=SC2086
         $ipt -t "$table" -D $rule 2>/dev/null
       done
@@ -111,6 +113,10 @@ netfilter() {
       for chain in $($ipt -t "$table" -S 2>/dev/null | awk '$1=="-N" && $2 ~ /^(KUBE|CNI)-/ {print $2}'); do
         $ipt -t "$table" -X "$chain" 2>/dev/null
       done
+      if ! grep -qxF "table $family $table" "$STATE/baseline/nft-tables" &&
+        [ -z "$($ipt -t "$table" -S 2>/dev/null | grep -vE '^-P [A-Z]+ ACCEPT$')" ]; then
+        nft delete table "$family" "$table" || log "cannot delete nft table $family $table"
+      fi
     done
   done
 }

@@ -8,7 +8,9 @@
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 STATE=${PODIPC_E2E_STATE:-/var/tmp/podipc-e2e}
-LOCK=${PODIPC_E2E_LOCK:-/var/tmp/podipc-e2e.lock}
+# The lock is a flock on an existing directory, not a lock file: a lock file would be left on the
+# machine after teardown. Machine-wide on purpose, since all runs share the bridge and addresses.
+LOCK=${PODIPC_E2E_LOCK:-/var/tmp}
 KUBE_VERSION=v1.37.2
 K8S_BIN=$ROOT/bin/k8s/$KUBE_VERSION
 
@@ -68,7 +70,7 @@ require_root() {
 # exports PODIPC_E2E_LOCKED=1 so that up.sh and down.sh do not wait on their own parent.
 take_lock() {
   [ "${PODIPC_E2E_LOCKED:-}" = 1 ] && return 0
-  exec 9>"$LOCK"
+  exec 9<"$LOCK"
   if ! flock -n 9; then
     log "waiting for another e2e run to release $LOCK"
   fi
