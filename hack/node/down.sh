@@ -19,21 +19,19 @@ if [ ! -d "$STATE" ]; then
   exit 0
 fi
 
-# stop NAME… sends SIGTERM to each recorded daemon, waits up to 15 s, then SIGKILLs.
+# stop NAME… stops the recorded daemons one after the other, in the order given (the API
+# server shuts down cleanly only while etcd still runs): SIGTERM, up to 15 s, then SIGKILL.
 stop() {
-  local name pid pids=()
+  local name pid deadline
   for name in "$@"; do
     [ -f "$(pidfile "$name")" ] || continue
     pid=$(cat "$(pidfile "$name")")
+    alive "$pid" || continue
+    kill -TERM "$pid" 2>/dev/null
+    deadline=$((SECONDS + 15))
+    while alive "$pid" && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
     if alive "$pid"; then
-      kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
-    fi
-  done
-  local deadline=$((SECONDS + 15))
-  for pid in "${pids[@]}"; do
-    while alive "$pid" && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
-    if alive "$pid"; then
-      log "pid $pid ignored SIGTERM; killing"
+      log "$name (pid $pid) ignored SIGTERM for 15s; killing"
       kill -KILL "$pid" 2>/dev/null
     fi
   done
@@ -60,7 +58,7 @@ shims() {
   local pid
   for pid in $(shim_pids); do kill -KILL "$pid" 2>/dev/null; done
   # Whatever is still in the pod cgroups (a container whose shim was killed) goes too.
-  for pid in $(our_pids); do kill -KILL "$pid" 2>/dev/null; done
+  for pid in $(container_pids); do kill -KILL "$pid" 2>/dev/null; done
   sleep 0.3
 }
 

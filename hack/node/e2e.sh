@@ -10,6 +10,9 @@ source "$(dirname "$0")/lib.sh"
 
 require_root
 take_lock
+if [ -e "$STATE" ]; then
+  die "$STATE exists (a 'make node-up' cluster, or a failed teardown): run 'make node-down' first"
+fi
 
 rc=0
 teardown() {

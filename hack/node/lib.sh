@@ -126,8 +126,16 @@ shim_pids() {
   done
 }
 
-# our_pids lists every live process of ours: recorded daemons, shims, and whatever runs in
-# the kubepods cgroups (container processes).
+# container_pids lists whatever runs in the kubepods cgroups: container processes.
+container_pids() {
+  local cg
+  for cg in $(our_cgroups); do
+    find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null
+  done
+  return 0
+}
+
+# our_pids lists every live process of ours: recorded daemons, shims and containers.
 our_pids() {
   local f p
   for f in "$STATE"/pids/*.pid; do
@@ -136,10 +144,7 @@ our_pids() {
     if alive "$p"; then echo "$p"; fi
   done
   shim_pids
-  for f in $(our_cgroups); do
-    find "$f" -name cgroup.procs -exec cat {} + 2>/dev/null
-  done
-  return 0
+  container_pids
 }
 
 our_mounts() {

@@ -12,9 +12,11 @@ source "$(dirname "$0")/lib.sh"
 require_root
 take_lock
 
-# A failed bring-up tears down what it made, unless the caller (e2e.sh) owns teardown.
+# A failed bring-up tears down what it made, unless the caller (e2e.sh) owns teardown. "owned"
+# is set once the baseline is recorded: before that, $STATE may be another live cluster's.
+owned=0
 if [ "${PODIPC_E2E_NO_TRAP:-}" != 1 ]; then
-  trap 'rc=$?; if [ $rc != 0 ]; then log "bring-up failed (rc=$rc); tearing down"; "$ROOT/hack/node/down.sh" || true; fi' EXIT
+  trap 'rc=$?; if [ $rc != 0 ] && [ $owned = 1 ]; then log "bring-up failed (rc=$rc); tearing down"; "$ROOT/hack/node/down.sh" || true; fi' EXIT
   trap 'exit 130' INT TERM
 fi
 
@@ -53,6 +55,7 @@ baseline() {
   fi
   mkdir -p "$STATE"/{pids,logs,baseline,pki,etc}
   : >"$STATE/created"
+  owned=1
   local k p
   for k in "${SYSCTLS[@]}"; do
     if v=$(sysctl -n "$k" 2>/dev/null); then echo "$k=$v"; fi
