@@ -131,8 +131,7 @@ container_pids() {
   local cg
   for cg in $(our_cgroups); do
     find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null
-  done
-  return 0
+  done | sort -un
 }
 
 # our_pids lists every live process of ours: recorded daemons, shims and containers.
