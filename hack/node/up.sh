@@ -53,6 +53,7 @@ baseline() {
   if [ -e "$STATE/created" ]; then
     die "$STATE exists: a previous cluster was not torn down; run hack/node/down.sh"
   fi
+  rm -rf "$STATE.logs" # a previous failed run's logs
   mkdir -p "$STATE"/{pids,logs,baseline,pki,etc}
   : >"$STATE/created"
   owned=1
