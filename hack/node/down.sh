@@ -12,6 +12,9 @@ set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 
 require_root
+# A second Ctrl-C must not leave a half-torn-down machine: the teardown ignores SIGINT (and its
+# commands inherit that); every step is bounded, so it ends on its own.
+trap '' INT
 take_lock
 
 if [ ! -d "$STATE" ]; then
