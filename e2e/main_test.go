@@ -83,7 +83,7 @@ func loadImages(list []image) error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
+	defer func() { _ = os.RemoveAll(dir) }()
 	for _, img := range list {
 		bin := filepath.Join(dir, filepath.Base(img.Path))
 		tarball := filepath.Join(dir, strings.NewReplacer("/", "_", ":", "_").Replace(img.Tag)+".tar")

@@ -32,8 +32,9 @@ const saDir = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	if err := run(ctx, os.Args[1:]); err != nil {
+	err := run(ctx, os.Args[1:])
+	stop()
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "testapp:", err)
 		os.Exit(1)
 	}
@@ -75,18 +76,18 @@ func serve(ctx context.Context, addr string) error {
 	fmt.Println("listening on", ln.Addr())
 	go func() {
 		<-ctx.Done()
-		ln.Close()
+		_ = ln.Close()
 	}()
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil
+				return nil //nolint:nilerr // Accept fails because the shutdown closed the listener
 			}
 			return err
 		}
 		go func() {
-			defer conn.Close()
+			defer func() { _ = conn.Close() }()
 			sc := bufio.NewScanner(conn)
 			for sc.Scan() {
 				fmt.Printf("served %q from %s\n", sc.Text(), conn.RemoteAddr())
@@ -104,7 +105,7 @@ func dial(ctx context.Context, addr, line string) error {
 	for {
 		conn, err := d.DialContext(ctx, "tcp", addr)
 		if err == nil {
-			defer conn.Close()
+			defer func() { _ = conn.Close() }()
 			if _, err := fmt.Fprintln(conn, line); err != nil {
 				return err
 			}
@@ -149,7 +150,7 @@ func apiserverVersion(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	body, err := io.ReadAll(resp.Body)
 	if err != nil {
 		return err

@@ -66,8 +66,12 @@ func run(args []string) error {
 		s.Files = append(s.Files, File{Source: src, Path: dst})
 	}
 
-	// Write to a temporary file and rename, so an interrupted build never leaves a tarball that
-	// a later "skip if present" step would trust.
+	return writeAtomic(out, &s)
+}
+
+// writeAtomic writes the tarball to a temporary file and renames it into place, so an
+// interrupted build never leaves a tarball that a later "skip if present" step would trust.
+func writeAtomic(out string, s *Spec) (err error) {
 	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
 		return err
 	}
@@ -75,21 +79,23 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp.Name())
+	defer func() {
+		if err != nil {
+			_ = tmp.Close()
+			_ = os.Remove(tmp.Name())
+		}
+	}()
 	bw := bufio.NewWriter(tmp)
-	if err := Write(bw, &s); err != nil {
-		tmp.Close()
+	if err = Write(bw, s); err != nil {
 		return err
 	}
-	if err := bw.Flush(); err != nil {
-		tmp.Close()
+	if err = bw.Flush(); err != nil {
 		return err
 	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
+	if err = tmp.Chmod(0o644); err != nil {
 		return err
 	}
-	if err := tmp.Close(); err != nil {
+	if err = tmp.Close(); err != nil {
 		return err
 	}
 	return os.Rename(tmp.Name(), out)

@@ -212,7 +212,7 @@ func buildLayer(s *Spec) ([]byte, error) {
 		name string
 		file *File
 	}
-	var entries []entry
+	entries := make([]entry, 0, len(dirs)+len(s.Files))
 	for d := range dirs {
 		entries = append(entries, entry{name: strings.TrimPrefix(d, "/") + "/"})
 	}
