@@ -33,7 +33,9 @@ DAEMONS=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler k
 
 # Machine paths that containerd 1.6, the CNI plugins or the kubelet create at fixed places
 # whatever we configure. Whichever did not exist before up.sh is removed by down.sh.
-FIXED_PATHS=(/run/containerd /var/lib/cni /run/netns /var/log/containers /var/log/pods /opt/containerd /run/runc)
+# (/var/lib/kubelet: the device-plugin socket dir is fixed there whatever --root-dir says.)
+FIXED_PATHS=(/run/containerd /var/lib/cni /run/netns /var/log/containers /var/log/pods /opt/containerd /run/runc
+  /var/lib/kubelet /etc/kubernetes /var/run/kubernetes)
 
 # Kernel settings that the bridge plugin, the kubelet (kernel tunables) or kube-proxy may change;
 # recorded by up.sh and restored by down.sh.
