@@ -138,3 +138,17 @@ tools: $(BIN)/golangci-lint $(BIN)/controller-gen $(BIN)/helm ## Build the pinne
 $(BIN)/%: $(TOOLS_MOD)
 	@mkdir -p $(BIN)
 	cd hack/tools && go build -o $@ $$(go list tool | grep -E '/$*$$|/$*/v[0-9]+$$' | head -n1)
+
+##@ End to end (root, Linux: a real kubelet + containerd node, see hack/node/)
+
+.PHONY: e2e
+e2e: ## Bring up a real single-node cluster, run the e2e suite, tear it down (needs root).
+	hack/node/e2e.sh
+
+.PHONY: node-up
+node-up: ## Bring up the e2e node and leave it running (KUBECONFIG in /var/tmp/podipc-e2e/e2e.env).
+	hack/node/up.sh
+
+.PHONY: node-down
+node-down: ## Tear down the e2e node and check that nothing is left.
+	hack/node/down.sh

@@ -1,0 +1,118 @@
+//go:build e2e
+
+// Package e2e runs end-to-end tests against the real single-node cluster that hack/node/up.sh
+// brings up (kubelet, containerd, runc, a CNI bridge, kube-proxy). Run it with `make e2e`, which
+// brings the node up, runs this suite and tears everything down again.
+//
+// The suite finds the cluster through the environment that up.sh writes to e2e.env:
+// PODIPC_E2E_KUBECONFIG (admin kubeconfig) and PODIPC_E2E_CONTAINERD (containerd socket, used to
+// import the images). Workloads only use images built here by hack/image and imported into the
+// node, and every check goes through the API: pod phases, exit codes and logs, never exec.
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+// image is one image the suite needs on the node, built from a Go main package of this module.
+// The podipc journey adds its own (sidecar, controller, CLI) to images.
+type image struct {
+	// Tag is the reference pods use; an explicit tag, never :latest (there is no registry).
+	Tag string
+	// Package is the main package, relative to the module root.
+	Package string
+	// Path is where the binary is placed in the image; it is also the entrypoint.
+	Path string
+}
+
+// testappImage runs e2e/testapp; see its package comment for the commands.
+const testappImage = "podipc-e2e/testapp:e2e"
+
+var images = []image{
+	{Tag: testappImage, Package: "./e2e/testapp", Path: "/testapp"},
+}
+
+// clientset talks to the cluster as cluster-admin.
+var clientset kubernetes.Interface
+
+func TestMain(m *testing.M) {
+	if err := setup(); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e setup:", err)
+		os.Exit(1)
+	}
+	os.Exit(m.Run())
+}
+
+func setup() error {
+	kubeconfig := os.Getenv("PODIPC_E2E_KUBECONFIG")
+	if kubeconfig == "" {
+		return fmt.Errorf("PODIPC_E2E_KUBECONFIG is not set: run the suite with 'make e2e' (or source e2e.env after 'make node-up')")
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return err
+	}
+	cfg.QPS, cfg.Burst = 50, 100
+	if clientset, err = kubernetes.NewForConfig(cfg); err != nil {
+		return err
+	}
+	return loadImages(images)
+}
+
+// loadImages builds each image's binary (static, for the node's architecture), packs it with
+// hack/image and imports it into the node's containerd.
+func loadImages(list []image) error {
+	sock := os.Getenv("PODIPC_E2E_CONTAINERD")
+	if sock == "" {
+		return fmt.Errorf("PODIPC_E2E_CONTAINERD is not set")
+	}
+	root, err := moduleRoot()
+	if err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp("", "podipc-e2e-images-")
+	if err != nil {
+		return err
+	}
+	defer func() { _ = os.RemoveAll(dir) }()
+	for _, img := range list {
+		bin := filepath.Join(dir, filepath.Base(img.Path))
+		tarball := filepath.Join(dir, strings.NewReplacer("/", "_", ":", "_").Replace(img.Tag)+".tar")
+		steps := [][]string{
+			{"go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, img.Package},
+			{"go", "run", "./hack/image", "--arch", runtime.GOARCH, "--tag", img.Tag,
+				"--entrypoint", img.Path, "--user", "65532:65532", "--out", tarball, bin + "=" + img.Path},
+			{"ctr", "--address", sock, "-n", "k8s.io", "images", "import", tarball},
+		}
+		for _, argv := range steps {
+			cmd := exec.Command(argv[0], argv[1:]...)
+			cmd.Dir = root
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				return fmt.Errorf("image %s: %s: %w\n%s", img.Tag, strings.Join(argv, " "), err, out)
+			}
+		}
+	}
+	return nil
+}
+
+func moduleRoot() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", err
+	}
+	gomod := strings.TrimSpace(string(out))
+	if gomod == "" || gomod == os.DevNull {
+		return "", fmt.Errorf("not inside the podipc module")
+	}
+	return filepath.Dir(gomod), nil
+}
