@@ -40,6 +40,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 
+	"github.com/podipc/podipc/internal/podnet"
 	"github.com/podipc/podipc/internal/testenv"
 	"github.com/podipc/podipc/pkg/inject"
 )
@@ -115,10 +116,10 @@ type demo struct {
 
 // run is the demo, step by step. Each step leaves what it started in d for cleanup.
 func (d *demo) run(ctx context.Context) error {
-	node, ips, err := setupNetwork(d.pods)
-	if err != nil {
+	if err := podnet.Setup(); err != nil {
 		return err
 	}
+	node, ips := podnet.NodeIP, podIPs(d.pods)
 	channel, port, err := d.startPlatform(ctx, node)
 	if err != nil {
 		return err
@@ -396,7 +397,7 @@ func (p *printer) printf(format string, args ...any) {
 
 // nsenterCommand is the command prefix that runs a command in the demo's namespaces.
 func nsenterCommand() string {
-	if os.Getenv(userNamespaceEnv) == "" {
+	if !podnet.UserNamespace() {
 		return fmt.Sprintf("nsenter --net --target %d", os.Getpid())
 	}
 	return fmt.Sprintf("nsenter --preserve-credentials --user --net --target %d", os.Getpid())

@@ -40,6 +40,7 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/internal/podnet"
 )
 
 // KubeVersion is the Kubernetes version of the test control plane; it matches
@@ -47,15 +48,9 @@ import (
 const KubeVersion = "v1.37.2"
 
 // PodCIDR is the range of pod IPs inside the network EnterPodNetwork sets up: every
-// address in it is local, so a test can run one sidecar per pod IP on one machine.
-const PodCIDR = "10.244.0.0/16"
-
-// podNetworkAPIServerIP is the address the API server advertises inside the pod network;
-// tests must not give it to a pod.
-const podNetworkAPIServerIP = "10.244.0.1"
-
-// podNetworkEnv marks the re-executed test binary that runs inside the pod network.
-const podNetworkEnv = "PODIPC_TESTENV_POD_NETWORK"
+// address in it is local, so a test can run one sidecar per pod IP on one machine. Tests
+// must not give a pod podnet.NodeIP, which the API server advertises there.
+const PodCIDR = podnet.CIDR
 
 // Env is a running test control plane.
 type Env struct {
@@ -157,8 +152,8 @@ func Start(opts ...Option) (*Env, error) {
 		ControlPlaneStopTimeout: 10 * time.Second,
 	}
 	te.ControlPlane.APIServer = &envtest.APIServer{CertDir: certDir}
-	if os.Getenv(podNetworkEnv) == "1" {
-		te.ControlPlane.APIServer.Configure().Set("advertise-address", podNetworkAPIServerIP)
+	if podnet.Inside() {
+		te.ControlPlane.APIServer.Configure().Set("advertise-address", podnet.NodeIP)
 	}
 	for _, o := range opts {
 		o(te)

@@ -1,7 +1,6 @@
-package testenv
+package podnet
 
 import (
-	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -10,75 +9,68 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"slices"
 	"syscall"
 
 	"golang.org/x/sys/unix"
 )
 
-// EnterPodNetwork moves the test binary into a private network namespace in which
-// PodCIDR is local, and returns there; call it first in TestMain, before Main.
+// Run runs the running binary again in the pod network, with the same arguments, standard
+// streams and environment plus env, and waits for it. It returns the error of
+// exec.Cmd.Wait (an *exec.ExitError carries the child's status), or why the namespaces
+// could not be created.
 //
-// Real sidecars must run on addresses a pod could have: the API server refuses loopback
-// addresses in EndpointSlices, and a sidecar accepts a peer link only from the member's
-// IP, so the sidecars of a test need distinct, bindable, non-loopback addresses, which a
-// loopback-only machine does not have. The binary re-executes itself in a new network
-// namespace (and, without root, a new user namespace mapping the caller to root there,
-// so no privilege is needed where unprivileged user namespaces are allowed), brings
-// loopback up and routes PodCIDR to it as local addresses (the "AnyIP" local route). The
-// control plane (advertising podNetworkAPIServerIP, as the network has no default route to
-// take an address from), the sidecars and the test all run inside; nothing on the machine's own
-// network changes, and nothing can collide with other tests' ports. The child dies with
-// the parent (Pdeathsig), and the parent exits with the child's status.
-func EnterPodNetwork() {
-	if os.Getenv(podNetworkEnv) == "1" {
-		if err := setupPodNetwork(); err != nil {
-			fmt.Fprintf(os.Stderr, "FAIL: setting up the pod network: %v\n", err)
-			os.Exit(1)
-		}
-		return
-	}
-	exe, err := os.Executable()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: entering the pod network: %v\n", err)
-		os.Exit(1)
-	}
-	cmd := exec.CommandContext(context.Background(), exe, os.Args[1:]...) // ends with the child's own timeout
+// The child gets SIGTERM if this process dies, so it can stop what it started. While it
+// runs, this process survives SIGINT and SIGTERM and passes on to the child the signals in
+// forward: a terminal's Ctrl-C reaches both processes (they share a process group), so a
+// child that counts its interrupts wants SIGINT not forwarded, while SIGQUIT forwarded
+// makes a test binary dump its goroutines.
+func Run(env []string, forward ...os.Signal) error {
+	cmd := exec.Command("/proc/self/exe", os.Args[1:]...) //nolint:noctx // the child stops on the signals it shares with us or is forwarded
+	cmd.Args[0] = os.Args[0]
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	cmd.Env = append(os.Environ(), podNetworkEnv+"=1")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGTERM}
+	namespaces := networkNamespace
+	// The user namespace maps only the caller, to root: the kernel lets an unprivileged
+	// process write that one mapping of its own IDs.
 	if uid, gid := os.Geteuid(), os.Getegid(); uid != 0 {
 		cmd.SysProcAttr.Cloneflags |= syscall.CLONE_NEWUSER
 		cmd.SysProcAttr.UidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: uid, Size: 1}}
 		cmd.SysProcAttr.GidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: gid, Size: 1}}
+		namespaces = userNamespace
 	}
-	// Forward interrupts so the child stops its control plane; the test timeout is the
-	// child's own (it parses the same -test.timeout).
+	cmd.Env = append(append(os.Environ(), env...), markerEnv+"="+namespaces)
+
+	// Catch the signals before the child exists, so that none ends this process first.
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT)
+	signal.Notify(sigs, append([]os.Signal{syscall.SIGINT, syscall.SIGTERM}, forward...)...)
+	defer signal.Stop(sigs)
 	if err := cmd.Start(); err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: entering the pod network (a new network namespace; without root this needs unprivileged user namespaces): %v\n", err)
-		os.Exit(1)
+		if namespaces == userNamespace {
+			return fmt.Errorf("creating a user and a network namespace: %w\n%s", err, userNamespaceHelp)
+		}
+		return fmt.Errorf("creating a network namespace: %w", err)
 	}
+	done := make(chan struct{})
 	go func() {
+		defer close(done)
 		for s := range sigs {
-			_ = cmd.Process.Signal(s)
+			if slices.Contains(forward, s) {
+				_ = cmd.Process.Signal(s)
+			}
 		}
 	}()
-	err = cmd.Wait()
-	var exit *exec.ExitError
-	switch {
-	case err == nil:
-		os.Exit(0)
-	case errors.As(err, &exit) && exit.ExitCode() >= 0:
-		os.Exit(exit.ExitCode())
-	default:
-		fmt.Fprintf(os.Stderr, "FAIL: the test binary in the pod network: %v\n", err)
-		os.Exit(1)
-	}
+	err := cmd.Wait()
+	// After Stop no signal is sent on sigs, so closing it ends the forwarding goroutine.
+	signal.Stop(sigs)
+	close(sigs)
+	<-done
+	return err
 }
 
-// setupPodNetwork brings loopback up and adds `local PodCIDR dev lo` to the local table.
-func setupPodNetwork() error {
+// Setup brings loopback up and adds `local CIDR dev lo` to the local routing table; the
+// child calls it first. Every address of CIDR is then bindable.
+func Setup() error {
 	lo, err := net.InterfaceByName("lo")
 	if err != nil {
 		return err
@@ -99,7 +91,7 @@ func setupPodNetwork() error {
 	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
 		return fmt.Errorf("bringing lo up: %w", err)
 	}
-	return addLocalRoute(netip.MustParsePrefix(PodCIDR), lo.Index)
+	return addLocalRoute(netip.MustParsePrefix(CIDR), lo.Index)
 }
 
 // addLocalRoute adds a route of type local for prefix through the interface ifindex, over
