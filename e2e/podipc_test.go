@@ -491,6 +491,49 @@ func (j *journey) scale(t *testing.T) {
 			j.waitMembers(t, channel, n)
 		}
 	}
+	j.checkStream(t)
+	j.checkNoRestarts(t)
+}
+
+// checkStream checks the hellos every talk pod sends twice a second for as long as it runs:
+// once three of five members were deleted, the two survivors still hear each other (ten
+// more hellos each way), and each heard the other's stream without a gap or a repeat from
+// the first hello it received, through every membership change since.
+func (j *journey) checkStream(t *testing.T) {
+	t.Helper()
+	pods, err := j.listPods(t.Context(), "talk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, p := range pods {
+		names = append(names, p.Name)
+	}
+	last := func(ctx context.Context, to, from string) (int, []int) {
+		got := received(podLogs(ctx, j.ns, to, "app"), "hello")[from]
+		if len(got) == 0 {
+			return 0, nil
+		}
+		return got[len(got)-1], got
+	}
+	for _, to := range names {
+		for _, from := range names {
+			if from == to {
+				continue
+			}
+			base, _ := last(t.Context(), to, from)
+			eventually(t, fmt.Sprintf("%s stopped hearing %s after the scale-down", to, from), func(ctx context.Context) (bool, string, error) {
+				n, _ := last(ctx, to, from)
+				return n >= base+10, fmt.Sprintf("last hello %d, was %d before%s", n, base, j.sidecarLogs(ctx, to)), nil
+			})
+			_, got := last(t.Context(), to, from)
+			for i := 1; i < len(got); i++ {
+				if got[i] != got[i-1]+1 {
+					t.Errorf("%s heard %s's hellos %d then %d: lines lost or repeated between survivors", to, from, got[i-1], got[i])
+				}
+			}
+		}
+	}
 }
 
 // waitMembers waits until the channel's status and EndpointSlices list exactly the talk pods,

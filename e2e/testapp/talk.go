@@ -15,13 +15,14 @@ import (
 // talk is what an app in a podipc member pod does, on two channels served by its sidecar on
 // localhost: BCAST (a Broadcast channel's line port) and ANY (an AnyOne channel's, or "-").
 //
-// The pod first finds its PEERS-1 peers on BCAST: it sends "hello ME HEARD" every 500 ms,
-// HEARD being how many peers it has heard. Once every peer has said hello with HEARD = PEERS-1,
+// The pod first finds its PEERS-1 peers on BCAST: it sends "hello ME HEARD SEQ" every 500 ms,
+// for as long as it runs, HEARD being how many peers it has heard and SEQ counting from 1. Once every peer has said hello with HEARD = PEERS-1,
 // every peer both hears this pod and is heard by it, so no line sent from then on can fall in
 // the gap before a peer connected. The pod then sends N numbered lines "data ME I" on BCAST,
 // and N lines "any ME I" on ANY, logging "sent N". It logs "recv LINE" for every data and any
-// line it receives (hellos only the first time a peer is heard), and runs until SIGTERM.
-// The suite checks delivery, order and spread from these logs.
+// line it receives, "recv hello FROM SEQ" for every hello, and runs until SIGTERM. The suite
+// checks delivery, order and spread from these logs; the endless hellos are the stream that
+// must flow between survivors, without a gap, while other members come and go.
 func talk(ctx context.Context, args []string) error {
 	peers, err := strconv.Atoi(args[2])
 	if err != nil {
@@ -65,14 +66,12 @@ func talk(ctx context.Context, args []string) error {
 		for sc.Scan() {
 			f := strings.Fields(sc.Text())
 			switch {
-			case len(f) == 3 && f[0] == "hello":
+			case len(f) == 4 && f[0] == "hello":
 				h, _ := strconv.Atoi(f[2])
 				mu.Lock()
-				if _, ok := heard[f[1]]; !ok {
-					fmt.Println("heard", f[1])
-				}
 				heard[f[1]] = h
 				mu.Unlock()
+				fmt.Println("recv hello", f[1], f[3])
 			default:
 				fmt.Println("recv", sc.Text())
 			}
@@ -93,7 +92,7 @@ func talk(ctx context.Context, args []string) error {
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
 	sent := false
-	for {
+	for hello := 1; ; hello++ {
 		select {
 		case <-ctx.Done():
 			return nil
@@ -107,7 +106,7 @@ func talk(ctx context.Context, args []string) error {
 			all = all && h >= peers-1
 		}
 		mu.Unlock()
-		if err := send(bcast, fmt.Sprintf("hello %s %d", me, count)); err != nil {
+		if err := send(bcast, fmt.Sprintf("hello %s %d %d", me, count, hello)); err != nil {
 			return err
 		}
 		if sent || !all {
