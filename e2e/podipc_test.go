@@ -447,7 +447,8 @@ func (j *journey) metrics(t *testing.T) {
 		b, err := clientset.CoreV1().RESTClient().Get().
 			AbsPath("/api/v1/namespaces", j.ns, "pods", pod+":7702", "proxy", "metrics").DoRaw(ctx)
 		if err != nil {
-			return false, err.Error(), nil
+			// The proxy fails while the admin server is not up yet; keep polling.
+			return false, err.Error(), nil //nolint:nilerr // transient until the sidecar serves
 		}
 		text = string(b)
 		in, _ := metricSum(text, "podipc_lines_in_total")

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strconv"
@@ -76,7 +77,11 @@ func talk(ctx context.Context, args []string) error {
 				fmt.Println("recv", sc.Text())
 			}
 		}
-		done <- fmt.Errorf("connection to %s ended: %v", c.RemoteAddr(), sc.Err())
+		err := sc.Err()
+		if err == nil {
+			err = io.EOF
+		}
+		done <- fmt.Errorf("connection to %s ended: %w", c.RemoteAddr(), err)
 	}
 	go read(bcast)
 	if anyConn != nil {
