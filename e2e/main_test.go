@@ -34,6 +34,8 @@ type image struct {
 	Packages []string
 	// Entrypoint is the image's entrypoint, one of the binaries.
 	Entrypoint string
+	// Files are more files for the image, as hack/image arguments SOURCE=/path.
+	Files []string
 }
 
 // testappImage runs e2e/testapp; see its package comment for the commands.
@@ -80,7 +82,14 @@ func setup() error {
 	if clientset, err = kubernetes.NewForConfig(cfg); err != nil {
 		return err
 	}
-	return loadImages(images)
+	list := images
+	if img, err := nodeImage(); err != nil {
+		fmt.Println("e2e: no node-ipc image, its test will skip:", err)
+	} else {
+		list = append(list, img)
+		haveNodeImage = true
+	}
+	return loadImages(list)
 }
 
 // loadImages builds each image's binary (static, for the node's architecture), packs it with
@@ -109,10 +118,13 @@ func loadImages(list []image) error {
 		for _, pkg := range img.Packages {
 			pack = append(pack, bins+path.Base(pkg)+"=/"+path.Base(pkg))
 		}
+		pack = append(pack, img.Files...)
 		steps := [][]string{
-			build,
 			pack,
 			{"ctr", "--address", sock, "-n", "k8s.io", "images", "import", tarball},
+		}
+		if len(img.Packages) > 0 {
+			steps = append([][]string{build}, steps...)
 		}
 		for _, argv := range steps {
 			cmd := exec.Command(argv[0], argv[1:]...)

@@ -68,6 +68,7 @@ func TestPodipcJourney(t *testing.T) {
 		{"AnyOneSpreadsLinesExactlyOnce", j.anyOne},
 		{"SidecarMetricsCountTraffic", j.metrics},
 		{"MembershipFollowsScale", j.scale},
+		{"NodeIPCAppTalksWithLineApps", j.nodeIPC},
 		{"InjectedJobCompletes", j.job},
 		{"PodSecurityRestrictedAdmitsInjectedPod", j.restricted},
 		{"HelmUpgradeKeepsInjection", j.helmUpgrade},
@@ -579,6 +580,56 @@ func (j *journey) waitMembers(t *testing.T, channel string, n int32) {
 			ok = ok && ready[name]
 		}
 		return ok && len(want) == int(n), state, nil
+	})
+}
+
+// nodeIPC runs a node-ipc 9.2.1 app on the Broadcast channel next to the talk pods: their
+// hellos reach it as message events, and its events reach them as compact JSON lines.
+func (j *journey) nodeIPC(t *testing.T) {
+	if !haveNodeImage {
+		t.Skip("no node-ipc image (Node.js or bin/npm/node-ipc-9.2.1 missing); see the setup output")
+	}
+	tmpl := injectedTemplate("nodeapp", "chat", "/app/app.cjs", "chat")
+	tmpl.Spec.Containers[0].Image = nodeappImage
+	pod := &corev1.Pod{ObjectMeta: tmpl.ObjectMeta, Spec: tmpl.Spec}
+	pod.Name = "nodeapp"
+	checkInjected(t, createPod(t, j.ns, pod))
+	j.waitPodRunning(t, j.ns, "nodeapp")
+	// The node-ipc app hears a talk pod's line "hello NAME HEARD SEQ" as its message data.
+	talker := j.survivors(t)[0]
+	j.waitLogContains(t, "nodeapp", "recv message hello "+talker+" ")
+	// Each talk pod reads the node-ipc event as one JSON line.
+	for _, name := range j.survivors(t) {
+		j.waitLogContains(t, name, `recv {"type":"message","data":"node-ipc `)
+	}
+	if err := clientset.CoreV1().Pods(j.ns).Delete(t.Context(), "nodeapp", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (j *journey) survivors(t *testing.T) []string {
+	t.Helper()
+	pods, err := j.listPods(t.Context(), "talk")
+	if err != nil || len(pods) == 0 {
+		t.Fatalf("talk pods: %v (%d)", err, len(pods))
+	}
+	var names []string
+	for _, p := range pods {
+		names = append(names, p.Name)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// waitLogContains waits for want in the app container's log of pod name.
+func (j *journey) waitLogContains(t *testing.T, name, want string) {
+	t.Helper()
+	eventually(t, fmt.Sprintf("pod %s never logged %q", name, want), func(ctx context.Context) (bool, string, error) {
+		logs := podLogs(ctx, j.ns, name, "app")
+		if l := strings.Split(logs, "\n"); len(l) > 20 {
+			logs = strings.Join(l[len(l)-20:], "\n")
+		}
+		return strings.Contains(podLogs(ctx, j.ns, name, "app"), want), logs + j.sidecarLogs(ctx, name), nil
 	})
 }
 
