@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -491,6 +492,7 @@ func (j *journey) scale(t *testing.T) {
 		j.waitReplicas(t, n)
 		for _, channel := range []string{"chat", "work"} {
 			j.waitMembers(t, channel, n)
+			j.checkCLIMembers(t, channel)
 		}
 	}
 	j.checkStream(t)
@@ -535,6 +537,36 @@ func (j *journey) checkStream(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// checkCLIMembers runs `podipc members CHANNEL` as a user does, with the admin kubeconfig,
+// and wants one ready, non-terminating row per talk pod.
+func (j *journey) checkCLIMembers(t *testing.T, channel string) {
+	t.Helper()
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.CommandContext(t.Context(), "go", "run", "./cmd/podipc", "members", channel, "-n", j.ns,
+		"--kubeconfig", os.Getenv("PODIPC_E2E_KUBECONFIG"))
+	cmd.Dir = root
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("podipc members %s: %v\n%s", channel, err, out)
+	}
+	rows := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n")[1:] {
+		if f := strings.Fields(line); len(f) == 5 {
+			rows[f[0]] = f[3] + "/" + f[4]
+		}
+	}
+	want := map[string]string{}
+	for _, name := range j.survivors(t) {
+		want[name] = "true/false"
+	}
+	if !maps.Equal(rows, want) {
+		t.Errorf("podipc members %s: rows (ready/terminating) %v, want %v\n%s", channel, rows, want, out)
 	}
 }
 
