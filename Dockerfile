@@ -15,10 +15,11 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN --mount=type=cache,target=/root/go/pkg/mod go mod download
 COPY . .
-# Static (no libc in the final image), reproducible (trimpath), stripped.
+# Static (no libc in the final image), reproducible (trimpath), stripped; the sidecar reports
+# VERSION as podipc_build_info{version}.
 RUN --mount=type=cache,target=/root/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
     CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH \
-    go build -trimpath -ldflags "-s -w" -o /out/ \
+    go build -trimpath -ldflags "-s -w -X github.com/podipc/podipc/pkg/sidecar.Version=${VERSION}" -o /out/ \
       ./cmd/podipc-controller ./cmd/podipc-sidecar ./cmd/podipc
 
 # Nothing but the binaries: no shell, no package manager, no libc. The processes need no

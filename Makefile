@@ -110,7 +110,8 @@ IMAGE_BINS := podipc-controller podipc-sidecar podipc
 .PHONY: binaries
 binaries: ## Build the image's static binaries for each of IMAGE_ARCHES into bin/images/<arch>/.
 	@for arch in $(IMAGE_ARCHES); do \
-	  CGO_ENABLED=0 GOOS=linux GOARCH=$$arch go build -trimpath -ldflags "-s -w" \
+	  CGO_ENABLED=0 GOOS=linux GOARCH=$$arch go build -trimpath \
+	    -ldflags "-s -w -X github.com/podipc/podipc/pkg/sidecar.Version=$(VERSION)" \
 	    -o $(BIN)/images/$$arch/ $(addprefix ./cmd/,$(IMAGE_BINS)) || exit 1; \
 	done
 
@@ -122,7 +123,7 @@ image: binaries ## Build bin/images/podipc-$(VERSION)-<arch>.tar with hack/image
 	@for arch in $(IMAGE_ARCHES); do \
 	  go run ./hack/image --arch $$arch --user 65532:65532 --entrypoint /podipc-controller \
 	    --tag podipc:$(VERSION) --out $(BIN)/images/podipc-$(VERSION)-$$arch.tar \
-	    $(addprefix $(BIN)/images/$$arch/,$(IMAGE_BINS)) || exit 1; \
+	    $(foreach b,$(IMAGE_BINS),$(BIN)/images/$$arch/$(b)=/$(b)) || exit 1; \
 	  ls -l $(BIN)/images/podipc-$(VERSION)-$$arch.tar; \
 	done
 

@@ -14,8 +14,10 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -23,22 +25,37 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 )
 
-// image is one image the suite needs on the node, built from a Go main package of this module.
-// The podipc journey adds its own (sidecar, controller, CLI) to images.
+// image is one image the suite needs on the node, built from Go main packages of this module.
 type image struct {
 	// Tag is the reference pods use; an explicit tag, never :latest (there is no registry).
 	Tag string
-	// Package is the main package, relative to the module root.
-	Package string
-	// Path is where the binary is placed in the image; it is also the entrypoint.
-	Path string
+	// Packages are the main packages, relative to the module root; each binary is placed at
+	// /<last element of its package path>.
+	Packages []string
+	// Entrypoint is the image's entrypoint, one of the binaries.
+	Entrypoint string
+	// Files are more files for the image, as hack/image arguments SOURCE=/path.
+	Files []string
 }
 
 // testappImage runs e2e/testapp; see its package comment for the commands.
 const testappImage = "podipc-e2e/testapp:e2e"
 
+// The podipc image, as `make image` builds it (the same binaries, user and entrypoint), with
+// an explicit version tag: the chart is installed with podipcRepository:podipcVersion.
+const (
+	podipcRepository = "podipc-e2e/podipc"
+	podipcVersion    = "v0.0.0-e2e"
+	podipcImage      = podipcRepository + ":" + podipcVersion
+)
+
 var images = []image{
-	{Tag: testappImage, Package: "./e2e/testapp", Path: "/testapp"},
+	{Tag: testappImage, Packages: []string{"./e2e/testapp"}, Entrypoint: "/testapp"},
+	{
+		Tag:        podipcImage,
+		Packages:   []string{"./cmd/podipc-controller", "./cmd/podipc-sidecar", "./cmd/podipc"},
+		Entrypoint: "/podipc-controller",
+	},
 }
 
 // clientset talks to the cluster as cluster-admin.
@@ -65,7 +82,14 @@ func setup() error {
 	if clientset, err = kubernetes.NewForConfig(cfg); err != nil {
 		return err
 	}
-	return loadImages(images)
+	list := images
+	if img, err := nodeImage(); err != nil {
+		fmt.Println("e2e: no node-ipc image, its test will skip:", err)
+	} else {
+		list = append(list, img)
+		haveNodeImage = true
+	}
+	return loadImages(list)
 }
 
 // loadImages builds each image's binary (static, for the node's architecture), packs it with
@@ -84,14 +108,23 @@ func loadImages(list []image) error {
 		return err
 	}
 	defer func() { _ = os.RemoveAll(dir) }()
-	for _, img := range list {
-		bin := filepath.Join(dir, filepath.Base(img.Path))
+	for i, img := range list {
+		bins := filepath.Join(dir, strconv.Itoa(i)) + "/"
 		tarball := filepath.Join(dir, strings.NewReplacer("/", "_", ":", "_").Replace(img.Tag)+".tar")
+		build := append([]string{"go", "build", "-trimpath", "-ldflags",
+			"-s -w -X github.com/podipc/podipc/pkg/sidecar.Version=" + podipcVersion, "-o", bins}, img.Packages...)
+		pack := []string{"go", "run", "./hack/image", "--arch", runtime.GOARCH, "--tag", img.Tag,
+			"--entrypoint", img.Entrypoint, "--user", "65532:65532", "--out", tarball}
+		for _, pkg := range img.Packages {
+			pack = append(pack, bins+path.Base(pkg)+"=/"+path.Base(pkg))
+		}
+		pack = append(pack, img.Files...)
 		steps := [][]string{
-			{"go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, img.Package},
-			{"go", "run", "./hack/image", "--arch", runtime.GOARCH, "--tag", img.Tag,
-				"--entrypoint", img.Path, "--user", "65532:65532", "--out", tarball, bin + "=" + img.Path},
+			pack,
 			{"ctr", "--address", sock, "-n", "k8s.io", "images", "import", tarball},
+		}
+		if len(img.Packages) > 0 {
+			steps = append([][]string{build}, steps...)
 		}
 		for _, argv := range steps {
 			cmd := exec.Command(argv[0], argv[1:]...)
@@ -100,6 +133,9 @@ func loadImages(list []image) error {
 			if out, err := cmd.CombinedOutput(); err != nil {
 				return fmt.Errorf("image %s: %s: %w\n%s", img.Tag, strings.Join(argv, " "), err, out)
 			}
+		}
+		if fi, err := os.Stat(tarball); err == nil {
+			fmt.Printf("e2e: image %s: %d bytes\n", img.Tag, fi.Size())
 		}
 	}
 	return nil

@@ -8,6 +8,8 @@
 //	                         answer, then run until SIGTERM
 //	testapp apiserver        GET /version from the API server through the kubernetes Service
 //	                         with the pod's service account token, print it, run until SIGTERM
+//	testapp talk BCAST ANY PEERS N
+//	                         a podipc member app; see talk.go
 package main
 
 import (
@@ -42,7 +44,7 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: testapp print|exit|serve|dial|apiserver …")
+		return errors.New("usage: testapp print|exit|serve|dial|talk|apiserver …")
 	}
 	switch cmd, rest := args[0], args[1:]; {
 	case cmd == "print" && len(rest) == 1:
@@ -54,6 +56,10 @@ func run(ctx context.Context, args []string) error {
 		return serve(ctx, rest[0])
 	case cmd == "dial" && len(rest) == 2:
 		if err := dial(ctx, rest[0], rest[1]); err != nil {
+			return err
+		}
+	case cmd == "talk" && len(rest) == 4:
+		if err := talk(ctx, rest); err != nil {
 			return err
 		}
 	case cmd == "apiserver" && len(rest) == 0:
