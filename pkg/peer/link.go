@@ -379,6 +379,7 @@ func (l *Link) handshake(conn net.Conn) (Welcome, *Reader, error) {
 	}
 	_ = conn.SetDeadline(time.Time{})
 	fr.SetMax(MaxFrameBytes)
+	fr.SetReadTimeout(conn, 3*l.cfg.Keepalive)
 	return w, fr, nil
 }
 
@@ -467,8 +468,7 @@ func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
 // readLoop reads ACK, PRESENCE, PING and GOODBYE until the connection fails.
 func (l *Link) readLoop(conn net.Conn, fr *Reader) error {
 	for {
-		_ = conn.SetReadDeadline(time.Now().Add(3 * l.cfg.Keepalive))
-		t, body, err := fr.Next()
+		t, body, err := fr.Next() // the read deadline is refreshed per socket read
 		if err != nil {
 			return err
 		}

@@ -205,6 +205,7 @@ func (s *Server) serve(in *inbound) error {
 	}
 	_ = conn.SetDeadline(time.Time{})
 	fr.SetMax(MaxFrameBytes)
+	fr.SetReadTimeout(conn, 3*s.cfg.Keepalive)
 	s.cfg.Log.V(1).Info("Accepted peer link", "pod", h.Pod.Namespace+"/"+h.Pod.Name, "version", v,
 		"resumeAfter", w.LastSeq, "known", w.Known)
 	s.cfg.Metrics.Links.WithLabelValues("in", "up").Inc()
@@ -266,8 +267,8 @@ func (s *Server) readLoop(in *inbound, st *sender, fr *Reader) error {
 	var slab router.Slab
 	names := map[string]string{}
 	for {
-		_ = in.conn.SetReadDeadline(time.Now().Add(3 * s.cfg.Keepalive))
-		t, body, err := fr.Next()
+		t, body, err := fr.Next() // the read deadline is refreshed per socket read
+
 		if err != nil {
 			return err
 		}
