@@ -159,6 +159,17 @@ func (r *Reader) Next() (FrameType, []byte, error) {
 	return FrameType(hdr[4]), r.buf, nil
 }
 
+// Ready reports whether a whole frame is buffered, so that Next returns it without
+// reading from the stream (and so without blocking).
+func (r *Reader) Ready() bool {
+	n := r.br.Buffered()
+	if n < 4 {
+		return false
+	}
+	h, _ := r.br.Peek(4)
+	return n-4 >= int(binary.BigEndian.Uint32(h))
+}
+
 // Buffered reports bytes read from the stream but not yet returned.
 func (r *Reader) Buffered() int { return r.br.Buffered() }
 

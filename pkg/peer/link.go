@@ -219,6 +219,54 @@ func (l *Link) reportLocked() {
 	}
 }
 
+// SendBatch queues Broadcast lines of one channel in order, as Send does for each, with
+// one lock and one wakeup of the writer per batch. It stops at the first line that is
+// not queued and returns its index with the result and reason.
+func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, data [][]byte, ov discovery.Overflow) (int, router.Result, string) {
+	if ov.Policy != discovery.Block {
+		ov.Policy = discovery.WaitThenDrop
+		ov.MaxWait += l.cfg.Keepalive
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	st := l.chanLocked(channel)
+	used := func() int { return st.bytes }
+	closed := func() bool { return l.closed }
+	added := false
+	for i, d := range data {
+		if l.closed {
+			return i, router.Dropped, router.ReasonPeerRemoved
+		}
+		if added && st.bytes != 0 && st.bytes+len(d) > ov.QueueBytes {
+			// Admit may wait for acknowledgements: let the writer send what is queued.
+			l.kickLocked()
+		}
+		res, reason := st.bound.Admit(ctx, &l.mu, len(d), used, &l.space, closed, ov)
+		if res != router.Queued {
+			l.kickLocked()
+			return i, res, reason
+		}
+		if l.closed {
+			return i, router.Dropped, router.ReasonPeerRemoved
+		}
+		l.q.push(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: d})
+		l.nextSeq++
+		st.bytes += len(d)
+		l.unacked += len(d)
+		added = true
+	}
+	l.kickLocked()
+	return len(data), router.Queued, ""
+}
+
+// kickLocked wakes the writer.
+func (l *Link) kickLocked() {
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
 // trimLocked removes the first k messages of q (acknowledged or settled).
 func (l *Link) trimLocked(k int) {
 	if k == 0 {

@@ -16,6 +16,9 @@ func (nullRemote) ID() string { return "null" }
 func (nullRemote) Send(context.Context, string, Kind, []byte, bool, discovery.Overflow) (Result, string) {
 	return Queued, ""
 }
+func (nullRemote) SendBatch(_ context.Context, _ string, _ Kind, data [][]byte, _ discovery.Overflow) (int, Result, string) {
+	return len(data), Queued, ""
+}
 func (nullRemote) Presence(string) (int, bool) { return 1, true }
 
 // drain empties q as a connection's writer does, without a socket.
@@ -26,7 +29,9 @@ func drain(c *Conn, items []Item) []Item {
 	return items
 }
 
-func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, data []byte)) {
+// benchLines routes b.N lines of size bytes in batches of 64, as a reader that found
+// 64 lines in its buffer does.
+func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, batch [][]byte)) {
 	r := New(logr.Discard(), nil)
 	defer r.Close()
 	ch := r.Ensure("bench", discovery.Spec{})
@@ -36,16 +41,19 @@ func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, 
 	line := make([]byte, size)
 	var slab Slab
 	var items []Item
+	batch := make([][]byte, 0, 64)
 	b.SetBytes(int64(size))
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := range b.N {
-		route(ch, from, to, slab.Copy(line))
-		if i%256 == 255 {
+		batch = append(batch, slab.Copy(line))
+		if len(batch) == cap(batch) || i == b.N-1 {
+			route(ch, from, to, batch)
+			batch = batch[:0]
 			items = drain(to, items)
+			items = drain(from, items) // Deliver queues for every connection
 		}
 	}
-	drain(to, items)
 }
 
 // BenchmarkRoute is the sending sidecar's hot path: a line read from a local app is
@@ -53,22 +61,22 @@ func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, 
 func BenchmarkRoute(b *testing.B) {
 	for _, size := range []int{64, 1024} {
 		b.Run(itoa(size), func(b *testing.B) {
-			benchLines(b, size, func(ch *Channel, from, _ *Conn, data []byte) {
-				ch.Route(context.Background(), from, Line, data)
+			benchLines(b, size, func(ch *Channel, from, _ *Conn, batch [][]byte) {
+				ch.RouteBatch(context.Background(), from, Line, batch)
 			})
 		})
 	}
 }
 
 // BenchmarkDeliver is the receiving sidecar's hot path: a line from a peer is queued for
-// the local connections, with one completion.
+// the local connections, with one completion per batch.
 func BenchmarkDeliver(b *testing.B) {
 	notify := make(chan struct{}, 1)
 	for _, size := range []int{64, 1024} {
 		b.Run(itoa(size), func(b *testing.B) {
-			benchLines(b, size, func(ch *Channel, _, _ *Conn, data []byte) {
+			benchLines(b, size, func(ch *Channel, _, _ *Conn, batch [][]byte) {
 				c := NewCompletion(notify)
-				ch.r.Deliver(context.Background(), "bench", Line, data, c)
+				ch.r.DeliverBatch(context.Background(), "bench", Line, batch, c)
 				c.Done()
 			})
 		})

@@ -130,6 +130,53 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 	return Queued, ""
 }
 
+// PushBatch offers messages of one kind, in order, under policy ov, taking the lock once
+// and waking the writer once (and before any wait). Queued items hold a reference on
+// done (which may be nil). It stops at the first message that is not queued and
+// returns its index n with the result and reason; n = len(data) means all were queued.
+func (q *Queue) PushBatch(ctx context.Context, kind Kind, data [][]byte, done *Completion, ov discovery.Overflow) (n int, res Result, reason string) {
+	q.mu.Lock()
+	added := 0
+	res = Queued
+	for n = 0; n < len(data); n++ {
+		d := data[n]
+		if q.bytes != 0 && (q.bytes+len(d) > ov.QueueBytes || q.bound.overflowing) && added > 0 {
+			// Admit may wait for the writer: let it see what this batch queued.
+			q.publishLocked(added)
+			added = 0
+		}
+		if !q.closed {
+			res, reason = q.bound.Admit(ctx, &q.mu, len(d), q.used, &q.space, q.isClosed, ov)
+		}
+		if q.closed {
+			res, reason = Dropped, ReasonClosed
+		}
+		if res != Queued {
+			break
+		}
+		q.items = append(q.items, Item{Kind: kind, Data: d, Done: done})
+		q.bytes += len(d)
+		added += len(d)
+	}
+	if added > 0 {
+		q.publishLocked(added)
+	}
+	q.mu.Unlock()
+	return n, res, reason
+}
+
+func (q *Queue) used() int      { return q.bytes }
+func (q *Queue) isClosed() bool { return q.closed }
+
+// publishLocked reports added bytes to the gauge and wakes the writer.
+func (q *Queue) publishLocked(added int) {
+	q.gauge(added)
+	select {
+	case q.ready <- struct{}{}:
+	default:
+	}
+}
+
 // Ready is signalled whenever items are pushed.
 func (q *Queue) Ready() <-chan struct{} { return q.ready }
 

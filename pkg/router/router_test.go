@@ -78,6 +78,12 @@ func (f *fakeRemote) Send(_ context.Context, _ string, _ Kind, data []byte, _ bo
 	f.got = append(f.got, string(data))
 	return Queued, ""
 }
+func (f *fakeRemote) SendBatch(_ context.Context, _ string, _ Kind, data [][]byte, _ discovery.Overflow) (int, Result, string) {
+	for _, d := range data {
+		f.got = append(f.got, string(d))
+	}
+	return len(data), Queued, ""
+}
 func (f *fakeRemote) Presence(string) (int, bool) { return f.conns, true }
 
 // TestAnyOneRoundRobin: candidates are the own pod (if another connection exists)
