@@ -193,12 +193,14 @@ func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
 	src := &batchingReader{conn: conn}
 	r := ipc.NewReader(src, e.framing, e.ch.Spec().MaxMessageBytes)
 	var slab router.Slab
+	defer slab.Close()
 	src.flush = func() {
 		e.ch.RouteBatch(e.ctx, c, e.kind, src.batch)
+		router.ReleaseLines(src.batch) // the queues took their own references
 		clear(src.batch)
 		src.batch = src.batch[:0]
 	}
-	defer src.route()
+	defer src.route() // before slab.Close
 	for {
 		msg, err := r.Next()
 		if err != nil {
@@ -227,7 +229,7 @@ const maxBatch = 256
 // the socket, which may block, it routes the lines collected so far.
 type batchingReader struct {
 	conn  net.Conn
-	batch [][]byte
+	batch []router.Payload
 	flush func()
 }
 

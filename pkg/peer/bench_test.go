@@ -65,7 +65,7 @@ func BenchmarkLinkSend(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := range b.N {
-				if res, _ := l.Send(ctx, "bench", router.Line, data, false, ov); res != router.Queued {
+				if res, _ := l.Send(ctx, "bench", router.Line, router.Payload{Data: data}, false, ov); res != router.Queued {
 					b.Fatal("not queued")
 				}
 				if i%256 == 255 {

@@ -44,7 +44,9 @@ type outMsg struct {
 	channel string
 	kind    router.Kind
 	data    []byte
-	anyOne  bool
+	// ref keeps data's slab chunk; released when the message leaves the queue.
+	ref    *router.Chunk
+	anyOne bool
 }
 
 // chanState is the link's bound on one channel: bytes queued and not yet acknowledged.
@@ -167,7 +169,8 @@ func (l *Link) Presence(channel string) (int, bool) {
 // interval, because the receiver may itself legitimately pause its link for up to
 // maxWait while one local reader's queue is full, and a drop here would hit every
 // reader over there, fast or slow.
-func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, data []byte, anyOne bool, ov discovery.Overflow) (router.Result, string) {
+func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line router.Payload, anyOne bool, ov discovery.Overflow) (router.Result, string) {
+	data := line.Data
 	if ov.Policy != discovery.Block {
 		ov.Policy = discovery.WaitThenDrop
 		ov.MaxWait += l.cfg.Keepalive
@@ -186,7 +189,8 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, data 
 	if l.closed {
 		return router.Dropped, router.ReasonPeerRemoved
 	}
-	l.q.push(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: data, anyOne: anyOne})
+	line.Ref.Retain(1)
+	l.q.push(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: data, ref: line.Ref, anyOne: anyOne})
 	l.nextSeq++
 	st.bytes += len(data)
 	l.unacked += len(data)
@@ -222,7 +226,7 @@ func (l *Link) reportLocked() {
 // SendBatch queues Broadcast lines of one channel in order, as Send does for each, with
 // one lock and one wakeup of the writer per batch. It stops at the first line that is
 // not queued and returns its index with the result and reason.
-func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, data [][]byte, ov discovery.Overflow) (int, router.Result, string) {
+func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, lines []router.Payload, ov discovery.Overflow) (int, router.Result, string) {
 	if ov.Policy != discovery.Block {
 		ov.Policy = discovery.WaitThenDrop
 		ov.MaxWait += l.cfg.Keepalive
@@ -233,7 +237,8 @@ func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, 
 	used := func() int { return st.bytes }
 	closed := func() bool { return l.closed }
 	added := false
-	for i, d := range data {
+	for i, line := range lines {
+		d := line.Data
 		if l.closed {
 			return i, router.Dropped, router.ReasonPeerRemoved
 		}
@@ -249,14 +254,15 @@ func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, 
 		if l.closed {
 			return i, router.Dropped, router.ReasonPeerRemoved
 		}
-		l.q.push(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: d})
+		line.Ref.Retain(1)
+		l.q.push(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: d, ref: line.Ref})
 		l.nextSeq++
 		st.bytes += len(d)
 		l.unacked += len(d)
 		added = true
 	}
 	l.kickLocked()
-	return len(data), router.Queued, ""
+	return len(lines), router.Queued, ""
 }
 
 // kickLocked wakes the writer.
@@ -272,9 +278,19 @@ func (l *Link) trimLocked(k int) {
 	if k == 0 {
 		return
 	}
-	for _, m := range l.q.items()[:k] {
-		m.st.bytes -= len(m.data)
-		l.unacked -= len(m.data)
+	q := l.q.items()[:k]
+	for i := range q {
+		q[i].st.bytes -= len(q[i].data)
+		l.unacked -= len(q[i].data)
+	}
+	for i := 0; i < k; {
+		// One release per run of messages sharing a chunk.
+		j := i + 1
+		for j < k && q[j].ref == q[i].ref {
+			j++
+		}
+		q[i].ref.Release(j - i)
+		i = j
 	}
 	l.q.pop(k)
 	l.next = max(l.next-k, 0)
@@ -309,10 +325,12 @@ func (l *Link) settleLocked(upTo uint64, reason string) []router.Message {
 		m.st.bytes -= len(m.data)
 		l.unacked -= len(m.data)
 		if m.anyOne {
-			reroute = append(reroute, router.Message{Channel: m.channel, Kind: m.kind, Data: m.data})
+			// Rerouted lines leave the chunk, which is released below.
+			reroute = append(reroute, router.Message{Channel: m.channel, Kind: m.kind, Data: append([]byte(nil), m.data...)})
 		} else {
 			drops[m.channel]++
 		}
+		m.ref.Release(1)
 	}
 	l.q = keep
 	l.next = 0
@@ -441,9 +459,10 @@ func (l *Link) settleAnyOneLocked() []router.Message {
 	var keep fifo[outMsg]
 	for _, m := range l.q.items() {
 		if m.anyOne {
-			out = append(out, router.Message{Channel: m.channel, Kind: m.kind, Data: m.data})
+			out = append(out, router.Message{Channel: m.channel, Kind: m.kind, Data: append([]byte(nil), m.data...)})
 			m.st.bytes -= len(m.data)
 			l.unacked -= len(m.data)
+			m.ref.Release(1)
 		} else {
 			keep.push(m)
 		}

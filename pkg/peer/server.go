@@ -274,6 +274,7 @@ func (s *Server) readLoop(in *inbound, st *sender, fr *Reader) error {
 	st.mu.Lock()
 	b.started, b.last = st.started, st.last
 	st.mu.Unlock()
+	defer b.slab.Close()
 	defer b.end()
 	for {
 		if !fr.Ready() || b.n >= maxBatch {
@@ -324,7 +325,7 @@ type batch struct {
 	names   map[string]string
 	slab    router.Slab
 	// run holds consecutive lines of one channel and kind, not yet handed over.
-	run     [][]byte
+	run     []router.Payload
 	runName string
 	runKind router.Kind
 }
@@ -360,6 +361,7 @@ func (b *batch) flushRun() {
 		return
 	}
 	b.grace = max(b.grace, b.s.cfg.Router.DeliverBatch(b.s.ctx, b.runName, b.runKind, b.run, b.c))
+	router.ReleaseLines(b.run) // the queues took their own references
 	clear(b.run)
 	b.run = b.run[:0]
 }

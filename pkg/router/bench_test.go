@@ -13,10 +13,10 @@ import (
 type nullRemote struct{}
 
 func (nullRemote) ID() string { return "null" }
-func (nullRemote) Send(context.Context, string, Kind, []byte, bool, discovery.Overflow) (Result, string) {
+func (nullRemote) Send(context.Context, string, Kind, Payload, bool, discovery.Overflow) (Result, string) {
 	return Queued, ""
 }
-func (nullRemote) SendBatch(_ context.Context, _ string, _ Kind, data [][]byte, _ discovery.Overflow) (int, Result, string) {
+func (nullRemote) SendBatch(_ context.Context, _ string, _ Kind, data []Payload, _ discovery.Overflow) (int, Result, string) {
 	return len(data), Queued, ""
 }
 func (nullRemote) Presence(string) (int, bool) { return 1, true }
@@ -31,7 +31,7 @@ func drain(c *Conn, items []Item) []Item {
 
 // benchLines routes b.N lines of size bytes in batches of 64, as a reader that found
 // 64 lines in its buffer does.
-func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, batch [][]byte)) {
+func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, batch []Payload)) {
 	r := New(logr.Discard(), nil)
 	defer r.Close()
 	ch := r.Ensure("bench", discovery.Spec{})
@@ -41,7 +41,7 @@ func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, 
 	line := make([]byte, size)
 	var slab Slab
 	var items []Item
-	batch := make([][]byte, 0, 64)
+	batch := make([]Payload, 0, 64)
 	b.SetBytes(int64(size))
 	b.ReportAllocs()
 	b.ResetTimer()
@@ -49,6 +49,7 @@ func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, 
 		batch = append(batch, slab.Copy(line))
 		if len(batch) == cap(batch) || i == b.N-1 {
 			route(ch, from, to, batch)
+			ReleaseLines(batch)
 			batch = batch[:0]
 			items = drain(to, items)
 			items = drain(from, items) // Deliver queues for every connection
@@ -61,7 +62,7 @@ func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, 
 func BenchmarkRoute(b *testing.B) {
 	for _, size := range []int{64, 1024} {
 		b.Run(itoa(size), func(b *testing.B) {
-			benchLines(b, size, func(ch *Channel, from, _ *Conn, batch [][]byte) {
+			benchLines(b, size, func(ch *Channel, from, _ *Conn, batch []Payload) {
 				ch.RouteBatch(context.Background(), from, Line, batch)
 			})
 		})
@@ -74,7 +75,7 @@ func BenchmarkDeliver(b *testing.B) {
 	notify := make(chan struct{}, 1)
 	for _, size := range []int{64, 1024} {
 		b.Run(itoa(size), func(b *testing.B) {
-			benchLines(b, size, func(ch *Channel, _, _ *Conn, batch [][]byte) {
+			benchLines(b, size, func(ch *Channel, _, _ *Conn, batch []Payload) {
 				c := NewCompletion(notify)
 				ch.r.DeliverBatch(context.Background(), "bench", Line, batch, c)
 				c.Done()

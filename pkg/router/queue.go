@@ -120,6 +120,7 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 	if q.closed {
 		return Dropped, ReasonClosed
 	}
+	it.Ref.Retain(1)
 	q.items = append(q.items, it)
 	q.bytes += len(it.Data)
 	q.gauge(len(it.Data))
@@ -134,19 +135,30 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 // and waking the writer once (and before any wait). Queued items hold a reference on
 // done (which may be nil). It stops at the first message that is not queued and
 // returns its index n with the result and reason; n = len(data) means all were queued.
-func (q *Queue) PushBatch(ctx context.Context, kind Kind, data [][]byte, done *Completion, ov discovery.Overflow) (n int, res Result, reason string) {
+func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *Completion, ov discovery.Overflow) (n int, res Result, reason string) {
 	q.mu.Lock()
 	added := 0
 	res = Queued
 	for n = 0; n < len(data); n++ {
-		d := data[n]
+		d := data[n].Data
+		pol := ov
 		if q.bytes != 0 && (q.bytes+len(d) > ov.QueueBytes || q.bound.overflowing) && added > 0 {
 			// Admit may wait for the writer: let it see what this batch queued.
 			q.publishLocked(added)
 			added = 0
+			if ov.Policy == discovery.Disconnect {
+				// This batch itself filled the queue, which says nothing about the
+				// reader yet: give its writer up to maxWait to make room before
+				// judging it slow (a line at a time, it had that chance between lines).
+				pol.Policy = discovery.WaitThenDrop
+			}
 		}
 		if !q.closed {
-			res, reason = q.bound.Admit(ctx, &q.mu, len(d), q.used, &q.space, q.isClosed, ov)
+			res, reason = q.bound.Admit(ctx, &q.mu, len(d), q.used, &q.space, q.isClosed, pol)
+			if pol.Policy != ov.Policy && res == Dropped && reason == ReasonQueueFull {
+				q.bound.overflowing = false
+				res, reason = Disconnect, ReasonSlowConsumer
+			}
 		}
 		if q.closed {
 			res, reason = Dropped, ReasonClosed
@@ -154,7 +166,8 @@ func (q *Queue) PushBatch(ctx context.Context, kind Kind, data [][]byte, done *C
 		if res != Queued {
 			break
 		}
-		q.items = append(q.items, Item{Kind: kind, Data: d, Done: done})
+		data[n].Ref.Retain(1)
+		q.items = append(q.items, Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done})
 		q.bytes += len(d)
 		added += len(d)
 	}

@@ -19,11 +19,12 @@ type Remote interface {
 	ID() string
 	// Send queues one message for the remote pod under the channel's overflow policy.
 	// anyOne marks lines that must be rerouted, not dropped, if the remote restarts.
-	Send(ctx context.Context, channel string, kind Kind, data []byte, anyOne bool, ov discovery.Overflow) (Result, string)
+	// The remote takes its own reference on data's chunk.
+	Send(ctx context.Context, channel string, kind Kind, data Payload, anyOne bool, ov discovery.Overflow) (Result, string)
 	// SendBatch queues Broadcast messages in order, like Send for each, and stops at
 	// the first that is not queued: it returns that message's index n (len(data) if all
 	// were queued) with the result and reason.
-	SendBatch(ctx context.Context, channel string, kind Kind, data [][]byte, ov discovery.Overflow) (n int, res Result, reason string)
+	SendBatch(ctx context.Context, channel string, kind Kind, data []Payload, ov discovery.Overflow) (n int, res Result, reason string)
 	// Presence reports how many connections the remote advertised on channel, and
 	// whether its link is established (presence is only trusted while it is).
 	Presence(channel string) (conns int, up bool)
@@ -214,6 +215,7 @@ func (c *Conn) Detach() {
 		n += len(it.Data)
 		it.Done.Done()
 	}
+	ReleaseItems(left)
 	c.Queue.Release(n)
 	if len(left) > 0 {
 		ch.drop(ReasonClosed, len(left))
@@ -227,6 +229,7 @@ func (c *Conn) Written(items []Item) {
 		n += len(items[i].Data)
 		items[i].Done.Done()
 	}
+	ReleaseItems(items)
 	c.Queue.Release(n)
 	c.ch.linesOut.Add(float64(len(items)))
 }
@@ -260,16 +263,19 @@ func (ch *Channel) pushLocal(ctx context.Context, c *Conn, it Item, ov discovery
 }
 
 // Route sends a line accepted from the local connection from (which may be nil for
-// rerouted lines) to its receivers. data must stay valid while it is queued. Route
-// blocks as the overflow policy says; ctx ends any wait.
+// rerouted lines) to its receivers. data must stay valid while it is queued (it is not
+// in a chunk). Route blocks as the overflow policy says; ctx ends any wait.
 func (ch *Channel) Route(ctx context.Context, from *Conn, kind Kind, data []byte) {
-	ch.RouteBatch(ctx, from, kind, [][]byte{data})
+	ch.RouteBatch(ctx, from, kind, []Payload{{Data: data}})
 }
 
 // RouteBatch routes lines accepted from from, in order, as Route does for each; it
 // takes each receiver's lock and updates the metrics once per batch rather than per
 // line, which is most of what routing a short line costs.
-func (ch *Channel) RouteBatch(ctx context.Context, from *Conn, kind Kind, lines [][]byte) {
+//
+// Every queue that keeps a line takes its own reference on the line's chunk; the
+// caller releases its references afterwards.
+func (ch *Channel) RouteBatch(ctx context.Context, from *Conn, kind Kind, lines []Payload) {
 	spec := ch.spec.Load()
 	if from != nil {
 		ch.linesIn.Add(float64(len(lines)))
@@ -302,7 +308,7 @@ func (ch *Channel) RouteBatch(ctx context.Context, from *Conn, kind Kind, lines 
 
 // pushBatch queues data for c and counts what is not queued. Queued lines take a
 // reference on done (nil for lines of local apps). It returns how many were dropped.
-func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data [][]byte, done *Completion, ov discovery.Overflow) int {
+func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []Payload, done *Completion, ov discovery.Overflow) int {
 	dropped := 0
 	for rest := data; len(rest) > 0; {
 		n, res, reason := c.Queue.PushBatch(ctx, kind, rest, done, ov)
@@ -326,7 +332,7 @@ func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data [][]b
 
 // routeAnyOne picks the next candidate pod round robin and hands it the line, waiting
 // up to maxWait for a candidate to appear.
-func (ch *Channel) routeAnyOne(ctx context.Context, from *Conn, kind Kind, data []byte, ov discovery.Overflow) {
+func (ch *Channel) routeAnyOne(ctx context.Context, from *Conn, kind Kind, data Payload, ov discovery.Overflow) {
 	var deadline <-chan time.Time
 	for {
 		wake := ch.r.changed.C()
@@ -351,7 +357,7 @@ func (ch *Channel) routeAnyOne(ctx context.Context, from *Conn, kind Kind, data 
 }
 
 // tryAnyOne reports whether it found a candidate (the line is then queued or counted).
-func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data []byte, ov discovery.Overflow) bool {
+func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data Payload, ov discovery.Overflow) bool {
 	conns := *ch.conns.Load()
 	local := false
 	for _, c := range conns {
@@ -378,7 +384,7 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data []
 	}
 	pick := list[int(ch.rr.Add(1)-1)%len(list)]
 	if pick < 0 {
-		it := Item{Kind: kind, Data: data}
+		it := Item{Kind: kind, Data: data.Data, Ref: data.Ref}
 		for _, c := range conns {
 			if c != from {
 				ch.pushLocal(ctx, c, it, ov)
@@ -401,12 +407,12 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data []
 // It returns the channel's maxWait: how long the peer link may hold the line's
 // acknowledgement for a slow local reader before acknowledging it anyway.
 func (r *Router) Deliver(ctx context.Context, channel string, kind Kind, data []byte, done *Completion) time.Duration {
-	return r.DeliverBatch(ctx, channel, kind, [][]byte{data}, done)
+	return r.DeliverBatch(ctx, channel, kind, []Payload{{Data: data}}, done)
 }
 
 // DeliverBatch is Deliver for consecutive lines of one channel and kind: the channel is
 // looked up, and each connection's queue locked, once per batch. done covers them all.
-func (r *Router) DeliverBatch(ctx context.Context, channel string, kind Kind, data [][]byte, done *Completion) time.Duration {
+func (r *Router) DeliverBatch(ctx context.Context, channel string, kind Kind, data []Payload, done *Completion) time.Duration {
 	ch := r.Channel(channel)
 	if ch == nil {
 		r.Drop(channel, ReasonNoChannel, len(data))
@@ -452,7 +458,7 @@ func (r *Router) Reroute(msgs []Message) {
 				r.Drop(m.Channel, ReasonNoChannel, 1)
 				continue
 			}
-			ch.routeAnyOne(r.ctx, nil, m.Kind, m.Data, ch.spec.Load().Overflow)
+			ch.routeAnyOne(r.ctx, nil, m.Kind, Payload{Data: m.Data}, ch.spec.Load().Overflow)
 		}
 	}()
 }
@@ -465,6 +471,7 @@ func (c *Conn) Failed(items []Item, reason string) {
 		n += len(items[i].Data)
 		items[i].Done.Done()
 	}
+	ReleaseItems(items)
 	c.Queue.Release(n)
 	if len(items) > 0 {
 		c.ch.drop(reason, len(items))

@@ -74,13 +74,13 @@ type fakeRemote struct {
 }
 
 func (f *fakeRemote) ID() string { return f.id }
-func (f *fakeRemote) Send(_ context.Context, _ string, _ Kind, data []byte, _ bool, _ discovery.Overflow) (Result, string) {
-	f.got = append(f.got, string(data))
+func (f *fakeRemote) Send(_ context.Context, _ string, _ Kind, data Payload, _ bool, _ discovery.Overflow) (Result, string) {
+	f.got = append(f.got, string(data.Data))
 	return Queued, ""
 }
-func (f *fakeRemote) SendBatch(_ context.Context, _ string, _ Kind, data [][]byte, _ discovery.Overflow) (int, Result, string) {
+func (f *fakeRemote) SendBatch(_ context.Context, _ string, _ Kind, data []Payload, _ discovery.Overflow) (int, Result, string) {
 	for _, d := range data {
-		f.got = append(f.got, string(d))
+		f.got = append(f.got, string(d.Data))
 	}
 	return len(data), Queued, ""
 }
