@@ -431,7 +431,7 @@ func (l *Link) session(ctx context.Context) error {
 		}
 		werr <- err
 	}()
-	rerr := l.readLoop(conn, fr)
+	rerr := l.readLoop(fr)
 	close(done)
 	_ = conn.Close()
 	wErr := <-werr
@@ -596,7 +596,7 @@ func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
 }
 
 // readLoop reads ACK, PRESENCE, PING and GOODBYE until the connection fails.
-func (l *Link) readLoop(conn net.Conn, fr *Reader) error {
+func (l *Link) readLoop(fr *Reader) error {
 	for {
 		t, body, err := fr.Next() // the read deadline is refreshed per socket read
 		if err != nil {

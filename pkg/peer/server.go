@@ -221,7 +221,7 @@ func (s *Server) serve(in *inbound) error {
 		}
 		werr <- err
 	}()
-	err = s.readLoop(in, st, fr)
+	err = s.readLoop(st, fr)
 	close(readDone)
 	_ = conn.Close()
 	if werrV := <-werr; werrV != nil {
@@ -269,7 +269,7 @@ func (s *Server) takeOver(in *inbound) *sender {
 // one completion and one pending entry, runs of one channel go to the router in one
 // call, and the batch is closed before the loop could block on the socket, so no line
 // waits for a later one to arrive.
-func (s *Server) readLoop(in *inbound, st *sender, fr *Reader) error {
+func (s *Server) readLoop(st *sender, fr *Reader) error {
 	b := batch{s: s, st: st}
 	st.mu.Lock()
 	b.started, b.last = st.started, st.last
