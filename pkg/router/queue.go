@@ -86,13 +86,16 @@ func (b *Bound) Admit(ctx context.Context, mu *sync.Mutex, n int, used func() in
 // writer goroutine takes everything queued at once, writes it in one batch, then releases
 // the bytes. Bytes taken but not yet released still count against the bound.
 type Queue struct {
-	mu     sync.Mutex
-	items  []Item
-	bytes  int
-	closed bool
-	bound  Bound
-	space  Signal
-	ready  chan struct{}
+	mu    sync.Mutex
+	items []Item
+	bytes int
+	// released counts bytes ever written or dropped: the writer's progress, which the
+	// Disconnect policy checks before judging a reader slow.
+	released uint64
+	closed   bool
+	bound    Bound
+	space    Signal
+	ready    chan struct{}
 	// gauge receives every change of the queued bytes, for podipc_queue_bytes.
 	gauge func(delta int)
 }
@@ -112,8 +115,13 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 	if q.closed {
 		return Dropped, ReasonClosed
 	}
-	res, reason := q.bound.Admit(ctx, &q.mu, len(it.Data), func() int { return q.bytes }, &q.space,
-		func() bool { return q.closed }, ov)
+	var res Result
+	var reason string
+	if ov.Policy == discovery.Disconnect {
+		res, reason = q.admitDisconnect(ctx, len(it.Data), ov)
+	} else {
+		res, reason = q.bound.Admit(ctx, &q.mu, len(it.Data), q.used, &q.space, q.isClosed, ov)
+	}
 	if res != Queued {
 		return res, reason
 	}
@@ -141,23 +149,16 @@ func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *
 	res = Queued
 	for n = 0; n < len(data); n++ {
 		d := data[n].Data
-		pol := ov
 		if q.bytes != 0 && (q.bytes+len(d) > ov.QueueBytes || q.bound.overflowing) && added > 0 {
 			// Admit may wait for the writer: let it see what this batch queued.
 			q.publishLocked(added)
 			added = 0
-			if ov.Policy == discovery.Disconnect {
-				// This batch itself filled the queue, which says nothing about the
-				// reader yet: give its writer up to maxWait to make room before
-				// judging it slow (a line at a time, it had that chance between lines).
-				pol.Policy = discovery.WaitThenDrop
-			}
 		}
 		if !q.closed {
-			res, reason = q.bound.Admit(ctx, &q.mu, len(d), q.used, &q.space, q.isClosed, pol)
-			if pol.Policy != ov.Policy && res == Dropped && reason == ReasonQueueFull {
-				q.bound.overflowing = false
-				res, reason = Disconnect, ReasonSlowConsumer
+			if ov.Policy == discovery.Disconnect {
+				res, reason = q.admitDisconnect(ctx, len(d), ov)
+			} else {
+				res, reason = q.bound.Admit(ctx, &q.mu, len(d), q.used, &q.space, q.isClosed, ov)
 			}
 		}
 		if q.closed {
@@ -176,6 +177,26 @@ func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *
 	}
 	q.mu.Unlock()
 	return n, res, reason
+}
+
+// admitDisconnect applies the Disconnect policy to a message of n bytes: a reader is
+// slow when its queue is full and its writer has written nothing for maxWait. While
+// the writer makes progress the pusher waits for room. (Judging by a full queue alone
+// disconnected readers that keep up, whenever a batch arrived faster than one write.)
+func (q *Queue) admitDisconnect(ctx context.Context, n int, ov discovery.Overflow) (Result, string) {
+	wait := ov
+	wait.Policy = discovery.WaitThenDrop
+	for {
+		before := q.released
+		res, reason := q.bound.Admit(ctx, &q.mu, n, q.used, &q.space, q.isClosed, wait)
+		if res != Dropped || reason != ReasonQueueFull {
+			return res, reason
+		}
+		q.bound.overflowing = false
+		if q.released == before || q.closed {
+			return Disconnect, ReasonSlowConsumer
+		}
+	}
 }
 
 func (q *Queue) used() int      { return q.bytes }
@@ -211,6 +232,7 @@ func (q *Queue) Release(n int) {
 	}
 	q.mu.Lock()
 	q.bytes -= n
+	q.released += uint64(n)
 	q.mu.Unlock()
 	q.gauge(-n)
 	q.space.Broadcast()
