@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -23,6 +24,7 @@ import (
 // webhookOptions are the injector's flags.
 type webhookOptions struct {
 	port                                          int
+	host, certExtraHosts                          string
 	certMode, certDir                             string
 	namespace, configName, serviceName, secret    string
 	image, pullPolicy                             string
@@ -31,6 +33,8 @@ type webhookOptions struct {
 
 func (o *webhookOptions) bindFlags(fs *flag.FlagSet) {
 	fs.IntVar(&o.port, "webhook-port", 9443, "Port of the admission webhook server.")
+	fs.StringVar(&o.host, "webhook-host", "", "Address the webhook server binds (default: every interface).")
+	fs.StringVar(&o.certExtraHosts, "webhook-cert-extra-hosts", "", "Comma-separated DNS names or IP addresses the self-managed serving certificate covers besides the Service's, for an API server that calls the webhook by URL (the local demo: 127.0.0.1).")
 	fs.StringVar(&o.certMode, "cert-mode", "self", `Webhook serving certificate: "self" (the controller manages CA, Secret and caBundle, rotating with overlap) or "cert-manager" (serve from --webhook-cert-dir; cert-manager's cainjector owns caBundle).`)
 	fs.StringVar(&o.certDir, "webhook-cert-dir", "/tmp/k8s-webhook-server/serving-certs", "Directory of tls.crt and tls.key in cert-manager mode.")
 	fs.StringVar(&o.namespace, "namespace", os.Getenv("POD_NAMESPACE"), "The controller's namespace (default $POD_NAMESPACE): holds the webhook Secret and Service, and is never injected.")
@@ -48,7 +52,7 @@ func (o *webhookOptions) bindFlags(fs *flag.FlagSet) {
 // webhookServer builds the manager's webhook server; in self mode its certificate comes from
 // the returned Keypair, which setupWebhooks adds to the manager.
 func webhookServer(o webhookOptions) (webhook.Server, *certs.Keypair, error) {
-	opts := webhook.Options{Port: o.port, CertDir: o.certDir}
+	opts := webhook.Options{Host: o.host, Port: o.port, CertDir: o.certDir}
 	switch o.certMode {
 	case "cert-manager":
 		return webhook.NewServer(opts), nil, nil
@@ -95,11 +99,17 @@ func setupWebhooks(mgr ctrl.Manager, o webhookOptions, kp *certs.Keypair) error 
 		return err
 	}
 	svc := o.serviceName + "." + o.namespace
+	hosts := []string{svc + ".svc", svc, o.serviceName, svc + ".svc.cluster.local"}
+	for h := range strings.SplitSeq(o.certExtraHosts, ",") {
+		if h = strings.TrimSpace(h); h != "" {
+			hosts = append(hosts, h)
+		}
+	}
 	rotator := &certs.Rotator{
 		Client:        direct,
 		Secret:        kp.Secret,
 		WebhookConfig: o.configName,
-		Policy:        certs.DefaultPolicy([]string{svc + ".svc", svc, o.serviceName, svc + ".svc.cluster.local"}),
+		Policy:        certs.DefaultPolicy(hosts),
 		CheckInterval: time.Minute,
 		Clock:         clock.RealClock{},
 	}

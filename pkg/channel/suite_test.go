@@ -16,7 +16,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 	"github.com/podipc/podipc/internal/testenv"
@@ -36,30 +35,13 @@ func TestMain(m *testing.M) { testenv.Main(m, &env, startController) }
 // restrictions), once for the whole package, with its client wrapped to count writes.
 func startController(e *testenv.Env) (func(), error) {
 	ctrl.SetLogger(logr.Discard()) // the tests assert outcomes; controller logs are noise here
-	mgr, err := ctrl.NewManager(e.Config, ctrl.Options{
-		Scheme:     e.Scheme,
+	return e.StartManager(ctrl.Options{
 		Cache:      cache.Options{ByObject: channel.CacheByObject()},
-		Metrics:    metricsserver.Options{BindAddress: "0"},
 		Controller: config.Controller{SkipNameValidation: ptrTo(true)},
+	}, func(ctx context.Context, mgr ctrl.Manager) error {
+		r := &channel.Reconciler{Client: countingClient{mgr.GetClient()}, Recorder: mgr.GetEventRecorder("podipc-controller")}
+		return r.SetupWithManager(ctx, mgr, 4)
 	})
-	if err != nil {
-		return nil, err
-	}
-	c := countingClient{mgr.GetClient()}
-	r := &channel.Reconciler{Client: c, Recorder: mgr.GetEventRecorder("podipc-controller")}
-	ctx, cancel := context.WithCancel(context.Background())
-	if err := r.SetupWithManager(ctx, mgr, 4); err != nil {
-		cancel()
-		return nil, err
-	}
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(ctx) }()
-	return func() {
-		cancel()
-		if err := <-done; err != nil {
-			fmt.Printf("manager: %v\n", err)
-		}
-	}, nil
 }
 
 func ptrTo[T any](v T) *T { return &v }

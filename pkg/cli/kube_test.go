@@ -1,9 +1,6 @@
 package cli
 
 import (
-	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,7 +11,6 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 	"github.com/podipc/podipc/internal/testenv"
@@ -25,39 +21,14 @@ var (
 	kubeconfig string
 )
 
-func TestMain(m *testing.M) {
-	e, err := testenv.Start()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
-		os.Exit(1)
-	}
-	env = e
-	code := func() int {
-		defer func() { _ = e.Stop() }()
-		user, err := e.Environment.ControlPlane.AddUser(envtest.User{Name: "cli-test", Groups: []string{"system:masters"}}, nil)
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
-			return 1
-		}
-		raw, err := user.KubeConfig()
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
-			return 1
-		}
-		dir, err := os.MkdirTemp("", "podipc-cli-")
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
-			return 1
-		}
-		defer func() { _ = os.RemoveAll(dir) }()
-		kubeconfig = filepath.Join(dir, "kubeconfig")
-		if err := os.WriteFile(kubeconfig, raw, 0o600); err != nil {
-			fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
-			return 1
-		}
-		return m.Run()
-	}()
-	os.Exit(code)
+func TestMain(m *testing.M) { testenv.Main(m, &env, writeKubeconfig) }
+
+// writeKubeconfig gives the commands under test a kubeconfig of their own, for a cluster
+// admin, as a user's would be.
+func writeKubeconfig(e *testenv.Env) (func(), error) {
+	var err error
+	kubeconfig, err = e.WriteKubeconfig(e.Dir, "cli-test")
+	return nil, err
 }
 
 func createNamespace(t *testing.T, name string) {

@@ -49,7 +49,7 @@ func TestSkipReasons(t *testing.T) {
 			if err := c.Create(t.Context(), pod); err != nil {
 				t.Fatal(err)
 			}
-			t.Cleanup(func() { _ = k8sClient.Delete(context.Background(), pod) })
+			t.Cleanup(func() { _ = env.Client.Delete(context.Background(), pod) })
 			w := warns.take()
 			if len(w) != 1 || !strings.Contains(w[0], "sidecar not injected ("+string(reason)+")") {
 				t.Fatalf("warnings = %q, want one naming %s", w, reason)
@@ -70,11 +70,11 @@ func TestRestrictedPodSecurity(t *testing.T) {
 	ns := namespace(t, map[string]string{"pod-security.kubernetes.io/enforce": "restricted"})
 	plain := newPod(ns, "plain", nil)
 	plain.Spec.Containers[0].SecurityContext = nil
-	if err := k8sClient.Create(t.Context(), plain); !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "violates PodSecurity") {
+	if err := env.Client.Create(t.Context(), plain); !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "violates PodSecurity") {
 		t.Fatalf("a non-compliant pod must be rejected by Pod Security admission, got %v", err)
 	}
 	pod := newPod(ns, "injected", optIn)
-	if err := k8sClient.Create(t.Context(), pod); err != nil {
+	if err := env.Client.Create(t.Context(), pod); err != nil {
 		t.Fatalf("injected pod rejected under the restricted profile: %v", err)
 	}
 	requireInjected(t, pod)
@@ -86,7 +86,7 @@ func TestInitContainersKeepTheirOrder(t *testing.T) {
 	for _, name := range []string{"migrate", "seed", "warm"} {
 		pod.Spec.InitContainers = append(pod.Spec.InitContainers, corev1.Container{Name: name, Image: "x", SecurityContext: restricted()})
 	}
-	if err := k8sClient.Create(t.Context(), pod); err != nil {
+	if err := env.Client.Create(t.Context(), pod); err != nil {
 		t.Fatal(err)
 	}
 	requireInjected(t, pod)
@@ -113,7 +113,7 @@ func TestJobPodTemplate(t *testing.T) {
 			},
 		}},
 	}
-	if err := k8sClient.Create(t.Context(), job); err != nil {
+	if err := env.Client.Create(t.Context(), job); err != nil {
 		t.Fatal(err)
 	}
 	if len(job.Spec.Template.Spec.InitContainers) != 0 {
@@ -127,7 +127,7 @@ func TestJobPodTemplate(t *testing.T) {
 	pod.OwnerReferences = []metav1.OwnerReference{{
 		APIVersion: "batch/v1", Kind: "Job", Name: job.Name, UID: job.UID, Controller: ptr.To(true),
 	}}
-	if err := k8sClient.Create(t.Context(), pod); err != nil {
+	if err := env.Client.Create(t.Context(), pod); err != nil {
 		t.Fatal(err)
 	}
 	requireInjected(t, pod)
@@ -141,7 +141,7 @@ func TestLocalPortClashIsRejected(t *testing.T) {
 	for name, port := range map[string]int32{"orders": 7100, "events": 7100, "audit": 7200} {
 		ch := &podipcv1alpha1.Channel{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
 		ch.Spec.LocalPort = port
-		if err := k8sClient.Create(t.Context(), ch); err != nil {
+		if err := env.Client.Create(t.Context(), ch); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -150,12 +150,12 @@ func TestLocalPortClashIsRejected(t *testing.T) {
 		return hook.Reader.List(t.Context(), &list, client.InNamespace(ns)) == nil && len(list.Items) == 3
 	})
 	clash := newPod(ns, "clash", map[string]string{AnnotationInject: "true", AnnotationChannels: "orders,audit,events"})
-	err := k8sClient.Create(t.Context(), clash)
+	err := env.Client.Create(t.Context(), clash)
 	if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), `channels "events" and "orders" share localPort 7100`) {
 		t.Fatalf("want a rejection naming both channels and the port, got %v", err)
 	}
 	fine := newPod(ns, "fine", map[string]string{AnnotationInject: "true", AnnotationChannels: "orders,audit,missing"})
-	if err := k8sClient.Create(t.Context(), fine); err != nil {
+	if err := env.Client.Create(t.Context(), fine); err != nil {
 		t.Fatal(err)
 	}
 	requireInjected(t, fine)
@@ -181,7 +181,7 @@ func TestInvalidAnnotationsAreRejected(t *testing.T) {
 				ann[k] = v
 			}
 			pod := newPod(ns, fmt.Sprintf("p%d", i), ann)
-			err := k8sClient.Create(t.Context(), pod)
+			err := env.Client.Create(t.Context(), pod)
 			if tt.want == "" {
 				if err != nil {
 					t.Fatal(err)
@@ -206,7 +206,7 @@ func TestInvalidAnnotationsAreRejected(t *testing.T) {
 func TestWebhookDownIsFlagged(t *testing.T) {
 	ns := namespace(t, nil)
 	ch := &podipcv1alpha1.Channel{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "orders"}}
-	if err := k8sClient.Create(t.Context(), ch); err != nil {
+	if err := env.Client.Create(t.Context(), ch); err != nil {
 		t.Fatal(err)
 	}
 	breakWebhook(t, ns)
@@ -214,7 +214,7 @@ func TestWebhookDownIsFlagged(t *testing.T) {
 	var pod *corev1.Pod
 	for i := 0; ; i++ { // the API server picks up the configuration change asynchronously
 		pod = newPod(ns, fmt.Sprintf("p%d", i), optIn)
-		if err := k8sClient.Create(t.Context(), pod); err != nil {
+		if err := env.Client.Create(t.Context(), pod); err != nil {
 			t.Fatal(err)
 		}
 		if pod.Labels[LabelInjected] != "true" {
@@ -226,7 +226,7 @@ func TestWebhookDownIsFlagged(t *testing.T) {
 	}
 	eventually(t, func() bool {
 		var events eventsv1.EventList
-		if err := k8sClient.List(t.Context(), &events, client.InNamespace(ns)); err != nil {
+		if err := env.Client.List(t.Context(), &events, client.InNamespace(ns)); err != nil {
 			return false
 		}
 		return slices.ContainsFunc(events.Items, func(e eventsv1.Event) bool {
@@ -235,7 +235,7 @@ func TestWebhookDownIsFlagged(t *testing.T) {
 	})
 	condition := func() *metav1.Condition {
 		var got podipcv1alpha1.Channel
-		if err := k8sClient.Get(t.Context(), client.ObjectKeyFromObject(ch), &got); err != nil {
+		if err := env.Client.Get(t.Context(), client.ObjectKeyFromObject(ch), &got); err != nil {
 			t.Fatal(err)
 		}
 		return meta.FindStatusCondition(got.Status.Conditions, ConditionInjectionHealthy)
@@ -244,7 +244,7 @@ func TestWebhookDownIsFlagged(t *testing.T) {
 		c := condition()
 		return c != nil && c.Status == metav1.ConditionFalse && c.Reason == ReasonPodsNotInjected && strings.Contains(c.Message, pod.Name)
 	})
-	if err := k8sClient.Delete(t.Context(), pod, client.GracePeriodSeconds(0)); err != nil {
+	if err := env.Client.Delete(t.Context(), pod, client.GracePeriodSeconds(0)); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, func() bool {
@@ -258,7 +258,7 @@ func TestWebhookDownIsFlagged(t *testing.T) {
 func breakWebhook(t *testing.T, ns string) {
 	t.Helper()
 	var cfg admissionregistrationv1.MutatingWebhookConfiguration
-	if err := k8sClient.Get(t.Context(), client.ObjectKey{Name: "podipc-injector"}, &cfg); err != nil {
+	if err := env.Client.Get(t.Context(), client.ObjectKey{Name: "podipc-injector"}, &cfg); err != nil {
 		t.Fatal(err)
 	}
 	orig := cfg.DeepCopy()
@@ -268,22 +268,22 @@ func breakWebhook(t *testing.T, ns string) {
 		}
 		cfg.Webhooks[i].ClientConfig.URL = ptr.To("https://127.0.0.1:1" + Path)
 	}
-	if err := k8sClient.Update(t.Context(), &cfg); err != nil {
+	if err := env.Client.Update(t.Context(), &cfg); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		var cur admissionregistrationv1.MutatingWebhookConfiguration
-		if err := k8sClient.Get(context.Background(), client.ObjectKey{Name: "podipc-injector"}, &cur); err != nil {
+		if err := env.Client.Get(context.Background(), client.ObjectKey{Name: "podipc-injector"}, &cur); err != nil {
 			t.Error(err)
 			return
 		}
 		cur.Webhooks = orig.Webhooks
-		if err := k8sClient.Update(context.Background(), &cur); err != nil {
+		if err := env.Client.Update(context.Background(), &cur); err != nil {
 			t.Error(err)
 		}
 		for i := 0; ; i++ { // the tests that follow need the webhook back
 			probe := newPod(ns, fmt.Sprintf("probe%d", i), optIn)
-			if err := k8sClient.Create(context.Background(), probe); err != nil {
+			if err := env.Client.Create(context.Background(), probe); err != nil {
 				t.Error(err)
 				return
 			}

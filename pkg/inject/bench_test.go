@@ -32,7 +32,7 @@ func BenchmarkAdmission(b *testing.B) {
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "bench-"}}
-			if err := k8sClient.Create(b.Context(), ns); err != nil {
+			if err := env.Client.Create(b.Context(), ns); err != nil {
 				b.Fatal(err)
 			}
 			for {
@@ -48,7 +48,7 @@ func BenchmarkAdmission(b *testing.B) {
 			for i := range b.N {
 				pod := newPod(ns.Name, fmt.Sprintf("p%d", i), tc.annotations)
 				start := time.Now()
-				if err := k8sClient.Create(b.Context(), pod); err != nil {
+				if err := env.Client.Create(b.Context(), pod); err != nil {
 					b.Fatal(err)
 				}
 				lat = append(lat, time.Since(start))
@@ -73,7 +73,7 @@ func BenchmarkHandler(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	h := hook.Handler(testScheme)
+	h := hook.Handler(env.Scheme)
 	req := admission.Request{AdmissionRequest: admissionv1.AdmissionRequest{
 		UID: "bench", Operation: admissionv1.Create, Namespace: pod.Namespace,
 		Kind:     metav1.GroupVersionKind{Version: "v1", Kind: "Pod"},

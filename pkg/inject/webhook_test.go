@@ -51,9 +51,9 @@ func (w *warnings) take() []string {
 func warningClient(t *testing.T) (client.Client, *warnings) {
 	t.Helper()
 	w := &warnings{}
-	cfg := rest.CopyConfig(restConfig)
+	cfg := rest.CopyConfig(env.Config)
 	cfg.WarningHandlerWithContext = w
-	c, err := client.New(cfg, client.Options{Scheme: testScheme, Mapper: k8sClient.RESTMapper()})
+	c, err := client.New(cfg, client.Options{Scheme: env.Scheme, Mapper: env.Client.RESTMapper()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,10 +65,10 @@ func warningClient(t *testing.T) (client.Client, *warnings) {
 func namespace(t *testing.T, labels map[string]string) string {
 	t.Helper()
 	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "inject-", Labels: labels}}
-	if err := k8sClient.Create(t.Context(), ns); err != nil {
+	if err := env.Client.Create(t.Context(), ns); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = k8sClient.Delete(context.Background(), ns) })
+	t.Cleanup(func() { _ = env.Client.Delete(context.Background(), ns) })
 	return ns.Name
 }
 
@@ -217,7 +217,7 @@ func TestTruthTableThroughAPIServer(t *testing.T) {
 				ann = map[string]string{AnnotationInject: tt.podAnnotation}
 			}
 			pod := newPod(nsByLabel[tt.nsLabel], fmt.Sprintf("p%d", i), ann)
-			err := k8sClient.Create(t.Context(), pod)
+			err := env.Client.Create(t.Context(), pod)
 			if tt.rejected {
 				if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), `the value must be "true" or "false"`) {
 					t.Fatalf("want a clear rejection, got %v", err)
@@ -241,7 +241,7 @@ func TestTruthTableThroughAPIServer(t *testing.T) {
 
 func TestInvalidNamespaceLabelIsRejected(t *testing.T) {
 	ns := namespace(t, map[string]string{LabelNamespaceInject: "true"})
-	err := k8sClient.Create(t.Context(), newPod(ns, "p", optIn))
+	err := env.Client.Create(t.Context(), newPod(ns, "p", optIn))
 	if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), `has label podipc.dev/inject="true": the value must be "enabled" or "disabled"`) {
 		t.Fatalf("want a clear rejection, got %v", err)
 	}
@@ -321,7 +321,7 @@ func handle(t *testing.T, pod *corev1.Pod) admission.Response {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return hook.Handler(testScheme).Handle(t.Context(), admission.Request{AdmissionRequest: admissionv1.AdmissionRequest{
+	return hook.Handler(env.Scheme).Handle(t.Context(), admission.Request{AdmissionRequest: admissionv1.AdmissionRequest{
 		UID: "test", Operation: admissionv1.Create, Namespace: pod.Namespace,
 		Kind:     metav1.GroupVersionKind{Version: "v1", Kind: "Pod"},
 		Resource: metav1.GroupVersionResource{Version: "v1", Resource: "pods"},
@@ -330,7 +330,7 @@ func handle(t *testing.T, pod *corev1.Pod) admission.Response {
 }
 
 func TestGoldenPatches(t *testing.T) {
-	if err := k8sClient.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "golden"}}); err != nil && !apierrors.IsAlreadyExists(err) {
+	if err := env.Client.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "golden"}}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
 	eventually(t, func() bool {

@@ -322,7 +322,7 @@ func (w *Writer) WriteString(msg string) error {
 			return errLineBreak
 		}
 	case NodeIPC:
-		if !validEvent([]byte(msg)) {
+		if !validEvent(msg) {
 			return errNotEvent
 		}
 	}

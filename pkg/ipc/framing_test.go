@@ -250,6 +250,8 @@ func TestEncodeDecodeEvent(t *testing.T) {
 		"object":       {"o", map[string]int{"n": 1}, `{"type":"o","data":{"n":1}}`},
 		"raw, compact": {"r", json.RawMessage(`[ 1, 2 ]`), `{"type":"r","data":[1,2]}`},
 		"nil":          {"n", nil, `{"type":"n","data":null}`},
+		"escaped type": {"a\"b\\c\n<\u2028\x7f", 1, `{"type":"a\"b\\c\n<\u2028` + "\x7f" + `","data":1}`},
+		"long data":    {"l", strings.Repeat("d", 300), `{"type":"l","data":"` + strings.Repeat("d", 300) + `"}`},
 	}
 	for name, tt := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -291,6 +293,17 @@ func TestDecodeEventFollowsJSONParse(t *testing.T) {
 		"array":                {msg: `[{"type":"x"}]`, rejected: true},
 		"trailing garbage":     {msg: `{"type":"x"} x`, rejected: true},
 		"empty":                {msg: ``, rejected: true},
+		"null data":            {msg: `{"type":"t","data":null}`, typ: "t", data: "null"},
+		"spaced data":          {msg: ` { "data" : [ 1 , 2 ] , "type" : "t" } `, typ: "t", data: "[ 1 , 2 ]"},
+		"escaped type":         {msg: `{"type":"a\u0062\n"}`, typ: "ab\n"},
+		"invalid UTF-8 type":   {msg: "{\"type\":\"a\xffb\"}", typ: "a\ufffdb"},
+		"escaped data key":     {msg: `{"type":"t","\u0064ata":1}`, typ: "t", data: "1"},
+		"leading zero":         {msg: `{"type":"t","data":01}`, rejected: true},
+		"control character":    {msg: "{\"type\":\"a\tb\"}", rejected: true},
+		"bad escape":           {msg: `{"type":"\q"}`, rejected: true},
+		"unclosed data":        {msg: `{"type":"t","data":[1}`, rejected: true},
+		"nesting at the limit": {msg: `{"type":"t","data":` + strings.Repeat("[", 9999) + strings.Repeat("]", 9999) + "}", typ: "t", data: strings.Repeat("[", 9999) + strings.Repeat("]", 9999)},
+		"nesting over it":      {msg: `{"type":"t","data":` + strings.Repeat("[", 10000) + strings.Repeat("]", 10000) + "}", rejected: true},
 	}
 	for name, tt := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -305,6 +318,31 @@ func TestDecodeEventFollowsJSONParse(t *testing.T) {
 				t.Fatalf("DecodeEvent = {%q %s}, %v; want {%q %s}", ev.Type, ev.Data, err, tt.typ, tt.data)
 			}
 		})
+	}
+}
+
+// TestDecodeEventEveryStringByte puts every byte value at every position of a string
+// long enough for the scanner's eight-bytes-at-a-time path, in the type and in the data,
+// and checks DecodeEvent and the Writer against encoding/json.
+func TestDecodeEventEveryStringByte(t *testing.T) {
+	for c := range 256 {
+		for pos := range 17 {
+			s := []byte(strings.Repeat("a", 17))
+			s[pos] = byte(c)
+			for _, msg := range []string{
+				`{"type":"` + string(s) + `"}`,
+				`{"type":"t","data":{"k":"` + string(s) + `"}}`,
+			} {
+				want, valid := referenceEvent([]byte(msg))
+				ev, err := ipc.DecodeEvent([]byte(msg))
+				if (err == nil) != valid || ev.Type != want.Type || string(ev.Data) != string(want.Data) {
+					t.Fatalf("DecodeEvent(%q) = %+v, %v; encoding/json says %+v, valid=%v", msg, ev, err, want, valid)
+				}
+				if werr := ipc.NewWriter(io.Discard, ipc.NodeIPC).WriteString(msg); (werr == nil) != valid {
+					t.Fatalf("WriteString(%q) = %v; encoding/json says valid=%v", msg, werr, valid)
+				}
+			}
+		}
 	}
 }
 

@@ -170,20 +170,85 @@ func FuzzDecodeEvent(f *testing.F) {
 			f.Add([]byte(fr))
 		}
 	}
+	for _, s := range decodeSeeds {
+		f.Add([]byte(s))
+	}
 	f.Fuzz(func(t *testing.T, msg []byte) {
 		ev, err := ipc.DecodeEvent(msg)
-		if (err == nil) != isEvent(msg) {
-			t.Fatalf("DecodeEvent(%q) error %v, JSON.parse view says valid=%v", msg, err, isEvent(msg))
+		want, valid := referenceEvent(msg)
+		if (err == nil) != valid {
+			t.Fatalf("DecodeEvent(%q) error %v, JSON.parse view says valid=%v", msg, err, valid)
+		}
+		// The Writer must refuse exactly what the Reader and DecodeEvent refuse.
+		if werr := ipc.NewWriter(io.Discard, ipc.NodeIPC).Write(msg); (werr == nil) != valid {
+			t.Fatalf("Writer.Write(%q) error %v, JSON.parse view says valid=%v", msg, werr, valid)
 		}
 		if err != nil {
 			return
+		}
+		if ev.Type != want.Type || !bytes.Equal(ev.Data, want.Data) || (ev.Data == nil) != (want.Data == nil) {
+			t.Fatalf("DecodeEvent(%q) = {%q %q}, encoding/json says {%q %q}", msg, ev.Type, ev.Data, want.Type, want.Data)
 		}
 		again, err := ipc.EncodeEvent(ev.Type, ev.Data)
 		if err != nil {
 			t.Fatalf("re-encoding %+v: %v", ev, err)
 		}
+		if want := referenceEncode(t, ev.Type, ev.Data); !bytes.Equal(again, want) {
+			t.Fatalf("EncodeEvent(%q, %q) = %q, encoding/json says %q", ev.Type, ev.Data, again, want)
+		}
 		if ev2, err := ipc.DecodeEvent(again); err != nil || ev2.Type != ev.Type {
 			t.Fatalf("round trip of %q: %+v, %v", msg, ev2, err)
 		}
 	})
+}
+
+// decodeSeeds reach the corners of the JSON grammar that DecodeEvent's own scanner must
+// judge exactly as encoding/json does.
+var decodeSeeds = []string{
+	` { "type" : "a" , "data" : [ 1 , -0.5e+3 , true , false , null , { } , [ ] ] } `,
+	`{"type":"\u00e9\n\"\\\/\b\f\r\t","data":"\uD83D\uDE00"}`,
+	`{"type":"\ud800","data":{"a":{"b":[[{"c":"d"}]]}}}`,
+	"{\"type\":\"\xff\xfe\",\"data\":\"\xc3\xa9\"}",
+	`{"type":"t","data":01}`,
+	`{"type":"t","data":1.}`,
+	`{"type":"t","data":-}`,
+	`{"type":"t","data":1e}`,
+	`{"type":"t","data":tru}`,
+	`{"type":"t","data":[1,]}`,
+	`{"type":"t","data":{"a":1,}}`,
+	`{"type":"t",}`,
+	`{"type":"\x"}`,
+	`{"type":"\u12G4"}`,
+	`{"\u0064ata":5,"type":"t","data":6}`,
+}
+
+// referenceEvent is DecodeEvent the slow way, through a map as JSON.parse would build
+// it: valid is false unless msg is an object whose "type" is a string.
+func referenceEvent(msg []byte) (ev ipc.Event, valid bool) {
+	var fields map[string]json.RawMessage
+	if json.Unmarshal(msg, &fields) != nil || fields == nil {
+		return ev, false
+	}
+	typ, ok := fields["type"]
+	if !ok || len(typ) == 0 || typ[0] != '"' || json.Unmarshal(typ, &ev.Type) != nil {
+		return ev, false
+	}
+	ev.Data = fields["data"]
+	return ev, true
+}
+
+// referenceEncode is EncodeEvent the slow way: the whole event as one struct through
+// encoding/json.
+func referenceEncode(t *testing.T, typ string, data any) []byte {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	err := enc.Encode(struct {
+		Type string `json:"type"`
+		Data any    `json:"data"`
+	}{typ, data})
+	if err != nil {
+		t.Fatalf("encoding/json: %v", err)
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte{'\n'})
 }

@@ -5,11 +5,11 @@ package ipc_test
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"net"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -197,11 +197,36 @@ func nodeIPCBenchAddress(b *testing.B, network string) string {
 	return "127.0.0.1:0"
 }
 
-// processCPUTime is the user plus system CPU time this process has used so far, all threads.
-func processCPUTime(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+// BenchmarkNodeIPCHelpers measures the per-event work of the node-ipc helpers on the
+// benchmark event, single-threaded: building a frame (EncodeEvent), parsing one
+// (DecodeEvent), and the validation the NodeIPC Writer does before buffering a frame.
+func BenchmarkNodeIPCHelpers(b *testing.B) {
+	payload := strings.Repeat("x", nodeIPCBenchPayloadBytes)
+	frame := appendNodeIPCBenchFrame(nil, 123456, payload)
+	b.Run("EncodeEvent", func(b *testing.B) {
+		b.ReportAllocs()
+		for i := 0; b.Loop(); i++ {
+			if _, err := ipc.EncodeEvent("bench", nodeIPCBenchEvent{Seq: i, Payload: payload}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("DecodeEvent", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := ipc.DecodeEvent(frame); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("WriteString", func(b *testing.B) {
+		b.ReportAllocs()
+		w := ipc.NewWriter(io.Discard, ipc.NodeIPC)
+		msg := string(frame)
+		for b.Loop() {
+			if err := w.WriteString(msg); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

@@ -44,9 +44,12 @@ type Sidecar struct {
 
 	router   *router.Router
 	pmetrics *peer.Metrics
-	server   *peer.Server
-	admin    *http.Server
-	adminLn  net.Listener
+	// members counts, per channel, the remote members this sidecar links to that
+	// discovery reports ready and serving: what Broadcast and AnyOne deliver to.
+	members *prometheus.GaugeVec
+	server  *peer.Server
+	admin   *http.Server
+	adminLn net.Listener
 
 	mu sync.Mutex
 	// state is the last snapshot applied. Links and the peer server read it (through
@@ -84,6 +87,9 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 	s.reg.MustRegister(build)
 	s.router = router.New(log.WithName("router"), router.NewMetrics(s.reg))
 	s.pmetrics = peer.NewMetrics(s.reg)
+	s.members = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "podipc_members",
+		Help: "Remote members of each channel, by state (ready, serving), as discovery reports them."}, []string{"channel", "state"})
+	s.reg.MustRegister(s.members)
 
 	var lc net.ListenConfig
 	peerLn, err := lc.Listen(context.Background(), "tcp", withPort(cfg.PeerAddress, PeerPort))
@@ -299,19 +305,32 @@ func (s *Sidecar) applyLinks(st discovery.State) {
 		_ = l.Start(s.linkCtx)
 		s.links[uid] = l
 	}
+	s.members.Reset() // channels no longer in the snapshot lose their samples
 	for name, ch := range st.Channels {
 		rc := s.router.Channel(name)
 		var remotes []router.Remote
 		var ready, serving []bool
+		var nready, nserving float64
 		for _, m := range ch.Members {
 			if l := s.links[m.UID]; l != nil {
 				remotes = append(remotes, l)
 				ready = append(ready, m.Ready && !m.Terminating)
 				serving = append(serving, m.Serving)
+				nready += b2f(m.Ready && !m.Terminating)
+				nserving += b2f(m.Serving)
 			}
 		}
 		rc.SetMembers(remotes, ready, serving)
+		s.members.WithLabelValues(name, "ready").Set(nready)
+		s.members.WithLabelValues(name, "serving").Set(nserving)
 	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // sharedChannels lists the channels the pod shares with the member uid.

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -17,7 +15,6 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 	"github.com/podipc/podipc/internal/testenv"
@@ -30,50 +27,18 @@ var (
 
 // TestMain starts the real API server WITHOUT the CRD: installing it is the chart's job.
 func TestMain(m *testing.M) {
-	e, err := testenv.Start(func(te *envtest.Environment) {
-		te.CRDDirectoryPaths = nil
-		te.ErrorIfCRDPathMissing = false
-	})
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
-		os.Exit(1)
+	testenv.MainWith(m, &env, []testenv.Option{testenv.WithoutCRDs()}, setup)
+}
+
+// setup teaches the client the CRD kind, to check it is established and kept, and writes
+// the kubeconfig helm uses.
+func setup(e *testenv.Env) (func(), error) {
+	if err := apiextensionsv1.AddToScheme(e.Scheme); err != nil {
+		return nil, err
 	}
-	code := func() int {
-		defer func() {
-			if err := e.Stop(); err != nil {
-				fmt.Fprintf(os.Stderr, "stopping the test control plane: %v\n", err)
-			}
-		}()
-		env = e
-		// The client learns the CRD kind, to check it is established and kept.
-		if err := apiextensionsv1.AddToScheme(e.Scheme); err != nil {
-			fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
-			return 1
-		}
-		user, err := e.Environment.ControlPlane.AddUser(envtest.User{Name: "chart-test-admin", Groups: []string{"system:masters"}}, nil)
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "FAIL: adding a user: %v\n", err)
-			return 1
-		}
-		raw, err := user.KubeConfig()
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "FAIL: kubeconfig: %v\n", err)
-			return 1
-		}
-		dir, err := os.MkdirTemp("", "podipc-chart-")
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
-			return 1
-		}
-		defer func() { _ = os.RemoveAll(dir) }()
-		kubeconfig = filepath.Join(dir, "kubeconfig")
-		if err := os.WriteFile(kubeconfig, raw, 0o600); err != nil {
-			fmt.Fprintf(os.Stderr, "FAIL: %v\n", err)
-			return 1
-		}
-		return m.Run()
-	}()
-	os.Exit(code)
+	var err error
+	kubeconfig, err = e.WriteKubeconfig(e.Dir, "chart-test-admin")
+	return nil, err
 }
 
 func helmKube(t *testing.T, args ...string) string {

@@ -17,7 +17,6 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 	"github.com/podipc/podipc/internal/testenv"
@@ -34,28 +33,12 @@ func TestMain(m *testing.M) { testenv.Main(m, &env, startController) }
 // the members the access the source relies on.
 func startController(e *testenv.Env) (func(), error) {
 	ctrl.SetLogger(logr.Discard()) // the tests assert outcomes; controller logs are noise here
-	mgr, err := ctrl.NewManager(e.Config, ctrl.Options{
-		Scheme:  e.Scheme,
-		Cache:   cache.Options{ByObject: channel.CacheByObject()},
-		Metrics: metricsserver.Options{BindAddress: "0"},
+	return e.StartManager(ctrl.Options{
+		Cache: cache.Options{ByObject: channel.CacheByObject()},
+	}, func(ctx context.Context, mgr ctrl.Manager) error {
+		r := &channel.Reconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("podipc-controller")}
+		return r.SetupWithManager(ctx, mgr, 2)
 	})
-	if err != nil {
-		return nil, err
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &channel.Reconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("podipc-controller")}
-	if err := r.SetupWithManager(ctx, mgr, 2); err != nil {
-		cancel()
-		return nil, err
-	}
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(ctx) }()
-	return func() {
-		cancel()
-		if err := <-done; err != nil {
-			fmt.Printf("manager: %v\n", err)
-		}
-	}, nil
 }
 
 // states records the snapshots a Source delivers.
