@@ -155,7 +155,7 @@ func (e *Endpoint) acceptLoop() {
 
 // serve runs one app connection until it ends.
 func (e *Endpoint) serve(conn net.Conn) {
-	c := e.ch.Attach(e.kind, func() { _ = conn.Close() })
+	c := e.ch.Attach(e.kind, conn.RemoteAddr().String(), func() { _ = conn.Close() })
 	writerDone := make(chan struct{})
 	stop := make(chan struct{})
 	go func() {

@@ -378,7 +378,15 @@ func (b *batch) end() {
 	b.st.started, b.st.last = b.started, b.last
 	b.st.pending = append(b.st.pending, pending{first: b.first, seq: b.last, c: b.c, deadline: time.Now().Add(b.grace)})
 	b.st.mu.Unlock()
-	b.c.Done()
+	if !b.c.Done() {
+		// The writer learns of a batch only from its completion: wake it so that it
+		// arms the grace timer for a batch a stalled reader holds up, which is then
+		// acknowledged at its deadline, not at the next keepalive tick.
+		select {
+		case b.st.notify <- struct{}{}:
+		default:
+		}
+	}
 	b.s.cfg.Metrics.Received.Add(float64(b.n))
 	b.c, b.n, b.grace = nil, 0, 0
 }

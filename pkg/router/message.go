@@ -64,17 +64,19 @@ func NewCompletion(notify chan<- struct{}) *Completion {
 // Add takes n more references.
 func (c *Completion) Add(n int) { c.remaining.Add(int32(n)) }
 
-// Done releases one reference.
-func (c *Completion) Done() {
+// Done releases one reference and reports whether it was the last.
+func (c *Completion) Done() bool {
 	if c == nil {
-		return
+		return false
 	}
 	if c.remaining.Add(-1) == 0 {
 		select {
 		case c.notify <- struct{}{}:
 		default:
 		}
+		return true
 	}
+	return false
 }
 
 // Complete reports whether every reference has been released.

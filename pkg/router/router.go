@@ -97,7 +97,9 @@ type Conn struct {
 	Kind Kind
 	// Queue holds the messages waiting to be written to the app.
 	Queue *Queue
-	kick  func()
+	// name identifies the connection in logs (its remote address).
+	name string
+	kick func()
 }
 
 // Ensure returns the channel named name, creating it, and applies spec.
@@ -179,10 +181,10 @@ func (ch *Channel) SetMembers(remotes []Remote, ready, serving []bool) {
 	ch.r.changed.Broadcast()
 }
 
-// Attach registers a local connection of the given kind. kick must end the
-// connection; it is called when the Disconnect policy finds it too slow.
-func (ch *Channel) Attach(kind Kind, kick func()) *Conn {
-	c := &Conn{ch: ch, Kind: kind, kick: kick}
+// Attach registers a local connection of the given kind, named name in logs. kick must
+// end the connection; it is called when the Disconnect policy finds it too slow.
+func (ch *Channel) Attach(kind Kind, name string, kick func()) *Conn {
+	c := &Conn{ch: ch, Kind: kind, name: name, kick: kick}
 	c.Queue = NewQueue(func(d int) { ch.bytes.Add(float64(d)) })
 	ch.mu.Lock()
 	next := append(slices.Clone(*ch.conns.Load()), c)
@@ -255,7 +257,7 @@ func (ch *Channel) pushLocal(ctx context.Context, c *Conn, it Item, ov discovery
 	case Queued:
 		return true
 	case Disconnect:
-		ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "queueBytes", ov.QueueBytes)
+		ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "conn", c.name, "queueBytes", ov.QueueBytes)
 		c.kick()
 	}
 	ch.drop(reason, 1)
@@ -316,7 +318,7 @@ func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []Pay
 			break
 		}
 		if res == Disconnect {
-			ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "queueBytes", ov.QueueBytes)
+			ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "conn", c.name, "queueBytes", ov.QueueBytes)
 			c.kick()
 			// The connection is going away: what is left of the batch is not for it.
 			ch.drop(reason, len(rest)-n)

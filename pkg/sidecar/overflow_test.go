@@ -10,14 +10,35 @@ import (
 
 // overflowCluster has a sender on pod a, and on pod b a fast reader and a reader that
 // stops reading. Lines are long so that the stalled reader's kernel buffers fill fast.
+//
+// maxWait is generous: the fast reader is this test process, which on a loaded machine
+// under -race can pause for tens of milliseconds while its socket is full. With a short
+// maxWait the policy rightly judges it slow too (Disconnect kicks it, WaitThenDrop drops
+// for it), which is not what these tests are about.
 func overflowCluster(t *testing.T, policy string) (c *cluster, sender, fast, slow *app, n int) {
-	c = newCluster(t, 2, chanCfg{name: "orders", policy: policy, maxWait: "50ms", queueBytes: 64 << 10})
+	c = newCluster(t, 2, chanCfg{name: "orders", policy: policy, maxWait: overflowMaxWait, queueBytes: 64 << 10})
 	sender = c.dialApp(c.pods[0], 0, false)
 	fast = c.dialApp(c.pods[1], 0, false)
 	slow = c.dialApp(c.pods[1], 0, true)
 	c.waitConns(c.pods[1], "orders", 2)
+	// Registered after the cluster's cleanups, so it runs while the sidecars still answer.
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		t.Logf("fast reader %s got %d lines, slow reader %s got %d", fast.conn.LocalAddr(), fast.count(),
+			slow.conn.LocalAddr(), slow.count())
+		for _, p := range c.pods {
+			for _, r := range []string{"queue_full", "slow_consumer", "receiver_closed", "no_connection"} {
+				t.Logf("%s dropped %s: %v", p.name, r, c.metric(p, `podipc_dropped_lines_total{channel="orders",reason="`+r+`"}`))
+			}
+		}
+	})
 	return c, sender, fast, slow, 40_000
 }
+
+// overflowMaxWait is the channel's maxWait in the overflow tests.
+const overflowMaxWait = "2s"
 
 const pad = "................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................"
 
