@@ -166,9 +166,9 @@ func (l *Link) Presence(channel string) (int, bool) {
 // Send queues a message under the channel's overflow policy. Slow readers are
 // judged where they are, by the receiving sidecar, so a link is more patient than a
 // local queue: under WaitThenDrop and Disconnect it waits maxWait plus one keepalive
-// interval, because the receiver may itself legitimately pause its link for up to
-// maxWait while one local reader's queue is full, and a drop here would hit every
-// reader over there, fast or slow.
+// interval, because the receiver may hold a slow reader's lines unacknowledged for up
+// to maxWait (and pause its link that long while it judges a reader under
+// Disconnect), and a drop here would hit every reader over there, fast or slow.
 func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line router.Payload, anyOne bool, ov discovery.Overflow) (router.Result, string) {
 	data := line.Data
 	if ov.Policy != discovery.Block {

@@ -185,7 +185,7 @@ func (ch *Channel) SetMembers(remotes []Remote, ready, serving []bool) {
 // end the connection; it is called when the Disconnect policy finds it too slow.
 func (ch *Channel) Attach(kind Kind, name string, kick func()) *Conn {
 	c := &Conn{ch: ch, Kind: kind, name: name, kick: kick}
-	c.Queue = NewQueue(func(d int) { ch.bytes.Add(float64(d)) })
+	c.Queue = NewQueue(func(d int) { ch.bytes.Add(float64(d)) }, ch.drop)
 	ch.mu.Lock()
 	next := append(slices.Clone(*ch.conns.Load()), c)
 	ch.conns.Store(&next)
