@@ -155,7 +155,7 @@ func (e *Endpoint) acceptLoop() {
 
 // serve runs one app connection until it ends.
 func (e *Endpoint) serve(conn net.Conn) {
-	c := e.ch.Attach(e.kind, func() { _ = conn.Close() })
+	c := e.ch.Attach(e.kind, conn.RemoteAddr().String(), func() { _ = conn.Close() })
 	writerDone := make(chan struct{})
 	stop := make(chan struct{})
 	go func() {
@@ -184,9 +184,23 @@ func (e *Endpoint) serve(conn net.Conn) {
 
 // readLoop hands each message to the router until the connection ends. An app that
 // closes its sending side ends its connection (lines queued for it are dropped).
+//
+// Lines are routed in batches: everything the reader has buffered is collected, and
+// the batch is routed just before the reader would block on the socket again (or when
+// it is full), so that a buffer of short lines costs one lock per receiver rather than
+// one per line, without holding back a line that is complete.
 func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
-	r := ipc.NewReader(conn, e.framing, e.ch.Spec().MaxMessageBytes)
+	src := &batchingReader{conn: conn}
+	r := ipc.NewReader(src, e.framing, e.ch.Spec().MaxMessageBytes)
 	var slab router.Slab
+	defer slab.Close()
+	src.flush = func() {
+		e.ch.RouteBatch(e.ctx, c, e.kind, src.batch)
+		router.ReleaseLines(src.batch) // the queues took their own references
+		clear(src.batch)
+		src.batch = src.batch[:0]
+	}
+	defer src.route() // before slab.Close
 	for {
 		msg, err := r.Next()
 		if err != nil {
@@ -200,7 +214,33 @@ func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
 			}
 			return err
 		}
-		e.ch.Route(e.ctx, c, e.kind, slab.Copy(msg))
+		src.batch = append(src.batch, slab.Copy(msg))
+		if len(src.batch) == maxBatch {
+			src.route()
+		}
+	}
+}
+
+// maxBatch bounds the lines routed at once, so that the first lines of a large buffer
+// are not held back for long.
+const maxBatch = 256
+
+// batchingReader is an app connection as its reader sees it: before every read from
+// the socket, which may block, it routes the lines collected so far.
+type batchingReader struct {
+	conn  net.Conn
+	batch []router.Payload
+	flush func()
+}
+
+func (b *batchingReader) Read(p []byte) (int, error) {
+	b.route()
+	return b.conn.Read(p)
+}
+
+func (b *batchingReader) route() {
+	if len(b.batch) > 0 {
+		b.flush()
 	}
 }
 

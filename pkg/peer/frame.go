@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"time"
 
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -90,13 +91,43 @@ type Data struct {
 // Reader splits a stream into frames.
 type Reader struct {
 	br  *bufio.Reader
+	src *source
+	hdr [headerLen]byte
 	buf []byte
 	max int
 }
 
+// source is what the Reader's buffer reads from. With a timeout set it pushes the
+// connection's read deadline forward before each read from the socket, that is once
+// per buffer refill (hundreds of small frames) rather than once per frame, which cost
+// a clock read and a runtime timer update per line.
+type source struct {
+	r       io.Reader
+	conn    interface{ SetReadDeadline(time.Time) error }
+	timeout time.Duration
+}
+
+func (s *source) Read(p []byte) (int, error) {
+	if s.conn != nil {
+		_ = s.conn.SetReadDeadline(time.Now().Add(s.timeout))
+	}
+	return s.r.Read(p)
+}
+
 // NewReader reads frames of at most maxFrame bytes from r.
 func NewReader(r io.Reader, maxFrame int) *Reader {
-	return &Reader{br: bufio.NewReaderSize(r, 64<<10), max: maxFrame}
+	src := &source{r: r}
+	return &Reader{br: bufio.NewReaderSize(src, 64<<10), src: src, max: maxFrame}
+}
+
+// SetReadTimeout makes every read from the stream fail if conn (the stream's
+// connection) delivers nothing for d: the deadline is refreshed before each read from
+// the socket. d = 0 stops refreshing it.
+func (r *Reader) SetReadTimeout(conn interface{ SetReadDeadline(time.Time) error }, d time.Duration) {
+	r.src.conn, r.src.timeout = conn, d
+	if d == 0 {
+		r.src.conn = nil
+	}
 }
 
 // SetMax changes the frame bound (raised after the handshake).
@@ -104,8 +135,10 @@ func (r *Reader) SetMax(n int) { r.max = n }
 
 // Next returns the next frame's type and body, valid until the next call.
 func (r *Reader) Next() (FrameType, []byte, error) {
-	var hdr [headerLen]byte
-	if _, err := io.ReadFull(r.br, hdr[:]); err != nil {
+	// The header lives in the Reader: a local array would escape through io.ReadFull and
+	// cost an allocation per frame.
+	hdr := r.hdr[:]
+	if _, err := io.ReadFull(r.br, hdr); err != nil {
 		return 0, nil, err
 	}
 	n := int(binary.BigEndian.Uint32(hdr[:4]))
@@ -124,6 +157,17 @@ func (r *Reader) Next() (FrameType, []byte, error) {
 		return 0, nil, err
 	}
 	return FrameType(hdr[4]), r.buf, nil
+}
+
+// Ready reports whether a whole frame is buffered, so that Next returns it without
+// reading from the stream (and so without blocking).
+func (r *Reader) Ready() bool {
+	n := r.br.Buffered()
+	if n < 4 {
+		return false
+	}
+	h, _ := r.br.Peek(4)
+	return n-4 >= int(binary.BigEndian.Uint32(h))
 }
 
 // Buffered reports bytes read from the stream but not yet returned.

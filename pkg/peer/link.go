@@ -36,13 +36,54 @@ type LinkConfig struct {
 	Keepalive time.Duration
 }
 
-// outMsg is a sequenced message waiting for its acknowledgement.
+// outMsg is a sequenced message waiting for its acknowledgement. The link keeps them by
+// value in a fifo: queueing a line allocates nothing.
 type outMsg struct {
 	seq     uint64
+	st      *chanState
 	channel string
 	kind    router.Kind
 	data    []byte
-	anyOne  bool
+	// ref keeps data's slab chunk; released when the message leaves the queue.
+	ref    *router.Chunk
+	anyOne bool
+}
+
+// chanState is the link's bound on one channel: bytes queued and not yet acknowledged.
+type chanState struct {
+	bytes int
+	bound router.Bound
+}
+
+// fifo is a queue of values that reuses its backing array: popped slots at the front
+// are reclaimed by moving the live part down once they are at least half of it, so
+// pushes and pops cost amortised O(1) and allocate only while the queue grows.
+type fifo[T any] struct {
+	buf  []T
+	head int
+}
+
+func (f *fifo[T]) len() int { return len(f.buf) - f.head }
+
+// items returns the queued values, oldest first; valid until the next push or pop.
+func (f *fifo[T]) items() []T { return f.buf[f.head:] }
+
+func (f *fifo[T]) push(v T) {
+	if len(f.buf) == cap(f.buf) && f.head > 0 && f.head >= f.len() {
+		n := copy(f.buf, f.buf[f.head:])
+		clear(f.buf[n:])
+		f.buf, f.head = f.buf[:n], 0
+	}
+	f.buf = append(f.buf, v)
+}
+
+// pop removes the k oldest values.
+func (f *fifo[T]) pop(k int) {
+	clear(f.buf[f.head : f.head+k])
+	f.head += k
+	if f.head == len(f.buf) {
+		f.buf, f.head = f.buf[:0], 0
+	}
 }
 
 // Link carries lines from this sidecar to one member pod. It implements router.Remote.
@@ -58,18 +99,24 @@ type Link struct {
 	log logr.Logger
 
 	mu sync.Mutex
-	// q holds unacknowledged messages in sequence order; q[next:] are not yet written
-	// on the current session.
-	q    []*outMsg
+	// q holds unacknowledged messages in sequence order; q.items()[next:] are not yet
+	// written on the current session.
+	q    fifo[outMsg]
 	next int
 	// nextSeq is the sequence number of the next message queued.
 	nextSeq uint64
 	// sentSeq is the highest sequence number possibly seen by the current receiver
 	// incarnation: a message is marked sent before it is written.
 	sentSeq uint64
-	bytes   map[string]int
-	bounds  map[string]*router.Bound
-	space   router.Signal
+	// chans holds the per-channel bounds; last caches the most recent lookup, since
+	// consecutive lines are mostly of one channel.
+	chans    map[string]*chanState
+	lastName string
+	last     *chanState
+	// unacked is the bytes queued; reported is what podipc_peer_unacked_bytes was told,
+	// updated per written batch and per acknowledgement rather than per line.
+	unacked, reported int
+	space             router.Signal
 	// peerInc is the receiver's incarnation from the last WELCOME (havePeer says there
 	// was one).
 	peerInc  uint64
@@ -97,7 +144,7 @@ func NewLink(cfg LinkConfig) *Link {
 	}
 	return &Link{
 		cfg: cfg, log: cfg.Log.WithValues("peer", cfg.Member.Namespace+"/"+cfg.Member.Name, "peerUID", cfg.Member.UID),
-		nextSeq: 1, bytes: map[string]int{}, bounds: map[string]*router.Bound{}, presence: map[string]int{},
+		nextSeq: 1, chans: map[string]*chanState{}, presence: map[string]int{},
 		wake: make(chan struct{}, 1),
 	}
 }
@@ -119,10 +166,11 @@ func (l *Link) Presence(channel string) (int, bool) {
 // Send queues a message under the channel's overflow policy. Slow readers are
 // judged where they are, by the receiving sidecar, so a link is more patient than a
 // local queue: under WaitThenDrop and Disconnect it waits maxWait plus one keepalive
-// interval, because the receiver may itself legitimately pause its link for up to
-// maxWait while one local reader's queue is full, and a drop here would hit every
-// reader over there, fast or slow.
-func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, data []byte, anyOne bool, ov discovery.Overflow) (router.Result, string) {
+// interval, because the receiver may hold a slow reader's lines unacknowledged for up
+// to maxWait (and pause its link that long while it judges a reader under
+// Disconnect), and a drop here would hit every reader over there, fast or slow.
+func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line router.Payload, anyOne bool, ov discovery.Overflow) (router.Result, string) {
+	data := line.Data
 	if ov.Policy != discovery.Block {
 		ov.Policy = discovery.WaitThenDrop
 		ov.MaxWait += l.cfg.Keepalive
@@ -132,12 +180,8 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, data 
 	if l.closed {
 		return router.Dropped, router.ReasonPeerRemoved
 	}
-	b := l.bounds[channel]
-	if b == nil {
-		b = &router.Bound{}
-		l.bounds[channel] = b
-	}
-	res, reason := b.Admit(ctx, &l.mu, len(data), func() int { return l.bytes[channel] }, &l.space,
+	st := l.chanLocked(channel)
+	res, reason := st.bound.Admit(ctx, &l.mu, len(data), func() int { return st.bytes }, &l.space,
 		func() bool { return l.closed }, ov)
 	if res != router.Queued {
 		return res, reason
@@ -145,10 +189,11 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, data 
 	if l.closed {
 		return router.Dropped, router.ReasonPeerRemoved
 	}
-	l.q = append(l.q, &outMsg{seq: l.nextSeq, channel: channel, kind: kind, data: data, anyOne: anyOne})
+	line.Ref.Retain(1)
+	l.q.push(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: data, ref: line.Ref, anyOne: anyOne})
 	l.nextSeq++
-	l.bytes[channel] += len(data)
-	l.cfg.Metrics.Unacked.Add(float64(len(data)))
+	st.bytes += len(data)
+	l.unacked += len(data)
 	select {
 	case l.wake <- struct{}{}:
 	default:
@@ -156,27 +201,109 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, data 
 	return router.Queued, ""
 }
 
+// chanLocked returns the bound of channel.
+func (l *Link) chanLocked(channel string) *chanState {
+	if l.last != nil && channel == l.lastName {
+		return l.last
+	}
+	st := l.chans[channel]
+	if st == nil {
+		st = &chanState{}
+		l.chans[channel] = st
+	}
+	l.lastName, l.last = channel, st
+	return st
+}
+
+// reportLocked brings podipc_peer_unacked_bytes up to date.
+func (l *Link) reportLocked() {
+	if d := l.unacked - l.reported; d != 0 {
+		l.cfg.Metrics.Unacked.Add(float64(d))
+		l.reported = l.unacked
+	}
+}
+
+// SendBatch queues Broadcast lines of one channel in order, as Send does for each, with
+// one lock and one wakeup of the writer per batch. It stops at the first line that is
+// not queued and returns its index with the result and reason.
+func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, lines []router.Payload, ov discovery.Overflow) (int, router.Result, string) {
+	if ov.Policy != discovery.Block {
+		ov.Policy = discovery.WaitThenDrop
+		ov.MaxWait += l.cfg.Keepalive
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	st := l.chanLocked(channel)
+	used := func() int { return st.bytes }
+	closed := func() bool { return l.closed }
+	added := false
+	for i, line := range lines {
+		d := line.Data
+		if l.closed {
+			return i, router.Dropped, router.ReasonPeerRemoved
+		}
+		if added && st.bytes != 0 && st.bytes+len(d) > ov.QueueBytes {
+			// Admit may wait for acknowledgements: let the writer send what is queued.
+			l.kickLocked()
+		}
+		res, reason := st.bound.Admit(ctx, &l.mu, len(d), used, &l.space, closed, ov)
+		if res != router.Queued {
+			l.kickLocked()
+			return i, res, reason
+		}
+		if l.closed {
+			return i, router.Dropped, router.ReasonPeerRemoved
+		}
+		line.Ref.Retain(1)
+		l.q.push(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: d, ref: line.Ref})
+		l.nextSeq++
+		st.bytes += len(d)
+		l.unacked += len(d)
+		added = true
+	}
+	l.kickLocked()
+	return len(lines), router.Queued, ""
+}
+
+// kickLocked wakes the writer.
+func (l *Link) kickLocked() {
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
 // trimLocked removes the first k messages of q (acknowledged or settled).
 func (l *Link) trimLocked(k int) {
 	if k == 0 {
 		return
 	}
-	n := 0
-	for _, m := range l.q[:k] {
-		l.bytes[m.channel] -= len(m.data)
-		n += len(m.data)
+	q := l.q.items()[:k]
+	for i := range q {
+		q[i].st.bytes -= len(q[i].data)
+		l.unacked -= len(q[i].data)
 	}
-	clear(l.q[:k])
-	l.q = l.q[k:]
+	for i := 0; i < k; {
+		// One release per run of messages sharing a chunk.
+		j := i + 1
+		for j < k && q[j].ref == q[i].ref {
+			j++
+		}
+		q[i].ref.Release(j - i)
+		i = j
+	}
+	l.q.pop(k)
 	l.next = max(l.next-k, 0)
-	l.cfg.Metrics.Unacked.Sub(float64(n))
+	l.reportLocked()
 	l.space.Broadcast()
 }
 
 // ackLocked removes messages up to and including seq.
 func (l *Link) ackLocked(seq uint64) {
+	q := l.q.items()
+	// Not a subtraction: settling AnyOne lines on GOODBYE leaves gaps in q.
 	k := 0
-	for k < len(l.q) && l.q[k].seq <= seq {
+	for k < len(q) && q[k].seq <= seq {
 		k++
 	}
 	l.trimLocked(k)
@@ -189,24 +316,25 @@ func (l *Link) ackLocked(seq uint64) {
 func (l *Link) settleLocked(upTo uint64, reason string) []router.Message {
 	var reroute []router.Message
 	drops := map[string]int{}
-	keep := l.q[:0:0]
-	n := 0
-	for _, m := range l.q {
+	var keep fifo[outMsg]
+	for _, m := range l.q.items() {
 		if m.seq > upTo {
-			keep = append(keep, m)
+			keep.push(m)
 			continue
 		}
-		n += len(m.data)
-		l.bytes[m.channel] -= len(m.data)
+		m.st.bytes -= len(m.data)
+		l.unacked -= len(m.data)
 		if m.anyOne {
-			reroute = append(reroute, router.Message{Channel: m.channel, Kind: m.kind, Data: m.data})
+			// Rerouted lines leave the chunk, which is released below.
+			reroute = append(reroute, router.Message{Channel: m.channel, Kind: m.kind, Data: append([]byte(nil), m.data...)})
 		} else {
 			drops[m.channel]++
 		}
+		m.ref.Release(1)
 	}
 	l.q = keep
 	l.next = 0
-	l.cfg.Metrics.Unacked.Sub(float64(n))
+	l.reportLocked()
 	for ch, c := range drops {
 		l.cfg.Router.Drop(ch, reason, c)
 		l.log.Info("Dropped unacknowledged lines", "channel", ch, "reason", reason, "count", c)
@@ -303,7 +431,7 @@ func (l *Link) session(ctx context.Context) error {
 		}
 		werr <- err
 	}()
-	rerr := l.readLoop(conn, fr)
+	rerr := l.readLoop(fr)
 	close(done)
 	_ = conn.Close()
 	wErr := <-werr
@@ -328,20 +456,20 @@ func (l *Link) session(ctx context.Context) error {
 // settleAnyOneLocked removes every unacknowledged AnyOne line for rerouting.
 func (l *Link) settleAnyOneLocked() []router.Message {
 	var out []router.Message
-	keep := l.q[:0:0]
-	n := 0
-	for _, m := range l.q {
+	var keep fifo[outMsg]
+	for _, m := range l.q.items() {
 		if m.anyOne {
-			out = append(out, router.Message{Channel: m.channel, Kind: m.kind, Data: m.data})
-			l.bytes[m.channel] -= len(m.data)
-			n += len(m.data)
+			out = append(out, router.Message{Channel: m.channel, Kind: m.kind, Data: append([]byte(nil), m.data...)})
+			m.st.bytes -= len(m.data)
+			l.unacked -= len(m.data)
+			m.ref.Release(1)
 		} else {
-			keep = append(keep, m)
+			keep.push(m)
 		}
 	}
 	l.q = keep
 	l.next = 0
-	l.cfg.Metrics.Unacked.Sub(float64(n))
+	l.reportLocked()
 	l.space.Broadcast()
 	return out
 }
@@ -379,6 +507,7 @@ func (l *Link) handshake(conn net.Conn) (Welcome, *Reader, error) {
 	}
 	_ = conn.SetDeadline(time.Time{})
 	fr.SetMax(MaxFrameBytes)
+	fr.SetReadTimeout(conn, 3*l.cfg.Keepalive)
 	return w, fr, nil
 }
 
@@ -415,21 +544,23 @@ func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
 	bw := bufio.NewWriterSize(conn, 64<<10)
 	ping := time.NewTicker(l.cfg.Keepalive)
 	defer ping.Stop()
-	var batch []*outMsg
+	var batch []outMsg
 	var hdr []byte
 	wrote := false
 	for {
 		l.mu.Lock()
-		batch = append(batch[:0], l.q[l.next:]...)
-		l.next = len(l.q)
+		batch = append(batch[:0], l.q.items()[l.next:]...)
+		l.next = l.q.len()
 		if n := len(batch); n > 0 && batch[n-1].seq > l.sentSeq {
 			l.sentSeq = batch[n-1].seq
 		}
-		bye := l.bye && len(l.q) == 0
+		bye := l.bye && l.q.len() == 0
+		l.reportLocked()
 		l.mu.Unlock()
 		if len(batch) > 0 {
 			_ = conn.SetWriteDeadline(time.Now().Add(3 * l.cfg.Keepalive))
-			for _, m := range batch {
+			for i := range batch {
+				m := &batch[i]
 				hdr = AppendDataHeader(hdr[:0], m.seq, m.channel, m.kind, len(m.data))
 				// bufio.Writer errors are sticky: Flush below reports them.
 				_, _ = bw.Write(hdr)
@@ -465,10 +596,9 @@ func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
 }
 
 // readLoop reads ACK, PRESENCE, PING and GOODBYE until the connection fails.
-func (l *Link) readLoop(conn net.Conn, fr *Reader) error {
+func (l *Link) readLoop(fr *Reader) error {
 	for {
-		_ = conn.SetReadDeadline(time.Now().Add(3 * l.cfg.Keepalive))
-		t, body, err := fr.Next()
+		t, body, err := fr.Next() // the read deadline is refreshed per socket read
 		if err != nil {
 			return err
 		}
@@ -513,7 +643,7 @@ func (l *Link) Reset() {
 // Lines still unacknowledged are counted dropped for reason shutdown by Close.
 func (l *Link) Drain(ctx context.Context) {
 	l.mu.Lock()
-	for len(l.q) > 0 && ctx.Err() == nil {
+	for l.q.len() > 0 && ctx.Err() == nil {
 		c := l.space.C()
 		l.mu.Unlock()
 		select {

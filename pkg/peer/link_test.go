@@ -24,7 +24,7 @@ func TestLinkResumesExactlyOnce(t *testing.T) {
 
 	recvRouter := router.New(logr.Discard(), nil)
 	recvCh := recvRouter.Ensure("orders", spec)
-	local := recvCh.Attach(router.Line, func() {})
+	local := recvCh.Attach(router.Line, "", func() {})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -77,7 +77,7 @@ func TestLinkResumesExactlyOnce(t *testing.T) {
 	go func() {
 		defer close(sendDone)
 		for i := range n {
-			if res, reason := link.Send(ctx, "orders", router.Line, fmt.Appendf(nil, "m%06d", i), false, spec.Overflow); res != router.Queued {
+			if res, reason := link.Send(ctx, "orders", router.Line, router.Payload{Data: fmt.Appendf(nil, "m%06d", i)}, false, spec.Overflow); res != router.Queued {
 				t.Errorf("line %d not queued: %s", i, reason)
 				return
 			}

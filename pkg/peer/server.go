@@ -65,9 +65,10 @@ type sender struct {
 // reader is slow (DESIGN §5), so a line still queued for a reader after the channel's
 // maxWait is acknowledged anyway.
 type pending struct {
-	seq      uint64
-	c        *router.Completion
-	deadline time.Time
+	// first and seq are the first and last sequence numbers of a batch of lines.
+	first, seq uint64
+	c          *router.Completion
+	deadline   time.Time
 }
 
 // inbound is one accepted connection.
@@ -205,6 +206,7 @@ func (s *Server) serve(in *inbound) error {
 	}
 	_ = conn.SetDeadline(time.Time{})
 	fr.SetMax(MaxFrameBytes)
+	fr.SetReadTimeout(conn, 3*s.cfg.Keepalive)
 	s.cfg.Log.V(1).Info("Accepted peer link", "pod", h.Pod.Namespace+"/"+h.Pod.Name, "version", v,
 		"resumeAfter", w.LastSeq, "known", w.Known)
 	s.cfg.Metrics.Links.WithLabelValues("in", "up").Inc()
@@ -219,7 +221,7 @@ func (s *Server) serve(in *inbound) error {
 		}
 		werr <- err
 	}()
-	err = s.readLoop(in, st, fr)
+	err = s.readLoop(st, fr)
 	close(readDone)
 	_ = conn.Close()
 	if werrV := <-werr; werrV != nil {
@@ -262,12 +264,23 @@ func (s *Server) takeOver(in *inbound) *sender {
 }
 
 // readLoop dispatches DATA frames in sequence order, skipping duplicates.
-func (s *Server) readLoop(in *inbound, st *sender, fr *Reader) error {
-	var slab router.Slab
-	names := map[string]string{}
+//
+// Frames are dispatched in batches: the frames already buffered (up to maxBatch) share
+// one completion and one pending entry, runs of one channel go to the router in one
+// call, and the batch is closed before the loop could block on the socket, so no line
+// waits for a later one to arrive.
+func (s *Server) readLoop(st *sender, fr *Reader) error {
+	b := batch{s: s, st: st}
+	st.mu.Lock()
+	b.started, b.last = st.started, st.last
+	st.mu.Unlock()
+	defer b.slab.Close()
+	defer b.end()
 	for {
-		_ = in.conn.SetReadDeadline(time.Now().Add(3 * s.cfg.Keepalive))
-		t, body, err := fr.Next()
+		if !fr.Ready() || b.n >= maxBatch {
+			b.end()
+		}
+		t, body, err := fr.Next() // the read deadline is refreshed per socket read
 		if err != nil {
 			return err
 		}
@@ -282,38 +295,100 @@ func (s *Server) readLoop(in *inbound, st *sender, fr *Reader) error {
 		if err != nil {
 			return err
 		}
-		st.mu.Lock()
-		if st.started && d.Seq <= st.last {
-			st.mu.Unlock() // a retransmission of a line already delivered
-			continue
+		if b.started && d.Seq <= b.last {
+			continue // a retransmission of a line already delivered
 		}
-		if st.started && d.Seq != st.last+1 {
-			st.mu.Unlock()
-			return fmt.Errorf("%w: sequence gap: got %d after %d", ErrFrame, d.Seq, st.last)
+		if b.started && d.Seq != b.last+1 {
+			return fmt.Errorf("%w: sequence gap: got %d after %d", ErrFrame, d.Seq, b.last)
 		}
-		st.started, st.last = true, d.Seq
-		c := router.NewCompletion(st.notify)
-		st.pending = append(st.pending, pending{seq: d.Seq, c: c})
-		i := len(st.pending) - 1
-		st.mu.Unlock()
-		name, ok := names[string(d.Channel)]
-		if !ok {
-			name = string(d.Channel)
-			names[name] = name
-		}
-		grace := s.cfg.Router.Deliver(s.ctx, name, d.Kind, slab.Copy(d.Payload), c)
-		st.mu.Lock()
-		// The grace period starts once the line is queued everywhere (Deliver may
-		// have waited under the overflow policy). ackable may have popped it already.
-		if i < len(st.pending) && st.pending[i].c == c {
-			st.pending[i].deadline = time.Now().Add(grace)
-		} else if j := len(st.pending) - 1; j >= 0 && st.pending[j].c == c {
-			st.pending[j].deadline = time.Now().Add(grace)
-		}
-		st.mu.Unlock()
-		c.Done()
-		s.cfg.Metrics.Received.Inc()
+		b.add(d)
 	}
+}
+
+// maxBatch bounds the lines dispatched under one completion, so that acknowledgements
+// keep flowing while a long buffered stream is dispatched.
+const maxBatch = 1024
+
+// batch is the lines dispatched by a read loop since its last blocking read.
+type batch struct {
+	s  *Server
+	st *sender
+	// started and last mirror st.started and st.last for the lines dispatched so far;
+	// st is updated when the batch ends, together with its pending entry, so that an
+	// acknowledgement never covers a line that is not yet queued.
+	started bool
+	last    uint64
+	n       int
+	first   uint64
+	c       *router.Completion
+	grace   time.Duration
+	names   map[string]string
+	slab    router.Slab
+	// run holds consecutive lines of one channel and kind, not yet handed over.
+	run     []router.Payload
+	runName string
+	runKind router.Kind
+}
+
+// add dispatches d as part of the batch.
+func (b *batch) add(d Data) {
+	if b.c == nil {
+		b.c = router.NewCompletion(b.st.notify)
+		b.first = d.Seq
+	}
+	if len(b.run) > 0 && (string(d.Channel) != b.runName || d.Kind != b.runKind) {
+		b.flushRun()
+	}
+	if len(b.run) == 0 {
+		name, ok := b.names[string(d.Channel)]
+		if !ok {
+			if b.names == nil {
+				b.names = map[string]string{}
+			}
+			name = string(d.Channel)
+			b.names[name] = name
+		}
+		b.runName, b.runKind = name, d.Kind
+	}
+	b.run = append(b.run, b.slab.Copy(d.Payload))
+	b.started, b.last = true, d.Seq
+	b.n++
+}
+
+// flushRun hands the current run to the router.
+func (b *batch) flushRun() {
+	if len(b.run) == 0 {
+		return
+	}
+	b.grace = max(b.grace, b.s.cfg.Router.DeliverBatch(b.s.ctx, b.runName, b.runKind, b.run, b.c))
+	router.ReleaseLines(b.run) // the queues took their own references
+	clear(b.run)
+	b.run = b.run[:0]
+}
+
+// end hands over what is left and records the batch for acknowledgement. Its grace
+// period starts once every line is queued (delivery may have waited under the
+// overflow policy).
+func (b *batch) end() {
+	if b.c == nil {
+		return
+	}
+	b.flushRun()
+	b.st.mu.Lock()
+	b.st.started, b.st.last = b.started, b.last
+	b.st.pending = append(b.st.pending, pending{first: b.first, seq: b.last, c: b.c, deadline: time.Now().Add(b.grace)})
+	b.st.mu.Unlock()
+	if !b.c.Done() {
+		// The writer learns of a batch only from its completion: wake it so that it
+		// arms the grace timer for a batch a stalled reader holds up, which is then
+		// acknowledged at its deadline, not at the next keepalive tick.
+		select {
+		case b.st.notify <- struct{}{}:
+		default:
+		}
+	}
+	b.s.cfg.Metrics.Received.Add(float64(b.n))
+	b.c, b.n, b.grace = nil, 0, 0
 }
 
 // ackable pops the lines that are complete, or past their deadline, and returns the
@@ -334,7 +409,7 @@ func (st *sender) ackable(now time.Time) (uint64, time.Time) {
 	if len(st.pending) == 0 {
 		return st.last, time.Time{}
 	}
-	return st.pending[0].seq - 1, st.pending[0].deadline
+	return st.pending[0].first - 1, st.pending[0].deadline
 }
 
 // writeLoop is the connection's only writer: acknowledgements as lines complete,

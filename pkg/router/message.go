@@ -64,17 +64,19 @@ func NewCompletion(notify chan<- struct{}) *Completion {
 // Add takes n more references.
 func (c *Completion) Add(n int) { c.remaining.Add(int32(n)) }
 
-// Done releases one reference.
-func (c *Completion) Done() {
+// Done releases one reference and reports whether it was the last.
+func (c *Completion) Done() bool {
 	if c == nil {
-		return
+		return false
 	}
 	if c.remaining.Add(-1) == 0 {
 		select {
 		case c.notify <- struct{}{}:
 		default:
 		}
+		return true
 	}
+	return false
 }
 
 // Complete reports whether every reference has been released.
@@ -84,31 +86,113 @@ func (c *Completion) Complete() bool { return c.remaining.Load() <= 0 }
 type Item struct {
 	Kind Kind
 	Data []byte
+	// Ref keeps the chunk Data lives in from being reused; the queue's owner releases
+	// it once the item is written or dropped.
+	Ref *Chunk
 	// Done is released once the item has been written or dropped; nil for lines that
 	// came from a local app (they need no acknowledgement).
 	Done *Completion
 }
 
+// Payload is a message copied into a slab chunk, with the reference that keeps the chunk.
+type Payload struct {
+	Data []byte
+	// Ref is nil for messages that were not copied into a chunk.
+	Ref *Chunk
+}
+
 // slabSize is the size of the chunks message bytes are copied into, so the hot path
-// allocates once per slab rather than once per line. A slab is freed by the garbage
-// collector once no queued item refers to it.
+// neither allocates nor leaves garbage per line.
 const slabSize = 64 << 10
 
-// Slab copies message bytes into shared chunks. It is not safe for concurrent use; each
-// reading goroutine owns one.
-type Slab struct{ buf []byte }
+// Chunk is a reference-counted slab chunk. Every queue entry whose bytes live in it
+// holds a reference; the last release returns it to a pool, so a steady stream of lines
+// reuses a few chunks instead of allocating (and collecting) 64 KiB per 64 KiB carried.
+// A release too many would hand bytes still queued to a new owner, so references are
+// taken and released only by the queues (Queue, peer links) and the slab's user.
+type Chunk struct {
+	buf  []byte
+	refs atomic.Int32
+}
 
-// Copy returns a copy of b that stays valid after the caller reuses b.
-func (s *Slab) Copy(b []byte) []byte {
+var chunkPool = sync.Pool{New: func() any { return &Chunk{buf: make([]byte, 0, slabSize)} }}
+
+// Retain takes n references.
+func (c *Chunk) Retain(n int) {
+	if c != nil {
+		c.refs.Add(int32(n))
+	}
+}
+
+// Release drops n references.
+func (c *Chunk) Release(n int) {
+	if c == nil {
+		return
+	}
+	switch r := c.refs.Add(-int32(n)); {
+	case r == 0:
+		c.buf = c.buf[:0]
+		chunkPool.Put(c)
+	case r < 0:
+		panic("router: chunk released more often than retained")
+	}
+}
+
+// ReleaseItems releases the chunk references of items, one atomic operation per run
+// of items sharing a chunk.
+func ReleaseItems(items []Item) {
+	for i := 0; i < len(items); {
+		j := i + 1
+		for j < len(items) && items[j].Ref == items[i].Ref {
+			j++
+		}
+		items[i].Ref.Release(j - i)
+		i = j
+	}
+}
+
+// ReleaseLines releases the references that Slab.Copy took for lines.
+func ReleaseLines(lines []Payload) {
+	for i := 0; i < len(lines); {
+		j := i + 1
+		for j < len(lines) && lines[j].Ref == lines[i].Ref {
+			j++
+		}
+		lines[i].Ref.Release(j - i)
+		i = j
+	}
+}
+
+// Slab copies message bytes into pooled chunks. It is not safe for concurrent use; each
+// reading goroutine owns one.
+type Slab struct {
+	// cur is the chunk being filled; the slab holds a reference on it until it moves on.
+	cur *Chunk
+}
+
+// Copy returns a copy of b that stays valid after the caller reuses b, holding one
+// reference for the caller, who releases it (ReleaseLines) once every queue that
+// keeps the line has taken its own.
+func (s *Slab) Copy(b []byte) Payload {
 	if len(b) > slabSize/4 {
-		return append([]byte(nil), b...)
+		return Payload{Data: append([]byte(nil), b...)}
 	}
-	if cap(s.buf)-len(s.buf) < len(b) {
-		s.buf = make([]byte, 0, slabSize)
+	if s.cur == nil || cap(s.cur.buf)-len(s.cur.buf) < len(b) {
+		s.cur.Release(1)
+		s.cur = chunkPool.Get().(*Chunk)
+		s.cur.refs.Store(1)
 	}
-	start := len(s.buf)
-	s.buf = append(s.buf, b...)
-	return s.buf[start:len(s.buf):len(s.buf)]
+	c := s.cur
+	start := len(c.buf)
+	c.buf = append(c.buf, b...)
+	c.refs.Add(1)
+	return Payload{Data: c.buf[start:len(c.buf):len(c.buf)], Ref: c}
+}
+
+// Close releases the slab's chunk.
+func (s *Slab) Close() {
+	s.cur.Release(1)
+	s.cur = nil
 }
 
 // Signal is a broadcast condition: waiters take C() and the notifier closes it.

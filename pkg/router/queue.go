@@ -86,40 +86,76 @@ func (b *Bound) Admit(ctx context.Context, mu *sync.Mutex, n int, used func() in
 // writer goroutine takes everything queued at once, writes it in one batch, then releases
 // the bytes. Bytes taken but not yet released still count against the bound.
 type Queue struct {
-	mu     sync.Mutex
-	items  []Item
-	bytes  int
-	closed bool
-	bound  Bound
-	space  Signal
-	ready  chan struct{}
+	mu    sync.Mutex
+	items []Item
+	bytes int
+	// released counts bytes ever written or dropped: the writer's progress, which the
+	// Disconnect policy checks before judging a reader slow.
+	released uint64
+	closed   bool
+	bound    Bound
+	space    Signal
+	ready    chan struct{}
 	// gauge receives every change of the queued bytes, for podipc_queue_bytes.
 	gauge func(delta int)
+	// dropped counts n messages dropped for reason outside a push (an overflow
+	// episode's waiting messages at its deadline).
+	dropped func(reason string, n int)
+
+	// An overflow episode under WaitThenDrop: messages that found the queue full wait
+	// here, in order, instead of in the pusher, so that one slow reader never holds up
+	// whoever feeds it (a peer link's read loop carries every connection of the pod).
+	// The writer moves them into the queue as it frees space; at the episode's deadline
+	// (maxWait after it began) those still waiting are dropped and the queue drops until
+	// it is below half. waiting holds at most one queue bound of bytes.
+	waiting   []Item
+	waitBytes int
+	// episode numbers episodes, so that a late timer never ends a later one.
+	episode uint64
+	timer   *time.Timer
+	// limit is the bound the latest push applied, for moving waiting messages in.
+	limit int
 }
 
-// NewQueue returns an empty queue. gauge, if not nil, observes byte count changes.
-func NewQueue(gauge func(delta int)) *Queue {
+// NewQueue returns an empty queue. gauge, if not nil, observes byte count changes
+// (waiting messages included); dropped, if not nil, counts messages an overflow
+// episode drops at its deadline.
+func NewQueue(gauge func(delta int), dropped func(reason string, n int)) *Queue {
 	if gauge == nil {
 		gauge = func(int) {}
 	}
-	return &Queue{ready: make(chan struct{}, 1), gauge: gauge}
+	if dropped == nil {
+		dropped = func(string, int) {}
+	}
+	return &Queue{ready: make(chan struct{}, 1), gauge: gauge, dropped: dropped}
 }
 
 // Push offers it to the queue under policy ov, waiting as the policy says.
 func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Result, string) {
+	if ov.Policy == discovery.WaitThenDrop {
+		p := [1]Payload{{Data: it.Data, Ref: it.Ref}}
+		_, res, reason := q.PushBatch(ctx, it.Kind, p[:], it.Done, ov)
+		return res, reason
+	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.closed {
 		return Dropped, ReasonClosed
 	}
-	res, reason := q.bound.Admit(ctx, &q.mu, len(it.Data), func() int { return q.bytes }, &q.space,
-		func() bool { return q.closed }, ov)
+	var res Result
+	var reason string
+	if ov.Policy == discovery.Disconnect {
+		res, reason = q.admitDisconnect(ctx, len(it.Data), ov)
+	} else {
+		res, reason = q.bound.Admit(ctx, &q.mu, len(it.Data), q.used, &q.space, q.isClosed, ov)
+	}
 	if res != Queued {
 		return res, reason
 	}
 	if q.closed {
 		return Dropped, ReasonClosed
 	}
+	it.Ref.Retain(1)
 	q.items = append(q.items, it)
 	q.bytes += len(it.Data)
 	q.gauge(len(it.Data))
@@ -128,6 +164,219 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 	default:
 	}
 	return Queued, ""
+}
+
+// PushBatch offers messages of one kind, in order, under policy ov, taking the lock once
+// and waking the writer once (and before any wait). Queued items hold a reference on
+// done (which may be nil). It stops at the first message that is not queued and
+// returns its index n with the result and reason; n = len(data) means all were queued.
+//
+// Under WaitThenDrop it never waits: a message that finds the queue full waits in the
+// queue's overflow episode (and counts as queued), or is dropped.
+func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *Completion, ov discovery.Overflow) (n int, res Result, reason string) {
+	if ov.Policy == discovery.WaitThenDrop {
+		return q.pushNoWait(ctx, kind, data, done, ov)
+	}
+	q.mu.Lock()
+	if len(q.waiting) > 0 {
+		// The policy changed during a WaitThenDrop episode: finish it first, in order.
+		q.mu.Unlock()
+		return q.pushNoWait(ctx, kind, data, done, ov)
+	}
+	added := 0
+	res = Queued
+	for n = 0; n < len(data); n++ {
+		d := data[n].Data
+		if q.bytes != 0 && (q.bytes+len(d) > ov.QueueBytes || q.bound.overflowing) && added > 0 {
+			// Admit may wait for the writer: let it see what this batch queued.
+			q.publishLocked(added)
+			added = 0
+		}
+		if !q.closed {
+			if ov.Policy == discovery.Disconnect {
+				res, reason = q.admitDisconnect(ctx, len(d), ov)
+			} else {
+				res, reason = q.bound.Admit(ctx, &q.mu, len(d), q.used, &q.space, q.isClosed, ov)
+			}
+		}
+		if q.closed {
+			res, reason = Dropped, ReasonClosed
+		}
+		if res != Queued {
+			break
+		}
+		data[n].Ref.Retain(1)
+		q.items = append(q.items, Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done})
+		q.bytes += len(d)
+		added += len(d)
+	}
+	if added > 0 {
+		q.publishLocked(added)
+	}
+	q.mu.Unlock()
+	return n, res, reason
+}
+
+// admitDisconnect applies the Disconnect policy to a message of n bytes: a reader is
+// slow when its queue is full and its writer has written nothing for maxWait. While
+// the writer makes progress the pusher waits for room. (Judging by a full queue alone
+// disconnected readers that keep up, whenever a batch arrived faster than one write.)
+func (q *Queue) admitDisconnect(ctx context.Context, n int, ov discovery.Overflow) (Result, string) {
+	wait := ov
+	wait.Policy = discovery.WaitThenDrop
+	for {
+		before := q.released
+		res, reason := q.bound.Admit(ctx, &q.mu, n, q.used, &q.space, q.isClosed, wait)
+		if res != Dropped || reason != ReasonQueueFull {
+			return res, reason
+		}
+		q.bound.overflowing = false
+		if q.released == before || q.closed {
+			return Disconnect, ReasonSlowConsumer
+		}
+	}
+}
+
+// pushNoWait is PushBatch under WaitThenDrop. Lines from peers (done != nil) never
+// wait; a local sender whose lines find the episode's waiting list full too waits for
+// room there, at most until the episode ends, as it would have for the queue.
+func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done *Completion, ov discovery.Overflow) (int, Result, string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	added := 0
+	defer func() {
+		if added > 0 {
+			q.publishLocked(added)
+		}
+	}()
+	limit := ov.QueueBytes
+	q.limit = limit
+	for n := 0; n < len(data); {
+		d := data[n].Data
+		if q.closed {
+			return n, Dropped, ReasonClosed
+		}
+		it := Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done}
+		if len(q.waiting) > 0 {
+			if q.waitBytes+len(d) > limit {
+				if done != nil {
+					// As many bytes wait as the queue holds: the sender would
+					// have had to wait for these.
+					return n, Dropped, ReasonQueueFull
+				}
+				if added > 0 {
+					q.publishLocked(added)
+					added = 0
+				}
+				c := q.space.C()
+				q.mu.Unlock()
+				select {
+				case <-c:
+					q.mu.Lock()
+				case <-ctx.Done():
+					q.mu.Lock()
+					return n, Dropped, ReasonShutdown
+				}
+				continue
+			}
+			it.Ref.Retain(1)
+			q.waiting = append(q.waiting, it)
+			q.waitBytes += len(d)
+			q.gauge(len(d))
+			n++
+			continue
+		}
+		if q.bound.overflowing {
+			if q.bytes >= limit/2 {
+				return n, Dropped, ReasonQueueFull
+			}
+			q.bound.overflowing = false
+		}
+		it.Ref.Retain(1)
+		if q.bytes == 0 || q.bytes+len(d) <= limit {
+			q.items = append(q.items, it)
+			q.bytes += len(d)
+			added += len(d)
+			n++
+			continue
+		}
+		// The queue is full: an overflow episode begins.
+		q.waiting = append(q.waiting, it)
+		q.waitBytes += len(d)
+		q.gauge(len(d))
+		q.episode++
+		ep := q.episode
+		q.timer = time.AfterFunc(ov.MaxWait, func() { q.expire(ep) })
+		n++
+	}
+	return len(data), Queued, ""
+}
+
+// expire ends overflow episode ep at its deadline: the messages still waiting are
+// dropped and the queue drops until it is below half.
+func (q *Queue) expire(ep uint64) {
+	q.mu.Lock()
+	if q.episode != ep || len(q.waiting) == 0 || q.closed {
+		q.mu.Unlock()
+		return
+	}
+	left := q.waiting
+	n := q.waitBytes
+	q.waiting, q.waitBytes, q.timer = nil, 0, nil
+	q.bound.overflowing = true
+	q.mu.Unlock()
+	q.gauge(-n)
+	q.space.Broadcast() // local senders waiting for room in the episode
+	for i := range left {
+		left[i].Done.Done()
+	}
+	ReleaseItems(left)
+	q.dropped(ReasonQueueFull, len(left))
+}
+
+// admitWaitingLocked moves waiting messages that now fit into the queue, ending the
+// episode when none is left. It returns the bytes moved.
+func (q *Queue) admitWaitingLocked(limit int) int {
+	moved := 0
+	k := 0
+	for k < len(q.waiting) {
+		d := len(q.waiting[k].Data)
+		if q.bytes != 0 && q.bytes+d > limit {
+			break
+		}
+		q.items = append(q.items, q.waiting[k])
+		q.bytes += d
+		moved += d
+		k++
+	}
+	if k == 0 {
+		return 0
+	}
+	q.waitBytes -= moved
+	q.waiting = q.waiting[:copy(q.waiting, q.waiting[k:])]
+	clear(q.waiting[len(q.waiting) : len(q.waiting)+k])
+	if len(q.waiting) == 0 {
+		q.timer.Stop()
+		q.timer = nil
+		q.episode++ // the episode ended in time
+	}
+	select {
+	case q.ready <- struct{}{}:
+	default:
+	}
+	return moved
+}
+
+func (q *Queue) used() int      { return q.bytes }
+func (q *Queue) isClosed() bool { return q.closed }
+
+// publishLocked reports added bytes to the gauge and wakes the writer.
+func (q *Queue) publishLocked(added int) {
+	q.gauge(added)
+	select {
+	case q.ready <- struct{}{}:
+	default:
+	}
 }
 
 // Ready is signalled whenever items are pushed.
@@ -151,6 +400,10 @@ func (q *Queue) Release(n int) {
 	}
 	q.mu.Lock()
 	q.bytes -= n
+	q.released += uint64(n)
+	if len(q.waiting) > 0 && !q.closed {
+		q.admitWaitingLocked(q.limit)
+	}
 	q.mu.Unlock()
 	q.gauge(-n)
 	q.space.Broadcast()
@@ -165,8 +418,14 @@ func (q *Queue) Close() []Item {
 		return nil
 	}
 	q.closed = true
-	items := q.items
-	q.items = nil
+	items := append(q.items, q.waiting...)
+	// The caller releases the bytes of everything returned.
+	q.bytes += q.waitBytes
+	q.items, q.waiting, q.waitBytes = nil, nil, 0
+	if q.timer != nil {
+		q.timer.Stop()
+		q.timer = nil
+	}
 	q.mu.Unlock()
 	q.space.Broadcast()
 	return items

@@ -19,7 +19,12 @@ type Remote interface {
 	ID() string
 	// Send queues one message for the remote pod under the channel's overflow policy.
 	// anyOne marks lines that must be rerouted, not dropped, if the remote restarts.
-	Send(ctx context.Context, channel string, kind Kind, data []byte, anyOne bool, ov discovery.Overflow) (Result, string)
+	// The remote takes its own reference on data's chunk.
+	Send(ctx context.Context, channel string, kind Kind, data Payload, anyOne bool, ov discovery.Overflow) (Result, string)
+	// SendBatch queues Broadcast messages in order, like Send for each, and stops at
+	// the first that is not queued: it returns that message's index n (len(data) if all
+	// were queued) with the result and reason.
+	SendBatch(ctx context.Context, channel string, kind Kind, data []Payload, ov discovery.Overflow) (n int, res Result, reason string)
 	// Presence reports how many connections the remote advertised on channel, and
 	// whether its link is established (presence is only trusted while it is).
 	Presence(channel string) (conns int, up bool)
@@ -92,7 +97,9 @@ type Conn struct {
 	Kind Kind
 	// Queue holds the messages waiting to be written to the app.
 	Queue *Queue
-	kick  func()
+	// name identifies the connection in logs (its remote address).
+	name string
+	kick func()
 }
 
 // Ensure returns the channel named name, creating it, and applies spec.
@@ -174,11 +181,11 @@ func (ch *Channel) SetMembers(remotes []Remote, ready, serving []bool) {
 	ch.r.changed.Broadcast()
 }
 
-// Attach registers a local connection of the given kind. kick must end the
-// connection; it is called when the Disconnect policy finds it too slow.
-func (ch *Channel) Attach(kind Kind, kick func()) *Conn {
-	c := &Conn{ch: ch, Kind: kind, kick: kick}
-	c.Queue = NewQueue(func(d int) { ch.bytes.Add(float64(d)) })
+// Attach registers a local connection of the given kind, named name in logs. kick must
+// end the connection; it is called when the Disconnect policy finds it too slow.
+func (ch *Channel) Attach(kind Kind, name string, kick func()) *Conn {
+	c := &Conn{ch: ch, Kind: kind, name: name, kick: kick}
+	c.Queue = NewQueue(func(d int) { ch.bytes.Add(float64(d)) }, ch.drop)
 	ch.mu.Lock()
 	next := append(slices.Clone(*ch.conns.Load()), c)
 	ch.conns.Store(&next)
@@ -210,6 +217,7 @@ func (c *Conn) Detach() {
 		n += len(it.Data)
 		it.Done.Done()
 	}
+	ReleaseItems(left)
 	c.Queue.Release(n)
 	if len(left) > 0 {
 		ch.drop(ReasonClosed, len(left))
@@ -223,6 +231,7 @@ func (c *Conn) Written(items []Item) {
 		n += len(items[i].Data)
 		items[i].Done.Done()
 	}
+	ReleaseItems(items)
 	c.Queue.Release(n)
 	c.ch.linesOut.Add(float64(len(items)))
 }
@@ -248,7 +257,7 @@ func (ch *Channel) pushLocal(ctx context.Context, c *Conn, it Item, ov discovery
 	case Queued:
 		return true
 	case Disconnect:
-		ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "queueBytes", ov.QueueBytes)
+		ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "conn", c.name, "queueBytes", ov.QueueBytes)
 		c.kick()
 	}
 	ch.drop(reason, 1)
@@ -256,36 +265,76 @@ func (ch *Channel) pushLocal(ctx context.Context, c *Conn, it Item, ov discovery
 }
 
 // Route sends a line accepted from the local connection from (which may be nil for
-// rerouted lines) to its receivers. data must stay valid while it is queued. Route
-// blocks as the overflow policy says; ctx ends any wait.
+// rerouted lines) to its receivers. data must stay valid while it is queued (it is not
+// in a chunk). Route blocks as the overflow policy says; ctx ends any wait.
 func (ch *Channel) Route(ctx context.Context, from *Conn, kind Kind, data []byte) {
+	ch.RouteBatch(ctx, from, kind, []Payload{{Data: data}})
+}
+
+// RouteBatch routes lines accepted from from, in order, as Route does for each; it
+// takes each receiver's lock and updates the metrics once per batch rather than per
+// line, which is most of what routing a short line costs.
+//
+// Every queue that keeps a line takes its own reference on the line's chunk; the
+// caller releases its references afterwards.
+func (ch *Channel) RouteBatch(ctx context.Context, from *Conn, kind Kind, lines []Payload) {
 	spec := ch.spec.Load()
 	if from != nil {
-		ch.linesIn.Inc()
+		ch.linesIn.Add(float64(len(lines)))
 	}
 	if spec.Delivery == discovery.AnyOne {
-		ch.routeAnyOne(ctx, from, kind, data, spec.Overflow)
+		for _, data := range lines {
+			ch.routeAnyOne(ctx, from, kind, data, spec.Overflow)
+		}
 		return
 	}
-	it := Item{Kind: kind, Data: data}
 	for _, c := range *ch.conns.Load() {
 		if c != from {
-			ch.pushLocal(ctx, c, it, spec.Overflow)
+			ch.pushBatch(ctx, c, kind, lines, nil, spec.Overflow)
 		}
 	}
 	for _, m := range *ch.remotes.Load() {
 		if !m.serving {
 			continue
 		}
-		if res, reason := m.Send(ctx, ch.name, kind, data, false, spec.Overflow); res != Queued {
+		for rest := lines; len(rest) > 0; {
+			n, res, reason := m.SendBatch(ctx, ch.name, kind, rest, spec.Overflow)
+			if res == Queued {
+				break
+			}
 			ch.drop(reason, 1)
+			rest = rest[n+1:]
 		}
 	}
 }
 
+// pushBatch queues data for c and counts what is not queued. Queued lines take a
+// reference on done (nil for lines of local apps). It returns how many were dropped.
+func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []Payload, done *Completion, ov discovery.Overflow) int {
+	dropped := 0
+	for rest := data; len(rest) > 0; {
+		n, res, reason := c.Queue.PushBatch(ctx, kind, rest, done, ov)
+		if res == Queued {
+			break
+		}
+		if res == Disconnect {
+			ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "conn", c.name, "queueBytes", ov.QueueBytes)
+			c.kick()
+			// The connection is going away: what is left of the batch is not for it.
+			ch.drop(reason, len(rest)-n)
+			dropped += len(rest) - n
+			break
+		}
+		ch.drop(reason, 1)
+		dropped++
+		rest = rest[n+1:]
+	}
+	return dropped
+}
+
 // routeAnyOne picks the next candidate pod round robin and hands it the line, waiting
 // up to maxWait for a candidate to appear.
-func (ch *Channel) routeAnyOne(ctx context.Context, from *Conn, kind Kind, data []byte, ov discovery.Overflow) {
+func (ch *Channel) routeAnyOne(ctx context.Context, from *Conn, kind Kind, data Payload, ov discovery.Overflow) {
 	var deadline <-chan time.Time
 	for {
 		wake := ch.r.changed.C()
@@ -310,7 +359,7 @@ func (ch *Channel) routeAnyOne(ctx context.Context, from *Conn, kind Kind, data 
 }
 
 // tryAnyOne reports whether it found a candidate (the line is then queued or counted).
-func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data []byte, ov discovery.Overflow) bool {
+func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data Payload, ov discovery.Overflow) bool {
 	conns := *ch.conns.Load()
 	local := false
 	for _, c := range conns {
@@ -337,7 +386,7 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data []
 	}
 	pick := list[int(ch.rr.Add(1)-1)%len(list)]
 	if pick < 0 {
-		it := Item{Kind: kind, Data: data}
+		it := Item{Kind: kind, Data: data.Data, Ref: data.Ref}
 		for _, c := range conns {
 			if c != from {
 				ch.pushLocal(ctx, c, it, ov)
@@ -360,9 +409,15 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data []
 // It returns the channel's maxWait: how long the peer link may hold the line's
 // acknowledgement for a slow local reader before acknowledging it anyway.
 func (r *Router) Deliver(ctx context.Context, channel string, kind Kind, data []byte, done *Completion) time.Duration {
+	return r.DeliverBatch(ctx, channel, kind, []Payload{{Data: data}}, done)
+}
+
+// DeliverBatch is Deliver for consecutive lines of one channel and kind: the channel is
+// looked up, and each connection's queue locked, once per batch. done covers them all.
+func (r *Router) DeliverBatch(ctx context.Context, channel string, kind Kind, data []Payload, done *Completion) time.Duration {
 	ch := r.Channel(channel)
 	if ch == nil {
-		r.Drop(channel, ReasonNoChannel, 1)
+		r.Drop(channel, ReasonNoChannel, len(data))
 		return 0
 	}
 	spec := ch.spec.Load()
@@ -370,14 +425,14 @@ func (r *Router) Deliver(ctx context.Context, channel string, kind Kind, data []
 	if len(conns) == 0 {
 		// Counted so that a line a peer carried here never vanishes without a trace,
 		// although for Broadcast no connection means nobody to deliver to.
-		ch.drop(ReasonNoConnection, 1)
+		ch.drop(ReasonNoConnection, len(data))
 		return 0
 	}
-	it := Item{Kind: kind, Data: data, Done: done}
 	for _, c := range conns {
-		done.Add(1)
-		if !ch.pushLocal(ctx, c, it, spec.Overflow) {
-			done.Done()
+		// The caller's own reference keeps done from completing while refs are taken.
+		done.Add(len(data))
+		if n := ch.pushBatch(ctx, c, kind, data, done, spec.Overflow); n > 0 {
+			done.Add(-n)
 		}
 	}
 	return spec.Overflow.MaxWait
@@ -405,7 +460,7 @@ func (r *Router) Reroute(msgs []Message) {
 				r.Drop(m.Channel, ReasonNoChannel, 1)
 				continue
 			}
-			ch.routeAnyOne(r.ctx, nil, m.Kind, m.Data, ch.spec.Load().Overflow)
+			ch.routeAnyOne(r.ctx, nil, m.Kind, Payload{Data: m.Data}, ch.spec.Load().Overflow)
 		}
 	}()
 }
@@ -418,6 +473,7 @@ func (c *Conn) Failed(items []Item, reason string) {
 		n += len(items[i].Data)
 		items[i].Done.Done()
 	}
+	ReleaseItems(items)
 	c.Queue.Release(n)
 	if len(items) > 0 {
 		c.ch.drop(reason, len(items))

@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,28 +22,56 @@ func ov(p discovery.OverflowPolicy, queue int) discovery.Overflow {
 func TestQueueOverflow(t *testing.T) {
 	item := Item{Data: make([]byte, 10)}
 	ctx := t.Context()
-	t.Run("WaitThenDrop drops until below half", func(t *testing.T) {
-		q := NewQueue(nil)
+	t.Run("WaitThenDrop waits off the pusher, then drops until below half", func(t *testing.T) {
+		var dropped atomic.Int32
+		q := NewQueue(nil, func(reason string, n int) {
+			if reason == ReasonQueueFull {
+				dropped.Add(int32(n))
+			}
+		})
+		push := func() (Result, string) { return q.Push(ctx, item, ov(discovery.WaitThenDrop, 100)) }
 		for range 10 {
-			if res, _ := q.Push(ctx, item, ov(discovery.WaitThenDrop, 100)); res != Queued {
+			if res, _ := push(); res != Queued {
 				t.Fatal("a push within the bound was refused")
 			}
 		}
-		if res, reason := q.Push(ctx, item, ov(discovery.WaitThenDrop, 100)); res != Dropped || reason != ReasonQueueFull {
-			t.Fatalf("full queue: %v %s", res, reason)
+		// Full: the line waits in the queue's overflow episode; the pusher does not.
+		if res, _ := push(); res != Queued {
+			t.Fatal("a line that found the queue full was not held for maxWait")
 		}
+		// The writer frees space within maxWait: the waiting line goes in, in order.
 		taken := q.Take(nil)
+		q.Release(len(taken[0].Data) * len(taken))
+		if got := len(q.Take(nil)); got != 1 {
+			t.Fatalf("after the writer freed space, %d lines queued, want the 1 that waited", got)
+		}
+		q.Release(10)
+		// A new episode the writer does not end: dropped at its deadline, counted.
+		for range 10 {
+			_, _ = push()
+		}
+		if res, _ := push(); res != Queued {
+			t.Fatal("the second episode did not hold its first line")
+		}
+		for dropped.Load() != 1 {
+			time.Sleep(time.Millisecond) // the episode's deadline is maxWait away
+		}
+		if res, reason := push(); res != Dropped || reason != ReasonQueueFull {
+			t.Fatalf("after the episode: %v %s", res, reason)
+		}
+		taken = q.Take(nil)
 		q.Release(len(taken[0].Data) * 4) // 60 bytes left: not below half
-		if res, _ := q.Push(ctx, item, ov(discovery.WaitThenDrop, 100)); res != Dropped {
+		if res, _ := push(); res != Dropped {
 			t.Fatal("the overflow episode ended before the queue was below half")
 		}
 		q.Release(20) // 40 bytes: below half
-		if res, _ := q.Push(ctx, item, ov(discovery.WaitThenDrop, 100)); res != Queued {
+		if res, _ := push(); res != Queued {
 			t.Fatal("the episode did not end below half")
 		}
+		ReleaseItems(q.Close())
 	})
 	t.Run("Block waits for space", func(t *testing.T) {
-		q := NewQueue(nil)
+		q := NewQueue(nil, nil)
 		_, _ = q.Push(ctx, item, ov(discovery.Block, 10))
 		done := make(chan Result)
 		go func() { r, _ := q.Push(ctx, item, ov(discovery.Block, 10)); done <- r }()
@@ -58,7 +87,7 @@ func TestQueueOverflow(t *testing.T) {
 		}
 	})
 	t.Run("Disconnect", func(t *testing.T) {
-		q := NewQueue(nil)
+		q := NewQueue(nil, nil)
 		_, _ = q.Push(ctx, item, ov(discovery.Disconnect, 10))
 		if r, reason := q.Push(ctx, item, ov(discovery.Disconnect, 10)); r != Disconnect || reason != ReasonSlowConsumer {
 			t.Fatalf("got %v %s", r, reason)
@@ -74,9 +103,15 @@ type fakeRemote struct {
 }
 
 func (f *fakeRemote) ID() string { return f.id }
-func (f *fakeRemote) Send(_ context.Context, _ string, _ Kind, data []byte, _ bool, _ discovery.Overflow) (Result, string) {
-	f.got = append(f.got, string(data))
+func (f *fakeRemote) Send(_ context.Context, _ string, _ Kind, data Payload, _ bool, _ discovery.Overflow) (Result, string) {
+	f.got = append(f.got, string(data.Data))
 	return Queued, ""
+}
+func (f *fakeRemote) SendBatch(_ context.Context, _ string, _ Kind, data []Payload, _ discovery.Overflow) (int, Result, string) {
+	for _, d := range data {
+		f.got = append(f.got, string(d.Data))
+	}
+	return len(data), Queued, ""
 }
 func (f *fakeRemote) Presence(string) (int, bool) { return f.conns, true }
 
@@ -86,8 +121,8 @@ func TestAnyOneRoundRobin(t *testing.T) {
 	r := New(logr.Discard(), nil)
 	defer r.Close()
 	ch := r.Ensure("jobs", discovery.Spec{Delivery: discovery.AnyOne})
-	sender := ch.Attach(Line, func() {})
-	other := ch.Attach(Line, func() {})
+	sender := ch.Attach(Line, "", func() {})
+	other := ch.Attach(Line, "", func() {})
 	b, c, idle := &fakeRemote{id: "b", conns: 1}, &fakeRemote{id: "c", conns: 2}, &fakeRemote{id: "d"}
 	ch.SetMembers([]Remote{c, idle, b}, []bool{true, true, true}, []bool{true, true, true})
 	for i := range 9 {
