@@ -131,6 +131,22 @@ func NewReader(r io.Reader, f Framing, maxMessageBytes int) *Reader {
 // read (unless only part of a message is buffered).
 func (r *Reader) Buffered() int { return r.end - r.start }
 
+// complete reports whether the next call to Next will return a message without reading
+// from the underlying reader. It remembers where it looked, so Next does not scan the
+// same bytes again. Raw chunks are never held back, so Raw reports false.
+func (r *Reader) complete() bool {
+	if r.f == Raw || r.done {
+		return false
+	}
+	i := bytes.IndexByte(r.buf[r.scanned:r.end], r.delim)
+	if i < 0 {
+		r.scanned = r.end
+		return false
+	}
+	r.scanned += i
+	return true
+}
+
 // Next returns the next message, without its delimiter (and without the '\r' of a Lines
 // "\r\n"). The slice is valid only until the next call. At a clean end of stream an
 // unterminated last message is returned first, then io.EOF. After any other read error

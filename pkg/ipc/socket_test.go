@@ -309,6 +309,38 @@ func TestMessagesSplitAcrossWrites(t *testing.T) {
 	}
 }
 
+// TestCompleteMessagesAreNotHeldForMore checks that the reader hands over every complete
+// message at once, even when the bytes that follow it are the start of a message that
+// never completes: batching must never wait for more input.
+func TestCompleteMessagesAreNotHeldForMore(t *testing.T) {
+	for _, network := range networks {
+		t.Run(network, func(t *testing.T) {
+			noLeaks(t)
+			srv := listen(t, network)
+			conn := dialRaw(t, srv)
+			sock := accept(t, srv)
+			// Three complete lines and a partial one in a single write: the socket
+			// reads them together, and the partial line stays incomplete.
+			if _, err := io.WriteString(conn, "one\ntwo\nthree\npart"); err != nil {
+				t.Fatal(err)
+			}
+			for _, want := range []string{"one", "two", "three"} {
+				if got := recv(t, sock.In()); got != want {
+					t.Fatalf("got %q, want %q", got, want)
+				}
+			}
+			if _, err := io.WriteString(conn, "ial\n"); err != nil {
+				t.Fatal(err)
+			}
+			if got := recv(t, sock.In()); got != "partial" {
+				t.Fatalf("got %q, want %q", got, "partial")
+			}
+			_ = conn.Close()
+			_ = sock.Close()
+		})
+	}
+}
+
 func TestLinesAreWrittenWithNewline(t *testing.T) {
 	for _, network := range networks {
 		t.Run(network, func(t *testing.T) {
