@@ -17,6 +17,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/internal/testenv"
 	"github.com/podipc/podipc/pkg/channel"
 )
 
@@ -24,7 +25,7 @@ import (
 // current generation.
 func waitStatus(t *testing.T, ns, name string, members, ready int32) {
 	t.Helper()
-	eventually(t, fmt.Sprintf("Channel %s status %d/%d", name, ready, members), func() error {
+	testenv.Eventually(t, fmt.Sprintf("Channel %s status %d/%d", name, ready, members), func() error {
 		ch := &podipcv1alpha1.Channel{}
 		if err := env.Client.Get(t.Context(), client.ObjectKey{Namespace: ns, Name: name}, ch); err != nil {
 			return err
@@ -139,7 +140,7 @@ func TestMembership(t *testing.T) {
 
 func expectEndpoint(t *testing.T, ns, channelName, pod string, ok func(discoveryv1.Endpoint) bool) {
 	t.Helper()
-	eventually(t, "endpoint of "+pod, func() error {
+	testenv.Eventually(t, "endpoint of "+pod, func() error {
 		eps, err := endpointsByPod(slicesOf(t, ns, channelName))
 		if err != nil {
 			return err
@@ -172,7 +173,7 @@ func TestMemberAccess(t *testing.T) {
 
 	key := client.ObjectKey{Namespace: ns, Name: channel.AccessName("jobs")}
 	binding := &rbacv1.RoleBinding{}
-	eventually(t, "RoleBinding subjects", func() error {
+	testenv.Eventually(t, "RoleBinding subjects", func() error {
 		if err := env.Client.Get(t.Context(), key, binding); err != nil {
 			return err
 		}
@@ -259,7 +260,7 @@ func TestChannelDeletion(t *testing.T) {
 func TestPodNamingMissingChannel(t *testing.T) {
 	ns := newNamespace(t)
 	pod := createPod(t, sidecarPod(ns, "early", "", "later"), "10.4.0.1", true)
-	eventually(t, "ChannelNotFound event", func() error {
+	testenv.Eventually(t, "ChannelNotFound event", func() error {
 		list := &eventsv1.EventList{}
 		if err := env.Client.List(t.Context(), list, client.InNamespace(ns)); err != nil {
 			return err

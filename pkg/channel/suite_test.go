@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/go-logr/logr"
 	corev1 "k8s.io/api/core/v1"
@@ -111,22 +110,6 @@ func setPodStatus(t testing.TB, pod *corev1.Pod, ip string, ready bool) {
 	pod.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: status, LastTransitionTime: metav1.Now()}}
 	if err := env.Client.Status().Update(context.Background(), pod); err != nil {
 		t.Fatalf("setting the status of pod %s: %v", pod.Name, err)
-	}
-}
-
-// eventually retries check until it returns nil or the (generous) timeout expires.
-func eventually(t testing.TB, what string, check func() error) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		err := check()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still failing after 30s: %v", what, err)
-		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }
 

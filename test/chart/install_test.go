@@ -2,10 +2,8 @@ package chart_test
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"testing"
-	"time"
 
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -68,7 +66,7 @@ func TestInstallUpgradeUninstall(t *testing.T) {
 		}
 	}
 	crd := &apiextensionsv1.CustomResourceDefinition{}
-	eventually(t, "the Channel CRD to be established", func() error {
+	testenv.Eventually(t, "the Channel CRD to be established", func() error {
 		if err := c.Get(ctx, client.ObjectKey{Name: "channels.podipc.dev"}, crd); err != nil {
 			return err
 		}
@@ -150,7 +148,7 @@ func TestInstallUpgradeUninstall(t *testing.T) {
 	manifest = parseObjects(t, helmKube(t, "get", "manifest", release, "--namespace", namespace))
 	helmKube(t, "uninstall", release, "--namespace", namespace, "--wait")
 	for _, u := range manifest {
-		eventually(t, u.GetKind()+"/"+u.GetName()+" to be deleted", func() error {
+		testenv.Eventually(t, u.GetKind()+"/"+u.GetName()+" to be deleted", func() error {
 			err := c.Get(ctx, key(u), emptyLike(u))
 			if apierrors.IsNotFound(err) {
 				return nil
@@ -181,21 +179,4 @@ func emptyLike(u *unstructured.Unstructured) *unstructured.Unstructured {
 	e := &unstructured.Unstructured{}
 	e.SetGroupVersionKind(u.GroupVersionKind())
 	return e
-}
-
-func eventually(t *testing.T, what string, f func() error) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
-	defer cancel()
-	var err error
-	for {
-		if err = f(); err == nil {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting for %s: %v", what, err)
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }

@@ -25,6 +25,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/internal/testenv"
 )
 
 // talkPort is the test Channel's localPort.
@@ -85,7 +86,7 @@ func TestSidecarsInKubernetesMode(t *testing.T) {
 		t.Fatal(err)
 	}
 	apps = []*app{a, b, d}
-	eventually(t, "pod-c stops receiving", func() error {
+	testenv.Eventually(t, "pod-c stops receiving", func() error {
 		line := "after c left " + rand.String(4)
 		a.send(t, line)
 		b.expect(t, line)
@@ -132,7 +133,7 @@ func TestSidecarsInKubernetesMode(t *testing.T) {
 	if err := env.Client.Update(t.Context(), ch); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "AnyOne delivery", func() error {
+	testenv.Eventually(t, "AnyOne delivery", func() error {
 		line := "anyone probe " + rand.String(4)
 		a.send(t, line)
 		if n := receivers([]*app{b, d}, line, 500*time.Millisecond); n != 1 {
@@ -235,7 +236,7 @@ func (sc *sidecarProc) stop(t testing.TB) {
 func waitReady(t testing.TB, sc *sidecarProc) {
 	t.Helper()
 	url := "http://" + net.JoinHostPort(sc.ip, "7702") + "/readyz"
-	eventually(t, "the sidecar of "+sc.name+" ready", func() error {
+	testenv.Eventually(t, "the sidecar of "+sc.name+" ready", func() error {
 		select {
 		case <-sc.done:
 			t.Fatalf("the sidecar of %s exited", sc.name)
@@ -266,7 +267,7 @@ func dialApp(t testing.TB, name, ip string) *app {
 	t.Helper()
 	addr := net.JoinHostPort(ip, fmt.Sprint(talkPort))
 	a := &app{name: name, lines: make(chan string, 1024)}
-	eventually(t, "dialing "+addr, func() error {
+	testenv.Eventually(t, "dialing "+addr, func() error {
 		var d net.Dialer
 		c, err := d.DialContext(t.Context(), "tcp", addr)
 		a.conn = c
@@ -341,7 +342,7 @@ func meshUp(t testing.TB, apps []*app) {
 	t.Helper()
 	for _, from := range apps {
 		for _, to := range others(apps, from) {
-			eventually(t, "a line from "+from.name+" reaching "+to.name, func() error {
+			testenv.Eventually(t, "a line from "+from.name+" reaching "+to.name, func() error {
 				line := "probe " + from.name + " " + rand.String(6)
 				from.send(t, line)
 				if !to.receives(line, 300*time.Millisecond) {
@@ -372,26 +373,6 @@ func others(apps []*app, self *app) []*app {
 		}
 	}
 	return out
-}
-
-// eventually retries check every 100 ms for up to 30 s.
-func eventually(t testing.TB, what string, check func() error) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		err := check()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %v", what, err)
-		}
-		select {
-		case <-t.Context().Done():
-			t.Fatalf("%s: %v", what, t.Context().Err())
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
 }
 
 // writeKubeconfig writes a kubeconfig for the test API server that acts as user.
