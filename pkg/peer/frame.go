@@ -289,34 +289,36 @@ func (d *decoder) fail(what string) {
 	d.b = nil
 }
 
-func (d *decoder) u16() uint16 {
-	if len(d.b) < 2 {
-		d.fail("u16")
-		return 0
+// take returns the next n bytes, or nil (recording a short frame) if fewer are left.
+func (d *decoder) take(n uint64, what string) []byte {
+	if n > uint64(len(d.b)) {
+		d.fail(what)
+		return nil
 	}
-	v := binary.BigEndian.Uint16(d.b)
-	d.b = d.b[2:]
+	v := d.b[:n:n]
+	d.b = d.b[n:]
 	return v
+}
+
+func (d *decoder) u16() uint16 {
+	if v := d.take(2, "u16"); v != nil {
+		return binary.BigEndian.Uint16(v)
+	}
+	return 0
 }
 
 func (d *decoder) u64() uint64 {
-	if len(d.b) < 8 {
-		d.fail("u64")
-		return 0
+	if v := d.take(8, "u64"); v != nil {
+		return binary.BigEndian.Uint64(v)
 	}
-	v := binary.BigEndian.Uint64(d.b)
-	d.b = d.b[8:]
-	return v
+	return 0
 }
 
 func (d *decoder) byte() byte {
-	if len(d.b) < 1 {
-		d.fail("byte")
-		return 0
+	if v := d.take(1, "byte"); v != nil {
+		return v[0]
 	}
-	v := d.b[0]
-	d.b = d.b[1:]
-	return v
+	return 0
 }
 
 func (d *decoder) uvarint() uint64 {
@@ -331,13 +333,10 @@ func (d *decoder) uvarint() uint64 {
 
 func (d *decoder) bytes() []byte {
 	n := d.uvarint()
-	if d.err != nil || n > uint64(len(d.b)) {
-		d.fail("string")
+	if d.err != nil {
 		return nil
 	}
-	v := d.b[:n]
-	d.b = d.b[n:]
-	return v
+	return d.take(n, "string")
 }
 
 func (d *decoder) str() string { return string(d.bytes()) }
