@@ -196,7 +196,7 @@ func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
 	defer slab.Close()
 	src.flush = func() {
 		e.ch.RouteBatch(e.ctx, c, e.kind, src.batch)
-		router.ReleaseLines(src.batch) // the queues took their own references
+		slab.Recycle() // the queues took their own references
 		clear(src.batch)
 		src.batch = src.batch[:0]
 	}

@@ -135,6 +135,18 @@ func (r *Reader) SetMax(n int) { r.max = n }
 
 // Next returns the next frame's type and body, valid until the next call.
 func (r *Reader) Next() (FrameType, []byte, error) {
+	// A frame already whole in the buffer is returned in place: Peek does not read from
+	// the stream while enough is buffered, and Discard of buffered bytes leaves them
+	// where they are until the next read, which only the next call can make.
+	if b := r.br.Buffered(); b >= headerLen {
+		h, _ := r.br.Peek(headerLen)
+		n := int(binary.BigEndian.Uint32(h[:4]))
+		if n >= 1 && n <= r.max && 4+n <= b {
+			f, _ := r.br.Peek(4 + n)
+			_, _ = r.br.Discard(4 + n)
+			return FrameType(f[4]), f[headerLen:], nil
+		}
+	}
 	// The header lives in the Reader: a local array would escape through io.ReadFull and
 	// cost an allocation per frame.
 	hdr := r.hdr[:]
@@ -410,18 +422,25 @@ func ParseAck(b []byte) (uint64, error) {
 	return v, d.err
 }
 
-// ParseData decodes a DATA body. Payload aliases b.
+// ParseData decodes a DATA body. Payload aliases b. It is the receiving sidecar's per-line
+// work, so it reads the fields directly rather than through a decoder.
 func ParseData(b []byte) (Data, error) {
-	d := decoder{b: b}
-	m := Data{Seq: d.uvarint()}
-	ch := d.bytes()
-	k := d.byte()
-	if d.err != nil {
-		return Data{}, d.err
+	seq, n := binary.Uvarint(b)
+	if n <= 0 {
+		return Data{}, fmt.Errorf("%w: short varint", ErrFrame)
 	}
+	b = b[n:]
+	l, n := binary.Uvarint(b)
+	if n <= 0 {
+		return Data{}, fmt.Errorf("%w: short varint", ErrFrame)
+	}
+	b = b[n:]
+	if l >= uint64(len(b)) { // the channel name and the kind byte
+		return Data{}, fmt.Errorf("%w: short string", ErrFrame)
+	}
+	k := b[l]
 	if k > byte(router.NodeIPC) {
 		return Data{}, fmt.Errorf("%w: kind %d", ErrFrame, k)
 	}
-	m.Channel, m.Kind, m.Payload = ch, router.Kind(k), d.b
-	return m, nil
+	return Data{Seq: seq, Channel: b[:l:l], Kind: router.Kind(k), Payload: b[l+1:]}, nil
 }

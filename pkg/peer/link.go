@@ -1,7 +1,6 @@
 package peer
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -100,9 +99,20 @@ type Link struct {
 
 	mu sync.Mutex
 	// q holds unacknowledged messages in sequence order; q.items()[next:] are not yet
-	// written on the current session.
+	// handed to the current session's writer.
 	q    fifo[outMsg]
 	next int
+	// encoding says a session's writer is running. Messages are then encoded into out
+	// as they are queued, while out holds less than maxOutBytes, and the writer takes a
+	// whole batch by swapping buffers: no queue entry is copied, and a line is copied
+	// once, from its chunk into out. What does not fit waits in q[next:] until the
+	// writer has room again. Between sessions messages only wait in q; the next session
+	// encodes those its receiver has not acknowledged.
+	encoding bool
+	out      []byte
+	// outN counts the frames in out; outSeq is the last one's sequence number.
+	outN   int
+	outSeq uint64
 	// nextSeq is the sequence number of the next message queued.
 	nextSeq uint64
 	// sentSeq is the highest sequence number possibly seen by the current receiver
@@ -190,15 +200,53 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line 
 		return router.Dropped, router.ReasonPeerRemoved
 	}
 	line.Ref.Retain(1)
-	l.q.push(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: data, ref: line.Ref, anyOne: anyOne})
-	l.nextSeq++
-	st.bytes += len(data)
-	l.unacked += len(data)
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
+	l.pushLocked(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: data, ref: line.Ref, anyOne: anyOne})
+	l.kickLocked()
 	return router.Queued, ""
+}
+
+// pushLocked queues m, the next message in sequence, and encodes it for the writer if a
+// session is up.
+func (l *Link) pushLocked(m outMsg) {
+	l.q.push(m)
+	l.nextSeq++
+	m.st.bytes += len(m.data)
+	l.unacked += len(m.data)
+	if l.encoding && l.next == l.q.len()-1 && len(l.out) < maxOutBytes {
+		l.encodeLocked(&m)
+		l.next++
+	}
+}
+
+// fillLocked encodes waiting messages into out while it holds less than maxOutBytes.
+func (l *Link) fillLocked() {
+	q := l.q.items()
+	for l.next < len(q) && len(l.out) < maxOutBytes {
+		l.encodeLocked(&q[l.next])
+		l.next++
+	}
+}
+
+// encodeLocked appends m's DATA frame to out.
+func (l *Link) encodeLocked(m *outMsg) {
+	l.out = AppendDataHeader(l.out, m.seq, m.channel, m.kind, len(m.data))
+	l.out = append(l.out, m.data...)
+	l.outN++
+	l.outSeq = m.seq
+}
+
+// startEncodingLocked encodes the messages not yet handed to the writer, and later ones
+// as they are queued, for a session whose writer is about to run.
+func (l *Link) startEncodingLocked() {
+	l.out, l.outN = l.out[:0], 0
+	l.encoding = true
+	l.fillLocked()
+}
+
+// stopEncodingLocked discards what the ended session's writer did not take.
+func (l *Link) stopEncodingLocked() {
+	l.encoding = false
+	l.out, l.outN = l.out[:0], 0
 }
 
 // chanLocked returns the bound of channel.
@@ -226,7 +274,11 @@ func (l *Link) reportLocked() {
 // SendBatch queues Broadcast lines of one channel in order, as Send does for each, with
 // one lock and one wakeup of the writer per batch. It stops at the first line that is
 // not queued and returns its index with the result and reason.
-func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, lines []router.Payload, ov discovery.Overflow) (int, router.Result, string) {
+func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, lines []router.Payload, ov discovery.Overflow) (n int, res router.Result, reason string) {
+	// Every line's chunk is retained before the writer can see it (one atomic
+	// operation per chunk), and what was not queued is released on the way out.
+	router.RetainLines(lines)
+	defer func() { router.ReleaseLines(lines[n:]) }()
 	if ov.Policy != discovery.Block {
 		ov.Policy = discovery.WaitThenDrop
 		ov.MaxWait += l.cfg.Keepalive
@@ -246,19 +298,17 @@ func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, 
 			// Admit may wait for acknowledgements: let the writer send what is queued.
 			l.kickLocked()
 		}
-		res, reason := st.bound.Admit(ctx, &l.mu, len(d), used, &l.space, closed, ov)
-		if res != router.Queued {
-			l.kickLocked()
-			return i, res, reason
+		if !st.bound.Fits(st.bytes, len(d), ov.QueueBytes) {
+			res, reason = st.bound.Admit(ctx, &l.mu, len(d), used, &l.space, closed, ov)
+			if res != router.Queued {
+				l.kickLocked()
+				return i, res, reason
+			}
+			if l.closed {
+				return i, router.Dropped, router.ReasonPeerRemoved
+			}
 		}
-		if l.closed {
-			return i, router.Dropped, router.ReasonPeerRemoved
-		}
-		line.Ref.Retain(1)
-		l.q.push(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: d, ref: line.Ref})
-		l.nextSeq++
-		st.bytes += len(d)
-		l.unacked += len(d)
+		l.pushLocked(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: d, ref: line.Ref})
 		added = true
 	}
 	l.kickLocked()
@@ -312,7 +362,7 @@ func (l *Link) ackLocked(seq uint64) {
 // settleLocked removes the messages with seq ≤ upTo (all of them if upTo is max) that a
 // receiver may have seen but will never acknowledge: Broadcast ones are counted dropped
 // for reason, AnyOne ones are returned for rerouting. Messages that no receiver has seen
-// stay queued.
+// stay queued. It is called only between sessions, when nothing is being encoded.
 func (l *Link) settleLocked(upTo uint64, reason string) []router.Message {
 	var reroute []router.Message
 	drops := map[string]int{}
@@ -438,6 +488,7 @@ func (l *Link) session(ctx context.Context) error {
 	l.mu.Lock()
 	l.up = false
 	l.conn = nil
+	l.stopEncodingLocked()
 	var reroute []router.Message
 	if errors.Is(rerr, errGoodbye) {
 		// The receiver is going away and will not acknowledge more: AnyOne lines go to
@@ -524,53 +575,50 @@ func (l *Link) resume(conn net.Conn, w Welcome) {
 		reroute = l.settleLocked(l.sentSeq, router.ReasonPeerRestarted)
 	}
 	l.next = 0
+	l.startEncodingLocked()
 	l.havePeer, l.peerInc = true, w.Pod.Incarnation
 	l.presence = w.Presence
 	l.up = true
 	l.conn = conn
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
+	l.kickLocked()
 	l.mu.Unlock()
 	l.log.V(1).Info("Peer link established", "version", w.Version, "incarnation", w.Pod.Incarnation)
 	l.cfg.Router.Reroute(reroute)
 	l.cfg.Router.Notify()
 }
 
-// writeLoop is the link's only writer: it writes everything queued in one batch per
-// wakeup, pings when idle, and says GOODBYE when asked to once the queue is empty.
+// writeLoop is the link's only writer: it writes the frames encoded since its last
+// write in one system call per wakeup, pings when idle, and says GOODBYE when asked to
+// once the queue is empty.
 func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
-	bw := bufio.NewWriterSize(conn, 64<<10)
 	ping := time.NewTicker(l.cfg.Keepalive)
 	defer ping.Stop()
-	var batch []outMsg
-	var hdr []byte
+	// spare is the buffer written last time, swapped in for the encoders to fill next.
+	var spare []byte
 	wrote := false
 	for {
 		l.mu.Lock()
-		batch = append(batch[:0], l.q.items()[l.next:]...)
-		l.next = l.q.len()
-		if n := len(batch); n > 0 && batch[n-1].seq > l.sentSeq {
-			l.sentSeq = batch[n-1].seq
+		l.fillLocked()
+		buf, n := l.out, l.outN
+		if n > 0 {
+			l.out, l.outN = spare[:0], 0
+			// Marked before the write: a failed write may still have reached the receiver.
+			l.sentSeq = max(l.sentSeq, l.outSeq)
 		}
 		bye := l.bye && l.q.len() == 0
 		l.reportLocked()
 		l.mu.Unlock()
-		if len(batch) > 0 {
+		if n > 0 {
 			_ = conn.SetWriteDeadline(time.Now().Add(3 * l.cfg.Keepalive))
-			for i := range batch {
-				m := &batch[i]
-				hdr = AppendDataHeader(hdr[:0], m.seq, m.channel, m.kind, len(m.data))
-				// bufio.Writer errors are sticky: Flush below reports them.
-				_, _ = bw.Write(hdr)
-				_, _ = bw.Write(m.data)
-			}
-			if err := bw.Flush(); err != nil {
+			if _, err := conn.Write(buf); err != nil {
 				return err
 			}
-			l.cfg.Metrics.Sent.Add(float64(len(batch)))
-			clear(batch)
+			l.cfg.Metrics.Sent.Add(float64(n))
+			// Keep the buffer for the next swap unless a single large message grew it.
+			spare = nil
+			if cap(buf) <= 2*maxOutBytes {
+				spare = buf
+			}
 			wrote = true
 			continue
 		}
@@ -594,6 +642,10 @@ func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
 		}
 	}
 }
+
+// maxOutBytes is how many bytes of frames are encoded ahead of the writer: enough for
+// thousands of short lines per system call, while the link's two buffers stay small.
+const maxOutBytes = 256 << 10
 
 // readLoop reads ACK, PRESENCE, PING and GOODBYE until the connection fails.
 func (l *Link) readLoop(fr *Reader) error {

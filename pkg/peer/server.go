@@ -361,7 +361,7 @@ func (b *batch) flushRun() {
 		return
 	}
 	b.grace = max(b.grace, b.s.cfg.Router.DeliverBatch(b.s.ctx, b.runName, b.runKind, b.run, b.c))
-	router.ReleaseLines(b.run) // the queues took their own references
+	b.slab.Recycle() // the queues took their own references
 	clear(b.run)
 	b.run = b.run[:0]
 }

@@ -49,7 +49,7 @@ func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, 
 		batch = append(batch, slab.Copy(line))
 		if len(batch) == cap(batch) || i == b.N-1 {
 			route(ch, from, to, batch)
-			ReleaseLines(batch)
+			slab.Recycle()
 			batch = batch[:0]
 			items = drain(to, items)
 			items = drain(from, items) // Deliver queues for every connection

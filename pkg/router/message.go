@@ -65,11 +65,16 @@ func NewCompletion(notify chan<- struct{}) *Completion {
 func (c *Completion) Add(n int) { c.remaining.Add(int32(n)) }
 
 // Done releases one reference and reports whether it was the last.
-func (c *Completion) Done() bool {
-	if c == nil {
+func (c *Completion) Done() bool { return c.DoneN(1) }
+
+// DoneN releases n references and reports whether they were the last. Writers release
+// a batch's references at once: one atomic operation per batch rather than per line,
+// on a counter the dispatching goroutine shares from another CPU.
+func (c *Completion) DoneN(n int) bool {
+	if c == nil || n == 0 {
 		return false
 	}
-	if c.remaining.Add(-1) == 0 {
+	if c.remaining.Add(-int32(n)) == 0 {
 		select {
 		case c.notify <- struct{}{}:
 		default:
@@ -77,6 +82,19 @@ func (c *Completion) Done() bool {
 		return true
 	}
 	return false
+}
+
+// DoneItems releases the completion references of items, one atomic operation per run
+// of items sharing a completion.
+func DoneItems(items []Item) {
+	for i := 0; i < len(items); {
+		j := i + 1
+		for j < len(items) && items[j].Done == items[i].Done {
+			j++
+		}
+		items[i].Done.DoneN(j - i)
+		i = j
+	}
 }
 
 // Complete reports whether every reference has been released.
@@ -151,7 +169,21 @@ func ReleaseItems(items []Item) {
 	}
 }
 
-// ReleaseLines releases the references that Slab.Copy took for lines.
+// RetainLines takes one reference on the chunk of each of lines, one atomic operation
+// per run of lines sharing a chunk. A queue retains a whole batch before it can be
+// taken (and released) by the queue's writer, and releases what it did not keep.
+func RetainLines(lines []Payload) {
+	for i := 0; i < len(lines); {
+		j := i + 1
+		for j < len(lines) && lines[j].Ref == lines[i].Ref {
+			j++
+		}
+		lines[i].Ref.Retain(j - i)
+		i = j
+	}
+}
+
+// ReleaseLines releases one reference on the chunk of each of lines, as RetainLines took.
 func ReleaseLines(lines []Payload) {
 	for i := 0; i < len(lines); {
 		j := i + 1
@@ -165,32 +197,49 @@ func ReleaseLines(lines []Payload) {
 
 // Slab copies message bytes into pooled chunks. It is not safe for concurrent use; each
 // reading goroutine owns one.
+//
+// A copy is valid until the next Recycle: the slab keeps its reference on every chunk
+// it filled since then, so the reader hands a batch of lines to the queues without
+// taking a reference per line (each queue takes one per run of lines it keeps).
 type Slab struct {
 	// cur is the chunk being filled; the slab holds a reference on it until it moves on.
 	cur *Chunk
+	// full are the chunks filled since the last Recycle, each still referenced by the
+	// slab because lines of the current batch may live in them.
+	full []*Chunk
 }
 
-// Copy returns a copy of b that stays valid after the caller reuses b, holding one
-// reference for the caller, who releases it (ReleaseLines) once every queue that
-// keeps the line has taken its own.
+// Copy returns a copy of b that stays valid until the next Recycle (or Close).
 func (s *Slab) Copy(b []byte) Payload {
 	if len(b) > slabSize/4 {
 		return Payload{Data: append([]byte(nil), b...)}
 	}
 	if s.cur == nil || cap(s.cur.buf)-len(s.cur.buf) < len(b) {
-		s.cur.Release(1)
+		if s.cur != nil {
+			s.full = append(s.full, s.cur)
+		}
 		s.cur = chunkPool.Get().(*Chunk)
 		s.cur.refs.Store(1)
 	}
 	c := s.cur
 	start := len(c.buf)
 	c.buf = append(c.buf, b...)
-	c.refs.Add(1)
 	return Payload{Data: c.buf[start:len(c.buf):len(c.buf)], Ref: c}
 }
 
-// Close releases the slab's chunk.
+// Recycle ends the validity of the copies made so far: the slab drops its references on
+// the chunks it has filled (the queues hold their own on what they kept).
+func (s *Slab) Recycle() {
+	for i, c := range s.full {
+		c.Release(1)
+		s.full[i] = nil
+	}
+	s.full = s.full[:0]
+}
+
+// Close recycles and releases the slab's current chunk.
 func (s *Slab) Close() {
+	s.Recycle()
 	s.cur.Release(1)
 	s.cur = nil
 }

@@ -29,6 +29,12 @@ type Bound struct {
 	overflowing bool
 }
 
+// Fits reports whether a message of n bytes enters a queue holding used bytes under
+// limit without applying any policy: the fast path, which Admit would also take.
+func (b *Bound) Fits(used, n, limit int) bool {
+	return !b.overflowing && (used == 0 || used+n <= limit)
+}
+
 // Admit applies the overflow policy ov to a message of n bytes entering a queue that
 // holds used bytes. mu must be held; Admit may release and re-acquire it while waiting,
 // calling used again each time. space is broadcast whenever the queue shrinks; closed
@@ -174,6 +180,10 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 // Under WaitThenDrop it never waits: a message that finds the queue full waits in the
 // queue's overflow episode (and counts as queued), or is dropped.
 func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *Completion, ov discovery.Overflow) (n int, res Result, reason string) {
+	// Every line's chunk is retained before the writer can see it, and what was not
+	// queued is released on the way out.
+	RetainLines(data)
+	defer func() { ReleaseLines(data[n:]) }()
 	if ov.Policy == discovery.WaitThenDrop {
 		return q.pushNoWait(ctx, kind, data, done, ov)
 	}
@@ -192,7 +202,9 @@ func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *
 			q.publishLocked(added)
 			added = 0
 		}
-		if !q.closed {
+		if !q.closed && q.bound.Fits(q.bytes, len(d), ov.QueueBytes) {
+			res = Queued
+		} else if !q.closed {
 			if ov.Policy == discovery.Disconnect {
 				res, reason = q.admitDisconnect(ctx, len(d), ov)
 			} else {
@@ -205,7 +217,6 @@ func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *
 		if res != Queued {
 			break
 		}
-		data[n].Ref.Retain(1)
 		q.items = append(q.items, Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done})
 		q.bytes += len(d)
 		added += len(d)
@@ -237,7 +248,7 @@ func (q *Queue) admitDisconnect(ctx context.Context, n int, ov discovery.Overflo
 	}
 }
 
-// pushNoWait is PushBatch under WaitThenDrop. Lines from peers (done != nil) never
+// pushNoWait is PushBatch under WaitThenDrop; the caller has retained data. Lines from peers (done != nil) never
 // wait; a local sender whose lines find the episode's waiting list full too waits for
 // room there, at most until the episode ends, as it would have for the queue.
 func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done *Completion, ov discovery.Overflow) (int, Result, string) {
@@ -279,7 +290,6 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done 
 				}
 				continue
 			}
-			it.Ref.Retain(1)
 			q.waiting = append(q.waiting, it)
 			q.waitBytes += len(d)
 			q.gauge(len(d))
@@ -292,7 +302,6 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done 
 			}
 			q.bound.overflowing = false
 		}
-		it.Ref.Retain(1)
 		if q.bytes == 0 || q.bytes+len(d) <= limit {
 			q.items = append(q.items, it)
 			q.bytes += len(d)
@@ -327,9 +336,7 @@ func (q *Queue) expire(ep uint64) {
 	q.mu.Unlock()
 	q.gauge(-n)
 	q.space.Broadcast() // local senders waiting for room in the episode
-	for i := range left {
-		left[i].Done.Done()
-	}
+	DoneItems(left)
 	ReleaseItems(left)
 	q.dropped(ReasonQueueFull, len(left))
 }

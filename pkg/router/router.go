@@ -215,8 +215,8 @@ func (c *Conn) Detach() {
 	n := 0
 	for _, it := range left {
 		n += len(it.Data)
-		it.Done.Done()
 	}
+	DoneItems(left)
 	ReleaseItems(left)
 	c.Queue.Release(n)
 	if len(left) > 0 {
@@ -229,8 +229,8 @@ func (c *Conn) Written(items []Item) {
 	n := 0
 	for i := range items {
 		n += len(items[i].Data)
-		items[i].Done.Done()
 	}
+	DoneItems(items)
 	ReleaseItems(items)
 	c.Queue.Release(n)
 	c.ch.linesOut.Add(float64(len(items)))
@@ -471,8 +471,8 @@ func (c *Conn) Failed(items []Item, reason string) {
 	n := 0
 	for i := range items {
 		n += len(items[i].Data)
-		items[i].Done.Done()
 	}
+	DoneItems(items)
 	ReleaseItems(items)
 	c.Queue.Release(n)
 	if len(items) > 0 {
