@@ -36,20 +36,22 @@ type LinkConfig struct {
 }
 
 // outMsg is a sequenced message waiting for its acknowledgement. The link keeps them by
-// value in a fifo: queueing a line allocates nothing.
+// value in a fifo: queueing a line allocates nothing. A full queue of short lines holds
+// tens of thousands of them, so the struct is kept to one cache line (the channel name
+// lives in st).
 type outMsg struct {
-	seq     uint64
-	st      *chanState
-	channel string
-	kind    router.Kind
-	data    []byte
+	seq uint64
+	st  *chanState
 	// ref keeps data's slab chunk; released when the message leaves the queue.
 	ref    *router.Chunk
+	data   []byte
+	kind   router.Kind
 	anyOne bool
 }
 
 // chanState is the link's bound on one channel: bytes queued and not yet acknowledged.
 type chanState struct {
+	name  string
 	bytes int
 	bound router.Bound
 }
@@ -200,7 +202,7 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line 
 		return router.Dropped, router.ReasonPeerRemoved
 	}
 	line.Ref.Retain(1)
-	l.pushLocked(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: data, ref: line.Ref, anyOne: anyOne})
+	l.pushLocked(outMsg{seq: l.nextSeq, st: st, kind: kind, data: data, ref: line.Ref, anyOne: anyOne})
 	l.kickLocked()
 	return router.Queued, ""
 }
@@ -229,7 +231,7 @@ func (l *Link) fillLocked() {
 
 // encodeLocked appends m's DATA frame to out.
 func (l *Link) encodeLocked(m *outMsg) {
-	l.out = AppendDataHeader(l.out, m.seq, m.channel, m.kind, len(m.data))
+	l.out = AppendDataHeader(l.out, m.seq, m.st.name, m.kind, len(m.data))
 	l.out = append(l.out, m.data...)
 	l.outN++
 	l.outSeq = m.seq
@@ -256,7 +258,7 @@ func (l *Link) chanLocked(channel string) *chanState {
 	}
 	st := l.chans[channel]
 	if st == nil {
-		st = &chanState{}
+		st = &chanState{name: channel}
 		l.chans[channel] = st
 	}
 	l.lastName, l.last = channel, st
@@ -308,7 +310,7 @@ func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, 
 				return i, router.Dropped, router.ReasonPeerRemoved
 			}
 		}
-		l.pushLocked(outMsg{seq: l.nextSeq, st: st, channel: channel, kind: kind, data: d, ref: line.Ref})
+		l.pushLocked(outMsg{seq: l.nextSeq, st: st, kind: kind, data: d, ref: line.Ref})
 		added = true
 	}
 	l.kickLocked()
@@ -376,9 +378,9 @@ func (l *Link) settleLocked(upTo uint64, reason string) []router.Message {
 		l.unacked -= len(m.data)
 		if m.anyOne {
 			// Rerouted lines leave the chunk, which is released below.
-			reroute = append(reroute, router.Message{Channel: m.channel, Kind: m.kind, Data: append([]byte(nil), m.data...)})
+			reroute = append(reroute, router.Message{Channel: m.st.name, Kind: m.kind, Data: append([]byte(nil), m.data...)})
 		} else {
-			drops[m.channel]++
+			drops[m.st.name]++
 		}
 		m.ref.Release(1)
 	}
@@ -510,7 +512,7 @@ func (l *Link) settleAnyOneLocked() []router.Message {
 	var keep fifo[outMsg]
 	for _, m := range l.q.items() {
 		if m.anyOne {
-			out = append(out, router.Message{Channel: m.channel, Kind: m.kind, Data: append([]byte(nil), m.data...)})
+			out = append(out, router.Message{Channel: m.st.name, Kind: m.kind, Data: append([]byte(nil), m.data...)})
 			m.st.bytes -= len(m.data)
 			l.unacked -= len(m.data)
 			m.ref.Release(1)

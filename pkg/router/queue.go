@@ -390,12 +390,18 @@ func (q *Queue) publishLocked(added int) {
 func (q *Queue) Ready() <-chan struct{} { return q.ready }
 
 // Take appends every queued item to dst and empties the queue. The caller must Release
-// the bytes of what it took once written.
+// the bytes of what it took once written. An empty dst is swapped with the queue's
+// array rather than appended to, so a writer that hands back what it took (cleared)
+// moves no items at all.
 func (q *Queue) Take(dst []Item) []Item {
 	q.mu.Lock()
-	dst = append(dst, q.items...)
-	clear(q.items)
-	q.items = q.items[:0]
+	if len(dst) == 0 {
+		dst, q.items = q.items, dst
+	} else {
+		dst = append(dst, q.items...)
+		clear(q.items)
+		q.items = q.items[:0]
+	}
 	q.mu.Unlock()
 	return dst
 }
