@@ -6,7 +6,6 @@
 package peer
 
 import (
-	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -88,19 +87,32 @@ type Data struct {
 	Payload []byte
 }
 
-// Reader splits a stream into frames.
+// Reader splits a stream into frames. It reads straight into reference-counted chunks
+// (router.Chunk) and returns every frame that fits one in place, so the receiving
+// sidecar queues a line's bytes for its local readers without copying them: the caller
+// retains the frame's chunk (Chunk) for as long as it keeps the frame.
 type Reader struct {
-	br  *bufio.Reader
 	src *source
-	hdr [headerLen]byte
-	buf []byte
 	max int
+	// chunk is the buffer being filled (buf is its bytes), holding the reader's own
+	// reference; buf[r:w] is read but not yet returned. A full chunk is never reused
+	// by the reader: it takes a new one, carrying over the partial frame at its end,
+	// and releases the old one, which lives on while queued lines alias it.
+	chunk *router.Chunk
+	buf   []byte
+	r, w  int
+	// cur is the chunk of the frame returned last; nil for a frame too large for a
+	// chunk, which gets a buffer of its own.
+	cur *router.Chunk
 }
 
-// source is what the Reader's buffer reads from. With a timeout set it pushes the
-// connection's read deadline forward before each read from the socket, that is once
-// per buffer refill (hundreds of small frames) rather than once per frame, which cost
-// a clock read and a runtime timer update per line.
+// minRead is the least room a read is offered: a chunk with less left is replaced.
+const minRead = 4 << 10
+
+// source is what the Reader reads from. With a timeout set it pushes the connection's
+// read deadline forward before each read from the socket, that is once per buffer
+// refill (hundreds of small frames) rather than once per frame, which cost a clock read
+// and a runtime timer update per line.
 type source struct {
 	r       io.Reader
 	conn    interface{ SetReadDeadline(time.Time) error }
@@ -114,10 +126,9 @@ func (s *source) Read(p []byte) (int, error) {
 	return s.r.Read(p)
 }
 
-// NewReader reads frames of at most maxFrame bytes from r.
+// NewReader reads frames of at most maxFrame bytes from r. Close releases its buffer.
 func NewReader(r io.Reader, maxFrame int) *Reader {
-	src := &source{r: r}
-	return &Reader{br: bufio.NewReaderSize(src, 64<<10), src: src, max: maxFrame}
+	return &Reader{src: &source{r: r}, max: maxFrame}
 }
 
 // SetReadTimeout makes every read from the stream fail if conn (the stream's
@@ -133,57 +144,92 @@ func (r *Reader) SetReadTimeout(conn interface{ SetReadDeadline(time.Time) error
 // SetMax changes the frame bound (raised after the handshake).
 func (r *Reader) SetMax(n int) { r.max = n }
 
-// Next returns the next frame's type and body, valid until the next call.
+// Next returns the next frame's type and body. The body is valid until the next call,
+// or for as long as the caller holds a reference on Chunk().
 func (r *Reader) Next() (FrameType, []byte, error) {
-	// A frame already whole in the buffer is returned in place: Peek does not read from
-	// the stream while enough is buffered, and Discard of buffered bytes leaves them
-	// where they are until the next read, which only the next call can make.
-	if b := r.br.Buffered(); b >= headerLen {
-		h, _ := r.br.Peek(headerLen)
-		n := int(binary.BigEndian.Uint32(h[:4]))
-		if n >= 1 && n <= r.max && 4+n <= b {
-			f, _ := r.br.Peek(4 + n)
-			_, _ = r.br.Discard(4 + n)
-			return FrameType(f[4]), f[headerLen:], nil
+	for {
+		if r.w-r.r >= 4 {
+			n := int(binary.BigEndian.Uint32(r.buf[r.r:]))
+			if n < 1 || n > r.max {
+				return 0, nil, fmt.Errorf("%w: length %d", ErrFrame, n)
+			}
+			if 4+n > router.ChunkSize {
+				return r.large(n)
+			}
+			if r.w-r.r >= 4+n {
+				f := r.buf[r.r : r.r+4+n : r.r+4+n]
+				r.r += 4 + n
+				r.cur = r.chunk
+				return FrameType(f[4]), f[headerLen:], nil
+			}
+		}
+		if err := r.fill(); err != nil {
+			if errors.Is(err, io.EOF) && r.w > r.r {
+				err = io.ErrUnexpectedEOF
+			}
+			return 0, nil, err
 		}
 	}
-	// The header lives in the Reader: a local array would escape through io.ReadFull and
-	// cost an allocation per frame.
-	hdr := r.hdr[:]
-	if _, err := io.ReadFull(r.br, hdr); err != nil {
-		return 0, nil, err
+}
+
+// fill reads more of the stream, into a new chunk if the current one is short of room.
+func (r *Reader) fill() error {
+	if r.chunk == nil || len(r.buf)-r.w < minRead {
+		next := router.NewChunk()
+		buf := next.Bytes()
+		r.w = copy(buf, r.buf[r.r:r.w])
+		r.r = 0
+		r.chunk.Release(1)
+		r.chunk, r.buf = next, buf
 	}
-	n := int(binary.BigEndian.Uint32(hdr[:4]))
-	if n < 1 || n > r.max {
-		return 0, nil, fmt.Errorf("%w: length %d", ErrFrame, n)
+	n, err := r.src.Read(r.buf[r.w:])
+	r.w += n
+	if n > 0 {
+		return nil
 	}
-	n-- // the type byte is already read
-	if cap(r.buf) < n {
-		r.buf = make([]byte, n)
+	if err == nil {
+		err = io.ErrNoProgress
 	}
-	r.buf = r.buf[:n]
-	if _, err := io.ReadFull(r.br, r.buf); err != nil {
+	return err
+}
+
+// large reads a frame of n bytes after its length, too large for a chunk, into a buffer
+// of its own.
+func (r *Reader) large(n int) (FrameType, []byte, error) {
+	f := make([]byte, n)
+	got := copy(f, r.buf[r.r+4:r.w])
+	r.r += 4 + got
+	if _, err := io.ReadFull(r.src, f[got:]); err != nil {
 		if errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF
 		}
 		return 0, nil, err
 	}
-	return FrameType(hdr[4]), r.buf, nil
+	r.cur = nil
+	return FrameType(f[0]), f[1:], nil
 }
+
+// Chunk returns the chunk that the last frame's body lives in, or nil if it has a
+// buffer of its own. A caller keeping the body past the next Next retains the chunk.
+func (r *Reader) Chunk() *router.Chunk { return r.cur }
 
 // Ready reports whether a whole frame is buffered, so that Next returns it without
 // reading from the stream (and so without blocking).
 func (r *Reader) Ready() bool {
-	n := r.br.Buffered()
-	if n < 4 {
+	if r.w-r.r < 4 {
 		return false
 	}
-	h, _ := r.br.Peek(4)
-	return n-4 >= int(binary.BigEndian.Uint32(h))
+	return r.w-r.r-4 >= int(binary.BigEndian.Uint32(r.buf[r.r:]))
 }
 
 // Buffered reports bytes read from the stream but not yet returned.
-func (r *Reader) Buffered() int { return r.br.Buffered() }
+func (r *Reader) Buffered() int { return r.w - r.r }
+
+// Close releases the reader's chunk; Next must not be called afterwards.
+func (r *Reader) Close() {
+	r.chunk.Release(1)
+	r.chunk, r.buf, r.r, r.w, r.cur = nil, nil, 0, 0, nil
+}
 
 // appendHeader appends a frame header for a body of n bytes.
 func appendHeader(dst []byte, t FrameType, n int) []byte {

@@ -470,6 +470,7 @@ func (l *Link) session(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	defer fr.Close()
 	l.cfg.Metrics.Links.WithLabelValues("out", "up").Inc()
 	defer l.cfg.Metrics.Links.WithLabelValues("out", "up").Dec()
 	l.resume(conn, w)

@@ -158,6 +158,7 @@ func (s *Server) serve(in *inbound) error {
 	conn := in.conn
 	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
 	fr := NewReader(conn, maxHandshakeBytes)
+	defer fr.Close()
 	t, body, err := fr.Next()
 	if err != nil {
 		return err
@@ -269,12 +270,16 @@ func (s *Server) takeOver(in *inbound) *sender {
 // one completion and one pending entry, runs of one channel go to the router in one
 // call, and the batch is closed before the loop could block on the socket, so no line
 // waits for a later one to arrive.
+//
+// Lines are queued in place, in the reader's chunk. Because a batch ends before the
+// reader could read from the socket again, every line of a batch lives in the chunk the
+// reader holds until then (or in a buffer of its own): the queues take their own
+// references, and the batch needs none.
 func (s *Server) readLoop(st *sender, fr *Reader) error {
 	b := batch{s: s, st: st}
 	st.mu.Lock()
 	b.started, b.last = st.started, st.last
 	st.mu.Unlock()
-	defer b.slab.Close()
 	defer b.end()
 	for {
 		if !fr.Ready() || b.n >= maxBatch {
@@ -301,7 +306,7 @@ func (s *Server) readLoop(st *sender, fr *Reader) error {
 		if b.started && d.Seq != b.last+1 {
 			return fmt.Errorf("%w: sequence gap: got %d after %d", ErrFrame, d.Seq, b.last)
 		}
-		b.add(d)
+		b.add(d, fr.Chunk())
 	}
 }
 
@@ -323,15 +328,14 @@ type batch struct {
 	c       *router.Completion
 	grace   time.Duration
 	names   map[string]string
-	slab    router.Slab
 	// run holds consecutive lines of one channel and kind, not yet handed over.
 	run     []router.Payload
 	runName string
 	runKind router.Kind
 }
 
-// add dispatches d as part of the batch.
-func (b *batch) add(d Data) {
+// add dispatches d, whose payload lives in chunk, as part of the batch.
+func (b *batch) add(d Data, chunk *router.Chunk) {
 	if b.c == nil {
 		b.c = router.NewCompletion(b.st.notify)
 		b.first = d.Seq
@@ -350,7 +354,7 @@ func (b *batch) add(d Data) {
 		}
 		b.runName, b.runKind = name, d.Kind
 	}
-	b.run = append(b.run, b.slab.Copy(d.Payload))
+	b.run = append(b.run, router.Payload{Data: d.Payload, Ref: chunk})
 	b.started, b.last = true, d.Seq
 	b.n++
 }
@@ -361,7 +365,6 @@ func (b *batch) flushRun() {
 		return
 	}
 	b.grace = max(b.grace, b.s.cfg.Router.DeliverBatch(b.s.ctx, b.runName, b.runKind, b.run, b.c))
-	b.slab.Recycle() // the queues took their own references
 	clear(b.run)
 	b.run = b.run[:0]
 }

@@ -135,6 +135,20 @@ type Chunk struct {
 
 var chunkPool = sync.Pool{New: func() any { return &Chunk{buf: make([]byte, 0, slabSize)} }}
 
+// NewChunk returns an empty pooled chunk holding one reference, for a reader that reads
+// straight into chunks (Bytes) rather than copying messages into a Slab.
+func NewChunk() *Chunk {
+	c := chunkPool.Get().(*Chunk)
+	c.refs.Store(1)
+	return c
+}
+
+// Bytes returns the chunk's whole buffer, ChunkSize bytes, for a reader to fill.
+func (c *Chunk) Bytes() []byte { return c.buf[:cap(c.buf)] }
+
+// ChunkSize is the size of a chunk's buffer.
+const ChunkSize = slabSize
+
 // Retain takes n references.
 func (c *Chunk) Retain(n int) {
 	if c != nil {
