@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sort"
 	"strconv"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/go-logr/logr"
 
@@ -37,17 +39,30 @@ type LinkConfig struct {
 
 // outMsg is a sequenced message waiting for its acknowledgement. The link keeps them by
 // value in a fifo: queueing a line allocates nothing. A full queue of short lines holds
-// tens of thousands of them, so the struct is kept to one cache line (the channel name
-// lives in st).
+// tens of thousands of them, written once and read back at acknowledgement long after,
+// so the struct is kept small (40 bytes): the channel name lives in st, and the
+// message's bytes are a pointer and a length rather than a slice.
 type outMsg struct {
 	seq uint64
 	st  *chanState
-	// ref keeps data's slab chunk; released when the message leaves the queue.
+	// ref keeps the bytes' slab chunk; released when the message leaves the queue.
 	ref    *router.Chunk
-	data   []byte
+	ptr    *byte
+	n      uint32
 	kind   router.Kind
 	anyOne bool
 }
+
+// newOutMsg returns the message of data (at most MaxFrameBytes long).
+func newOutMsg(seq uint64, st *chanState, ref *router.Chunk, data []byte, kind router.Kind, anyOne bool) outMsg {
+	return outMsg{seq: seq, st: st, ref: ref, ptr: unsafe.SliceData(data), n: uint32(len(data)), kind: kind, anyOne: anyOne}
+}
+
+// data returns the message's bytes.
+func (m *outMsg) data() []byte { return unsafe.Slice(m.ptr, m.n) }
+
+// size returns the message's length.
+func (m *outMsg) size() int { return int(m.n) }
 
 // chanState is the link's bound on one channel: bytes queued and not yet acknowledged.
 type chanState struct {
@@ -202,7 +217,7 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line 
 		return router.Dropped, router.ReasonPeerRemoved
 	}
 	line.Ref.Retain(1)
-	l.pushLocked(outMsg{seq: l.nextSeq, st: st, kind: kind, data: data, ref: line.Ref, anyOne: anyOne})
+	l.pushLocked(newOutMsg(l.nextSeq, st, line.Ref, data, kind, anyOne))
 	l.kickLocked()
 	return router.Queued, ""
 }
@@ -212,8 +227,8 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line 
 func (l *Link) pushLocked(m outMsg) {
 	l.q.push(m)
 	l.nextSeq++
-	m.st.bytes += len(m.data)
-	l.unacked += len(m.data)
+	m.st.bytes += m.size()
+	l.unacked += m.size()
 	if l.encoding && l.next == l.q.len()-1 && len(l.out) < maxOutBytes {
 		l.encodeLocked(&m)
 		l.next++
@@ -231,8 +246,8 @@ func (l *Link) fillLocked() {
 
 // encodeLocked appends m's DATA frame to out.
 func (l *Link) encodeLocked(m *outMsg) {
-	l.out = AppendDataHeader(l.out, m.seq, m.st.name, m.kind, len(m.data))
-	l.out = append(l.out, m.data...)
+	l.out = AppendDataHeader(l.out, m.seq, m.st.name, m.kind, m.size())
+	l.out = append(l.out, m.data()...)
 	l.outN++
 	l.outSeq = m.seq
 }
@@ -310,7 +325,7 @@ func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, 
 				return i, router.Dropped, router.ReasonPeerRemoved
 			}
 		}
-		l.pushLocked(outMsg{seq: l.nextSeq, st: st, kind: kind, data: d, ref: line.Ref})
+		l.pushLocked(newOutMsg(l.nextSeq, st, line.Ref, d, kind, false))
 		added = true
 	}
 	l.kickLocked()
@@ -332,8 +347,8 @@ func (l *Link) trimLocked(k int) {
 	}
 	q := l.q.items()[:k]
 	for i := range q {
-		q[i].st.bytes -= len(q[i].data)
-		l.unacked -= len(q[i].data)
+		q[i].st.bytes -= q[i].size()
+		l.unacked -= q[i].size()
 	}
 	for i := 0; i < k; {
 		// One release per run of messages sharing a chunk.
@@ -353,11 +368,8 @@ func (l *Link) trimLocked(k int) {
 // ackLocked removes messages up to and including seq.
 func (l *Link) ackLocked(seq uint64) {
 	q := l.q.items()
-	// Not a subtraction: settling AnyOne lines on GOODBYE leaves gaps in q.
-	k := 0
-	for k < len(q) && q[k].seq <= seq {
-		k++
-	}
+	// A search, not a subtraction: settling AnyOne lines on GOODBYE leaves gaps in q.
+	k := sort.Search(len(q), func(i int) bool { return q[i].seq > seq })
 	l.trimLocked(k)
 }
 
@@ -374,11 +386,11 @@ func (l *Link) settleLocked(upTo uint64, reason string) []router.Message {
 			keep.push(m)
 			continue
 		}
-		m.st.bytes -= len(m.data)
-		l.unacked -= len(m.data)
+		m.st.bytes -= m.size()
+		l.unacked -= m.size()
 		if m.anyOne {
 			// Rerouted lines leave the chunk, which is released below.
-			reroute = append(reroute, router.Message{Channel: m.st.name, Kind: m.kind, Data: append([]byte(nil), m.data...)})
+			reroute = append(reroute, router.Message{Channel: m.st.name, Kind: m.kind, Data: append([]byte(nil), m.data()...)})
 		} else {
 			drops[m.st.name]++
 		}
@@ -513,9 +525,9 @@ func (l *Link) settleAnyOneLocked() []router.Message {
 	var keep fifo[outMsg]
 	for _, m := range l.q.items() {
 		if m.anyOne {
-			out = append(out, router.Message{Channel: m.st.name, Kind: m.kind, Data: append([]byte(nil), m.data...)})
-			m.st.bytes -= len(m.data)
-			l.unacked -= len(m.data)
+			out = append(out, router.Message{Channel: m.st.name, Kind: m.kind, Data: append([]byte(nil), m.data()...)})
+			m.st.bytes -= m.size()
+			l.unacked -= m.size()
 			m.ref.Release(1)
 		} else {
 			keep.push(m)
