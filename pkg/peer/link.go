@@ -53,11 +53,6 @@ type outMsg struct {
 	anyOne bool
 }
 
-// newOutMsg returns the message of data (at most MaxFrameBytes long).
-func newOutMsg(seq uint64, st *chanState, ref *router.Chunk, data []byte, kind router.Kind, anyOne bool) outMsg {
-	return outMsg{seq: seq, st: st, ref: ref, ptr: unsafe.SliceData(data), n: uint32(len(data)), kind: kind, anyOne: anyOne}
-}
-
 // data returns the message's bytes.
 func (m *outMsg) data() []byte { return unsafe.Slice(m.ptr, m.n) }
 
@@ -84,13 +79,18 @@ func (f *fifo[T]) len() int { return len(f.buf) - f.head }
 // items returns the queued values, oldest first; valid until the next push or pop.
 func (f *fifo[T]) items() []T { return f.buf[f.head:] }
 
-func (f *fifo[T]) push(v T) {
+func (f *fifo[T]) push(v T) { *f.add() = v }
+
+// add appends a zero value and returns it, for the caller to fill in place.
+func (f *fifo[T]) add() *T {
 	if len(f.buf) == cap(f.buf) && f.head > 0 && f.head >= f.len() {
 		n := copy(f.buf, f.buf[f.head:])
 		clear(f.buf[n:])
 		f.buf, f.head = f.buf[:n], 0
 	}
-	f.buf = append(f.buf, v)
+	var zero T
+	f.buf = append(f.buf, zero)
+	return &f.buf[len(f.buf)-1]
 }
 
 // pop removes the k oldest values.
@@ -217,20 +217,24 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line 
 		return router.Dropped, router.ReasonPeerRemoved
 	}
 	line.Ref.Retain(1)
-	l.pushLocked(newOutMsg(l.nextSeq, st, line.Ref, data, kind, anyOne))
+	l.pushLocked(st, line.Ref, data, kind, anyOne)
 	l.kickLocked()
 	return router.Queued, ""
 }
 
-// pushLocked queues m, the next message in sequence, and encodes it for the writer if a
-// session is up.
-func (l *Link) pushLocked(m outMsg) {
-	l.q.push(m)
+// pushLocked queues data as the next message in sequence, and encodes it for the writer
+// if a session is up. The queue entry is filled in place, field by field: it is written
+// once per line, into memory that has usually left the cache since its last use.
+func (l *Link) pushLocked(st *chanState, ref *router.Chunk, data []byte, kind router.Kind, anyOne bool) {
+	m := l.q.add()
+	m.seq, m.st, m.ref = l.nextSeq, st, ref
+	m.ptr, m.n = unsafe.SliceData(data), uint32(len(data)) // lines are at most MaxFrameBytes
+	m.kind, m.anyOne = kind, anyOne
 	l.nextSeq++
-	m.st.bytes += m.size()
-	l.unacked += m.size()
+	st.bytes += len(data)
+	l.unacked += len(data)
 	if l.encoding && l.next == l.q.len()-1 && len(l.out) < maxOutBytes {
-		l.encodeLocked(&m)
+		l.encodeLocked(m)
 		l.next++
 	}
 }
@@ -325,7 +329,7 @@ func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, 
 				return i, router.Dropped, router.ReasonPeerRemoved
 			}
 		}
-		l.pushLocked(newOutMsg(l.nextSeq, st, line.Ref, d, kind, false))
+		l.pushLocked(st, line.Ref, d, kind, false)
 		added = true
 	}
 	l.kickLocked()
