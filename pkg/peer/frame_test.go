@@ -128,3 +128,69 @@ func errString(err error) string {
 	}
 	return err.Error()
 }
+
+// chunkyReader returns reads of varying sizes, so frames straddle the reader's chunks.
+type chunkyReader struct {
+	r io.Reader
+	i int
+}
+
+func (c *chunkyReader) Read(p []byte) (int, error) {
+	c.i++
+	n := min(len(p), 1+(c.i*7919)%9000)
+	return c.r.Read(p[:n])
+}
+
+// TestReaderKeepsRetainedFrames: the receiving sidecar queues a line in place, holding a
+// reference on the reader's chunk; whatever the reader reads afterwards, into new chunks
+// or (for frames larger than a chunk) buffers of their own, that line's bytes must not
+// change until the reference is released.
+func TestReaderKeepsRetainedFrames(t *testing.T) {
+	var stream []byte
+	var want [][]byte
+	for i := range 3000 {
+		size := 1 + (i*131)%700
+		if i%1000 == 999 {
+			size = router.ChunkSize + 1000 // a frame no chunk can hold
+		}
+		p := bytes.Repeat([]byte{byte('a' + i%26)}, size)
+		stream = AppendDataHeader(stream, uint64(i+1), "bench", router.Line, len(p))
+		stream = append(stream, p...)
+		want = append(want, p)
+	}
+	r := NewReader(&chunkyReader{r: bytes.NewReader(stream)}, MaxFrameBytes)
+	defer r.Close()
+	type held struct {
+		payload []byte
+		chunk   *router.Chunk
+		i       int
+	}
+	var kept []held
+	for i := range want {
+		typ, body, err := r.Next()
+		if err != nil || typ != FrameData {
+			t.Fatalf("frame %d: type %d, %v", i, typ, err)
+		}
+		d, err := ParseData(body)
+		if err != nil || d.Seq != uint64(i+1) || !bytes.Equal(d.Payload, want[i]) {
+			t.Fatalf("frame %d: seq %d, %d bytes, %v", i, d.Seq, len(d.Payload), err)
+		}
+		c := r.Chunk()
+		if large := len(want[i]) > router.ChunkSize; large != (c == nil) {
+			t.Fatalf("frame %d of %d bytes: chunk %p", i, len(want[i]), c)
+		}
+		if i%10 == 0 {
+			c.Retain(1)
+			kept = append(kept, held{d.Payload, c, i})
+		}
+	}
+	for _, h := range kept {
+		if !bytes.Equal(h.payload, want[h.i]) {
+			t.Fatalf("frame %d changed after later reads", h.i)
+		}
+		h.chunk.Release(1)
+	}
+	if _, _, err := r.Next(); !errors.Is(err, io.EOF) {
+		t.Fatalf("end of stream: %v", err)
+	}
+}

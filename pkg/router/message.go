@@ -123,11 +123,14 @@ type Payload struct {
 // neither allocates nor leaves garbage per line.
 const slabSize = 64 << 10
 
-// Chunk is a reference-counted slab chunk. Every queue entry whose bytes live in it
-// holds a reference; the last release returns it to a pool, so a steady stream of lines
-// reuses a few chunks instead of allocating (and collecting) 64 KiB per 64 KiB carried.
-// A release too many would hand bytes still queued to a new owner, so references are
-// taken and released only by the queues (Queue, peer links) and the slab's user.
+// Chunk is a reference-counted buffer that lines live in: filled by a Slab (lines from
+// local apps) or read into by the peer Reader (lines from peers). Its filler holds one
+// reference while it fills it, and every queue entry whose bytes live in it holds one;
+// the last release returns it to a pool, so a steady stream of lines reuses a few
+// chunks instead of allocating (and collecting) 64 KiB per 64 KiB carried. A release
+// too many would hand bytes still queued to a new owner (and panics when it goes below
+// zero), so references are taken and released only by the fillers and the queues
+// (Queue, peer links), a run of lines at a time.
 type Chunk struct {
 	buf  []byte
 	refs atomic.Int32
