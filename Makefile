@@ -73,9 +73,12 @@ LOADTEST_FLAGS ?=
 bench-dataplane: sidecar $(BIN)/nats-server ## Measure the sidecar against a plain TCP relay and NATS on loopback (hack/loadtest).
 	cd hack/loadtest && go run . -sidecar=$(SIDECAR_BIN) -nats-server=$(BIN)/nats-server $(LOADTEST_FLAGS)
 
+# Built without cgo, as the image's binary is (`make binaries`, Dockerfile): with cgo (the
+# default wherever a C compiler is installed) the sidecar links libc dynamically for net's
+# and os/user's lookups, which adds about 1.9 MB to its idle RSS that no pod ever pays.
 .PHONY: sidecar
-sidecar: ## Build the sidecar binary into bin/ (or SIDECAR_BIN).
-	go build -o $(SIDECAR_BIN) ./cmd/podipc-sidecar
+sidecar: ## Build the sidecar binary into bin/ (or SIDECAR_BIN), without cgo like the image.
+	CGO_ENABLED=0 go build -o $(SIDECAR_BIN) ./cmd/podipc-sidecar
 
 .PHONY: lint
 lint: $(BIN)/golangci-lint ## Run gofmt, go vet and golangci-lint.

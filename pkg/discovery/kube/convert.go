@@ -4,8 +4,8 @@ import (
 	"slices"
 	"strings"
 
-	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 	"github.com/podipc/podipc/pkg/discovery"
@@ -30,15 +30,80 @@ func SpecFromChannel(ch *podipcv1alpha1.Channel) discovery.Spec {
 	return s.WithDefaults()
 }
 
+// managedByLabel is discoveryv1.LabelManagedBy, spelled out so that the sidecar does not
+// link k8s.io/api/discovery/v1 for one constant: that package imports k8s.io/api/core/v1,
+// and the two add 4.4 MB to the binary and 0.7 to 1.8 MB to the sidecar's idle RSS in
+// every mode (start-up touches pages all over the binary, and the kernel maps the pages
+// around each one it faults in, so RSS grows with the binary; see docs/performance.md).
+// TestDiscoveryV1Names ties the two together, and cmd/podipc-sidecar's TestDependencies
+// keeps k8s.io/api out.
+const managedByLabel = "endpointslice.kubernetes.io/managed-by"
+
+// endpointSlice is the part of a discovery.k8s.io/v1 EndpointSlice that the sidecar
+// reads, decoded from the informer's unstructured objects. It is a local type rather
+// than discoveryv1.EndpointSlice for the same reason as managedByLabel; its JSON names
+// are those of the real type, which TestSnapshotMembers checks by encoding real
+// EndpointSlices.
+type endpointSlice struct {
+	Metadata  sliceMeta  `json:"metadata"`
+	Endpoints []endpoint `json:"endpoints"`
+	Ports     []port     `json:"ports"`
+}
+
+// sliceMeta is the part of an EndpointSlice's metadata that the sidecar reads.
+type sliceMeta struct {
+	Namespace       string                  `json:"namespace"`
+	Labels          map[string]string       `json:"labels"`
+	OwnerReferences []metav1.OwnerReference `json:"ownerReferences"`
+}
+
+// endpoint is one discoveryv1.Endpoint: a pod's addresses and conditions.
+type endpoint struct {
+	Addresses  []string   `json:"addresses"`
+	Conditions conditions `json:"conditions"`
+	TargetRef  *targetRef `json:"targetRef"`
+}
+
+// conditions is discoveryv1.EndpointConditions; nil means unknown.
+type conditions struct {
+	Ready       *bool `json:"ready"`
+	Serving     *bool `json:"serving"`
+	Terminating *bool `json:"terminating"`
+}
+
+// targetRef is the part of an endpoint's corev1.ObjectReference that the sidecar reads.
+type targetRef struct {
+	Kind string    `json:"kind"`
+	Name string    `json:"name"`
+	UID  types.UID `json:"uid"`
+}
+
+// port is discoveryv1.EndpointPort without the protocol and app protocol.
+type port struct {
+	Name *string `json:"name"`
+	Port *int32  `json:"port"`
+}
+
+// controlledBy reports whether the slice's controller is the object with UID uid, as
+// metav1.IsControlledBy does: only the first owner reference marked controller counts.
+func (m *sliceMeta) controlledBy(uid types.UID) bool {
+	for _, ref := range m.OwnerReferences {
+		if ref.Controller != nil && *ref.Controller {
+			return ref.UID == uid
+		}
+	}
+	return false
+}
+
 // membersFromSlices returns the members listed in a channel's EndpointSlices, each pod
 // once (while the controller moves an endpoint between slices it may briefly be in two),
 // sorted by pod name. Only slices controlled by the Channel with UID owner count, so a
 // leftover slice of an earlier Channel of the same name is ignored.
-func membersFromSlices(owner *podipcv1alpha1.Channel, eps []*discoveryv1.EndpointSlice) []discovery.Member {
+func membersFromSlices(owner *podipcv1alpha1.Channel, eps []*endpointSlice) []discovery.Member {
 	var out []discovery.Member
 	seen := map[string]bool{}
 	for _, es := range eps {
-		if !metav1.IsControlledBy(es, owner) {
+		if !es.Metadata.controlledBy(owner.UID) {
 			continue
 		}
 		port := peerPort(es)
@@ -55,7 +120,7 @@ func membersFromSlices(owner *podipcv1alpha1.Channel, eps []*discoveryv1.Endpoin
 				serving = *ep.Conditions.Serving
 			}
 			out = append(out, discovery.Member{
-				Namespace:   es.Namespace,
+				Namespace:   es.Metadata.Namespace,
 				Name:        ep.TargetRef.Name,
 				UID:         string(ep.TargetRef.UID),
 				IP:          ep.Addresses[0],
@@ -71,7 +136,7 @@ func membersFromSlices(owner *podipcv1alpha1.Channel, eps []*discoveryv1.Endpoin
 }
 
 // peerPort returns the slice's podipc-peer port, or the well-known one.
-func peerPort(es *discoveryv1.EndpointSlice) int {
+func peerPort(es *endpointSlice) int {
 	for _, p := range es.Ports {
 		if p.Name != nil && *p.Name == podipcv1alpha1.PeerPortName && p.Port != nil {
 			return int(*p.Port)

@@ -22,7 +22,6 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -41,8 +40,9 @@ import (
 // channelsResource is the Channel resource, for the dynamic client.
 var channelsResource = schema.GroupVersionResource{Group: podipcv1alpha1.GroupVersion.Group, Version: podipcv1alpha1.GroupVersion.Version, Resource: "channels"}
 
-// slicesResource is the EndpointSlice resource, for the dynamic client.
-var slicesResource = discoveryv1.SchemeGroupVersion.WithResource("endpointslices")
+// slicesResource is the EndpointSlice resource, for the dynamic client. (Spelled out
+// rather than taken from k8s.io/api/discovery/v1: see managedByLabel.)
+var slicesResource = schema.GroupVersionResource{Group: "discovery.k8s.io", Version: "v1", Resource: "endpointslices"}
 
 // settle is how long Run lets a burst of events accumulate into one snapshot.
 const settle = 20 * time.Millisecond
@@ -239,19 +239,19 @@ func poke(dirty chan struct{}) {
 // sliceSelector selects the controller's EndpointSlices of the pod's channels.
 func (s *Source) sliceSelector() string {
 	return fmt.Sprintf("%s in (%s),%s=%s", podipcv1alpha1.ChannelLabel, strings.Join(s.Channels, ","),
-		discoveryv1.LabelManagedBy, podipcv1alpha1.ManagedBy)
+		managedByLabel, podipcv1alpha1.ManagedBy)
 }
 
 // snapshot builds the state from the informers' stores.
 func (s *Source) snapshot(channels map[string]cache.SharedIndexInformer, slices cache.Store) discovery.State {
-	byChannel := map[string][]*discoveryv1.EndpointSlice{}
+	byChannel := map[string][]*endpointSlice{}
 	for _, o := range slices.List() {
-		es := &discoveryv1.EndpointSlice{}
+		es := &endpointSlice{}
 		if err := apiruntime.DefaultUnstructuredConverter.FromUnstructured(o.(*unstructured.Unstructured).Object, es); err != nil {
 			s.Log.Error(err, "Ignoring an EndpointSlice that cannot be decoded", "endpointSlice", o.(*unstructured.Unstructured).GetName())
 			continue
 		}
-		name := es.Labels[podipcv1alpha1.ChannelLabel]
+		name := es.Metadata.Labels[podipcv1alpha1.ChannelLabel]
 		byChannel[name] = append(byChannel[name], es)
 	}
 	st := discovery.State{Channels: map[string]discovery.Channel{}}
