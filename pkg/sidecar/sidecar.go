@@ -58,12 +58,15 @@ type Sidecar struct {
 	// state is the last snapshot applied. Links and the peer server read it (through
 	// sharedChannels and authorize) without s.mu, which apply holds while it closes
 	// links that may be inside those callbacks.
-	state    atomic.Pointer[discovery.State]
-	served   map[string]*served
-	links    map[string]*peer.Link
-	linkCtx  context.Context
-	synced   atomic.Bool
-	draining atomic.Bool
+	state   atomic.Pointer[discovery.State]
+	served  map[string]*served
+	links   map[string]*peer.Link
+	linkCtx context.Context
+	synced  atomic.Bool
+	// readyOnce is set when /readyz first answers 200: from then on an unbound line
+	// port is reported (log, metric) but no longer takes the whole pod out of service.
+	readyOnce atomic.Bool
+	draining  atomic.Bool
 	// unboundLines counts the served channels whose line port is not bound; the pod
 	// is not ready while it is above zero.
 	unboundLines atomic.Int32
@@ -530,10 +533,12 @@ func (s *Sidecar) resetPeers() {
 func (s *Sidecar) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-	// Ready means: not draining, discovery has synced once, and every channel served
-	// has its line port bound, so that an app the startup probe lets start can
-	// connect. Channels the pod names that do not exist yet are not waited for (DESIGN
-	// §5). Nor is the node-ipc socket, which is retried the same way and shows in
+	// Ready means: not draining, discovery has synced once, and — until the first time
+	// it was ready — every channel served has its line port bound, so that an app the
+	// startup probe lets start can connect. A Channel created later whose port cannot
+	// be bound does not make the pod (and every Service it backs) not ready: that is a
+	// problem of one channel, reported by its log and podipc_endpoint_unbound. Channels
+	// the pod names that do not exist yet are not waited for (DESIGN §5). Nor is the node-ipc socket, which is retried the same way and shows in
 	// podipc_endpoint_unbound: the line port is what every app can use, and outside
 	// Kubernetes the default --socket-dir may not be writable at all.
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
@@ -542,10 +547,11 @@ func (s *Sidecar) adminHandler() http.Handler {
 			http.Error(w, "draining", http.StatusServiceUnavailable)
 		case !s.synced.Load():
 			http.Error(w, "discovery not synced", http.StatusServiceUnavailable)
-		case s.unboundLines.Load() > 0:
+		case s.unboundLines.Load() > 0 && !s.readyOnce.Load():
 			http.Error(w, fmt.Sprintf("line port of %d channel(s) not bound yet (retrying)", s.unboundLines.Load()),
 				http.StatusServiceUnavailable)
 		default:
+			s.readyOnce.Store(true)
 			_, _ = w.Write([]byte("ok\n"))
 		}
 	})
