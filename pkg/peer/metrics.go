@@ -10,6 +10,9 @@ type Metrics struct {
 	Sent       prometheus.Counter
 	Received   prometheus.Counter
 	Unacked    prometheus.Gauge
+	// Senders counts the sending pods whose resume state the server keeps; it grows
+	// with pod churn only until departed pods leave the membership.
+	Senders prometheus.Gauge
 }
 
 // NewMetrics creates the peer series and registers them with reg (if not nil).
@@ -33,9 +36,12 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Unacked: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "podipc_peer_unacked_bytes", Help: "Bytes queued on outbound peer links and not yet acknowledged.",
 		}),
+		Senders: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "podipc_peer_senders", Help: "Sending pods whose resume state (incarnation, last sequence number) inbound peer links keep: connected ones and members briefly disconnected.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.Links, m.Reconnects, m.Refused, m.Sent, m.Received, m.Unacked)
+		reg.MustRegister(m.Links, m.Reconnects, m.Refused, m.Sent, m.Received, m.Unacked, m.Senders)
 	}
 	return m
 }

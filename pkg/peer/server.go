@@ -36,7 +36,10 @@ type Server struct {
 
 	mu sync.Mutex
 	// senders holds, per sending pod UID, the resume state of its latest incarnation;
-	// it outlives connections so that a reset link resumes exactly once.
+	// it outlives connections so that a reset link resumes exactly once. An entry is
+	// freed when its incarnation says GOODBYE, or when the pod is no longer authorized
+	// (no longer a member of a shared channel) and has no connection: a pod killed
+	// without GOODBYE that never returns must not keep its entry forever.
 	senders map[string]*sender
 	inbound map[*inbound]struct{}
 	closed  bool
@@ -58,6 +61,11 @@ type sender struct {
 	notify  chan struct{}
 	// active is the connection currently serving this sender (guarded by Server.mu).
 	active *inbound
+	// id and ip are the identity and source address of the sender's latest
+	// connection (guarded by Server.mu), with which Revalidate asks whether it is
+	// still authorized once it is disconnected.
+	id Identity
+	ip string
 }
 
 // pending is a dispatched line. Its acknowledgement waits for c, but never past
@@ -170,10 +178,14 @@ func (s *Server) serve(in *inbound) error {
 	if err != nil {
 		return s.refuse(in, "handshake", err.Error())
 	}
+	// Revalidate reads the identity under s.mu: one it has not seen yet is
+	// authorized below against the membership Revalidate was called for.
+	s.mu.Lock()
 	in.id = h.Pod
 	if tcp, ok := conn.RemoteAddr().(*net.TCPAddr); ok {
 		in.ip = tcp.IP.String()
 	}
+	s.mu.Unlock()
 	v := min(h.MaxVersion, Version)
 	if v < max(h.MinVersion, MinVersion) {
 		return s.refuse(in, "version", fmt.Sprintf("no common protocol version: peer speaks %d-%d, this sidecar %d-%d",
@@ -190,6 +202,11 @@ func (s *Server) serve(in *inbound) error {
 		s.mu.Lock()
 		if st.active == in {
 			st.active = nil
+			// Revalidate closed this connection because the pod left every shared
+			// channel (or it left while the link was down): its state is not needed.
+			if reason := s.cfg.Authorize(in.id, in.ip); reason != "" {
+				s.forgetLocked(st, reason)
+			}
 		}
 		s.mu.Unlock()
 	}()
@@ -231,9 +248,7 @@ func (s *Server) serve(in *inbound) error {
 	if errors.Is(err, errGoodbye) {
 		// The sender's incarnation has ended: forget it.
 		s.mu.Lock()
-		if cur := s.senders[h.Pod.UID]; cur == st {
-			delete(s.senders, h.Pod.UID)
-		}
+		s.forgetLocked(st, "goodbye")
 		s.mu.Unlock()
 		return nil
 	}
@@ -245,12 +260,19 @@ func (s *Server) serve(in *inbound) error {
 func (s *Server) takeOver(in *inbound) *sender {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := s.senders[in.id.UID]
-	if st == nil {
-		st = &sender{notify: make(chan struct{}, 1)}
-		s.senders[in.id.UID] = st
-	}
-	for st.active != nil {
+	for {
+		// Looked up again after every wait: the previous connection may have freed
+		// the entry on its way out.
+		st := s.senders[in.id.UID]
+		if st == nil {
+			st = &sender{notify: make(chan struct{}, 1)}
+			s.senders[in.id.UID] = st
+			s.cfg.Metrics.Senders.Set(float64(len(s.senders)))
+		}
+		if st.active == nil {
+			st.active, st.id, st.ip = in, in.id, in.ip
+			return st
+		}
 		old := st.active
 		s.mu.Unlock()
 		_ = old.conn.Close()
@@ -260,8 +282,17 @@ func (s *Server) takeOver(in *inbound) *sender {
 			return nil
 		}
 	}
-	st.active = in
-	return st
+}
+
+// forgetLocked frees the resume state st, unless a newer entry has replaced it. The
+// caller holds s.mu.
+func (s *Server) forgetLocked(st *sender, reason string) {
+	if s.senders[st.id.UID] != st {
+		return
+	}
+	delete(s.senders, st.id.UID)
+	s.cfg.Metrics.Senders.Set(float64(len(s.senders)))
+	s.cfg.Log.V(1).Info("Forgot peer's resume state", "pod", st.id.Namespace+"/"+st.id.Name, "uid", st.id.UID, "reason", reason)
 }
 
 // readLoop dispatches DATA frames in sequence order, skipping duplicates.
@@ -488,8 +519,11 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 	}
 }
 
-// Revalidate closes inbound links whose peer is no longer authorized (called after a
-// membership change).
+// Revalidate closes inbound links whose peer is no longer authorized, and frees the
+// resume state of disconnected senders that are no longer authorized (called after a
+// membership change). A disconnected sender that is still a member keeps its state, so
+// that its reset link resumes exactly once; the state of one whose link is closed here
+// is freed when that connection ends.
 func (s *Server) Revalidate() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -500,6 +534,14 @@ func (s *Server) Revalidate() {
 		if reason := s.cfg.Authorize(in.id, in.ip); reason != "" {
 			s.cfg.Log.Info("Closing peer link of a former member", "pod", in.id.Namespace+"/"+in.id.Name, "reason", reason)
 			_ = in.conn.Close()
+		}
+	}
+	for _, st := range s.senders {
+		if st.active != nil {
+			continue
+		}
+		if reason := s.cfg.Authorize(st.id, st.ip); reason != "" {
+			s.forgetLocked(st, reason)
 		}
 	}
 }

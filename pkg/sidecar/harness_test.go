@@ -73,6 +73,20 @@ type cluster struct {
 // newCluster writes a static config for n pods sharing channels and starts them all.
 func newCluster(t *testing.T, n int, channels ...chanCfg) *cluster {
 	t.Helper()
+	c := prepareCluster(t, n, channels...)
+	for _, p := range c.pods {
+		c.start(p)
+	}
+	for _, p := range c.pods {
+		c.waitReady(p)
+	}
+	c.waitLinks()
+	return c
+}
+
+// prepareCluster writes a static config for n pods sharing channels, and starts none.
+func prepareCluster(t *testing.T, n int, channels ...chanCfg) *cluster {
+	t.Helper()
 	net3 := 10 + subnet.Add(1)
 	c := &cluster{t: t, dir: shortTempDir(t), channels: channels}
 	c.config = filepath.Join(c.dir, "static.yaml")
@@ -86,13 +100,6 @@ func newCluster(t *testing.T, n int, channels ...chanCfg) *cluster {
 		c.pods = append(c.pods, p)
 	}
 	c.writeConfig(c.pods)
-	for _, p := range c.pods {
-		c.start(p)
-	}
-	for _, p := range c.pods {
-		c.waitReady(p)
-	}
-	c.waitLinks()
 	return c
 }
 
@@ -219,14 +226,24 @@ func (c *cluster) url(p *pod, path string) string {
 
 func (c *cluster) waitReady(p *pod) {
 	c.t.Helper()
-	eventually(c.t, "sidecar "+p.name+" ready", func() bool {
-		resp, err := http.Get(c.url(p, "/readyz"))
-		if err != nil {
-			return false
-		}
-		_ = resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
+	eventually(c.t, "sidecar "+p.name+" ready", func() bool { return c.readyz(p) == http.StatusOK })
+}
+
+// readyz returns the status code of p's /readyz, or 0 if it does not answer.
+func (c *cluster) readyz(p *pod) int {
+	resp, err := http.Get(c.url(p, "/readyz"))
+	if err != nil {
+		return 0
+	}
+	_ = resp.Body.Close()
+	return resp.StatusCode
+}
+
+// logged says whether p's log contains s.
+func (p *pod) logged(s string) bool {
+	p.logMu.Lock()
+	defer p.logMu.Unlock()
+	return strings.Contains(p.log.String(), s)
 }
 
 // waitLinks waits until every pod has an established link to every other pod.

@@ -47,6 +47,9 @@ type Sidecar struct {
 	// members counts, per channel, the remote members this sidecar links to that
 	// discovery reports ready and serving: what Broadcast and AnyOne deliver to.
 	members *prometheus.GaugeVec
+	// unbound is, per channel and endpoint (line, nodeipc), 1 while the endpoint could
+	// not be bound and is being retried, and 0 once it is bound.
+	unbound *prometheus.GaugeVec
 	server  *peer.Server
 	admin   *http.Server
 	adminLn net.Listener
@@ -55,20 +58,56 @@ type Sidecar struct {
 	// state is the last snapshot applied. Links and the peer server read it (through
 	// sharedChannels and authorize) without s.mu, which apply holds while it closes
 	// links that may be inside those callbacks.
-	state    atomic.Pointer[discovery.State]
-	served   map[string]*served
-	links    map[string]*peer.Link
-	linkCtx  context.Context
-	synced   atomic.Bool
-	draining atomic.Bool
-	wg       sync.WaitGroup
+	state   atomic.Pointer[discovery.State]
+	served  map[string]*served
+	links   map[string]*peer.Link
+	linkCtx context.Context
+	synced  atomic.Bool
+	// readyOnce is set when /readyz first answers 200: from then on an unbound line
+	// port is reported (log, metric) but no longer takes the whole pod out of service.
+	readyOnce atomic.Bool
+	draining  atomic.Bool
+	// unboundLines counts the served channels whose line port is not bound; the pod
+	// is not ready while it is above zero.
+	unboundLines atomic.Int32
+	// rebind wakes rebindLoop when an endpoint could not be bound.
+	rebind chan struct{}
+	wg     sync.WaitGroup
 }
 
-// served is a channel with its two endpoints.
+// served is a channel with its two endpoints. An endpoint that is nil could not be
+// bound (or is not wanted: no socket directory); its retry says when rebindLoop tries
+// again.
 type served struct {
-	spec    discovery.Spec
-	lines   *endpoint.Endpoint
-	nodeipc *endpoint.Endpoint
+	spec         discovery.Spec
+	lines        *endpoint.Endpoint
+	nodeipc      *endpoint.Endpoint
+	linesRetry   retry
+	nodeipcRetry retry
+}
+
+// Backoff of endpoint binds that failed (the port may be held for a while by a
+// process of the pod that is still shutting down).
+const (
+	firstRebindWait   = 250 * time.Millisecond
+	longestRebindWait = 10 * time.Second
+)
+
+// retry is the backoff of an endpoint that could not be bound.
+type retry struct {
+	// failures counts the binds that failed in a row; zero once bound.
+	failures int
+	// next is when the next attempt is due.
+	next time.Time
+}
+
+// failed records a failed bind at now and returns the wait before the next attempt:
+// firstRebindWait, doubling up to longestRebindWait.
+func (r *retry) failed(now time.Time) time.Duration {
+	d := min(firstRebindWait<<min(r.failures, 8), longestRebindWait)
+	r.failures++
+	r.next = now.Add(d)
+	return d
 }
 
 // New binds the peer and admin listeners (so their errors surface at once) and returns
@@ -79,7 +118,7 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 	s := &Sidecar{
 		cfg: cfg, log: log, source: source, reg: prometheus.NewRegistry(),
 		self:   peer.Identity{Namespace: cfg.Namespace, Name: cfg.Name, UID: cfg.UID, Incarnation: binary.BigEndian.Uint64(inc[:]) | 1},
-		served: map[string]*served{}, links: map[string]*peer.Link{},
+		served: map[string]*served{}, links: map[string]*peer.Link{}, rebind: make(chan struct{}, 1),
 	}
 	s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "podipc_build_info", Help: "The sidecar's version."}, []string{"version"})
@@ -89,7 +128,10 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 	s.pmetrics = peer.NewMetrics(s.reg)
 	s.members = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "podipc_members",
 		Help: "Remote members of each channel, by state (ready, serving), as discovery reports them."}, []string{"channel", "state"})
-	s.reg.MustRegister(s.members)
+	s.unbound = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "podipc_endpoint_unbound",
+		Help: "1 while a served channel's endpoint (line port, node-ipc socket) cannot be bound and is being retried, 0 once bound."},
+		[]string{"channel", "endpoint"})
+	s.reg.MustRegister(s.members, s.unbound)
 
 	var lc net.ListenConfig
 	peerLn, err := lc.Listen(context.Background(), "tcp", withPort(cfg.PeerAddress, PeerPort))
@@ -124,12 +166,16 @@ func (s *Sidecar) Start(ctx context.Context) error {
 	if err := s.server.Start(runCtx); err != nil {
 		return err
 	}
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go func() {
 		defer s.wg.Done()
 		if err := s.admin.Serve(s.adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Error(err, "Admin server failed")
 		}
+	}()
+	go func() {
+		defer s.wg.Done()
+		s.rebindLoop(runCtx)
 	}()
 	discCtx, stopDiscovery := context.WithCancel(runCtx)
 	discDone := make(chan error, 1)
@@ -234,20 +280,29 @@ func (s *Sidecar) apply(st discovery.State) {
 	for name, ch := range st.Channels {
 		s.serve(name, ch.Spec)
 	}
+	s.reportEndpoints()
 	s.applyLinks(st)
 	s.server.Revalidate()
 	if !s.synced.Swap(true) {
-		s.log.Info("Discovery synced; ready", "channels", len(s.served))
+		if n := s.unboundLines.Load(); n > 0 {
+			s.log.Info("Discovery synced; not ready until every line port is bound", "channels", len(s.served), "unbound", n)
+		} else {
+			s.log.Info("Discovery synced; ready", "channels", len(s.served))
+		}
 	}
 }
 
-// serve starts or updates a channel's endpoints.
+// serve starts or updates a channel's endpoints. An endpoint that cannot be bound is
+// retried by rebindLoop, with backoff, without waiting for another snapshot.
 func (s *Sidecar) serve(name string, spec discovery.Spec) {
 	ch := s.router.Ensure(name, spec)
 	sv := s.served[name]
-	if sv != nil && sv.spec.LocalPort != spec.LocalPort && sv.lines != nil {
-		sv.lines.Close("localPort changed")
-		sv.lines = nil
+	if sv != nil && sv.spec.LocalPort != spec.LocalPort {
+		if sv.lines != nil {
+			sv.lines.Close("localPort changed")
+			sv.lines = nil
+		}
+		sv.linesRetry = retry{} // a new port is tried at once
 	}
 	if sv == nil {
 		sv = &served{}
@@ -255,24 +310,116 @@ func (s *Sidecar) serve(name string, spec discovery.Spec) {
 		s.log.Info("Serving channel", "channel", name, "localPort", spec.LocalPort, "delivery", spec.Delivery)
 	}
 	sv.spec = spec
-	if sv.lines == nil {
-		addr := net.JoinHostPort(s.cfg.AppAddress, strconv.Itoa(spec.LocalPort))
-		if ep, err := endpoint.ListenLines(ch, addr, s.log.WithName("endpoint")); err != nil {
-			s.log.Error(err, "Cannot serve channel's line port; retrying at the next snapshot", "channel", name)
-		} else {
-			sv.lines = ep
-			_ = ep.Start(s.linkCtx)
+	if !s.bindDue(name, ch, sv, time.Now()) {
+		select {
+		case s.rebind <- struct{}{}:
+		default:
 		}
 	}
-	if sv.nodeipc == nil && s.cfg.SocketDir != "" {
+}
+
+// bindDue binds those of sv's missing endpoints whose retry is due at now, and reports
+// whether every endpoint is bound. Called with s.mu held.
+func (s *Sidecar) bindDue(name string, ch *router.Channel, sv *served, now time.Time) bool {
+	log := s.log.WithName("endpoint")
+	if sv.lines == nil && !now.Before(sv.linesRetry.next) {
+		addr := net.JoinHostPort(s.cfg.AppAddress, strconv.Itoa(sv.spec.LocalPort))
+		ep, err := endpoint.ListenLines(ch, addr, log)
+		sv.lines = s.started(ep, err, &sv.linesRetry, name, "line", now)
+	}
+	if sv.nodeipc == nil && s.cfg.SocketDir != "" && !now.Before(sv.nodeipcRetry.next) {
 		path := ipc.SocketPath(filepath.Clean(s.cfg.SocketDir)+"/", ipc.DefaultAppspace, name)
-		if ep, err := endpoint.ListenNodeIPC(ch, path, s.log.WithName("endpoint")); err != nil {
-			s.log.Error(err, "Cannot serve channel's node-ipc socket; retrying at the next snapshot", "channel", name)
+		ep, err := endpoint.ListenNodeIPC(ch, path, log)
+		sv.nodeipc = s.started(ep, err, &sv.nodeipcRetry, name, "nodeipc", now)
+	}
+	return sv.lines != nil && (sv.nodeipc != nil || s.cfg.SocketDir == "")
+}
+
+// started starts ep if it was bound (err is nil) and returns it; otherwise it schedules
+// the next attempt and returns nil. The first failure in a row is logged as an error,
+// the retries at V(1).
+func (s *Sidecar) started(ep *endpoint.Endpoint, err error, r *retry, channel, kind string, now time.Time) *endpoint.Endpoint {
+	if err != nil {
+		wait := r.failed(now)
+		if r.failures == 1 {
+			s.log.Error(err, "Cannot bind channel endpoint; retrying with backoff", "channel", channel, "endpoint", kind, "retryIn", wait)
 		} else {
-			sv.nodeipc = ep
-			_ = ep.Start(s.linkCtx)
+			s.log.V(1).Info("Still cannot bind channel endpoint", "channel", channel, "endpoint", kind,
+				"attempt", r.failures, "retryIn", wait, "err", err.Error())
+		}
+		return nil
+	}
+	if r.failures > 0 {
+		s.log.Info("Bound channel endpoint after retrying", "channel", channel, "endpoint", kind, "attempts", r.failures+1)
+	}
+	*r = retry{}
+	_ = ep.Start(s.linkCtx)
+	return ep
+}
+
+// rebindLoop retries the endpoints that could not be bound, each on its own backoff,
+// until ctx ends. Without it a line port that was briefly taken (say, by a process of
+// the pod still shutting down) would wait for the next discovery snapshot, which may
+// never come: the static file may not change, nor the Channel and its EndpointSlices.
+// A channel that is no longer served leaves s.served, and with it the retries.
+func (s *Sidecar) rebindLoop(ctx context.Context) {
+	t := time.NewTimer(longestRebindWait)
+	t.Stop()
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.rebind:
+		case <-t.C:
+		}
+		if next := s.rebindDue(time.Now()); next.IsZero() {
+			t.Stop()
+		} else {
+			t.Reset(time.Until(next))
 		}
 	}
+}
+
+// rebindDue binds the missing endpoints whose retry is due and returns when the next
+// retry is due (zero if none is needed).
+func (s *Sidecar) rebindDue(now time.Time) time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining.Load() {
+		return time.Time{}
+	}
+	var next time.Time
+	for name, sv := range s.served {
+		ch := s.router.Channel(name)
+		if ch == nil || s.bindDue(name, ch, sv, now) {
+			continue
+		}
+		for _, r := range []retry{sv.linesRetry, sv.nodeipcRetry} {
+			if r.failures > 0 && (next.IsZero() || r.next.Before(next)) {
+				next = r.next
+			}
+		}
+	}
+	s.reportEndpoints()
+	return next
+}
+
+// reportEndpoints publishes which endpoints are bound: the podipc_endpoint_unbound
+// series and the count readiness looks at. Called with s.mu held.
+func (s *Sidecar) reportEndpoints() {
+	s.unbound.Reset() // channels no longer served lose their series
+	var lines int32
+	for name, sv := range s.served {
+		s.unbound.WithLabelValues(name, "line").Set(b2f(sv.lines == nil))
+		if sv.lines == nil {
+			lines++
+		}
+		if s.cfg.SocketDir != "" {
+			s.unbound.WithLabelValues(name, "nodeipc").Set(b2f(sv.nodeipc == nil))
+		}
+	}
+	s.unboundLines.Store(lines)
 }
 
 // applyLinks keeps one link per remote member pod and gives each channel its remotes.
@@ -386,13 +533,25 @@ func (s *Sidecar) resetPeers() {
 func (s *Sidecar) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	// Ready means: not draining, discovery has synced once, and — until the first time
+	// it was ready — every channel served has its line port bound, so that an app the
+	// startup probe lets start can connect. A Channel created later whose port cannot
+	// be bound does not make the pod (and every Service it backs) not ready: that is a
+	// problem of one channel, reported by its log and podipc_endpoint_unbound. Channels
+	// the pod names that do not exist yet are not waited for (DESIGN §5). Nor is the node-ipc socket, which is retried the same way and shows in
+	// podipc_endpoint_unbound: the line port is what every app can use, and outside
+	// Kubernetes the default --socket-dir may not be writable at all.
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		switch {
 		case s.draining.Load():
 			http.Error(w, "draining", http.StatusServiceUnavailable)
 		case !s.synced.Load():
 			http.Error(w, "discovery not synced", http.StatusServiceUnavailable)
+		case s.unboundLines.Load() > 0 && !s.readyOnce.Load():
+			http.Error(w, fmt.Sprintf("line port of %d channel(s) not bound yet (retrying)", s.unboundLines.Load()),
+				http.StatusServiceUnavailable)
 		default:
+			s.readyOnce.Store(true)
 			_, _ = w.Write([]byte("ok\n"))
 		}
 	})
