@@ -29,7 +29,8 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	sidecarBin = filepath.Join(dir, "podipc-sidecar")
-	build := exec.Command("go", "build", "-o", sidecarBin, "github.com/podipc/podipc/cmd/podipc-sidecar")
+	args := append(append([]string{"build"}, raceFlags...), "-o", sidecarBin, "github.com/podipc/podipc/cmd/podipc-sidecar")
+	build := exec.Command("go", args...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "building podipc-sidecar:", err)
@@ -189,6 +190,12 @@ func (c *cluster) start(p *pod) {
 	c.t.Cleanup(func() {
 		_ = cmd.Process.Kill()
 		<-p.exited
+		p.logMu.Lock()
+		if i := strings.Index(p.log.String(), "WARNING: DATA RACE"); i >= 0 {
+			report := p.log.String()[i:]
+			c.t.Errorf("the race detector reported a data race in %s:\n%s", p.name, report[:min(len(report), 8000)])
+		}
+		p.logMu.Unlock()
 		if c.t.Failed() {
 			p.logMu.Lock()
 			c.t.Logf("log of %s:\n%s", p.name, lastLines(p.log.String(), 40))
