@@ -129,11 +129,18 @@ func TestImpostorPeer(t *testing.T) {
 }
 
 // TestManyConnections: 1,000 local connections each receive a line, and the
-// sidecar's file descriptors return to their baseline when they close.
+// sidecar's file descriptors and goroutines return to their baseline when they close,
+// and again after its peer links were reset.
 func TestManyConnections(t *testing.T) {
 	c := newCluster(t, 2, chanCfg{name: "orders"})
 	a, b := c.pods[0], c.pods[1]
+	c.waitLinks()
 	baseline := fds(t, b)
+	goroutines := func(p *pod) float64 { return c.metric(p, "go_goroutines") }
+	baseA, baseB := goroutines(a), goroutines(b)
+	if baseA <= 0 || baseB <= 0 {
+		t.Fatalf("go_goroutines not exported: %v, %v", baseA, baseB)
+	}
 	const n = 1000
 	conns := make([]net.Conn, n)
 	for i := range conns {
@@ -156,6 +163,25 @@ func TestManyConnections(t *testing.T) {
 	}
 	c.waitConns(b, "orders", 0)
 	eventually(t, fmt.Sprintf("fds back to %d", baseline), func() bool { return fds(t, b) <= baseline })
+	eventually(t, fmt.Sprintf("goroutines of b back to %v", baseB), func() bool { return goroutines(b) <= baseB })
+
+	// Reset every peer link mid-traffic: the new sessions replace the old ones' goroutines.
+	for i := range 5 {
+		sender.send(t, "y", i*100, i*100+100)
+		c.post(a, "/debug/reset-peers")
+		c.post(b, "/debug/reset-peers")
+	}
+	sender.send(t, "z", 0, 1)
+	_ = sender.conn.Close()
+	c.waitConns(a, "orders", 0)
+	c.waitLinks()
+	for _, p := range []struct {
+		pod  *pod
+		base float64
+	}{{a, baseA}, {b, baseB}} {
+		eventually(t, fmt.Sprintf("goroutines of %s back to %v", p.pod.name, p.base), func() bool { return goroutines(p.pod) <= p.base })
+	}
+	eventually(t, fmt.Sprintf("fds back to %d after link resets", baseline), func() bool { return fds(t, b) <= baseline })
 }
 
 // TestSigtermDrain: on SIGTERM the sidecar stops being ready, flushes what its apps
