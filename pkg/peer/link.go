@@ -590,7 +590,14 @@ func (l *Link) resume(conn net.Conn, w Welcome) {
 	if w.Known && (!l.havePeer || l.peerInc == w.Pod.Incarnation) {
 		l.ackLocked(w.LastSeq)
 	} else if l.havePeer {
-		l.log.Info("Peer restarted", "oldIncarnation", l.peerInc, "incarnation", w.Pod.Incarnation)
+		if l.peerInc == w.Pod.Incarnation {
+			// The same receiver no longer knows this sender: it forgot the resume state
+			// when this pod left its channels. What it may have seen is settled as for
+			// a restart.
+			l.log.Info("Peer forgot this link's resume state", "incarnation", w.Pod.Incarnation)
+		} else {
+			l.log.Info("Peer restarted", "oldIncarnation", l.peerInc, "incarnation", w.Pod.Incarnation)
+		}
 		reroute = l.settleLocked(l.sentSeq, router.ReasonPeerRestarted)
 	}
 	l.next = 0
