@@ -248,9 +248,10 @@ func (q *Queue) admitDisconnect(ctx context.Context, n int, ov discovery.Overflo
 	}
 }
 
-// pushNoWait is PushBatch under WaitThenDrop; the caller has retained data. Lines from peers (done != nil) never
-// wait; a local sender whose lines find the episode's waiting list full too waits for
-// room there, at most until the episode ends, as it would have for the queue.
+// pushNoWait is PushBatch under WaitThenDrop; the caller has retained data. Lines from
+// peers (done != nil) never wait; a local sender whose lines find the episode's waiting
+// list full too waits for room there, at most until the episode ends, as it would have
+// for the queue.
 func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done *Completion, ov discovery.Overflow) (int, Result, string) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
