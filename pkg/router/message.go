@@ -189,25 +189,19 @@ func ReleaseItems(items []Item) {
 // RetainLines takes one reference on the chunk of each of lines, one atomic operation
 // per run of lines sharing a chunk. A queue retains a whole batch before it can be
 // taken (and released) by the queue's writer, and releases what it did not keep.
-func RetainLines(lines []Payload) {
-	for i := 0; i < len(lines); {
-		j := i + 1
-		for j < len(lines) && lines[j].Ref == lines[i].Ref {
-			j++
-		}
-		lines[i].Ref.Retain(j - i)
-		i = j
-	}
-}
+func RetainLines(lines []Payload) { chunkRuns(lines, (*Chunk).Retain) }
 
 // ReleaseLines releases one reference on the chunk of each of lines, as RetainLines took.
-func ReleaseLines(lines []Payload) {
+func ReleaseLines(lines []Payload) { chunkRuns(lines, (*Chunk).Release) }
+
+// chunkRuns calls f once per run of lines sharing a chunk, with the run's length.
+func chunkRuns(lines []Payload, f func(c *Chunk, n int)) {
 	for i := 0; i < len(lines); {
 		j := i + 1
 		for j < len(lines) && lines[j].Ref == lines[i].Ref {
 			j++
 		}
-		lines[i].Ref.Release(j - i)
+		f(lines[i].Ref, j-i)
 		i = j
 	}
 }
