@@ -212,20 +212,27 @@ func (c *Conn) Detach() {
 		ch.r.presence.Broadcast()
 	}
 	left := c.Queue.Close()
-	n := 0
-	for _, it := range left {
-		n += len(it.Data)
-	}
-	DoneItems(left)
-	ReleaseItems(left)
-	c.Queue.Release(n)
-	if len(left) > 0 {
-		ch.drop(ReasonClosed, len(left))
+	c.Failed(left, ReasonClosed)
+}
+
+// Written counts items written to the app, releases their bytes and completes them.
+func (c *Conn) Written(items []Item) {
+	c.settle(items)
+	c.ch.linesOut.Add(float64(len(items)))
+}
+
+// Failed counts items taken for c that could not be written as dropped for reason,
+// releases their bytes and completes them.
+func (c *Conn) Failed(items []Item, reason string) {
+	c.settle(items)
+	if len(items) > 0 {
+		c.ch.drop(reason, len(items))
 	}
 }
 
-// Written counts n messages written to the app, releases their bytes and completes them.
-func (c *Conn) Written(items []Item) {
+// settle ends the queue's hold on items, written or not: their completions and chunk
+// references are released, and their bytes returned to the queue's bound.
+func (c *Conn) settle(items []Item) {
 	n := 0
 	for i := range items {
 		n += len(items[i].Data)
@@ -233,7 +240,6 @@ func (c *Conn) Written(items []Item) {
 	DoneItems(items)
 	ReleaseItems(items)
 	c.Queue.Release(n)
-	c.ch.linesOut.Add(float64(len(items)))
 }
 
 // Channel returns the channel c is attached to.
@@ -463,19 +469,4 @@ func (r *Router) Reroute(msgs []Message) {
 			ch.routeAnyOne(r.ctx, nil, m.Kind, Payload{Data: m.Data}, ch.spec.Load().Overflow)
 		}
 	}()
-}
-
-// Failed counts items taken for c that could not be written as dropped, releases their
-// bytes and completes them.
-func (c *Conn) Failed(items []Item, reason string) {
-	n := 0
-	for i := range items {
-		n += len(items[i].Data)
-	}
-	DoneItems(items)
-	ReleaseItems(items)
-	c.Queue.Release(n)
-	if len(items) > 0 {
-		c.ch.drop(reason, len(items))
-	}
 }
