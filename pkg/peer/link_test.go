@@ -55,23 +55,7 @@ func TestLinkResumesExactlyOnce(t *testing.T) {
 	// The receiving "app": drain the local queue as an endpoint writer would.
 	const n = 20000
 	got := make(chan string, n+100)
-	readerDone := make(chan struct{})
-	go func() {
-		defer close(readerDone)
-		var items []router.Item
-		for {
-			select {
-			case <-local.Queue.Ready():
-			case <-ctx.Done():
-				return
-			}
-			items = local.Queue.Take(items[:0])
-			for _, it := range items {
-				got <- string(it.Data)
-			}
-			local.Written(items)
-		}
-	}()
+	readerDone := drainLocal(ctx, local, func(data []byte) { got <- string(data) })
 
 	sendDone := make(chan struct{})
 	go func() {

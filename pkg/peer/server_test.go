@@ -70,25 +70,11 @@ func TestServerForgetsDepartedSenders(t *testing.T) {
 	// The receiving "app" records the lines of each sender.
 	var gotMu sync.Mutex
 	got := map[string][]string{}
-	readerDone := make(chan struct{})
-	go func() {
-		defer close(readerDone)
-		var items []router.Item
-		for {
-			select {
-			case <-local.Queue.Ready():
-			case <-ctx.Done():
-				return
-			}
-			items = local.Queue.Take(items[:0])
-			gotMu.Lock()
-			for _, it := range items {
-				got[string(it.Data[:1])] = append(got[string(it.Data[:1])], string(it.Data))
-			}
-			gotMu.Unlock()
-			local.Written(items)
-		}
-	}()
+	readerDone := drainLocal(ctx, local, func(data []byte) {
+		gotMu.Lock()
+		got[string(data[:1])] = append(got[string(data[:1])], string(data))
+		gotMu.Unlock()
+	})
 	received := func(name string) []string {
 		gotMu.Lock()
 		defer gotMu.Unlock()

@@ -41,6 +41,11 @@ func TestServerSpeaksToANewerSender(t *testing.T) {
 	spec := discovery.Spec{}.WithDefaults()
 	local := r.Ensure("orders", spec).Attach(router.Line, "", func() {})
 	defer local.Detach()
+	lines := make(chan string, 10)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	drained := drainLocal(ctx, local, func(data []byte) { lines <- string(data) })
+	defer func() { cancel(); <-drained }()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -75,8 +80,15 @@ func TestServerSpeaksToANewerSender(t *testing.T) {
 		if _, err := conn.Write(out); err != nil {
 			t.Fatal(err)
 		}
-		if got := takeLines(t, local, 3); strings.Join(got, ",") != "one,two,three" {
-			t.Fatalf("delivered %q", got)
+		for _, want := range []string{"one", "two", "three"} {
+			select {
+			case got := <-lines:
+				if got != want {
+					t.Fatalf("delivered %q, want %q", got, want)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%q never delivered", want)
+			}
 		}
 		if seq := nextAck(t, fr); seq != 3 {
 			t.Fatalf("ACK %d, want 3", seq)
@@ -208,26 +220,6 @@ func dialPeer(t *testing.T, addr string, first []byte) (net.Conn, *Reader) {
 	fr := NewReader(conn, MaxFrameBytes)
 	t.Cleanup(fr.Close)
 	return conn, fr
-}
-
-// takeLines returns the next n lines queued for c, as its writer would write them.
-func takeLines(t *testing.T, c *router.Conn, n int) []string {
-	t.Helper()
-	var got []string
-	deadline := time.After(10 * time.Second)
-	for len(got) < n {
-		select {
-		case <-c.Queue.Ready():
-		case <-deadline:
-			t.Fatalf("got %d lines, want %d", len(got), n)
-		}
-		items := c.Queue.Take(nil)
-		for _, it := range items {
-			got = append(got, string(it.Data))
-		}
-		c.Written(items)
-	}
-	return got
 }
 
 // nextAck skips frames until an ACK and returns its sequence number.
