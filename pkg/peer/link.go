@@ -711,6 +711,12 @@ func (l *Link) Reset() {
 	l.mu.Lock()
 	c := l.conn
 	l.mu.Unlock()
+	abort(c)
+}
+
+// abort closes c with a TCP reset instead of an orderly FIN, as a crash or a network
+// fault would end it.
+func abort(c net.Conn) {
 	if tc, ok := c.(*net.TCPConn); ok {
 		_ = tc.SetLinger(0)
 		_ = tc.Close()

@@ -551,10 +551,7 @@ func (s *Server) Reset() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for in := range s.inbound {
-		if tc, ok := in.conn.(*net.TCPConn); ok {
-			_ = tc.SetLinger(0)
-			_ = tc.Close()
-		}
+		abort(in.conn)
 	}
 }
 
