@@ -222,9 +222,6 @@ func (r *Reader) Ready() bool {
 	return r.w-r.r-4 >= int(binary.BigEndian.Uint32(r.buf[r.r:]))
 }
 
-// Buffered reports bytes read from the stream but not yet returned.
-func (r *Reader) Buffered() int { return r.w - r.r }
-
 // Close releases the reader's chunk; Next must not be called afterwards.
 func (r *Reader) Close() {
 	r.chunk.Release(1)

@@ -119,9 +119,9 @@ type Payload struct {
 	Ref *Chunk
 }
 
-// slabSize is the size of the chunks message bytes are copied into, so the hot path
-// neither allocates nor leaves garbage per line.
-const slabSize = 64 << 10
+// ChunkSize is the size of the chunks message bytes are copied (or read) into, so the
+// hot path neither allocates nor leaves garbage per line.
+const ChunkSize = 64 << 10
 
 // Chunk is a reference-counted buffer that lines live in: filled by a Slab (lines from
 // local apps) or read into by the peer Reader (lines from peers). Its filler holds one
@@ -136,7 +136,7 @@ type Chunk struct {
 	refs atomic.Int32
 }
 
-var chunkPool = sync.Pool{New: func() any { return &Chunk{buf: make([]byte, 0, slabSize)} }}
+var chunkPool = sync.Pool{New: func() any { return &Chunk{buf: make([]byte, 0, ChunkSize)} }}
 
 // NewChunk returns an empty pooled chunk holding one reference, for a reader that reads
 // straight into chunks (Bytes) rather than copying messages into a Slab.
@@ -146,11 +146,8 @@ func NewChunk() *Chunk {
 	return c
 }
 
-// Bytes returns the chunk's whole buffer, ChunkSize bytes, for a reader to fill.
+// Bytes returns the chunk's whole buffer (ChunkSize bytes), for a reader to fill.
 func (c *Chunk) Bytes() []byte { return c.buf[:cap(c.buf)] }
-
-// ChunkSize is the size of a chunk's buffer.
-const ChunkSize = slabSize
 
 // Retain takes n references.
 func (c *Chunk) Retain(n int) {
@@ -222,7 +219,7 @@ type Slab struct {
 
 // Copy returns a copy of b that stays valid until the next Recycle (or Close).
 func (s *Slab) Copy(b []byte) Payload {
-	if len(b) > slabSize/4 {
+	if len(b) > ChunkSize/4 {
 		return Payload{Data: append([]byte(nil), b...)}
 	}
 	if s.cur == nil || cap(s.cur.buf)-len(s.cur.buf) < len(b) {
