@@ -294,19 +294,19 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 func (e *Endpoint) write(w *ipc.Writer, it router.Item, scratch *bytes.Buffer) error {
 	switch {
 	case it.Kind == e.kind:
-		return w.Write(it.Data)
+		return w.WriteMessage(it.Data)
 	case e.kind == router.Line: // a node-ipc message reaches a line client as compact JSON
 		scratch.Reset()
 		if err := json.Compact(scratch, it.Data); err != nil {
 			return fmt.Errorf("%w: %w", ipc.ErrUnframeable, err)
 		}
-		return w.Write(scratch.Bytes())
+		return w.WriteMessage(scratch.Bytes())
 	default: // a line reaches a node-ipc client as {"type":"message","data":"<line>"}
 		ev, err := ipc.EncodeEvent("message", string(it.Data))
 		if err != nil {
 			return fmt.Errorf("%w: %w", ipc.ErrUnframeable, err)
 		}
-		return w.Write(ev)
+		return w.WriteMessage(ev)
 	}
 }
 

@@ -17,7 +17,7 @@ import (
 // messages per second, through three stacks on the same transport:
 //
 //   - channel: Socket.Out() on one end to Socket.In() on the other;
-//   - framing: Writer.Write to Reader.Next, no channels;
+//   - framing: Writer.WriteMessage to Reader.Next, no channels;
 //   - bufio: the baseline, bufio.Writer to bufio.Reader.ReadSlice.
 //
 // Besides msgs/s it reports the CPU time of both ends per message, which is steadier on
@@ -76,7 +76,7 @@ func benchFraming(b *testing.B, client, server net.Conn, msg string) {
 	go func() {
 		w := ipc.NewWriter(client, ipc.Lines)
 		for range b.N {
-			if err := w.Write(payload); err != nil {
+			if err := w.WriteMessage(payload); err != nil {
 				errc <- err
 				return
 			}

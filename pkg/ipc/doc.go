@@ -64,6 +64,7 @@
 // flushes as soon as Out() is empty, so an idle socket sends each message at once and a
 // busy one makes one syscall per batch. The reader reads large blocks and allocates only
 // the string of each message. Code that must avoid even that, such as a relay, can use
-// Reader and Writer directly: they frame messages in place, with no channel operation
+// Reader and Writer directly: Reader.Next returns each message as a slice of its
+// buffer and Writer.WriteMessage frames one into its own, with no channel operation
 // and no allocation per message.
 package ipc

@@ -64,6 +64,11 @@ const (
 	// writeBufferSize is the Writer's buffer; a batch of queued messages larger than
 	// this is written in several syscalls.
 	writeBufferSize = 64 << 10
+
+	// maxEmptyReads is how many reads in a row may return no bytes and no error before
+	// a Reader gives up with io.ErrNoProgress: a broken io.Reader must not make it spin.
+	// bufio uses the same bound.
+	maxEmptyReads = 100
 )
 
 var (
@@ -247,7 +252,7 @@ func (r *Reader) fill() {
 		copy(buf, r.buf[:r.end])
 		r.buf = buf
 	}
-	for range 100 {
+	for range maxEmptyReads {
 		n, err := r.r.Read(r.buf[r.end:])
 		r.end += n
 		if err != nil {
@@ -266,7 +271,7 @@ func (r *Reader) nextRaw() ([]byte, error) {
 	if r.err != nil {
 		return nil, r.err
 	}
-	for range 100 {
+	for range maxEmptyReads {
 		n, err := r.r.Read(r.buf)
 		if err != nil {
 			r.err = err
@@ -310,10 +315,13 @@ func NewWriter(w io.Writer, f Framing) *Writer {
 	return &Writer{bw: bufio.NewWriterSize(w, writeBufferSize), f: f}
 }
 
-// Write buffers msg with its delimiter. It returns an error wrapping ErrUnframeable,
-// and writes nothing, if the framing cannot carry msg. Buffer overflow writes through
-// to the underlying writer, whose error is returned.
-func (w *Writer) Write(msg []byte) error {
+// WriteMessage buffers msg with its delimiter. It returns an error wrapping
+// ErrUnframeable, and writes nothing, if the framing cannot carry msg. Buffer overflow
+// writes through to the underlying writer, whose error is returned.
+//
+// It is not named Write: io.Writer's Write takes any bytes and reports a count, while
+// this takes one whole message and either frames all of it or none.
+func (w *Writer) WriteMessage(msg []byte) error {
 	switch w.f {
 	case Lines:
 		if bytes.IndexByte(msg, '\n') >= 0 {
@@ -330,8 +338,9 @@ func (w *Writer) Write(msg []byte) error {
 	return w.delimit()
 }
 
-// WriteString is Write for a string, without converting it to a byte slice.
-func (w *Writer) WriteString(msg string) error {
+// WriteMessageString is WriteMessage for a string, without converting it to a byte
+// slice.
+func (w *Writer) WriteMessageString(msg string) error {
 	switch w.f {
 	case Lines:
 		if strings.IndexByte(msg, '\n') >= 0 {

@@ -209,9 +209,9 @@ func TestWriter(t *testing.T) {
 				w := ipc.NewWriter(&buf, tt.framing)
 				write := func(m string) error {
 					if asString {
-						return w.WriteString(m)
+						return w.WriteMessageString(m)
 					}
-					return w.Write([]byte(m))
+					return w.WriteMessage([]byte(m))
 				}
 				for i, m := range tt.msgs {
 					if err := write(m); err != nil {
@@ -338,8 +338,8 @@ func TestDecodeEventEveryStringByte(t *testing.T) {
 				if (err == nil) != valid || ev.Type != want.Type || string(ev.Data) != string(want.Data) {
 					t.Fatalf("DecodeEvent(%q) = %+v, %v; encoding/json says %+v, valid=%v", msg, ev, err, want, valid)
 				}
-				if werr := ipc.NewWriter(io.Discard, ipc.NodeIPC).WriteString(msg); (werr == nil) != valid {
-					t.Fatalf("WriteString(%q) = %v; encoding/json says valid=%v", msg, werr, valid)
+				if werr := ipc.NewWriter(io.Discard, ipc.NodeIPC).WriteMessageString(msg); (werr == nil) != valid {
+					t.Fatalf("WriteMessageString(%q) = %v; encoding/json says valid=%v", msg, werr, valid)
 				}
 			}
 		}

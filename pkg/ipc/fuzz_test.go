@@ -180,8 +180,8 @@ func FuzzDecodeEvent(f *testing.F) {
 			t.Fatalf("DecodeEvent(%q) error %v, JSON.parse view says valid=%v", msg, err, valid)
 		}
 		// The Writer must refuse exactly what the Reader and DecodeEvent refuse.
-		if werr := ipc.NewWriter(io.Discard, ipc.NodeIPC).Write(msg); (werr == nil) != valid {
-			t.Fatalf("Writer.Write(%q) error %v, JSON.parse view says valid=%v", msg, werr, valid)
+		if werr := ipc.NewWriter(io.Discard, ipc.NodeIPC).WriteMessage(msg); (werr == nil) != valid {
+			t.Fatalf("Writer.WriteMessage(%q) error %v, JSON.parse view says valid=%v", msg, werr, valid)
 		}
 		if err != nil {
 			return

@@ -125,8 +125,12 @@ type eventSpans struct {
 // invalid to json.Valid and json.Unmarshal, so it is invalid here too.
 const maxNestingDepth = 10000
 
+// inlineNesting is how many levels of nesting scanNested tracks in an array on its own
+// stack frame; deeper documents grow the stack on the heap.
+const inlineNesting = 64
+
 // scanEvent validates b as JSON exactly as json.Valid does, in one pass and without
-// allocating (below 64 levels of nesting), and finds the last "type" and "data" members
+// allocating (below inlineNesting levels of nesting), and finds the last "type" and "data" members
 // of its top-level object. ok is false unless b is valid JSON, an object, and its "type"
 // is a string.
 func scanEvent[T string | []byte](b T) (sp eventSpans, ok bool) {
@@ -240,7 +244,7 @@ func scanValue[T string | []byte](b T, i, depth int) (int, bool) {
 func scanNested[T string | []byte](b T, i, depth int) (int, bool) {
 	// objects[k] says whether the container k+1 levels in is an object; the array
 	// keeps ordinary nesting off the heap.
-	var stack [64]bool
+	var stack [inlineNesting]bool
 	objects := stack[:0]
 	var ok bool
 	for {

@@ -118,7 +118,7 @@ func benchNodeIPCFraming(b *testing.B, network string) {
 	var frame []byte
 	for i := range b.N {
 		frame = appendNodeIPCBenchFrame(frame[:0], i, payload)
-		if err := w.Write(frame); err != nil {
+		if err := w.WriteMessage(frame); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -219,12 +219,12 @@ func BenchmarkNodeIPCHelpers(b *testing.B) {
 			}
 		}
 	})
-	b.Run("WriteString", func(b *testing.B) {
+	b.Run("WriteMessageString", func(b *testing.B) {
 		b.ReportAllocs()
 		w := ipc.NewWriter(io.Discard, ipc.NodeIPC)
 		msg := string(frame)
 		for b.Loop() {
-			if err := w.WriteString(msg); err != nil {
+			if err := w.WriteMessageString(msg); err != nil {
 				b.Fatal(err)
 			}
 		}

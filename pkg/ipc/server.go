@@ -12,6 +12,14 @@ import (
 	"time"
 )
 
+// The accept loop's backoff after an error it can retry (EMFILE and the like): it
+// starts at acceptBackoffMin, doubles on every failure in a row and never waits longer
+// than acceptBackoffMax, net/http's bounds.
+const (
+	acceptBackoffMin = 5 * time.Millisecond
+	acceptBackoffMax = time.Second
+)
+
 // Server accepts connections and hands each one out as a Socket on Connections().
 type Server struct {
 	ln    net.Listener
@@ -105,7 +113,7 @@ func (s *Server) acceptLoop() {
 			// Running out of file descriptors and the like: report, back off, retry,
 			// as net/http does, rather than spin or give up.
 			s.opts.onError(nil, fmt.Errorf("ipc: accept: %w", err))
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			delay = min(max(2*delay, acceptBackoffMin), acceptBackoffMax)
 			t := time.NewTimer(delay)
 			select {
 			case <-t.C:

@@ -286,7 +286,7 @@ func (s *Socket) write(w *Writer, msg string) {
 		s.opts.onError(s, fmt.Errorf("outgoing message of %d bytes dropped: %w", len(msg), tooLarge(s.opts.maxMessage)))
 		return
 	}
-	if err := w.WriteString(msg); errors.Is(err, ErrUnframeable) {
+	if err := w.WriteMessageString(msg); errors.Is(err, ErrUnframeable) {
 		s.dropped.Add(1)
 		s.opts.onError(s, fmt.Errorf("outgoing message dropped: %w", err))
 	}
