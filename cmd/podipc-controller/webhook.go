@@ -83,7 +83,7 @@ func setupWebhooks(mgr ctrl.Manager, o webhookOptions, kp *certs.Keypair) error 
 	if err := hook.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("setting up the injection webhook: %w", err)
 	}
-	monitor := &inject.MissingReconciler{
+	monitor := &inject.Monitor{
 		Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
 		Recorder: mgr.GetEventRecorder("podipc-injection-monitor"), ControllerNamespace: o.namespace,
 	}

@@ -200,7 +200,7 @@ func TestInvalidAnnotationsAreRejected(t *testing.T) {
 }
 
 // TestWebhookDownIsFlagged points the webhook configuration at a closed port: with the
-// default failurePolicy Ignore the pod is admitted without the sidecar, and MissingReconciler
+// default failurePolicy Ignore the pod is admitted without the sidecar, and Monitor
 // records an InjectionMissing Event on it and InjectionHealthy=False on its Channel, which
 // returns to True when the pod goes.
 func TestWebhookDownIsFlagged(t *testing.T) {

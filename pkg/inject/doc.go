@@ -17,6 +17,6 @@
 // still reaches the webhook and is told why in an admission warning.
 //
 // A webhook that is down with failurePolicy Ignore lets opted-in pods through without the
-// sidecar; [MissingReconciler] notices them (an InjectionMissing Event on the pod and the
+// sidecar; [Monitor] notices them (an InjectionMissing Event on the pod and the
 // InjectionHealthy condition on their Channels) so that this is never silent.
 package inject

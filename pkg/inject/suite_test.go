@@ -20,7 +20,7 @@ import (
 
 // The one test environment of this package: a real kube-apiserver and etcd with the
 // podipc-injector MutatingWebhookConfiguration from config/webhook installed, pointing at a
-// manager that serves Webhook and runs MissingReconciler.
+// manager that serves Webhook and runs Monitor.
 var (
 	env        *testenv.Env
 	hook       *Webhook
@@ -43,7 +43,7 @@ func TestMain(m *testing.M) {
 }
 
 // startInjector creates the controller's namespace and runs a manager that serves Webhook
-// at the address the installed webhook configuration calls, and runs MissingReconciler.
+// at the address the installed webhook configuration calls, and runs Monitor.
 func startInjector(e *testenv.Env) (func(), error) {
 	ctrl.SetLogger(zap.New(zap.WriteTo(os.Stderr), zap.UseDevMode(true), zap.Level(zapLevel())))
 	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: testConfig.ControllerNamespace}}
@@ -62,7 +62,7 @@ func startInjector(e *testenv.Env) (func(), error) {
 		if err := hook.SetupWithManager(mgr); err != nil {
 			return err
 		}
-		missing := &MissingReconciler{
+		missing := &Monitor{
 			Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
 			Recorder: mgr.GetEventRecorder("podipc-injection-monitor"), ControllerNamespace: testConfig.ControllerNamespace,
 		}

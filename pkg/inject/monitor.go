@@ -25,7 +25,7 @@ import (
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 )
 
-// ConditionInjectionHealthy is the Channel condition MissingReconciler owns: False, with
+// ConditionInjectionHealthy is the Channel condition the Monitor owns: False, with
 // ReasonPodsNotInjected, while some pod that asked for injection and names the channel runs
 // without the sidecar (the webhook was down under failurePolicy Ignore).
 const ConditionInjectionHealthy = "InjectionHealthy"
@@ -39,18 +39,21 @@ const (
 	ReasonInjectionMissing = "InjectionMissing"
 )
 
-// fieldOwner is MissingReconciler's server-side-apply identity. It applies only its own
+// fieldOwner is the Monitor's server-side-apply identity. It applies only its own
 // condition type to Channel status; since conditions is a listType=map keyed by type, the
 // channel reconciler's conditions and counters are never touched, and neither writer can
 // overwrite the other's.
 const fieldOwner = "podipc-injection-monitor"
 
-// MissingReconciler flags pods that asked for the sidecar and run without it. It watches
+// Monitor is the injection monitor: a controller, not part of the webhook, that flags
+// pods which asked for the sidecar and run without it. It lives in this package because
+// its judgement, "the webhook would have injected this pod", is Decide's, the webhook's
+// own truth table; a copy elsewhere could drift from what the webhook does. It watches
 // pods through a metadata-only cache (the label and annotations are all it needs), reads the
 // full pod with APIReader only for the rare candidate (to rule out hostNetwork), records a
 // Warning Event on the pod once, and keeps ConditionInjectionHealthy on the Channels the pod
 // names.
-type MissingReconciler struct {
+type Monitor struct {
 	// Client is the manager's client: cached reads, server-side apply of Channel status.
 	Client client.Client
 	// APIReader reads a candidate pod's spec without caching every pod's spec.
@@ -79,7 +82,7 @@ type MissingReconciler struct {
 
 // SetupWithManager watches the metadata of pods without the injected label, through a cache
 // of its own selecting exactly those, and reconciles the ones that asked for the sidecar.
-func (r *MissingReconciler) SetupWithManager(mgr ctrl.Manager) error {
+func (r *Monitor) SetupWithManager(mgr ctrl.Manager) error {
 	uninjected, err := labels.NewRequirement(LabelInjected, selection.NotEquals, []string{"true"})
 	if err != nil {
 		return err
@@ -105,7 +108,7 @@ func (r *MissingReconciler) SetupWithManager(mgr ctrl.Manager) error {
 }
 
 // Reconcile flags one pod if it asked for the sidecar and has none.
-func (r *MissingReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+func (r *Monitor) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	pod := &metav1.PartialObjectMetadata{}
 	pod.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("Pod"))
 	if err := r.pods.Get(ctx, req.NamespacedName, pod); err != nil {
@@ -133,7 +136,7 @@ func (r *MissingReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ct
 }
 
 // applyConditions recomputes ConditionInjectionHealthy on each named Channel.
-func (r *MissingReconciler) applyConditions(ctx context.Context, namespace string, channels []string) error {
+func (r *Monitor) applyConditions(ctx context.Context, namespace string, channels []string) error {
 	for _, name := range channels {
 		if err := r.applyCondition(ctx, types.NamespacedName{Namespace: namespace, Name: name}); err != nil {
 			return err
@@ -144,7 +147,7 @@ func (r *MissingReconciler) applyConditions(ctx context.Context, namespace strin
 
 // missing returns the full pod when it asked for the sidecar, the webhook would have
 // injected it, and it has none; nil otherwise.
-func (r *MissingReconciler) missing(ctx context.Context, pod *metav1.PartialObjectMetadata) (*corev1.Pod, error) {
+func (r *Monitor) missing(ctx context.Context, pod *metav1.PartialObjectMetadata) (*corev1.Pod, error) {
 	if pod.Labels[LabelInjected] == "true" || !pod.DeletionTimestamp.IsZero() {
 		return nil, nil
 	}
@@ -169,7 +172,7 @@ func (r *MissingReconciler) missing(ctx context.Context, pod *metav1.PartialObje
 
 // applyCondition recomputes ConditionInjectionHealthy of one Channel from the pods that name
 // it, and applies it when the Channel exists.
-func (r *MissingReconciler) applyCondition(ctx context.Context, key types.NamespacedName) error {
+func (r *Monitor) applyCondition(ctx context.Context, key types.NamespacedName) error {
 	var channel podipcv1alpha1.Channel
 	if err := r.Client.Get(ctx, key, &channel); err != nil {
 		return client.IgnoreNotFound(err)
@@ -213,7 +216,7 @@ func (r *MissingReconciler) applyCondition(ctx context.Context, key types.Namesp
 }
 
 // apply server-side-applies cond as the only field this reconciler owns on the Channel.
-func (r *MissingReconciler) apply(ctx context.Context, key types.NamespacedName, cond metav1.Condition) error {
+func (r *Monitor) apply(ctx context.Context, key types.NamespacedName, cond metav1.Condition) error {
 	u := &unstructured.Unstructured{Object: map[string]any{
 		"apiVersion": podipcv1alpha1.GroupVersion.String(),
 		"kind":       "Channel",
