@@ -100,9 +100,10 @@ chart-crds: ## Copy the generated CRDs into charts/podipc/crds/ (never edit them
 	cp config/crd/bases/*.yaml charts/podipc/crds/
 
 .PHONY: verify
-verify: generate ## Regenerate and fail if the tree changed (generated code is never hand-edited).
+verify: generate ## Regenerate and fail if the tree changed (generated code is never hand-edited), or cites a document outside the repo.
 	@git diff --exit-code -- . && test -z "$$(git status --porcelain --untracked-files=all -- api config charts)" || \
 	  { git status --short -- api config charts; echo "generated files are out of date: run 'make generate' and commit"; exit 1; }
+	@hack/verify-refs.sh
 
 ##@ Image
 

@@ -35,7 +35,7 @@ import (
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 )
 
-// The journey of DESIGN.md §1 on the real node, through what a user uses: helm, the API.
+// The journey of the README ("The user journey") on the real node, through what a user uses: helm, the API.
 const (
 	release        = "podipc"
 	releaseNS      = "podipc-system"

@@ -4,7 +4,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// Well-known names shared by the controller, the webhook and the sidecar (DESIGN.md §2).
+// Well-known names shared by the controller, the webhook and the sidecar (docs/design.md §3.1).
 const (
 	// ChannelLabel is set on every EndpointSlice of a channel; its value is the Channel name.
 	ChannelLabel = "podipc.dev/channel"

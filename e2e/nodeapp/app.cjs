@@ -1,5 +1,5 @@
 'use strict';
-// The node-ipc app of the e2e journey (DESIGN.md §1): a Node.js program that knows nothing of
+// The node-ipc app of the e2e journey (README.md, "The user journey"): a Node.js program that knows nothing of
 // podipc but node-ipc's own client. It connects to its sidecar's socket for the channel ID
 // (/var/run/podipc/app.ID), emits "message" events "node-ipc N" once a second, and logs every
 // event it receives as "recv TYPE DATA", so the suite checks both directions from pod logs:

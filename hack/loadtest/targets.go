@@ -53,7 +53,7 @@ func (t *target) stop() {
 	}
 }
 
-// The ports of the sidecar contract (DESIGN §2) and of the measured channels.
+// The ports of the sidecar contract (docs/design.md §3.2) and of the measured channels.
 const (
 	peerPort  = 7701
 	adminPort = 7702
@@ -62,7 +62,7 @@ const (
 )
 
 // staticConfig is the static discovery file shared by both sidecars: two members and two
-// channels. Message bounds are the Channel defaults (DESIGN §5); so are queue bounds
+// channels. Message bounds are the Channel defaults (docs/design.md §3.5); so are queue bounds
 // unless -queue-bytes says otherwise.
 func staticConfig(ipA, ipB string, queueBytes int) string {
 	members := fmt.Sprintf(`    members:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Brings up a real single-node Kubernetes cluster for the e2e suite: etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, containerd, kubelet and kube-proxy (nftables), all
-# on the bridge podipc0 and under $STATE. Why each setting is what it is:
-# /work/shared/notes/real-node.md. Tear down with hack/node/down.sh (also run on failure).
+# on the bridge podipc0 and under $STATE. Why each setting is what it is: hack/node/README.md,
+# "Why the settings are what they are". Tear down with hack/node/down.sh (also run on failure).
 #
 # Writes $STATE/e2e.env (KUBECONFIG and containerd socket for the Go suite).
 set -euo pipefail

@@ -14,7 +14,7 @@ import (
 	"k8s.io/utils/ptr"
 )
 
-// The injection contract (DESIGN §2).
+// The injection contract (docs/design.md §3.1).
 const (
 	injectAnnotation   = "podipc.dev/inject"
 	channelsAnnotation = "podipc.dev/channels"

@@ -16,7 +16,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 )
 
-// channelLabel is the label the controller puts on a Channel's EndpointSlices (DESIGN §2).
+// channelLabel is the label the controller puts on a Channel's EndpointSlices (docs/design.md §3.1).
 const channelLabel = "podipc.dev/channel"
 
 // member is one row of `podipc members`.

@@ -1,5 +1,5 @@
 // Package inject is podipc's mutating admission webhook for pods: it decides whether a pod
-// gets the podipc sidecar (DESIGN §2 and §6) and, if so, adds it as a native sidecar together
+// gets the podipc sidecar (docs/design.md §3.1 and §6.2) and, if so, adds it as a native sidecar together
 // with the shared sockets volume and the sidecar's own service-account token.
 //
 // The webhook works in two steps that are kept apart on purpose: [Decide] is a pure function

@@ -1,6 +1,6 @@
 package inject
 
-// The public names of DESIGN §2; renaming any of them needs a migration note.
+// The public names of docs/design.md §3; renaming any of them needs a migration note.
 const (
 	// AnnotationInject opts a pod in ("true") or out ("false"); the pod's "false" wins over
 	// its namespace's label.

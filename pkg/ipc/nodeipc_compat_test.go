@@ -1,6 +1,6 @@
 package ipc_test
 
-// Compatibility with the real node-ipc npm packages (DESIGN.md §4): node-ipc 9.2.1, 10.1.0
+// Compatibility with the real node-ipc npm packages (docs/design.md §10, README "From Node.js"): node-ipc 9.2.1, 10.1.0
 // (its CommonJS bundle, node-ipc.cjs, is what require() resolves through "exports") and
 // @achrinza/node-ipc 10.1.11, each in both directions (Go server with a node-ipc client, a
 // node-ipc server with a Go client), over a Unix socket and TCP, in JSON event mode and in

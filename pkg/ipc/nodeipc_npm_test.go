@@ -26,7 +26,7 @@ type nodeIPCPackage struct {
 	Version string
 }
 
-// nodeIPCPackages are the releases DESIGN.md §4 promises wire compatibility with. Each is
+// nodeIPCPackages are the releases docs/design.md §10 promises wire compatibility with. Each is
 // pinned by a committed package.json and package-lock.json and installed with npm ci.
 var nodeIPCPackages = []nodeIPCPackage{
 	{Dir: "node-ipc-9.2.1", Name: "node-ipc", Version: "9.2.1"},

@@ -70,7 +70,7 @@ type sender struct {
 
 // pending is a dispatched line. Its acknowledgement waits for c, but never past
 // deadline: a receiving sidecar does not withhold acknowledgements because a local
-// reader is slow (DESIGN §5), so a line still queued for a reader after the channel's
+// reader is slow (docs/design.md §8.1), so a line still queued for a reader after the channel's
 // maxWait is acknowledged anyway.
 type pending struct {
 	// first and seq are the first and last sequence numbers of a batch of lines.

@@ -18,7 +18,7 @@ func ov(p discovery.OverflowPolicy, queue int) discovery.Overflow {
 	return discovery.Overflow{Policy: p, MaxWait: 10 * time.Millisecond, QueueBytes: queue}
 }
 
-// TestQueueOverflow: the policies as DESIGN §5 states them.
+// TestQueueOverflow: the policies as docs/design.md §8.3 states them.
 func TestQueueOverflow(t *testing.T) {
 	item := Item{Data: make([]byte, 10)}
 	ctx := t.Context()

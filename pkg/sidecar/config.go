@@ -12,7 +12,7 @@ import (
 	"github.com/podipc/podipc/pkg/peer"
 )
 
-// Well-known ports (DESIGN §2).
+// Well-known ports (docs/design.md §3.2).
 const (
 	PeerPort  = 7701
 	AdminPort = 7702

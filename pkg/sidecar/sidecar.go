@@ -1,7 +1,7 @@
 // Package sidecar wires the data plane of one pod: discovery feeds the router and the
 // peer links, endpoints serve the apps, and an admin server reports health, readiness
-// and metrics. Its Start runs until the context ends and then drains (DESIGN §5
-// lifecycle).
+// and metrics. Its Start runs until the context ends and then drains (docs/design.md
+// §7.2).
 package sidecar
 
 import (
@@ -538,7 +538,7 @@ func (s *Sidecar) adminHandler() http.Handler {
 	// startup probe lets start can connect. A Channel created later whose port cannot
 	// be bound does not make the pod (and every Service it backs) not ready: that is a
 	// problem of one channel, reported by its log and podipc_endpoint_unbound. Channels
-	// the pod names that do not exist yet are not waited for (DESIGN §5). Nor is the node-ipc socket, which is retried the same way and shows in
+	// the pod names that do not exist yet are not waited for (docs/design.md §7.2). Nor is the node-ipc socket, which is retried the same way and shows in
 	// podipc_endpoint_unbound: the line port is what every app can use, and outside
 	// Kubernetes the default --socket-dir may not be writable at all.
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {

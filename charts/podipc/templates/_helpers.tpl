@@ -1,6 +1,6 @@
 {{/*
 Names. The cluster-scoped objects and the webhook's Service and Secret have fixed names
-(DESIGN §2), because the controller finds them by name and there is one podipc per cluster.
+(docs/design.md §3.2), because the controller finds them by name and there is one podipc per cluster.
 */}}
 {{- define "podipc.webhookConfigName" -}}podipc-injector{{- end -}}
 {{- define "podipc.webhookServiceName" -}}podipc-webhook{{- end -}}
