@@ -1,8 +1,3 @@
-// Package peer is the sidecar-to-sidecar wire protocol (docs/protocol.md) and the links
-// that carry it: an outbound Link per remote member pod, dialled by the sender and
-// carrying every channel the two pods share, and a Server that accepts links from
-// members, hands their lines to the local router and answers with acknowledgements and
-// presence.
 package peer
 
 import (

@@ -1,11 +1,3 @@
-// Package router moves lines between the local app connections of a channel and the peer
-// links to the other member pods: it chooses receivers (Broadcast or AnyOne), keeps one
-// bounded FIFO queue per receiver, and applies the channel's overflow policy when a
-// receiver's queue is full. Every line it does not deliver is counted with a reason.
-//
-// The data flow is app socket → endpoint → router → peer link → remote router → remote
-// endpoint. The router owns no sockets: endpoints feed it lines and drain its queues,
-// and peer links implement Remote.
 package router
 
 import (
