@@ -13,11 +13,11 @@ import (
 )
 
 // The accept loop's backoff after an error it can retry (EMFILE and the like): it
-// starts at acceptBackoffMin, doubles on every failure in a row and never waits longer
-// than acceptBackoffMax, net/http's bounds.
+// starts at firstAcceptBackoff, doubles on every failure in a row and never waits longer
+// than maxAcceptBackoff, net/http's bounds.
 const (
-	acceptBackoffMin = 5 * time.Millisecond
-	acceptBackoffMax = time.Second
+	firstAcceptBackoff = 5 * time.Millisecond
+	maxAcceptBackoff   = time.Second
 )
 
 // Server accepts connections and hands each one out as a Socket on Connections().
@@ -113,7 +113,7 @@ func (s *Server) acceptLoop() {
 			// Running out of file descriptors and the like: report, back off, retry,
 			// as net/http does, rather than spin or give up.
 			s.opts.onError(nil, fmt.Errorf("ipc: accept: %w", err))
-			delay = min(max(2*delay, acceptBackoffMin), acceptBackoffMax)
+			delay = min(max(2*delay, firstAcceptBackoff), maxAcceptBackoff)
 			t := time.NewTimer(delay)
 			select {
 			case <-t.C:

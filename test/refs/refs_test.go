@@ -3,6 +3,7 @@
 package refs_test
 
 import (
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -49,7 +50,8 @@ func git(t *testing.T, dir string, args ...string) {
 func verify(t *testing.T, dir string) (string, bool) {
 	t.Helper()
 	out, err := exec.Command("bash", script(t), dir).CombinedOutput()
-	if _, exit := err.(*exec.ExitError); err != nil && !exit {
+	var exit *exec.ExitError
+	if err != nil && !errors.As(err, &exit) {
 		t.Fatal(err)
 	}
 	return string(out), err == nil
