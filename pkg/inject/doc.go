@@ -1,6 +1,8 @@
-// Package inject is podipc's mutating admission webhook for pods: it decides whether a pod
-// gets the podipc sidecar (docs/design.md §3.1 and §6.2) and, if so, adds it as a native sidecar together
-// with the shared sockets volume and the sidecar's own service-account token.
+// Package inject puts the podipc sidecar into pods. Its mutating admission webhook decides
+// whether a pod gets the sidecar and, if so, adds it as a native sidecar together with the
+// shared sockets volume and the sidecar's own service-account token (docs/design.md §3.1
+// and §6.2); its injection monitor flags pods that asked for the sidecar and were admitted
+// without it (docs/design.md §6.3).
 //
 // The webhook works in two steps that are kept apart on purpose: [Decide] is a pure function
 // of the pod, its namespace's labels and the controller's namespace, and says whether to inject
@@ -17,6 +19,7 @@
 // still reaches the webhook and is told why in an admission warning.
 //
 // A webhook that is down with failurePolicy Ignore lets opted-in pods through without the
-// sidecar; [Monitor] notices them (an InjectionMissing Event on the pod and the
-// InjectionHealthy condition on their Channels) so that this is never silent.
+// sidecar; the [Monitor], a controller of its own in monitor.go, notices them (an
+// InjectionMissing Event on the pod and the InjectionHealthy condition on their Channels)
+// so that this is never silent.
 package inject
