@@ -12,7 +12,7 @@ root=${1:-$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)}
 
 # Written so that this file does not match itself.
 patterns=(
-  'DESIGN(\.md|[[:space:]]*§)'   # the design card and its sections
+  'DESIG[N](\.md|[[:space:]]*§)' # the design card and its sections
   '\.\./shared'                  # the notes directory outside the repository
   '/wor[k]/'                     # the development machines' work directory
   '/hom[e]/[^/[:space:]]+/'       # anyone's home directory
