@@ -9,6 +9,11 @@ import (
 	"time"
 )
 
+// a2aDrainTimeout bounds how long the all-to-all run waits for the last lines after the
+// senders stop: a target that falls behind the offered load on a Block channel is slow,
+// not lossy, and shows it as how far behind it was.
+const a2aDrainTimeout = 60 * time.Second
+
 // In the all-to-all run a line also names its sender: senderDigits decimal digits after
 // the sequence number and its space, so that each receiving app checks every sender's
 // sequence on its own.
@@ -82,13 +87,16 @@ type allToAllResult struct {
 	expected  float64 // lines/s the receiving apps should read together: k(k−1)·rate
 	delivered float64 // lines/s they read while the senders ran
 	sent      uint64
-	missing   uint64 // lines sent that some receiving app never read
+	received  uint64        // lines read by all receiving apps, in the end
+	drain     time.Duration // from the senders' end until every line had arrived
+	missing   uint64        // lines sent that some receiving app never read
 }
 
 // measureAllToAll opens k apps (open(ctx, i) is member i's), each sending rate lines/s
 // open loop for dur while reading every other app's lines; then it waits until every
 // line arrived everywhere. Any loss, duplicate or reorder per sender fails the run.
-func measureAllToAll(ctx context.Context, open func(ctx context.Context, i int) (path, error), k, size int, rate float64, dur time.Duration) (allToAllResult, error) {
+// synced, if not nil, is called once every app has heard from every other.
+func measureAllToAll(ctx context.Context, open func(ctx context.Context, i int) (path, error), synced func() error, k, size int, rate float64, dur time.Duration) (allToAllResult, error) {
 	res := allToAllResult{expected: float64(k*(k-1)) * rate}
 	apps := make([]path, 0, k)
 	defer func() {
@@ -104,7 +112,7 @@ func measureAllToAll(ctx context.Context, open func(ctx context.Context, i int) 
 			return res, err
 		}
 		apps = append(apps, p)
-		if err := p.Bound(time.Now().Add(syncTimeout + dur + 2*drainTimeout)); err != nil {
+		if err := p.Bound(time.Now().Add(syncTimeout + dur + a2aDrainTimeout + drainTimeout)); err != nil {
 			return res, err
 		}
 		mcs[i] = newMultiChecker(i, k, size)
@@ -112,6 +120,11 @@ func measureAllToAll(ctx context.Context, open func(ctx context.Context, i int) 
 	}
 	if err := syncAll(apps, mcs, size, recvErr); err != nil {
 		return res, err
+	}
+	if synced != nil {
+		if err := synced(); err != nil {
+			return res, err
+		}
 	}
 
 	sent := make([]atomic.Uint64, k)
@@ -136,10 +149,12 @@ func measureAllToAll(ctx context.Context, open func(ctx context.Context, i int) 
 		res.sent += sent[i].Load()
 	}
 
-	deadline := time.Now().Add(drainTimeout)
+	stopped := time.Now()
+	deadline := stopped.Add(a2aDrainTimeout)
 	for {
-		res.missing = 0
+		res.missing, res.received = 0, 0
 		for _, m := range mcs {
+			res.received += m.received()
 			for j, c := range m.chks {
 				if j != m.own {
 					res.missing += sent[j].Load() - c.count.Load()
@@ -150,6 +165,7 @@ func measureAllToAll(ctx context.Context, open func(ctx context.Context, i int) 
 			}
 		}
 		if res.missing == 0 || time.Now().After(deadline) {
+			res.drain = time.Since(stopped)
 			return res, nil
 		}
 		select {

@@ -289,7 +289,7 @@ func runAll(ctx context.Context, r *results, targets map[string]*target) error {
 				if name == "podipc" && run == 0 && cfg.perfDir != "" {
 					prof = startPerf(ctx, cfg.perfDir, t, size, cfg.warmup, cfg.duration)
 				}
-				res, err := measureThroughput(ctx, t.open, t.usage, size, cfg.warmup, cfg.duration, cfg.window)
+				res, err := measureThroughput(ctx, t.open, t.usage, nil, size, cfg.warmup, cfg.duration, cfg.window)
 				if prof != nil {
 					<-prof.done
 				}

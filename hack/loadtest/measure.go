@@ -44,7 +44,10 @@ type usageMeter func() usage
 // publisher from running without bound ahead of its subscribers, which would end in a
 // slow-consumer cut-off rather than a figure. Every line is checked by every receiving
 // app; the run fails on any loss or reorder, and unless every sent line arrives at each.
-func measureThroughput(ctx context.Context, open opener, meter usageMeter, size int, warmup, dur time.Duration, window int) (throughputResult, error) {
+// synced, if not nil, is called once every receiving app has seen a sync line (a sidecar
+// counts a sync line reaching a receiving app not yet connected as a drop; counters read
+// after synced see only the data lines).
+func measureThroughput(ctx context.Context, open opener, meter usageMeter, synced func() error, size int, warmup, dur time.Duration, window int) (throughputResult, error) {
 	var res throughputResult
 	p, err := open(ctx)
 	if err != nil {
@@ -64,6 +67,11 @@ func measureThroughput(ctx context.Context, open opener, meter usageMeter, size 
 	if err := syncPath(p, size, chks, recvErr); err != nil {
 		return res, err
 	}
+	if synced != nil {
+		if err := synced(); err != nil {
+			return res, err
+		}
+	}
 
 	line := newLine(size)
 	maxInFlight := uint64(max(window/size, 1))
@@ -74,6 +82,18 @@ func measureThroughput(ctx context.Context, open opener, meter usageMeter, size 
 	var u0, u1 usage
 	var t0, t1 time.Time
 	phase := 0 // 0 warming up, 1 measuring, 2 done
+	// The window's ends are taken while waiting on the receivers too, so that a sender
+	// held back by a slow receiver still measures dur, not the gap between two sends.
+	tick := func(now time.Time) {
+		switch {
+		case phase == 0 && !now.Before(winStart):
+			t0, c0, u0 = time.Now(), counts(chks), meter()
+			phase = 1
+		case phase == 1 && !now.Before(winEnd):
+			t1, c1, u1 = time.Now(), counts(chks), meter()
+			phase = 2
+		}
+	}
 	for phase < 2 {
 		for range 128 {
 			putSeq(line, sent)
@@ -83,15 +103,9 @@ func measureThroughput(ctx context.Context, open opener, meter usageMeter, size 
 			sent++
 		}
 		now := time.Now()
-		switch {
-		case phase == 0 && !now.Before(winStart):
-			t0, c0, u0 = time.Now(), counts(chks), meter()
-			phase = 1
-		case phase == 1 && !now.Before(winEnd):
-			t1, c1, u1 = time.Now(), counts(chks), meter()
-			phase = 2
-		}
+		tick(now)
 		for sent-slices.Min(counts(chks)) > maxInFlight {
+			tick(time.Now())
 			if err := p.Flush(); err != nil {
 				return res, err
 			}

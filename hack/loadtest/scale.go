@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -233,25 +234,27 @@ func measureBroadcast(ctx context.Context, cfg scaleConfig, t *target, open open
 	pid := t.procs[0].pid()
 	f := &bcastFigures{}
 	f.idle, _ = rssBytes(pid)
-	before, err := sumDrops(ctx, t.metrics)
-	if err != nil {
-		return nil, err
+	var before dropCounts
+	synced := func() (err error) {
+		before, err = readDrops(ctx, t.metrics)
+		return err
 	}
 	s := sampleRSS([]int{pid}, 50*time.Millisecond)
-	f.res, err = measureThroughput(ctx, open, t.usage, size, cfg.warmup, cfg.duration, cfg.window)
-	f.peak = s.stop()[pid]
+	res, err := measureThroughput(ctx, open, t.usage, synced, size, cfg.warmup, cfg.duration, cfg.window)
+	f.res, f.peak = res, s.stop()[pid]
 	if err == nil {
 		err = t.alive()
 	}
 	if err != nil {
 		return nil, err
 	}
-	after, err := sumDrops(ctx, t.metrics)
+	after, err := readDrops(ctx, t.metrics)
 	if err != nil {
 		return nil, err
 	}
-	if f.lost = after - before; f.lost != 0 {
-		return nil, fmt.Errorf("%.0f lines counted as dropped on a Block channel", f.lost)
+	var moved []string
+	if f.lost, moved = after.since(before); f.lost != 0 {
+		return nil, fmt.Errorf("%.0f lines counted as dropped on a Block channel: %s", f.lost, strings.Join(moved, ", "))
 	}
 	return f, nil
 }
@@ -269,15 +272,18 @@ func measureA2A(ctx context.Context, cfg scaleConfig, name string, t, nats *targ
 	for _, p := range tg.procs {
 		pids = append(pids, p.pid())
 	}
-	before, err := sumDrops(ctx, tg.metrics)
-	if err != nil {
-		return nil, err
+	var before dropCounts
+	var u0 usage
+	synced := func() (err error) {
+		before, err = readDrops(ctx, tg.metrics)
+		u0 = tg.usage()
+		return err
 	}
 	f := &a2aFigures{}
 	s := sampleRSS(pids, 50*time.Millisecond)
-	u0 := tg.usage()
-	f.res, err = measureAllToAll(ctx, open, len(ms), size, cfg.a2aRate, cfg.a2aDuration)
+	res, err := measureAllToAll(ctx, open, synced, len(ms), size, cfg.a2aRate, cfg.a2aDuration)
 	u1 := tg.usage()
+	f.res = res
 	for _, v := range s.stop() {
 		f.peak = max(f.peak, v)
 	}
@@ -287,30 +293,48 @@ func measureA2A(ctx context.Context, cfg scaleConfig, name string, t, nats *targ
 	if err != nil {
 		return nil, err
 	}
-	after, err := sumDrops(ctx, tg.metrics)
+	after, err := readDrops(ctx, tg.metrics)
 	if err != nil {
 		return nil, err
 	}
 	f.used = usage{cpu: u1.cpu - u0.cpu, syscalls: u1.syscalls - u0.syscalls, sender: u1.sender - u0.sender}
-	if f.lost = after - before + float64(f.res.missing); f.lost != 0 {
-		return nil, fmt.Errorf("%.0f lines lost (%d never arrived)", f.lost, f.res.missing)
+	counted, moved := after.since(before)
+	if f.lost = counted + float64(f.res.missing); f.lost != 0 {
+		return nil, fmt.Errorf("%.0f lines lost: %d never arrived; counted drops: %s", f.lost, f.res.missing, strings.Join(moved, ", "))
 	}
 	return f, nil
 }
 
-// sumDrops adds up every drop counter of the sidecars' /metrics pages.
-func sumDrops(ctx context.Context, urls []string) (float64, error) {
-	var n float64
-	for _, u := range urls {
+// dropCounts reads every drop counter of the sidecars' /metrics pages, by sidecar and
+// series (see scrapeAll).
+type dropCounts map[string]float64
+
+func readDrops(ctx context.Context, urls []string) (dropCounts, error) {
+	out := dropCounts{}
+	for i, u := range urls {
 		m, err := scrapeDrops(ctx, u)
 		if err != nil {
-			return 0, err
+			return nil, err
 		}
-		for _, v := range m {
-			n += v
+		for k, v := range m {
+			out[fmt.Sprintf("sidecar %d %s", i, k)] = v
 		}
 	}
-	return n, nil
+	return out, nil
+}
+
+// since returns the lines counted as dropped since before, and the series that moved.
+func (d dropCounts) since(before dropCounts) (float64, []string) {
+	var n float64
+	var moved []string
+	for k, v := range d {
+		if dv := v - before[k]; dv != 0 {
+			n += dv
+			moved = append(moved, fmt.Sprintf("%s +%.0f", k, dv))
+		}
+	}
+	slices.Sort(moved)
+	return n, moved
 }
 
 func natsURL(t *target) string { return t.url }

@@ -97,7 +97,7 @@ func (h *hub) serve(from *hubConn) {
 func TestMeasureFanOut(t *testing.T) {
 	addr := startHub(t, 0)
 	open := func(ctx context.Context) (path, error) { return dialBoth(ctx, addr, addr, addr, addr) }
-	res, err := measureThroughput(t.Context(), open, func() usage { return usage{} }, 64, 50*time.Millisecond, 200*time.Millisecond, 1<<20)
+	res, err := measureThroughput(t.Context(), open, func() usage { return usage{} }, nil, 64, 50*time.Millisecond, 200*time.Millisecond, 1<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,7 +107,7 @@ func TestMeasureFanOut(t *testing.T) {
 
 	lossy := startHub(t, 1000)
 	open = func(ctx context.Context) (path, error) { return dialBoth(ctx, lossy, lossy, lossy, lossy) }
-	if _, err := measureThroughput(t.Context(), open, func() usage { return usage{} }, 64, 50*time.Millisecond, 200*time.Millisecond, 1<<20); err == nil || !strings.Contains(err.Error(), "loss") {
+	if _, err := measureThroughput(t.Context(), open, func() usage { return usage{} }, nil, 64, 50*time.Millisecond, 200*time.Millisecond, 1<<20); err == nil || !strings.Contains(err.Error(), "loss") {
 		t.Fatalf("a lost line to one receiver: err %v, want a loss", err)
 	}
 }
@@ -117,7 +117,7 @@ func TestMeasureFanOut(t *testing.T) {
 func TestMeasureAllToAll(t *testing.T) {
 	addr := startHub(t, 0)
 	open := func(ctx context.Context, _ int) (path, error) { return dialApp(ctx, addr) }
-	res, err := measureAllToAll(t.Context(), open, 4, 64, 500, 300*time.Millisecond)
+	res, err := measureAllToAll(t.Context(), open, nil, 4, 64, 500, 300*time.Millisecond)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,7 +127,7 @@ func TestMeasureAllToAll(t *testing.T) {
 
 	lossy := startHub(t, 50)
 	open = func(ctx context.Context, _ int) (path, error) { return dialApp(ctx, lossy) }
-	if _, err := measureAllToAll(t.Context(), open, 4, 64, 500, 300*time.Millisecond); err == nil || !strings.Contains(err.Error(), "loss") {
+	if _, err := measureAllToAll(t.Context(), open, nil, 4, 64, 500, 300*time.Millisecond); err == nil || !strings.Contains(err.Error(), "loss") {
 		t.Fatalf("a lossy forwarder: err %v, want a loss", err)
 	}
 }

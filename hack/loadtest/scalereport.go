@@ -28,8 +28,8 @@ func writeScaleReport(w io.Writer, cfg scaleConfig, m machine, loadEnd [3]float6
 		p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, pt := range points {
 			a, b := pt.bcast["podipc"][size], pt.bcast["nats"][size]
-			p("| %d | %s | %s | %.2f | %s | %s | %s | %s | %s | %s → %s | %s → %s | %.0f |\n", pt.n,
-				si(a.res.rate), si(b.res.rate), a.res.rate/b.res.rate, si(a.res.slowest), si(b.res.slowest),
+			p("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s → %s | %s → %s | %.0f |\n", pt.n,
+				si(a.res.rate), si(b.res.rate), times(a.res.rate, b.res.rate), si(a.res.slowest), si(b.res.slowest),
 				nsPerLine(a.res.used.cpu, a.res.rate, cfg.duration), nsPerLine(a.res.used.sender, a.res.rate, cfg.duration),
 				nsPerLine(b.res.used.cpu, b.res.rate, cfg.duration),
 				mb(a.idle), mb(a.peak), mb(b.idle), mb(b.peak), a.lost+b.lost)
@@ -38,14 +38,15 @@ func writeScaleReport(w io.Writer, cfg scaleConfig, m machine, loadEnd [3]float6
 	}
 
 	if cfg.a2aRate > 0 {
-		p("#### All to all\n\nEvery member's app sends %.0f lines/s of %s open loop for %s and reads every other member's lines (podipc: one connection per member; NATS: one connection per member publishing to and subscribing to one subject, without echo). Every sender's sequence is checked at every receiver; lost counts lines that never arrived plus counted drops. CPU per delivered line is over all forwarding processes; RSS is the highest peak of any of them.\n\n",
+		p("#### All to all\n\nEvery member's app sends %.0f lines/s of %s open loop for %s and reads every other member's lines (podipc: one connection per member; NATS: one connection per member publishing to and subscribing to one subject, without echo). Delivered: lines/s read by all apps together while the senders ran; behind: how long after the senders stopped the last line arrived (a target that cannot keep up delivers less than offered and catches up afterwards). Every sender's sequence is checked at every receiver; lost counts lines that never arrived plus counted drops. CPU per delivered line is over all forwarding processes and all lines; RSS is the highest peak of any of them.\n\n",
 			cfg.a2aRate, sizeName(cfg.sizes[0]), cfg.a2aDuration)
-		p("| N | offered lines/s, all receivers | podipc delivered | NATS | podipc CPU/line | NATS | podipc peak RSS (highest sidecar) | nats-server | lost |\n")
-		p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		p("| N | offered lines/s, all receivers | podipc delivered | NATS | podipc behind | NATS | podipc CPU/line | NATS | podipc peak RSS (highest sidecar) | nats-server | lost |\n")
+		p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, pt := range points {
 			a, b := pt.a2a["podipc"], pt.a2a["nats"]
-			p("| %d | %s | %s | %s | %s | %s | %s | %s | %.0f |\n", pt.n, si(a.res.expected), si(a.res.delivered), si(b.res.delivered),
-				nsPerLine(a.used.cpu, a.res.delivered, cfg.a2aDuration), nsPerLine(b.used.cpu, b.res.delivered, cfg.a2aDuration),
+			p("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %.0f |\n", pt.n, si(a.res.expected), si(a.res.delivered), si(b.res.delivered),
+				a.res.drain.Round(time.Millisecond), b.res.drain.Round(time.Millisecond),
+				cpuPerLine(a.used.cpu, a.res.received), cpuPerLine(b.used.cpu, b.res.received),
 				mb(a.peak), mb(b.peak), a.lost+b.lost)
 		}
 		p("\n")
@@ -60,6 +61,22 @@ func writeScaleReport(w io.Writer, cfg scaleConfig, m machine, loadEnd [3]float6
 		base := filepath.Base(cfg.svgDir)
 		p("\n![Broadcast lines/s against N](%s/scale-lines.svg)\n\n![RSS against N](%s/scale-rss.svg)\n", base, base)
 	}
+}
+
+// times formats a/b, or a dash when b is 0.
+func times(a, b float64) string {
+	if b == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f", a/b)
+}
+
+// cpuPerLine formats CPU seconds over lines, in ns a line.
+func cpuPerLine(cpu float64, lines uint64) string {
+	if lines == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.0f ns", cpu/float64(lines)*1e9)
 }
 
 // nsPerLine formats CPU seconds over the lines delivered at rate during d, in ns a line.
