@@ -86,6 +86,7 @@ func (m *multiChecker) received() uint64 {
 type allToAllResult struct {
 	expected  float64 // lines/s the receiving apps should read together: k(k−1)·rate
 	delivered float64 // lines/s they read while the senders ran
+	written   float64 // lines/s the apps wrote together (k·rate unless the target pushed back)
 	sent      uint64
 	received  uint64        // lines read by all receiving apps, in the end
 	drain     time.Duration // from the senders' end until every line had arrived
@@ -148,6 +149,7 @@ func measureAllToAll(ctx context.Context, open func(ctx context.Context, i int) 
 	for i := range sent {
 		res.sent += sent[i].Load()
 	}
+	res.written = float64(res.sent) / elapsed.Seconds()
 
 	stopped := time.Now()
 	deadline := stopped.Add(a2aDrainTimeout)

@@ -196,7 +196,7 @@ func measurePoint(ctx context.Context, cfg scaleConfig, dir string, n int, nats 
 		rx = append(rx, hostPort(m.ip, benchPort))
 	}
 	podipcOpen := func(ctx context.Context) (path, error) { return dialBoth(ctx, hostPort(ms[0].ip, benchPort), rx...) }
-	natsOpen := func(context.Context) (path, error) { return openNATS(natsURL(nats), n-1) }
+	natsOpen := func(context.Context) (path, error) { return openNATS(nats.url, n-1) }
 	// podipc and NATS alternate size by size, so a change in the machine's load hits both.
 	for _, size := range cfg.sizes {
 		for _, name := range []string{"podipc", "nats"} {
@@ -221,8 +221,8 @@ func measurePoint(ctx context.Context, cfg scaleConfig, dir string, n int, nats 
 				return nil, fmt.Errorf("%s all-to-all: %w", name, err)
 			}
 			pt.a2a[name] = f
-			fmt.Fprintf(os.Stderr, "scale N=%-3d %-6s all-to-all: %10.0f lines/s delivered of %.0f offered, lost %.0f\n",
-				n, name, f.res.delivered, f.res.expected, f.lost)
+			fmt.Fprintf(os.Stderr, "scale N=%-3d %-6s all-to-all: apps wrote %.0f lines/s of %.0f; %.0f delivered of %.0f offered, %s behind, lost %.0f\n",
+				n, name, f.res.written, float64(n)*cfg.a2aRate, f.res.delivered, f.res.expected, f.res.drain.Round(time.Millisecond), f.lost)
 		}
 	}
 	return pt, nil
@@ -266,7 +266,7 @@ func measureA2A(ctx context.Context, cfg scaleConfig, name string, t, nats *targ
 	if name == "nats" {
 		tg = nats
 		subject := fmt.Sprintf("a2a.%d", natsRun.Add(1))
-		open = func(_ context.Context, _ int) (path, error) { return openNATSMember(natsURL(nats), subject) }
+		open = func(_ context.Context, _ int) (path, error) { return openNATSMember(nats.url, subject) }
 	}
 	pids := make([]int, 0, len(tg.procs))
 	for _, p := range tg.procs {
@@ -336,8 +336,6 @@ func (d dropCounts) since(before dropCounts) (float64, []string) {
 	slices.Sort(moved)
 	return n, moved
 }
-
-func natsURL(t *target) string { return t.url }
 
 func floats(xs []int64) []float64 {
 	out := make([]float64, len(xs))

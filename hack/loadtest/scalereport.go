@@ -38,13 +38,14 @@ func writeScaleReport(w io.Writer, cfg scaleConfig, m machine, loadEnd [3]float6
 	}
 
 	if cfg.a2aRate > 0 {
-		p("#### All to all\n\nEvery member's app sends %.0f lines/s of %s open loop for %s and reads every other member's lines (podipc: one connection per member; NATS: one connection per member publishing to and subscribing to one subject, without echo). Delivered: lines/s read by all apps together while the senders ran; behind: how long after the senders stopped the last line arrived (a target that cannot keep up delivers less than offered and catches up afterwards). Every sender's sequence is checked at every receiver; lost counts lines that never arrived plus counted drops. CPU per delivered line is over all forwarding processes and all lines; RSS is the highest peak of any of them.\n\n",
+		p("#### All to all\n\nEvery member's app sends %.0f lines/s of %s open loop for %s and reads every other member's lines (podipc: one connection per member; NATS: one connection per member publishing to and subscribing to one subject, without echo). Written: lines/s the apps wrote together (less than N × %.0[1]f when the target pushes back, as a `Block` channel does); delivered: lines/s read by all apps together while the senders ran; behind: how long after the senders stopped the last line arrived (a target that cannot keep up delivers less than offered and catches up afterwards). Every sender's sequence is checked at every receiver; lost counts lines that never arrived plus counted drops. CPU per delivered line is over all forwarding processes and all lines; RSS is the highest peak of any of them.\n\n",
 			cfg.a2aRate, sizeName(cfg.sizes[0]), cfg.a2aDuration)
-		p("| N | offered lines/s, all receivers | podipc delivered | NATS | podipc behind | NATS | podipc CPU/line | NATS | podipc peak RSS (highest sidecar) | nats-server | lost |\n")
-		p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		p("| N | offered to all receivers, lines/s | podipc written | NATS | podipc delivered | NATS | podipc behind | NATS | podipc CPU/line | NATS | podipc peak RSS (highest sidecar) | nats-server | lost |\n")
+		p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, pt := range points {
 			a, b := pt.a2a["podipc"], pt.a2a["nats"]
-			p("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %.0f |\n", pt.n, si(a.res.expected), si(a.res.delivered), si(b.res.delivered),
+			p("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %.0f |\n", pt.n, si(a.res.expected),
+				si(a.res.written), si(b.res.written), si(a.res.delivered), si(b.res.delivered),
 				a.res.drain.Round(time.Millisecond), b.res.drain.Round(time.Millisecond),
 				cpuPerLine(a.used.cpu, a.res.received), cpuPerLine(b.used.cpu, b.res.received),
 				mb(a.peak), mb(b.peak), a.lost+b.lost)
@@ -120,7 +121,7 @@ func writeScalePlots(dir string, cfg scaleConfig, points []*scalePoint) error {
 			agg = append(agg, s)
 			s.ys = bcast(target, size, func(f *bcastFigures) float64 { return f.res.slowest })
 			slow = append(slow, s)
-			s.name = fmt.Sprintf("%s peak, Broadcast %s", map[string]string{"podipc": "sending sidecar", "nats": "nats-server"}[target], sizeName(size))
+			s.name = fmt.Sprintf("%s peak, %s", map[string]string{"podipc": "sidecar", "nats": "nats-server"}[target], sizeName(size))
 			s.ys = bcast(target, size, func(f *bcastFigures) float64 { return float64(f.peak) / 1e6 })
 			rss = append(rss, s)
 		}
@@ -129,14 +130,14 @@ func writeScalePlots(dir string, cfg scaleConfig, points []*scalePoint) error {
 	for _, pt := range points {
 		idle = append(idle, float64(pt.idle[0])/1e6)
 	}
-	rss = append(rss, series{name: "sending sidecar idle", color: "#555555", ys: idle})
+	rss = append(rss, series{name: "sidecar idle", color: "#555555", ys: idle})
 	lines := stack(
 		chart{title: "Broadcast to N−1 receivers: lines/s, all receivers together", xlabel: "members N", ylabel: "lines/s", xs: xs, series: agg}.svg(),
 		chart{title: "Broadcast to N−1 receivers: lines/s to the slowest receiver", xlabel: "members N", ylabel: "lines/s", xs: xs, series: slow}.svg())
 	if err := os.WriteFile(filepath.Join(dir, "scale-lines.svg"), []byte(lines), 0o644); err != nil {
 		return err
 	}
-	r := stack(chart{title: "RSS of the sending sidecar and of nats-server", xlabel: "members N", ylabel: "MB", xs: xs, series: rss}.svg())
+	r := stack(chart{title: "RSS of the sending sidecar and of nats-server, Broadcast", xlabel: "members N", ylabel: "MB", xs: xs, series: rss}.svg())
 	return os.WriteFile(filepath.Join(dir, "scale-rss.svg"), []byte(r), 0o644)
 }
 

@@ -57,7 +57,7 @@ func TestSlicesCompactWithoutHidingMembers(t *testing.T) {
 
 	testenv.Eventually(t, "the slices shrink to one holding the 50 members", func() error {
 		if err := w.failure(); err != nil {
-			return nil // reported below
+			t.Fatal(err)
 		}
 		return membersAre(slicesOf(t, ns, "wide"), 50, 1)
 	})
@@ -65,7 +65,7 @@ func TestSlicesCompactWithoutHidingMembers(t *testing.T) {
 	// while they still held members that stay (the moves the ordering protects).
 	testenv.Eventually(t, "the watcher sees one slice of 50", func() error {
 		if err := w.failure(); err != nil {
-			return nil
+			t.Fatal(err)
 		}
 		return w.shows(50, 1)
 	})
