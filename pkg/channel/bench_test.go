@@ -21,8 +21,9 @@ import (
 // The membership benchmarks measure how fast pods turning Ready reach the EndpointSlices,
 // and what the controller spends on it:
 //
-//	KUBEBUILDER_ASSETS=$PWD/bin/k8s/v1.37.2 go test -run='^$' -bench=BenchmarkMembership -benchtime=1x -timeout=30m ./pkg/channel/
+//	KUBEBUILDER_ASSETS=$PWD/bin/k8s/v1.37.2 go test -run='^$' -bench='^BenchmarkMembership5000Over100$' -benchtime=1x -timeout=30m ./pkg/channel/
 //
+// (one benchmark per process for the memory figures: earlier benchmarks' pods stay cached).
 // Each iteration creates the Channels and their member pods without IPs, then gives every
 // pod an IP and readiness (8 writers in parallel, as kubelets would), and reports:
 // settle-s, from the last pod's Ready write until every slice of every channel is correct
