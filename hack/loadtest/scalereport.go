@@ -14,7 +14,7 @@ import (
 // writeScaleReport prints the scale run's figures as Markdown, for docs/performance.md.
 func writeScaleReport(w io.Writer, cfg scaleConfig, m machine, loadEnd [3]float64, points []*scalePoint) {
 	p := func(format string, a ...any) { _, _ = fmt.Fprintf(w, format, a...) }
-	p("Taken %s with `loadtest %s`.\n\n", m.started.UTC().Format("2006-01-02 15:04 MST"), strings.Join(os.Args[1:], " "))
+	p("Taken %s with `loadtest %s`.\n\n", m.started.UTC().Format("2006-01-02 15:04 MST"), strings.Join(displayArgs(os.Args[1:]), " "))
 	p("Machine: %s, %d logical CPUs, Linux %s, %s. Load average (1, 5, 15 min) %.2f %.2f %.2f at the start, %.2f %.2f %.2f at the end.\n\n",
 		m.cpu, m.cores, m.kernel, runtime.Version(),
 		m.loadStart[0], m.loadStart[1], m.loadStart[2], loadEnd[0], loadEnd[1], loadEnd[2])
@@ -78,6 +78,19 @@ func cpuPerLine(cpu float64, lines uint64) string {
 		return "–"
 	}
 	return fmt.Sprintf("%.0f ns", cpu/float64(lines)*1e9)
+}
+
+// displayArgs shortens absolute paths in flag values to their last two elements
+// (bin/podipc-sidecar), so that a report pasted into the docs names no machine's paths.
+func displayArgs(args []string) []string {
+	out := make([]string, len(args))
+	for i, a := range args {
+		out[i] = a
+		if k, v, ok := strings.Cut(a, "="); ok && filepath.IsAbs(v) {
+			out[i] = k + "=" + filepath.Join(filepath.Base(filepath.Dir(v)), filepath.Base(v))
+		}
+	}
+	return out
 }
 
 // nsPerLine formats CPU seconds over the lines delivered at rate during d, in ns a line.

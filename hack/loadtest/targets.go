@@ -64,7 +64,7 @@ func (t *target) stop() {
 	}
 }
 
-// The ports of the sidecar contract (DESIGN §2) and of the measured channels.
+// The sidecar's peer and admin ports (README) and the ports of the measured channels.
 const (
 	peerPort  = 7701
 	adminPort = 7702
@@ -76,7 +76,7 @@ const (
 type member struct{ pod, uid, ip string }
 
 // staticConfig is the static discovery file shared by all sidecars: the members and two
-// channels. Message bounds are the Channel defaults (DESIGN §5); so are queue bounds
+// channels. Message bounds are the Channel defaults; so are queue bounds
 // unless -queue-bytes says otherwise.
 func staticConfig(ms []member, queueBytes int) string {
 	var members strings.Builder
