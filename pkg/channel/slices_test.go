@@ -76,6 +76,10 @@ func TestPlanSlicesIsStable(t *testing.T) {
 		// 50 members left over 3 slices (20, 20, 10): the first stays and takes in the rest.
 		"four in five leave": {members(250, func(i int, _ *discoveryv1.Endpoint) bool { return i%5 == 0 }), 0, 1, 2},
 		"all leave":          {members(0, nil), 0, 0, 3},
+		// Newcomers go with the moved endpoints into the slice that stays: no create.
+		"four in five leave, ten join": {append(members(250, func(i int, _ *discoveryv1.Endpoint) bool { return i%5 == 0 }),
+			testEndpoint(1000, true), testEndpoint(1001, true), testEndpoint(1002, true), testEndpoint(1003, true), testEndpoint(1004, true),
+			testEndpoint(1005, true), testEndpoint(1006, true), testEndpoint(1007, true), testEndpoint(1008, true), testEndpoint(1009, true)), 0, 1, 2},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
