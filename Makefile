@@ -73,6 +73,14 @@ LOADTEST_FLAGS ?=
 bench-dataplane: sidecar $(BIN)/nats-server ## Measure the sidecar against a plain TCP relay and NATS on loopback (hack/loadtest).
 	cd hack/loadtest && go run . -sidecar=$(SIDECAR_BIN) -nats-server=$(BIN)/nats-server $(LOADTEST_FLAGS)
 
+# SCALE_FLAGS passes flags through, e.g. SCALE_FLAGS='-members 2,4 -duration 1s'; the plots go
+# to docs/scale/ and the Markdown report to stdout.
+SCALE_FLAGS ?=
+
+.PHONY: bench-scale
+bench-scale: sidecar $(BIN)/nats-server ## Measure how podipc's cost grows with N members (2..64), next to NATS with N-1 subscribers (hack/loadtest).
+	cd hack/loadtest && go run . scale -sidecar=$(SIDECAR_BIN) -nats-server=$(BIN)/nats-server -svg-dir=$(ROOT)/docs/scale $(SCALE_FLAGS)
+
 # Built without cgo, as the image's binary is (`make binaries`, Dockerfile): with cgo (the
 # default wherever a C compiler is installed) the sidecar links libc dynamically for net's
 # and os/user's lookups, which adds about 1.9 MB to its idle RSS that no pod ever pays.

@@ -120,7 +120,7 @@ func TestMeasureThroughTwoRelays(t *testing.T) {
 	r1 := startTestRelay(t, r2)
 	open := func(ctx context.Context) (path, error) { return dialAccept(ctx, r1, recv.(*net.TCPListener)) }
 
-	res, err := measureThroughput(t.Context(), open, func() usage { return usage{} }, 100, 50*time.Millisecond, 200*time.Millisecond, 1<<20)
+	res, err := measureThroughput(t.Context(), open, func() usage { return usage{} }, nil, 100, 50*time.Millisecond, 200*time.Millisecond, 1<<20)
 	if err != nil {
 		t.Fatal(err)
 	}

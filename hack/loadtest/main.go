@@ -12,6 +12,7 @@
 // so that a change in the machine's load affects all three alike.
 //
 // `loadtest relay -listen ADDR -to ADDR` runs one baseline relay; the tool starts two.
+// `loadtest scale` measures how the cost grows with the members of a channel (scale.go).
 package main
 
 import (
@@ -62,6 +63,17 @@ func mainCode() int {
 		// The relay serves until its parent kills it, so it only returns on failure.
 		fmt.Fprintln(os.Stderr, "relay:", runRelay(ctx, os.Args[2:]))
 		return 1
+	}
+	if len(os.Args) > 1 && os.Args[1] == "scale" {
+		cfg, err := parseScaleFlags(os.Args[2:])
+		if err != nil {
+			return 2
+		}
+		if err := runScale(ctx, cfg); err != nil {
+			fmt.Fprintln(os.Stderr, "loadtest scale:", err)
+			return 1
+		}
+		return 0
 	}
 	cfg, err := parseFlags(os.Args[1:])
 	if err != nil {
@@ -277,7 +289,7 @@ func runAll(ctx context.Context, r *results, targets map[string]*target) error {
 				if name == "podipc" && run == 0 && cfg.perfDir != "" {
 					prof = startPerf(ctx, cfg.perfDir, t, size, cfg.warmup, cfg.duration)
 				}
-				res, err := measureThroughput(ctx, t.open, t.usage, size, cfg.warmup, cfg.duration, cfg.window)
+				res, err := measureThroughput(ctx, t.open, t.usage, nil, size, cfg.warmup, cfg.duration, cfg.window)
 				if prof != nil {
 					<-prof.done
 				}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"time"
 )
@@ -17,8 +18,9 @@ const (
 
 // throughputResult is one closed-loop run.
 type throughputResult struct {
-	rate     float64 // data lines per second read by the receiving app in the window
-	received uint64  // lines received and checked over the whole run
+	rate     float64 // data lines per second read by the receiving apps together in the window
+	slowest  float64 // data lines per second read by the slowest receiving app in the window
+	received uint64  // lines received and checked over the whole run, by all receiving apps
 	used     usage   // what the forwarding processes used in the window
 }
 
@@ -26,6 +28,7 @@ type throughputResult struct {
 type usage struct {
 	cpu      float64 // CPU seconds
 	syscalls float64 // read and write system calls
+	sender   float64 // CPU seconds of the first process alone (the sending sidecar)
 }
 
 // opener opens a fresh path for one run.
@@ -35,12 +38,16 @@ type opener func(ctx context.Context) (path, error)
 type usageMeter func() usage
 
 // measureThroughput runs one sender as fast as the path lets it for warmup+dur and
-// reports the lines per second the receiving app read during dur. The sender keeps at
-// most window bytes in flight (sent, not yet received): TCP paths push back long before
-// that; it is what keeps a NATS publisher from running without bound ahead of its
-// subscriber, which would end in a slow-consumer cut-off rather than a figure. Every line
-// is checked; the run fails on any loss or reorder, and unless every sent line arrives.
-func measureThroughput(ctx context.Context, open opener, meter usageMeter, size int, warmup, dur time.Duration, window int) (throughputResult, error) {
+// reports the lines per second its receiving apps read during dur (a path may fan out to
+// several). The sender keeps at most window bytes in flight (sent, not yet received by the
+// slowest receiving app): TCP paths push back long before that; it is what keeps a NATS
+// publisher from running without bound ahead of its subscribers, which would end in a
+// slow-consumer cut-off rather than a figure. Every line is checked by every receiving
+// app; the run fails on any loss or reorder, and unless every sent line arrives at each.
+// synced, if not nil, is called once every receiving app has seen a sync line (a sidecar
+// counts a sync line reaching a receiving app not yet connected as a drop; counters read
+// after synced see only the data lines).
+func measureThroughput(ctx context.Context, open opener, meter usageMeter, synced func() error, size int, warmup, dur time.Duration, window int) (throughputResult, error) {
 	var res throughputResult
 	p, err := open(ctx)
 	if err != nil {
@@ -50,12 +57,20 @@ func measureThroughput(ctx context.Context, open opener, meter usageMeter, size 
 	if err := p.Bound(time.Now().Add(syncTimeout + warmup + dur + 2*drainTimeout)); err != nil {
 		return res, err
 	}
-	chk := newChecker(size, false)
-	recvErr := make(chan error, 1)
-	go func() { recvErr <- p.Receive(chk.consume) }()
+	chks := make([]*checker, p.Receivers())
+	recvErr := make(chan error, len(chks))
+	for i := range chks {
+		chks[i] = newChecker(size, false)
+		go func() { recvErr <- p.Receive(i, chks[i].consume) }()
+	}
 
-	if err := syncPath(p, size, chk.synced, recvErr); err != nil {
+	if err := syncPath(p, size, chks, recvErr); err != nil {
 		return res, err
+	}
+	if synced != nil {
+		if err := synced(); err != nil {
+			return res, err
+		}
 	}
 
 	line := newLine(size)
@@ -63,10 +78,22 @@ func measureThroughput(ctx context.Context, open opener, meter usageMeter, size 
 	var sent uint64
 	start := time.Now()
 	winStart, winEnd := start.Add(warmup), start.Add(warmup+dur)
-	var c0, c1 uint64
+	var c0, c1 []uint64
 	var u0, u1 usage
 	var t0, t1 time.Time
 	phase := 0 // 0 warming up, 1 measuring, 2 done
+	// The window's ends are taken while waiting on the receivers too, so that a sender
+	// held back by a slow receiver still measures dur, not the gap between two sends.
+	tick := func(now time.Time) {
+		switch {
+		case phase == 0 && !now.Before(winStart):
+			t0, c0, u0 = time.Now(), counts(chks), meter()
+			phase = 1
+		case phase == 1 && !now.Before(winEnd):
+			t1, c1, u1 = time.Now(), counts(chks), meter()
+			phase = 2
+		}
+	}
 	for phase < 2 {
 		for range 128 {
 			putSeq(line, sent)
@@ -76,22 +103,16 @@ func measureThroughput(ctx context.Context, open opener, meter usageMeter, size 
 			sent++
 		}
 		now := time.Now()
-		switch {
-		case phase == 0 && !now.Before(winStart):
-			t0, c0, u0 = time.Now(), chk.count.Load(), meter()
-			phase = 1
-		case phase == 1 && !now.Before(winEnd):
-			t1, c1, u1 = time.Now(), chk.count.Load(), meter()
-			phase = 2
-		}
-		for sent-chk.count.Load() > maxInFlight {
+		tick(now)
+		for sent-slices.Min(counts(chks)) > maxInFlight {
+			tick(time.Now())
 			if err := p.Flush(); err != nil {
 				return res, err
 			}
 			if time.Since(now) > drainTimeout {
-				return res, fmt.Errorf("receiving app stuck at %d of %d lines", chk.count.Load(), sent)
+				return res, fmt.Errorf("receiving apps stuck at %v of %d lines", counts(chks), sent)
 			}
-			if err := chk.Err(); err != nil {
+			if err := firstErr(chks); err != nil {
 				return res, err
 			}
 			time.Sleep(20 * time.Microsecond)
@@ -100,18 +121,44 @@ func measureThroughput(ctx context.Context, open opener, meter usageMeter, size 
 	if err := p.Flush(); err != nil {
 		return res, err
 	}
-	if err := waitCount(chk, sent, recvErr); err != nil {
-		return res, err
+	for i, chk := range chks {
+		if err := waitCount(chk, sent, recvErr); err != nil {
+			return res, fmt.Errorf("receiving app %d: %w", i, err)
+		}
 	}
-	res.rate = float64(c1-c0) / t1.Sub(t0).Seconds()
-	res.received = chk.count.Load()
-	res.used = usage{cpu: u1.cpu - u0.cpu, syscalls: u1.syscalls - u0.syscalls}
+	secs := t1.Sub(t0).Seconds()
+	res.slowest = math.Inf(1)
+	for i := range chks {
+		d := float64(c1[i] - c0[i])
+		res.rate += d / secs
+		res.slowest = min(res.slowest, d/secs)
+		res.received += chks[i].count.Load()
+	}
+	res.used = usage{cpu: u1.cpu - u0.cpu, syscalls: u1.syscalls - u0.syscalls, sender: u1.sender - u0.sender}
 	return res, nil
 }
 
-// syncPath sends sync lines until the receiving app has seen one, proving the path is
+// counts returns the lines each checker has counted so far.
+func counts(chks []*checker) []uint64 {
+	out := make([]uint64, len(chks))
+	for i, c := range chks {
+		out[i] = c.count.Load()
+	}
+	return out
+}
+
+func firstErr(chks []*checker) error {
+	for _, c := range chks {
+		if err := c.Err(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// syncPath sends sync lines until every receiving app has seen one, proving the path is
 // connected end to end before anything is measured.
-func syncPath(p path, size int, synced <-chan struct{}, recvErr <-chan error) error {
+func syncPath(p path, size int, chks []*checker, recvErr <-chan error) error {
 	s := newSyncLine(size)
 	deadline := time.Now().Add(syncTimeout)
 	for time.Now().Before(deadline) {
@@ -121,15 +168,30 @@ func syncPath(p path, size int, synced <-chan struct{}, recvErr <-chan error) er
 		if err := p.Flush(); err != nil {
 			return fmt.Errorf("sync: %w", err)
 		}
-		select {
-		case <-synced:
+		if allSynced(chks) {
 			return nil
+		}
+		select {
 		case err := <-recvErr:
 			return fmt.Errorf("receiving app ended during sync: %w", err)
 		case <-time.After(syncInterval):
 		}
 	}
-	return errors.New("sync: no line reached the receiving app within " + syncTimeout.String())
+	if allSynced(chks) {
+		return nil
+	}
+	return errors.New("sync: no line reached every receiving app within " + syncTimeout.String())
+}
+
+func allSynced(chks []*checker) bool {
+	for _, c := range chks {
+		select {
+		case <-c.synced:
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 // waitCount waits until the receiving app has checked want lines.
@@ -296,8 +358,8 @@ func measureOverload(ctx context.Context, open opener, size int, rate, readRate 
 			return nil
 		}
 	}
-	go func() { recvErr <- p.Receive(consume) }()
-	if err := syncPath(p, size, chk.synced, recvErr); err != nil {
+	go func() { recvErr <- p.Receive(0, consume) }()
+	if err := syncPath(p, size, []*checker{chk}, recvErr); err != nil {
 		return res, err
 	}
 

@@ -23,9 +23,12 @@ type path interface {
 	Flush() error
 	// ReadReply waits up to timeout for the next line coming back to the sending app.
 	ReadReply(timeout time.Duration) ([]byte, error)
-	// Receive runs the receiving app: fn sees every line until the path closes or fn fails.
-	Receive(fn func(line []byte) error) error
-	// Echo runs the receiving app as an echo server until the path closes.
+	// Receivers is the number of receiving apps: one, or N−1 in the scale run's fan-out.
+	Receivers() int
+	// Receive runs receiving app i (0 ≤ i < Receivers): fn sees every line it reads
+	// until the path closes or fn fails. Each receiving app runs on its own goroutine.
+	Receive(i int, fn func(line []byte) error) error
+	// Echo runs the (first) receiving app as an echo server until the path closes.
 	Echo() error
 	// Bound makes any write of either app that is still blocked at t fail, so that a
 	// path that stops moving fails the run instead of hanging it.
@@ -39,11 +42,11 @@ type tcpPath struct {
 	tx   net.Conn
 	txw  *bufio.Writer
 	txr  *lineReader
-	rx   net.Conn
+	rx   []net.Conn // the receiving apps' connections
 	done chan struct{}
 }
 
-func newTCPPath(tx, rx net.Conn) *tcpPath {
+func newTCPPath(tx net.Conn, rx ...net.Conn) *tcpPath {
 	return &tcpPath{
 		tx:   tx,
 		txw:  bufio.NewWriterSize(tx, ioBufSize),
@@ -67,8 +70,10 @@ func (p *tcpPath) ReadReply(timeout time.Duration) ([]byte, error) {
 	return p.txr.readLine()
 }
 
-func (p *tcpPath) Receive(fn func(line []byte) error) error {
-	r := newLineReader(p.rx, ioBufSize)
+func (p *tcpPath) Receivers() int { return len(p.rx) }
+
+func (p *tcpPath) Receive(i int, fn func(line []byte) error) error {
+	r := newLineReader(p.rx[i], ioBufSize)
 	for {
 		line, err := r.readLine()
 		if err != nil {
@@ -81,8 +86,8 @@ func (p *tcpPath) Receive(fn func(line []byte) error) error {
 }
 
 func (p *tcpPath) Echo() error {
-	r := newLineReader(p.rx, ioBufSize)
-	w := bufio.NewWriterSize(p.rx, ioBufSize)
+	r := newLineReader(p.rx[0], ioBufSize)
+	w := bufio.NewWriterSize(p.rx[0], ioBufSize)
 	for {
 		line, err := r.readLine()
 		if err != nil {
@@ -111,29 +116,50 @@ func (p *tcpPath) endErr(err error) error {
 }
 
 func (p *tcpPath) Bound(t time.Time) error {
-	return errors.Join(p.tx.SetWriteDeadline(t), p.rx.SetWriteDeadline(t))
+	errs := make([]error, 0, 1+len(p.rx))
+	errs = append(errs, p.tx.SetWriteDeadline(t))
+	for _, c := range p.rx {
+		errs = append(errs, c.SetWriteDeadline(t))
+	}
+	return errors.Join(errs...)
 }
 
 func (p *tcpPath) Close() error {
 	close(p.done)
-	return errors.Join(p.tx.Close(), p.rx.Close())
+	if len(p.rx) == 1 && p.rx[0] == p.tx { // one app sending and receiving (dialApp)
+		return p.tx.Close()
+	}
+	return errors.Join(p.tx.Close(), closeAll(p.rx))
 }
 
-// dialBoth connects the sending app to txAddr and the receiving app to rxAddr (the
-// podipc shape: both apps dial their own sidecar).
-func dialBoth(ctx context.Context, txAddr, rxAddr string) (*tcpPath, error) {
+func closeAll(conns []net.Conn) error {
+	errs := make([]error, 0, len(conns))
+	for _, c := range conns {
+		errs = append(errs, c.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// dialBoth connects the sending app to txAddr and one receiving app to each of rxAddrs
+// (the podipc shape: every app dials its own sidecar).
+func dialBoth(ctx context.Context, txAddr string, rxAddrs ...string) (*tcpPath, error) {
 	var d net.Dialer
-	// The receiver first, so that it is a member's connection before anything is sent.
-	rx, err := d.DialContext(ctx, "tcp", rxAddr)
-	if err != nil {
-		return nil, fmt.Errorf("receiving app: %w", err)
+	// The receivers first, so that they are members' connections before anything is sent.
+	var rx []net.Conn
+	for _, a := range rxAddrs {
+		c, err := d.DialContext(ctx, "tcp", a)
+		if err != nil {
+			_ = closeAll(rx)
+			return nil, fmt.Errorf("receiving app at %s: %w", a, err)
+		}
+		rx = append(rx, c)
 	}
 	tx, err := d.DialContext(ctx, "tcp", txAddr)
 	if err != nil {
-		_ = rx.Close()
+		_ = closeAll(rx)
 		return nil, fmt.Errorf("sending app: %w", err)
 	}
-	return newTCPPath(tx, rx), nil
+	return newTCPPath(tx, rx...), nil
 }
 
 // dialAccept connects the sending app to txAddr and takes the receiving app's connection
@@ -154,4 +180,15 @@ func dialAccept(ctx context.Context, txAddr string, ln *net.TCPListener) (*tcpPa
 		return nil, fmt.Errorf("receiving app: %w", err)
 	}
 	return newTCPPath(tx, rx), nil
+}
+
+// dialApp connects one app that both sends and receives on one connection (the
+// all-to-all run: a member's app reads every other member's lines).
+func dialApp(ctx context.Context, addr string) (*tcpPath, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("app at %s: %w", addr, err)
+	}
+	return newTCPPath(c, c), nil
 }

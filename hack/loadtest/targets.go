@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -21,16 +22,23 @@ type target struct {
 	openFlood opener
 	// metrics are the sidecars' /metrics addresses (podipc only).
 	metrics []string
+	// url is the server's client URL (NATS only).
+	url string
 	// cleanup releases what setup acquired besides procs.
 	cleanup func()
 }
 
-// usage is the CPU seconds and read/write system calls of the forwarding processes so far.
+// usage is the CPU seconds and read/write system calls of the forwarding processes so far;
+// the first process is the one the sending app talks to.
 func (t *target) usage() usage {
 	var u usage
-	for _, p := range t.procs {
-		u.cpu += cpuSeconds(p.pid())
+	for i, p := range t.procs {
+		cpu := cpuSeconds(p.pid())
+		u.cpu += cpu
 		u.syscalls += ioSyscalls(p.pid())
+		if i == 0 {
+			u.sender = cpu
+		}
 	}
 	return u
 }
@@ -44,16 +52,19 @@ func (t *target) alive() error {
 	return nil
 }
 
+// stop ends the processes all at once (64 sidecars one by one would take seconds).
 func (t *target) stop() {
+	var wg sync.WaitGroup
 	for _, p := range t.procs {
-		p.stop()
+		wg.Go(p.stop)
 	}
+	wg.Wait()
 	if t.cleanup != nil {
 		t.cleanup()
 	}
 }
 
-// The ports of the sidecar contract (docs/design.md §3.2) and of the measured channels.
+// The sidecar's peer and admin ports (README) and the ports of the measured channels.
 const (
 	peerPort  = 7701
 	adminPort = 7702
@@ -61,29 +72,50 @@ const (
 	floodPort = 7001 // channel "flood": WaitThenDrop; the overload run
 )
 
-// staticConfig is the static discovery file shared by both sidecars: two members and two
-// channels. Message bounds are the Channel defaults (docs/design.md §3.5); so are queue bounds
+// member is one pod of the static channels: one sidecar.
+type member struct{ pod, uid, ip string }
+
+// staticConfig is the static discovery file shared by all sidecars: the members and two
+// channels. Message bounds are the Channel defaults; so are queue bounds
 // unless -queue-bytes says otherwise.
-func staticConfig(ipA, ipB string, queueBytes int) string {
-	members := fmt.Sprintf(`    members:
-      - {namespace: bench, name: pod-a, uid: uid-a, ip: %s, peerPort: %d, ready: true, serving: true}
-      - {namespace: bench, name: pod-b, uid: uid-b, ip: %s, peerPort: %d, ready: true, serving: true}
-`, ipA, peerPort, ipB, peerPort)
+func staticConfig(ms []member, queueBytes int) string {
+	var members strings.Builder
+	members.WriteString("    members:\n")
+	for _, m := range ms {
+		fmt.Fprintf(&members, "      - {namespace: bench, name: %s, uid: %s, ip: %s, peerPort: %d, ready: true, serving: true}\n", m.pod, m.uid, m.ip, peerPort)
+	}
 	return "channels:\n" +
 		fmt.Sprintf("  bench:\n    localPort: %d\n    delivery: Broadcast\n    maxMessageBytes: 65536\n", benchPort) +
-		fmt.Sprintf("    overflow: {policy: Block, maxWait: 100ms, queueBytes: %d}\n", queueBytes) + members +
+		fmt.Sprintf("    overflow: {policy: Block, maxWait: 100ms, queueBytes: %d}\n", queueBytes) + members.String() +
 		fmt.Sprintf("  flood:\n    localPort: %d\n    delivery: Broadcast\n    maxMessageBytes: 65536\n", floodPort) +
-		fmt.Sprintf("    overflow: {policy: WaitThenDrop, maxWait: 100ms, queueBytes: %d}\n", queueBytes) + members
+		fmt.Sprintf("    overflow: {policy: WaitThenDrop, maxWait: 100ms, queueBytes: %d}\n", queueBytes) + members.String()
 }
 
-// setupPodipc starts sidecar A on ipA and sidecar B on ipB in static mode.
+// setupPodipc starts sidecar A on ipA and sidecar B on ipB in static mode: the sending
+// app talks to A, the receiving app to B.
 func setupPodipc(ctx context.Context, dir, bin, ipA, ipB string, queueBytes int, extraArgs []string) (*target, error) {
+	t, err := startSidecars(ctx, dir, bin, []member{{"pod-a", "uid-a", ipA}, {"pod-b", "uid-b", ipB}}, queueBytes, extraArgs)
+	if err != nil {
+		return nil, err
+	}
+	t.open = func(ctx context.Context) (path, error) {
+		return dialBoth(ctx, hostPort(ipA, benchPort), hostPort(ipB, benchPort))
+	}
+	t.openFlood = func(ctx context.Context) (path, error) {
+		return dialBoth(ctx, hostPort(ipA, floodPort), hostPort(ipB, floodPort))
+	}
+	return t, nil
+}
+
+// startSidecars starts one sidecar per member in static mode, every one a member of both
+// channels, and waits until all are ready. The target's processes are in members' order.
+func startSidecars(ctx context.Context, dir, bin string, ms []member, queueBytes int, extraArgs []string) (*target, error) {
 	cfg := filepath.Join(dir, "static.yaml")
-	if err := os.WriteFile(cfg, []byte(staticConfig(ipA, ipB, queueBytes)), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(staticConfig(ms, queueBytes)), 0o644); err != nil {
 		return nil, err
 	}
 	t := &target{name: "podipc"}
-	for _, m := range []struct{ pod, uid, ip string }{{"pod-a", "uid-a", ipA}, {"pod-b", "uid-b", ipB}} {
+	for _, m := range ms {
 		if err := portsFree(ctx, m.ip, benchPort, floodPort, peerPort, adminPort); err != nil {
 			t.stop()
 			return nil, err
@@ -111,17 +143,10 @@ func setupPodipc(ctx context.Context, dir, bin, ipA, ipB string, queueBytes int,
 		t.metrics = append(t.metrics, fmt.Sprintf("http://%s/metrics", hostPort(m.ip, adminPort)))
 	}
 	for i, p := range t.procs {
-		ip := []string{ipA, ipB}[i]
-		if err := p.waitHTTP(ctx, fmt.Sprintf("http://%s/readyz", hostPort(ip, adminPort)), 20*time.Second); err != nil {
+		if err := p.waitHTTP(ctx, fmt.Sprintf("http://%s/readyz", hostPort(ms[i].ip, adminPort)), 30*time.Second); err != nil {
 			t.stop()
 			return nil, err
 		}
-	}
-	t.open = func(ctx context.Context) (path, error) {
-		return dialBoth(ctx, hostPort(ipA, benchPort), hostPort(ipB, benchPort))
-	}
-	t.openFlood = func(ctx context.Context) (path, error) {
-		return dialBoth(ctx, hostPort(ipA, floodPort), hostPort(ipB, floodPort))
 	}
 	return t, nil
 }
@@ -171,8 +196,8 @@ func setupNATS(ctx context.Context, dir, bin, ip string) (*target, error) {
 		t.stop()
 		return nil, err
 	}
-	url := "nats://" + hostPort(ip, port)
-	t.open = func(context.Context) (path, error) { return openNATS(url) }
+	t.url = "nats://" + hostPort(ip, port)
+	t.open = func(context.Context) (path, error) { return openNATS(t.url, 1) }
 	return t, nil
 }
 

@@ -180,23 +180,7 @@ func (r *Reconciler) applySlices(ctx context.Context, s *scope) error {
 			own = append(own, es)
 		}
 	}
-	plan := planSlices(s.channel, own, s.members, s.owner)
-	for _, es := range plan.delete {
-		if err := r.Client.Delete(ctx, es, client.Preconditions{UID: &es.UID, ResourceVersion: &es.ResourceVersion}); err != nil {
-			return err
-		}
-	}
-	for _, es := range plan.update {
-		if err := r.Client.Update(ctx, es); err != nil {
-			return err
-		}
-	}
-	for _, es := range plan.create {
-		if err := r.Client.Create(ctx, es); err != nil {
-			return err
-		}
-	}
-	return nil
+	return r.writeSlices(ctx, planSlices(s.channel, own, s.members, s.owner))
 }
 
 // patchStatus writes the status once, and only if it changed. ObservedGeneration moves

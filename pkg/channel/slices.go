@@ -2,6 +2,7 @@ package channel
 
 import (
 	"cmp"
+	"context"
 	"fmt"
 	"slices"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 )
@@ -38,8 +40,13 @@ type slicePlan struct {
 // it is already in, so that a member joining, leaving or changing readiness rewrites one
 // slice, not all of them. New endpoints go first into slices that are rewritten anyway,
 // then into any slice with room, and only then into new slices. A slice left empty is
-// deleted. Slices are never compacted: after many departures there may be more slices
-// than strictly needed, which costs readers nothing but a few objects.
+// deleted.
+//
+// After many departures the slices are compacted: once a channel has more than
+// ⌈members/100⌉ + 1 slices, its fullest ⌈members/100⌉ stay and take in the endpoints of
+// the others, which are deleted. The slack of one slice keeps a channel hovering around a
+// multiple of 100 members from moving endpoints back and forth on every change; moving the
+// members of the emptiest slices moves the fewest endpoints.
 //
 // existing must be the channel's slices (from the cache; they are not modified). The
 // returned objects are fresh copies, ready to write.
@@ -82,6 +89,15 @@ func planSlices(ch *podipcv1alpha1.Channel, existing []discoveryv1.EndpointSlice
 		}
 	}
 	slices.SortFunc(fresh, func(a, b discoveryv1.Endpoint) int { return cmp.Compare(a.TargetRef.Name, b.TargetRef.Name) })
+	kept, moved, emptied := compact(kept, len(desired))
+	fresh = append(moved, fresh...)
+	for _, s := range emptied {
+		for i := range existing {
+			if existing[i].Name == s.Name {
+				plan.delete = append(plan.delete, existing[i].DeepCopy())
+			}
+		}
+	}
 
 	// Fill slices that are written anyway first, then the others with room.
 	for _, pass := range []bool{true, false} {
@@ -116,6 +132,57 @@ func planSlices(ch *podipcv1alpha1.Channel, existing []discoveryv1.EndpointSlice
 		plan.create = append(plan.create, s)
 	}
 	return plan
+}
+
+// compact keeps the fullest ⌈members/100⌉ of kept if there are more than ⌈members/100⌉ + 1
+// of them (ties keep the lower name, so a replanning agrees). It returns the slices that
+// stay, the endpoints of the others (in their slices' order), and the others, which are
+// to be deleted. The slices that stay have room for every member: no slice is created in
+// the same plan that deletes one.
+func compact(kept []*discoveryv1.EndpointSlice, members int) (stay []*discoveryv1.EndpointSlice, moved []discoveryv1.Endpoint, emptied []*discoveryv1.EndpointSlice) {
+	need := (members + MaxEndpointsPerSlice - 1) / MaxEndpointsPerSlice
+	if len(kept) <= need+1 {
+		return kept, nil, nil
+	}
+	byFill := slices.Clone(kept)
+	slices.SortStableFunc(byFill, func(a, b *discoveryv1.EndpointSlice) int { return cmp.Compare(len(b.Endpoints), len(a.Endpoints)) })
+	keep := map[*discoveryv1.EndpointSlice]bool{}
+	for _, s := range byFill[:need] {
+		keep[s] = true
+	}
+	for _, s := range kept {
+		if keep[s] {
+			stay = append(stay, s)
+			continue
+		}
+		moved = append(moved, s.Endpoints...)
+		emptied = append(emptied, s)
+	}
+	return stay, moved, emptied
+}
+
+// writeSlices makes the plan's writes in the order that never hides a live member from a
+// watcher of the slices: creates and updates first, so that an endpoint moving between
+// slices is in its new slice before its old slice is deleted (a reader sees it twice for
+// a moment, and dedupes by pod UID), deletes last. The Kubernetes EndpointSlice
+// reconciler orders its writes the same way.
+func (r *Reconciler) writeSlices(ctx context.Context, plan slicePlan) error {
+	for _, es := range plan.create {
+		if err := r.Client.Create(ctx, es); err != nil {
+			return err
+		}
+	}
+	for _, es := range plan.update {
+		if err := r.Client.Update(ctx, es); err != nil {
+			return err
+		}
+	}
+	for _, es := range plan.delete {
+		if err := r.Client.Delete(ctx, es, client.Preconditions{UID: &es.UID, ResourceVersion: &es.ResourceVersion}); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // desiredSlice returns a copy of base with everything but the endpoints set to what the

@@ -71,6 +71,15 @@ func TestPlanSlicesIsStable(t *testing.T) {
 		"one slice empty": {members(250, func(i int, _ *discoveryv1.Endpoint) bool { return i >= 100 }), 0, 0, 1},
 		"leave and join":  {append(members(250, func(i int, _ *discoveryv1.Endpoint) bool { return i != 5 }), testEndpoint(999, true)), 0, 1, 0},
 		"51 join":         {members(301, nil), 1, 1, 0},
+		// 125 members fit 2 slices; 3 are within the slack of one: no endpoint moves.
+		"half leave": {members(250, func(i int, _ *discoveryv1.Endpoint) bool { return i%2 == 0 }), 0, 3, 0},
+		// 50 members left over 3 slices (20, 20, 10): the first stays and takes in the rest.
+		"four in five leave": {members(250, func(i int, _ *discoveryv1.Endpoint) bool { return i%5 == 0 }), 0, 1, 2},
+		"all leave":          {members(0, nil), 0, 0, 3},
+		// Newcomers go with the moved endpoints into the slice that stays: no create.
+		"four in five leave, ten join": {append(members(250, func(i int, _ *discoveryv1.Endpoint) bool { return i%5 == 0 }),
+			testEndpoint(1000, true), testEndpoint(1001, true), testEndpoint(1002, true), testEndpoint(1003, true), testEndpoint(1004, true),
+			testEndpoint(1005, true), testEndpoint(1006, true), testEndpoint(1007, true), testEndpoint(1008, true), testEndpoint(1009, true)), 0, 1, 2},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -91,6 +100,9 @@ func TestPlanSlicesIsStable(t *testing.T) {
 					}
 					seen[ep.TargetRef.UID] = true
 				}
+			}
+			if most := (len(tc.members)+99)/100 + 1; len(after) > most {
+				t.Errorf("%d members in %d slices, want at most %d", len(tc.members), len(after), most)
 			}
 			if len(seen) != len(tc.members) {
 				t.Errorf("%d endpoints published, want %d", len(seen), len(tc.members))

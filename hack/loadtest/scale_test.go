@@ -1,0 +1,171 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/xml"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// hub is an in-process Broadcast channel: every line read from one connection is written
+// to every other connection. dropEvery, if not 0, makes it skip every dropEvery-th line
+// to the first connection, as a lossy forwarder would.
+type hub struct {
+	ln        net.Listener
+	dropEvery int
+
+	mu    sync.Mutex
+	conns []*hubConn
+	wg    sync.WaitGroup
+}
+
+type hubConn struct {
+	mu sync.Mutex
+	c  net.Conn
+	w  *bufio.Writer
+	n  int
+}
+
+func startHub(t *testing.T, dropEvery int) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &hub{ln: ln, dropEvery: dropEvery}
+	t.Cleanup(func() {
+		_ = ln.Close()
+		h.mu.Lock()
+		for _, c := range h.conns {
+			_ = c.c.Close()
+		}
+		h.mu.Unlock()
+		h.wg.Wait()
+	})
+	h.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			hc := &hubConn{c: c, w: bufio.NewWriter(c)}
+			h.mu.Lock()
+			h.conns = append(h.conns, hc)
+			h.mu.Unlock()
+			h.wg.Go(func() { h.serve(hc) })
+		}
+	})
+	return ln.Addr().String()
+}
+
+func (h *hub) serve(from *hubConn) {
+	r := newLineReader(from.c, ioBufSize)
+	for {
+		line, err := r.readLine()
+		if err != nil {
+			return
+		}
+		h.mu.Lock()
+		conns := h.conns
+		h.mu.Unlock()
+		for i, c := range conns {
+			if c == from {
+				continue
+			}
+			c.mu.Lock()
+			c.n++
+			skip := h.dropEvery > 0 && i == 0 && line[0] != syncByte && c.n%h.dropEvery == 0
+			if !skip {
+				_, _ = c.w.Write(line)
+			}
+			if r.buffered() == 0 {
+				_ = c.w.Flush()
+			}
+			c.mu.Unlock()
+		}
+	}
+}
+
+// A fan-out run checks every line at every receiver and reports the slowest one; a
+// forwarder that loses lines for one receiver fails it.
+func TestMeasureFanOut(t *testing.T) {
+	addr := startHub(t, 0)
+	open := func(ctx context.Context) (path, error) { return dialBoth(ctx, addr, addr, addr, addr) }
+	res, err := measureThroughput(t.Context(), open, func() usage { return usage{} }, nil, 64, 50*time.Millisecond, 200*time.Millisecond, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.slowest <= 0 || res.rate < 3*res.slowest*0.99 || res.received%3 != 0 {
+		t.Fatalf("3 receivers: aggregate %.0f, slowest %.0f, received %d", res.rate, res.slowest, res.received)
+	}
+
+	lossy := startHub(t, 1000)
+	open = func(ctx context.Context) (path, error) { return dialBoth(ctx, lossy, lossy, lossy, lossy) }
+	if _, err := measureThroughput(t.Context(), open, func() usage { return usage{} }, nil, 64, 50*time.Millisecond, 200*time.Millisecond, 1<<20); err == nil || !strings.Contains(err.Error(), "loss") {
+		t.Fatalf("a lost line to one receiver: err %v, want a loss", err)
+	}
+}
+
+// All to all: every app hears every other app's lines, checked per sender, and a
+// forwarder losing lines is caught.
+func TestMeasureAllToAll(t *testing.T) {
+	addr := startHub(t, 0)
+	open := func(ctx context.Context, _ int) (path, error) { return dialApp(ctx, addr) }
+	res, err := measureAllToAll(t.Context(), open, nil, 4, 64, 500, 300*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.missing != 0 || res.sent < 4*100 || res.expected != 4*3*500 {
+		t.Fatalf("all to all: %+v", res)
+	}
+
+	lossy := startHub(t, 50)
+	open = func(ctx context.Context, _ int) (path, error) { return dialApp(ctx, lossy) }
+	if _, err := measureAllToAll(t.Context(), open, nil, 4, 64, 500, 300*time.Millisecond); err == nil || !strings.Contains(err.Error(), "loss") {
+		t.Fatalf("a lossy forwarder: err %v, want a loss", err)
+	}
+}
+
+// The plots are well-formed SVG with one polyline per series.
+func TestScalePlotsAreSVG(t *testing.T) {
+	c := chart{title: "t <&>", xlabel: "N", ylabel: "lines/s", xs: []string{"2", "4", "8"}, series: []series{
+		{name: "podipc", color: "#000", ys: []float64{1e6, 2e6, 3e6}},
+		{name: "NATS", color: "#888", dashed: true, ys: []float64{5e5, 4e5, 0}},
+	}}
+	doc := stack(c.svg(), c.svg())
+	d := xml.NewDecoder(strings.NewReader(doc))
+	lines := 0
+	for {
+		tok, err := d.Token()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("not XML: %v\n%s", err, doc)
+		}
+		if se, ok := tok.(xml.StartElement); ok && se.Name.Local == "polyline" {
+			lines++
+		}
+	}
+	if lines != 4 {
+		t.Fatalf("%d polylines, want 4", lines)
+	}
+	for x, want := range map[float64]float64{0.3: 0.5, 1.2e6: 2e6, 7: 10, 450: 500} {
+		if got := niceStep(x); got != want {
+			t.Errorf("niceStep(%g) = %g, want %g", x, got, want)
+		}
+	}
+}
+
+func TestDisplayArgsNamesNoMachinePaths(t *testing.T) {
+	got := strings.Join(displayArgs([]string{"scale", "-sidecar=/home/x/repo/bin/podipc-sidecar", "-members=2,4", "-svg-dir=/home/x/repo/docs/scale"}), " ")
+	if want := "scale -sidecar=bin/podipc-sidecar -members=2,4 -svg-dir=docs/scale"; got != want {
+		t.Fatalf("got %q, want %q", got, want)
+	}
+}
