@@ -164,7 +164,7 @@ func TestScalePlotsAreSVG(t *testing.T) {
 }
 
 func TestDisplayArgsNamesNoMachinePaths(t *testing.T) {
-	got := strings.Join(displayArgs([]string{"scale", "-sidecar=/home/x/repo/bin/podipc-sidecar", "-members=2,4", "-svg-dir=/home/x/repo/docs/scale"}), " ")
+	got := strings.Join(displayArgs([]string{"scale", "-sidecar=/opt/checkout/bin/podipc-sidecar", "-members=2,4", "-svg-dir=/opt/checkout/docs/scale"}), " ")
 	if want := "scale -sidecar=bin/podipc-sidecar -members=2,4 -svg-dir=docs/scale"; got != want {
 		t.Fatalf("got %q, want %q", got, want)
 	}
