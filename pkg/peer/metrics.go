@@ -13,10 +13,10 @@ type Metrics struct {
 	ProtocolErrors *prometheus.CounterVec
 	// Panics counts peer connection goroutines that panicked: the connection was
 	// closed and the sidecar went on serving, but each one is a bug.
-	Panics *prometheus.CounterVec
-	Sent       prometheus.Counter
-	Received   prometheus.Counter
-	Unacked    prometheus.Gauge
+	Panics   *prometheus.CounterVec
+	Sent     prometheus.Counter
+	Received prometheus.Counter
+	Unacked  prometheus.Gauge
 	// Senders counts the sending pods whose resume state the server keeps; it grows
 	// with pod churn only until departed pods leave the membership.
 	Senders prometheus.Gauge

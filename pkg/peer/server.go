@@ -370,7 +370,7 @@ func (s *Server) refuse(in *inbound, label, reason string) error {
 	s.cfg.Metrics.Refused.WithLabelValues(label).Inc()
 	if held, ok := s.logs.allow(label); ok {
 		s.cfg.Log.Info("Refused peer link", "remote", in.conn.RemoteAddr().String(),
-			"pod", in.id.Namespace+"/"+in.id.Name, "uid", in.id.UID, "reason", reason, "alsoRefusedSinceLastLog", held)
+			"pod", in.id.Namespace+"/"+in.id.Name, "uid", in.id.UID, "reason", label, "detail", reason, "alsoRefusedSinceLastLog", held)
 	}
 	_, _ = in.conn.Write(ReasonFrame(FrameRefuse, reason))
 	return fmt.Errorf("refused: %s", reason)
