@@ -372,6 +372,8 @@ func (s *Server) refuse(in *inbound, label, reason string) error {
 		s.cfg.Log.Info("Refused peer link", "remote", in.conn.RemoteAddr().String(),
 			"pod", in.id.Namespace+"/"+in.id.Name, "uid", in.id.UID, "reason", label, "detail", reason, "alsoRefusedSinceLastLog", held)
 	}
+	// The handshake deadline may have passed: the reason gets a moment of its own.
+	_ = in.conn.SetWriteDeadline(time.Now().Add(time.Second))
 	_, _ = in.conn.Write(ReasonFrame(FrameRefuse, reason))
 	return fmt.Errorf("refused: %s", reason)
 }
