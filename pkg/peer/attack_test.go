@@ -315,10 +315,22 @@ func TestDecodeValidatesFields(t *testing.T) {
 		parse  func() error
 		reason string
 	}{
-		"hello channel":   {func() error { _, err := ParseHello(Hello{1, 1, good, []string{"ok", "Bad"}}.Frame()[headerLen:]); return err }, ReasonChannelName},
-		"hello namespace": {func() error { _, err := ParseHello(Hello{1, 1, Identity{"\xff", "a", "u", 1}, nil}.Frame()[headerLen:]); return err }, ReasonMalformed},
-		"hello name":      {func() error { _, err := ParseHello(Hello{1, 1, Identity{"ns", "", "u", 1}, nil}.Frame()[headerLen:]); return err }, ReasonMalformed},
-		"hello uid":       {func() error { _, err := ParseHello(Hello{1, 1, Identity{"ns", "a", "u u", 1}, nil}.Frame()[headerLen:]); return err }, ReasonMalformed},
+		"hello channel": {func() error {
+			_, err := ParseHello(Hello{1, 1, good, []string{"ok", "Bad"}}.Frame()[headerLen:])
+			return err
+		}, ReasonChannelName},
+		"hello namespace": {func() error {
+			_, err := ParseHello(Hello{1, 1, Identity{"\xff", "a", "u", 1}, nil}.Frame()[headerLen:])
+			return err
+		}, ReasonMalformed},
+		"hello name": {func() error {
+			_, err := ParseHello(Hello{1, 1, Identity{"ns", "", "u", 1}, nil}.Frame()[headerLen:])
+			return err
+		}, ReasonMalformed},
+		"hello uid": {func() error {
+			_, err := ParseHello(Hello{1, 1, Identity{"ns", "a", "u u", 1}, nil}.Frame()[headerLen:])
+			return err
+		}, ReasonMalformed},
 		"presence name": {func() error {
 			_, err := ParsePresence(PresenceFrame(map[string]int{strings.Repeat("a", 64): 1})[headerLen:])
 			return err
