@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"runtime"
@@ -353,5 +354,93 @@ func TestDecodeValidatesFields(t *testing.T) {
 	}
 	if _, err := ParseHello(Hello{1, 1, good, []string{"orders", "a-1"}}.Frame()[headerLen:]); err != nil {
 		t.Fatalf("a valid HELLO: %v", err)
+	}
+}
+
+// TestLinkDistrustsItsReceiver: a receiver that acknowledges, or claims in WELCOME to
+// have received, more than the link sent ends the link with a counted protocol error,
+// and settles nothing: the next session gets every line.
+func TestLinkDistrustsItsReceiver(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = ln.Close() }()
+	r := router.New(logr.Discard(), nil)
+	defer r.Close()
+	spec := discovery.Spec{}.WithDefaults()
+	r.Ensure("orders", spec)
+	m := NewMetrics(nil)
+	link := NewLink(LinkConfig{Self: Identity{"ns", "a", "uid-a", 1}, LocalIP: "127.0.0.1", Metrics: m,
+		Member:   discovery.Member{Namespace: "ns", Name: "b", UID: "uid-b", IP: "127.0.0.1", PeerPort: ln.Addr().(*net.TCPAddr).Port, Ready: true, Serving: true},
+		Channels: func() []string { return []string{"orders"} }, Router: r, Log: logr.Discard(), Keepalive: time.Second})
+	if err := link.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer link.Close(router.ReasonShutdown)
+	for _, l := range []string{"one", "two", "three"} {
+		if res, reason := link.Send(t.Context(), "orders", router.Line, router.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
+			t.Fatalf("%s not queued: %s", l, reason)
+		}
+	}
+	// session accepts the link's next connection and answers its HELLO with w.
+	session := func(w Welcome) (net.Conn, *Reader) {
+		t.Helper()
+		conn, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = conn.Close() })
+		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if typ, _, err := ReadHandshake(conn, maxHandshakeBytes); err != nil || typ != FrameHello {
+			t.Fatalf("HELLO: %d, %v", typ, err)
+		}
+		if _, err := conn.Write(w.Frame()); err != nil {
+			t.Fatal(err)
+		}
+		fr := NewReader(conn, MaxFrameBytes)
+		t.Cleanup(fr.Close)
+		return conn, fr
+	}
+	lines := func(fr *Reader) []string {
+		t.Helper()
+		var got []string
+		for len(got) < 3 {
+			typ, body, err := fr.Next()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if typ == FrameData {
+				d, err := ParseData(body)
+				if err != nil {
+					t.Fatal(err)
+				}
+				got = append(got, fmt.Sprintf("%d:%s", d.Seq, d.Payload))
+			}
+		}
+		return got
+	}
+	ended := func(conn net.Conn, reason string) {
+		t.Helper()
+		if _, err := io.Copy(io.Discard, conn); err != nil {
+			t.Fatalf("the link did not end: %v", err)
+		}
+		eventuallyTrue(t, reason+" counted", func() bool { return testutil.ToFloat64(m.ProtocolErrors.WithLabelValues("out", reason)) == 1 })
+	}
+	want := "[1:one 2:two 3:three]"
+	receiver := Identity{"ns", "b", "uid-b", 9}
+	conn, fr := session(Welcome{Version: 1, Pod: receiver})
+	if got := fmt.Sprint(lines(fr)); got != want {
+		t.Fatalf("first session got %s", got)
+	}
+	if _, err := conn.Write(AckFrame(nil, 1<<62)); err != nil {
+		t.Fatal(err)
+	}
+	ended(conn, ReasonAck)
+	conn, _ = session(Welcome{Version: 1, Pod: receiver, Known: true, LastSeq: 4})
+	ended(conn, ReasonLastSeq)
+	_, fr = session(Welcome{Version: 1, Pod: receiver, Known: true})
+	if got := fmt.Sprint(lines(fr)); got != want {
+		t.Fatalf("the honest session got %s, want every line again", got)
 	}
 }
