@@ -672,14 +672,11 @@ func (l *Link) resume(conn net.Conn, w Welcome) error {
 // so that sequence numbers cannot wrap.
 const maxResumeSeq = 1 << 62
 
-// renumberLocked makes the queue, which no receiver has seen, continue after last.
+// renumberLocked makes the queue continue after last. It is called before the link's
+// first session, so no receiver has seen any of it (sentSeq is 0).
 func (l *Link) renumberLocked(last uint64) error {
 	if last > maxResumeSeq {
 		return protocolError(ReasonLastSeq, "WELCOME lastSeq %d is beyond %d", last, uint64(maxResumeSeq))
-	}
-	if last < l.sentSeq {
-		// Lines were written to an earlier incarnation; what this one saw is not ours.
-		last = l.sentSeq
 	}
 	q := l.q.items()
 	for i := range q {
