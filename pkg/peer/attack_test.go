@@ -444,3 +444,57 @@ func TestLinkDistrustsItsReceiver(t *testing.T) {
 		t.Fatalf("the honest session got %s, want every line again", got)
 	}
 }
+
+// TestLinkContinuesAnEarlierLinksNumbering: a receiver that remembers this incarnation
+// from an earlier link (the member left and came back) gets the new link's lines after
+// its lastSeq, so it neither skips them as retransmissions nor settles them unseen.
+func TestLinkContinuesAnEarlierLinksNumbering(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = ln.Close() }()
+	r := router.New(logr.Discard(), nil)
+	defer r.Close()
+	spec := discovery.Spec{}.WithDefaults()
+	r.Ensure("orders", spec)
+	link := NewLink(LinkConfig{Self: Identity{"ns", "a", "uid-a", 1}, LocalIP: "127.0.0.1",
+		Member:   discovery.Member{Namespace: "ns", Name: "b", UID: "uid-b", IP: "127.0.0.1", PeerPort: ln.Addr().(*net.TCPAddr).Port, Ready: true, Serving: true},
+		Channels: func() []string { return []string{"orders"} }, Router: r, Log: logr.Discard(), Keepalive: time.Second})
+	for _, l := range []string{"one", "two"} {
+		if res, reason := link.Send(t.Context(), "orders", router.Line, router.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
+			t.Fatalf("%s not queued: %s", l, reason)
+		}
+	}
+	if err := link.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer link.Close(router.ReasonShutdown)
+	conn, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = conn.Close() }()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if typ, _, err := ReadHandshake(conn, maxHandshakeBytes); err != nil || typ != FrameHello {
+		t.Fatalf("HELLO: %d, %v", typ, err)
+	}
+	if _, err := conn.Write(Welcome{Version: 1, Pod: Identity{"ns", "b", "uid-b", 9}, Known: true, LastSeq: 41}.Frame()); err != nil {
+		t.Fatal(err)
+	}
+	fr := NewReader(conn, MaxFrameBytes)
+	defer fr.Close()
+	for _, want := range []string{"42:one", "43:two"} {
+		typ, body, err := fr.Next()
+		for err == nil && typ != FrameData {
+			typ, body, err = fr.Next()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, _ := ParseData(body)
+		if got := fmt.Sprintf("%d:%s", d.Seq, d.Payload); got != want {
+			t.Fatalf("got %s, want %s", got, want)
+		}
+	}
+}
