@@ -53,8 +53,27 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "podipc_peer_senders", Help: "Sending pods whose resume state (incarnation, last sequence number) inbound peer links keep: connected ones and members briefly disconnected.",
 		}),
 	}
+	// Every reason is exported from the start, at zero, so that an alert on a rate
+	// sees the first refusal, protocol error or panic.
+	for _, r := range refusedReasons {
+		m.Refused.WithLabelValues(r)
+	}
+	for _, dir := range []string{"in", "out"} {
+		for _, r := range protocolReasons {
+			m.ProtocolErrors.WithLabelValues(dir, r)
+		}
+		m.Panics.WithLabelValues(dir)
+	}
 	if reg != nil {
 		reg.MustRegister(m.Links, m.Reconnects, m.Refused, m.ProtocolErrors, m.Panics, m.Sent, m.Received, m.Unacked, m.Senders)
 	}
 	return m
 }
+
+// refusedReasons are the reason labels of podipc_peer_refused_total.
+var refusedReasons = []string{RefusedHandshake, RefusedVersion, RefusedUnauthorized, RefusedConnectionLimit,
+	RefusedSourceLimit, RefusedHandshakeTimeout}
+
+// protocolReasons are the reason labels of podipc_peer_protocol_errors_total.
+var protocolReasons = []string{ReasonMalformed, ReasonChannelName, ReasonKind, ReasonFrameSize, ReasonSequence,
+	ReasonAck, ReasonLastSeq}
