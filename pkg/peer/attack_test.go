@@ -3,6 +3,7 @@ package peer
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -286,24 +287,35 @@ func TestServerConnectionCaps(t *testing.T) {
 	})
 }
 
-// TestReaderDoesNotAllocateDeclaredLength: a frame that declares 16 MiB and sends a
-// few bytes costs what arrived, not what was declared.
+// TestReaderDoesNotAllocateDeclaredLength: a frame that declares 16 MiB (or a HELLO
+// that declares 64 KiB) and sends a few bytes costs about what arrived, not what was
+// declared.
 func TestReaderDoesNotAllocateDeclaredLength(t *testing.T) {
-	head := append([]byte{0, 0xff, 0xff, 0xff, byte(FrameData)}, bytes.Repeat([]byte{1}, 100)...)
-	for name, read := range map[string]func(io.Reader) error{
-		"Reader":        func(r io.Reader) error { _, _, err := NewReader(r, MaxFrameBytes).Next(); return err },
-		"ReadHandshake": func(r io.Reader) error { _, _, err := ReadHandshake(r, MaxFrameBytes); return err },
-	} {
+	stream := func(declared int) []byte {
+		b := binary.BigEndian.AppendUint32(nil, uint32(declared))
+		return append(append(b, byte(FrameData)), bytes.Repeat([]byte{1}, 100)...)
+	}
+	cases := map[string]struct {
+		read     func(io.Reader) error
+		declared int
+		bound    uint64
+	}{
+		// The Reader's own 64 KiB chunk is allocated whatever the frame.
+		"Reader, 16 MiB": {func(r io.Reader) error { _, _, err := NewReader(r, MaxFrameBytes).Next(); return err }, 16 << 20, 256 << 10},
+		"HELLO, 64 KiB":  {func(r io.Reader) error { _, _, err := ReadHandshake(r, maxHandshakeBytes); return err }, maxHandshakeBytes, 16 << 10},
+	}
+	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
+			src := bytes.NewReader(stream(tc.declared))
 			var before, after runtime.MemStats
 			runtime.ReadMemStats(&before)
-			err := read(bytes.NewReader(head))
+			err := tc.read(src)
 			runtime.ReadMemStats(&after)
 			if !errors.Is(err, io.ErrUnexpectedEOF) {
 				t.Fatalf("err = %v, want unexpected EOF", err)
 			}
-			if got := after.TotalAlloc - before.TotalAlloc; got > 1<<20 {
-				t.Fatalf("allocated %d bytes for a frame that sent 100", got)
+			if got := after.TotalAlloc - before.TotalAlloc; got > tc.bound {
+				t.Fatalf("allocated %d bytes for a frame that sent 100, the bound is %d", got, tc.bound)
 			}
 		})
 	}

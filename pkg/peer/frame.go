@@ -316,11 +316,12 @@ func (r *Reader) large(n int) (FrameType, []byte, error) {
 }
 
 // readBody returns the n bytes of a frame after its length, of which head were read
-// already. The buffer grows with what arrives, never to the declared length up front:
-// a peer that announces a large frame and sends nothing costs nothing.
+// already. The buffer starts small and doubles with what arrives, never allocated to
+// the declared length up front: a peer that announces a large frame (or a 64 KiB
+// HELLO) and sends little costs little.
 func readBody(src io.Reader, head []byte, n int) ([]byte, error) {
-	const step = 64 << 10
-	f := make([]byte, len(head), max(min(n, step), len(head)))
+	const first = 4 << 10
+	f := make([]byte, len(head), max(min(n, first), len(head)))
 	copy(f, head)
 	for len(f) < n {
 		if len(f) == cap(f) {
