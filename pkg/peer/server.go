@@ -619,9 +619,10 @@ type batch struct {
 	run     []router.Payload
 	runChan sharedChannel
 	runKind router.Kind
-	// notShared says a line for a channel not shared was dropped on this link: the
-	// first is logged, every one counted.
-	notShared bool
+	// notShared and tooLarge say a line for a channel not shared, or one over its
+	// channel's maxMessageBytes, was dropped on this link: the first of each is logged,
+	// every one counted.
+	notShared, tooLarge bool
 }
 
 // add dispatches d, whose payload lives in chunk, as part of the batch: only for a
@@ -646,11 +647,23 @@ func (b *batch) add(d Data, chunk *router.Chunk) {
 		b.runChan, b.runKind = sc, d.Kind
 	}
 	if len(d.Payload) > b.runChan.maxMessageBytes {
-		b.s.cfg.Router.Drop(b.runChan.name, ReasonTooLarge, 1)
+		b.dropTooLarge(len(d.Payload))
 		return
 	}
 	b.run = append(b.run, router.Payload{Data: d.Payload, Ref: chunk})
 	b.n++
+}
+
+// dropTooLarge counts a line of n bytes over its channel's maxMessageBytes, logging the
+// first of the link.
+func (b *batch) dropTooLarge(n int) {
+	b.s.cfg.Router.Drop(b.runChan.name, ReasonTooLarge, 1)
+	if !b.tooLarge {
+		b.tooLarge = true
+		id := b.in.id
+		b.s.cfg.Log.Info("Dropped a peer's line longer than maxMessageBytes", "pod", id.Namespace+"/"+id.Name,
+			"uid", id.UID, "channel", b.runChan.name, "bytes", n, "maxMessageBytes", b.runChan.maxMessageBytes, "reason", ReasonTooLarge)
+	}
 }
 
 // dropNotShared counts a line for a channel the two pods do not share, logging the

@@ -503,6 +503,9 @@ func TestAttackOneAddress(t *testing.T) {
 		t.Fatalf("got frame %d %q, %v; want REFUSE naming source_limit", typ, body, err)
 	}
 	w.closedByPeer()
+	if !a.logged(`"reason":"source_limit"`) {
+		t.Fatal("no log of the refusal")
+	}
 }
 
 // TestAttackFrameBounds: after the handshake a frame may be at most its channels'
@@ -529,6 +532,9 @@ func TestAttackFrameBounds(t *testing.T) {
 	eventually(t, "frame_size counted", func() bool {
 		return c.metric(a, `podipc_peer_protocol_errors_total{direction="in",reason="frame_size"}`) == 1
 	})
+	if !a.logged(`"reason":"too_large"`) || !a.logged(`"reason":"frame_size"`) {
+		t.Fatal("no log of the drop and the protocol error")
+	}
 	_ = r.conn.Close()
 	c.waitConns(a, "public", 0)
 	c.honest(a, b, 0, "p")
