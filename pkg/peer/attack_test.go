@@ -510,3 +510,42 @@ func TestLinkContinuesAnEarlierLinksNumbering(t *testing.T) {
 		}
 	}
 }
+
+// TestLinkRecoversPanics: a panic in a link's session is counted and ends only that
+// session; the link redials and delivers.
+func TestLinkRecoversPanics(t *testing.T) {
+	ts := newTestServer(t, 4096)
+	r := router.New(logr.Discard(), nil)
+	defer r.Close()
+	spec := discovery.Spec{}.WithDefaults()
+	r.Ensure("orders", spec)
+	m := NewMetrics(nil)
+	var calls atomic.Int32
+	p := ts.srv.Addr().(*net.TCPAddr).Port
+	link := NewLink(LinkConfig{Self: Identity{"ns", "a", "uid-a", 77}, LocalIP: "127.0.0.1", Metrics: m,
+		Member: discovery.Member{Namespace: "ns", Name: "b", UID: "uid-b", IP: "127.0.0.1", PeerPort: p, Ready: true, Serving: true},
+		Channels: func() []string {
+			if calls.Add(1) == 1 {
+				panic("boom")
+			}
+			return []string{"orders"}
+		}, Router: r, Log: logr.Discard(), Keepalive: time.Second})
+	if err := link.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer link.Close(router.ReasonShutdown)
+	if res, reason := link.Send(t.Context(), "orders", router.Line, router.Payload{Data: []byte("after")}, false, spec.Overflow); res != router.Queued {
+		t.Fatalf("not queued: %s", reason)
+	}
+	select {
+	case got := <-ts.lines:
+		if got != "after" {
+			t.Fatalf("delivered %q", got)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the link did not recover from the panic")
+	}
+	if n := testutil.ToFloat64(m.Panics.WithLabelValues("out")); n != 1 {
+		t.Fatalf("panics = %v, want 1", n)
+	}
+}
