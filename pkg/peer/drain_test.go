@@ -31,3 +31,6 @@ func drainLocal(ctx context.Context, c *router.Conn, got func(data []byte)) <-ch
 	}()
 	return done
 }
+
+// sharesOrders is the discovery of the tests' pods: they share one channel, orders.
+func sharesOrders(string) []string { return []string{"orders"} }

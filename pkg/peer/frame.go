@@ -6,7 +6,10 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -40,13 +43,104 @@ const (
 const headerLen = 5
 
 // MaxFrameBytes bounds a frame: the largest message (16 MiB) plus its DATA header.
-const MaxFrameBytes = 16<<20 + 1024
+const MaxFrameBytes = 16<<20 + DataOverhead
+
+// DataOverhead bounds what a DATA frame adds to its payload (type byte, sequence
+// number, channel name, kind), with room to spare for fields of later versions: a
+// link's frame bound is the largest maxMessageBytes of the channels it carries plus
+// this.
+const DataOverhead = 1024
 
 // maxHandshakeBytes bounds HELLO and WELCOME, which are read before authentication.
 const maxHandshakeBytes = 64 << 10
 
-// ErrFrame reports a malformed frame; the link is closed.
+// Bounds of the strings in frames (docs/protocol.md, Bounds).
+const (
+	maxLabelBytes     = 63  // a channel name or a namespace: a DNS label
+	maxSubdomainBytes = 253 // a pod name: a DNS subdomain
+	maxUIDBytes       = 128 // a pod UID
+	maxReasonBytes    = 1024
+)
+
+// ErrFrame reports a malformed frame; the link is closed. Every error a decoder returns
+// is a *ProtocolError that matches it.
 var ErrFrame = errors.New("peer: malformed frame")
+
+// Protocol error reasons: the reason label of podipc_peer_protocol_errors_total.
+const (
+	ReasonMalformed   = "malformed"    // a short or undecodable field, or a string out of bounds
+	ReasonChannelName = "channel_name" // a channel name that is not a DNS label
+	ReasonKind        = "kind"         // a DATA kind this version does not know
+	ReasonFrameSize   = "frame_size"   // a frame longer than the link's bound
+	ReasonSequence    = "sequence"     // a DATA sequence number after a gap
+	ReasonAck         = "ack"          // an ACK beyond the highest sequence number sent
+	ReasonLastSeq     = "last_seq"     // a WELCOME lastSeq beyond the highest sequence number sent
+)
+
+// ProtocolError is a frame that breaks the protocol: the link that carried it ends,
+// and Reason labels podipc_peer_protocol_errors_total. It matches ErrFrame.
+type ProtocolError struct {
+	Reason string
+	Detail string
+}
+
+func (e *ProtocolError) Error() string {
+	return "peer: protocol error (" + e.Reason + "): " + e.Detail
+}
+
+// Is makes every protocol error match ErrFrame.
+func (e *ProtocolError) Is(target error) bool { return target == ErrFrame }
+
+func protocolError(reason, format string, args ...any) error {
+	return &ProtocolError{Reason: reason, Detail: fmt.Sprintf(format, args...)}
+}
+
+// ValidLabel reports whether b is a DNS label (RFC 1123: at most 63 lower case
+// letters, digits and '-', starting and ending with a letter or digit), the form of
+// every channel name. It allocates nothing: the receiver checks every DATA frame.
+func ValidLabel(b []byte) bool {
+	if len(b) == 0 || len(b) > maxLabelBytes {
+		return false
+	}
+	for i, c := range b {
+		switch {
+		case c >= 'a' && c <= 'z', c >= '0' && c <= '9':
+		case c == '-' && i > 0 && i < len(b)-1:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// validSubdomain reports whether s is a DNS subdomain (dot-separated DNS labels, at
+// most 253 bytes), the form of a pod name.
+func validSubdomain(s []byte) bool {
+	if len(s) == 0 || len(s) > maxSubdomainBytes {
+		return false
+	}
+	for part := range strings.SplitSeq(string(s), ".") {
+		if !ValidLabel([]byte(part)) {
+			return false
+		}
+	}
+	return true
+}
+
+// validUID reports whether s can be a pod UID: 1 to 128 letters, digits, '-', '_', '.'.
+func validUID(s []byte) bool {
+	if len(s) == 0 || len(s) > maxUIDBytes {
+		return false
+	}
+	for _, c := range s {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_', c == '.':
+		default:
+			return false
+		}
+	}
+	return true
+}
 
 // Identity names one incarnation of a sidecar: its pod and a random number chosen at
 // process start, which changes whenever the sidecar restarts.
@@ -88,7 +182,9 @@ type Data struct {
 // retains the frame's chunk (Chunk) for as long as it keeps the frame.
 type Reader struct {
 	src *source
-	max int
+	// max is the frame bound; atomic so that the server can lower or raise it when the
+	// channels a link carries change, while the link's goroutine reads.
+	max atomic.Int32
 	// chunk is the buffer being filled (buf is its bytes), holding the reader's own
 	// reference; buf[r:w] is read but not yet returned. A full chunk is never reused
 	// by the reader: it takes a new one, carrying over the partial frame at its end,
@@ -123,7 +219,9 @@ func (s *source) Read(p []byte) (int, error) {
 
 // NewReader reads frames of at most maxFrame bytes from r. Close releases its buffer.
 func NewReader(r io.Reader, maxFrame int) *Reader {
-	return &Reader{src: &source{r: r}, max: maxFrame}
+	fr := &Reader{src: &source{r: r}}
+	fr.SetMax(maxFrame)
+	return fr
 }
 
 // SetReadTimeout makes every read from the stream fail if conn (the stream's
@@ -136,8 +234,8 @@ func (r *Reader) SetReadTimeout(conn interface{ SetReadDeadline(time.Time) error
 	}
 }
 
-// SetMax changes the frame bound (raised after the handshake).
-func (r *Reader) SetMax(n int) { r.max = n }
+// SetMax changes the frame bound; it may be called while another goroutine reads.
+func (r *Reader) SetMax(n int) { r.max.Store(int32(min(n, MaxFrameBytes))) }
 
 // Next returns the next frame's type and body. The body is valid until the next call,
 // or for as long as the caller holds a reference on Chunk().
@@ -145,8 +243,8 @@ func (r *Reader) Next() (FrameType, []byte, error) {
 	for {
 		if r.w-r.r >= 4 {
 			n := int(binary.BigEndian.Uint32(r.buf[r.r:]))
-			if n < 1 || n > r.max {
-				return 0, nil, fmt.Errorf("%w: length %d", ErrFrame, n)
+			if err := checkLength(n, int(r.max.Load())); err != nil {
+				return 0, nil, err
 			}
 			if 4+n > router.ChunkSize {
 				return r.large(n)
@@ -188,19 +286,71 @@ func (r *Reader) fill() error {
 	return err
 }
 
+// checkLength checks a frame's declared length against the bound.
+func checkLength(n, bound int) error {
+	if n < 1 {
+		return protocolError(ReasonMalformed, "empty frame")
+	}
+	if n > bound {
+		return protocolError(ReasonFrameSize, "frame of %d bytes, the bound is %d", n, bound)
+	}
+	return nil
+}
+
 // large reads a frame of n bytes after its length, too large for a chunk, into a buffer
 // of its own.
 func (r *Reader) large(n int) (FrameType, []byte, error) {
-	f := make([]byte, n)
-	got := copy(f, r.buf[r.r+4:r.w])
-	r.r += 4 + got
-	if _, err := io.ReadFull(r.src, f[got:]); err != nil {
-		if errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF
-		}
+	head := r.buf[r.r+4 : min(r.w, r.r+4+n)]
+	r.r += 4 + len(head)
+	f, err := readBody(r.src, head, n)
+	if err != nil {
 		return 0, nil, err
 	}
 	r.cur = nil
+	return FrameType(f[0]), f[1:], nil
+}
+
+// readBody returns the n bytes of a frame after its length, of which head were read
+// already. The buffer starts small and doubles with what arrives, never allocated to
+// the declared length up front: a peer that announces a large frame (or a 64 KiB
+// HELLO) and sends little costs little.
+func readBody(src io.Reader, head []byte, n int) ([]byte, error) {
+	const first = 4 << 10
+	f := make([]byte, len(head), max(min(n, first), len(head)))
+	copy(f, head)
+	for len(f) < n {
+		if len(f) == cap(f) {
+			f = slices.Grow(f, min(n, 2*cap(f))-len(f))
+		}
+		m, err := src.Read(f[len(f):min(cap(f), n)])
+		f = f[:len(f)+m]
+		if err != nil && len(f) < n {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+	}
+	return f, nil
+}
+
+// ReadHandshake reads one frame of at most maxFrame bytes straight from r, with no
+// read-ahead and no buffer before its length has arrived: HELLO and WELCOME are read
+// this way, before the peer is authenticated, so an idle connection holds no read
+// buffer. The Reader takes over after the handshake.
+func ReadHandshake(r io.Reader, maxFrame int) (FrameType, []byte, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return 0, nil, err
+	}
+	n := int(binary.BigEndian.Uint32(hdr[:]))
+	if err := checkLength(n, maxFrame); err != nil {
+		return 0, nil, err
+	}
+	f, err := readBody(r, nil, n)
+	if err != nil {
+		return 0, nil, err
+	}
 	return FrameType(f[0]), f[1:], nil
 }
 
@@ -297,8 +447,11 @@ func PresenceFrame(p map[string]int) []byte {
 	return frame(FramePresence, func(b []byte) []byte { return appendPresence(b, p) })
 }
 
-// ReasonFrame returns a REFUSE or GOODBYE frame.
+// ReasonFrame returns a REFUSE or GOODBYE frame. A reason is cut to its bound.
 func ReasonFrame(t FrameType, reason string) []byte {
+	if len(reason) > maxReasonBytes {
+		reason = strings.ToValidUTF8(reason[:maxReasonBytes], "")
+	}
 	return frame(t, func(b []byte) []byte { return appendString(b, reason) })
 }
 
@@ -332,9 +485,11 @@ type decoder struct {
 	err error
 }
 
-func (d *decoder) fail(what string) {
+func (d *decoder) fail(what string) { d.failWith(ReasonMalformed, "short "+what) }
+
+func (d *decoder) failWith(reason, detail string) {
 	if d.err == nil {
-		d.err = fmt.Errorf("%w: short %s", ErrFrame, what)
+		d.err = &ProtocolError{Reason: reason, Detail: detail}
 	}
 	d.b = nil
 }
@@ -389,10 +544,36 @@ func (d *decoder) bytes() []byte {
 	return d.take(n, "string")
 }
 
-func (d *decoder) str() string { return string(d.bytes()) }
+// checked returns the next string if valid says it is well formed, recording what is
+// wrong with it (reason, what) otherwise.
+func (d *decoder) checked(valid func([]byte) bool, reason, what string) string {
+	b := d.bytes()
+	if d.err != nil {
+		return ""
+	}
+	if !valid(b) {
+		d.failWith(reason, fmt.Sprintf("invalid %s %q", what, b[:min(len(b), 80)]))
+		return ""
+	}
+	return string(b)
+}
+
+// channel reads a channel name: a DNS label.
+func (d *decoder) channel() string { return d.checked(ValidLabel, ReasonChannelName, "channel name") }
+
+// reason reads a REFUSE or GOODBYE reason: valid UTF-8 of at most 1 KiB, since it is
+// logged.
+func (d *decoder) reason() string {
+	return d.checked(func(b []byte) bool { return len(b) <= maxReasonBytes && utf8.Valid(b) }, ReasonMalformed, "reason")
+}
 
 func (d *decoder) identity() Identity {
-	return Identity{Namespace: d.str(), Name: d.str(), UID: d.str(), Incarnation: d.u64()}
+	return Identity{
+		Namespace:   d.checked(ValidLabel, ReasonMalformed, "namespace"),
+		Name:        d.checked(validSubdomain, ReasonMalformed, "pod name"),
+		UID:         d.checked(validUID, ReasonMalformed, "pod UID"),
+		Incarnation: d.u64(),
+	}
 }
 
 // count reads a list length, bounded by the bytes left (each entry takes at least one).
@@ -409,7 +590,7 @@ func (d *decoder) presence() map[string]int {
 	n := d.count()
 	p := make(map[string]int, n)
 	for range n {
-		name := d.str()
+		name := d.channel()
 		c := d.uvarint()
 		if d.err != nil {
 			return nil
@@ -426,17 +607,31 @@ func ParseHello(b []byte) (Hello, error) {
 	h := Hello{MinVersion: d.u16(), MaxVersion: d.u16(), Pod: d.identity()}
 	n := d.count()
 	for range n {
-		h.Channels = append(h.Channels, d.str())
+		h.Channels = append(h.Channels, d.channel())
 	}
-	return h, d.err
+	if d.err != nil {
+		return Hello{}, d.err
+	}
+	return h, nil
 }
 
 // ParseWelcome decodes a WELCOME body.
 func ParseWelcome(b []byte) (Welcome, error) {
 	d := decoder{b: b}
-	w := Welcome{Version: d.u16(), Pod: d.identity(), Known: d.byte() == 1, LastSeq: d.u64()}
+	w := Welcome{Version: d.u16(), Pod: d.identity()}
+	switch d.byte() {
+	case 0:
+	case 1:
+		w.Known = true
+	default:
+		d.failWith(ReasonMalformed, "known is neither 0 nor 1")
+	}
+	w.LastSeq = d.u64()
 	w.Presence = d.presence()
-	return w, d.err
+	if d.err != nil {
+		return Welcome{}, d.err
+	}
+	return w, nil
 }
 
 // ParsePresence decodes a PRESENCE body.
@@ -449,7 +644,7 @@ func ParsePresence(b []byte) (map[string]int, error) {
 // ParseReason decodes a REFUSE or GOODBYE body.
 func ParseReason(b []byte) (string, error) {
 	d := decoder{b: b}
-	s := d.str()
+	s := d.reason()
 	return s, d.err
 }
 
@@ -460,25 +655,32 @@ func ParseAck(b []byte) (uint64, error) {
 	return v, d.err
 }
 
-// ParseData decodes a DATA body. Payload aliases b. It is the receiving sidecar's per-line
-// work, so it reads the fields directly rather than through a decoder.
+// ParseData decodes a DATA body and validates every field: the channel name is a DNS
+// label and the kind one this version knows. Payload aliases b; its size is checked
+// against the channel's maxMessageBytes by the receiver, which knows the channel. It
+// is the receiving sidecar's per-line work, so it reads the fields directly rather than
+// through a decoder, and allocates only for an error.
 func ParseData(b []byte) (Data, error) {
 	seq, n := binary.Uvarint(b)
 	if n <= 0 {
-		return Data{}, fmt.Errorf("%w: short varint", ErrFrame)
+		return Data{}, protocolError(ReasonMalformed, "short varint")
 	}
 	b = b[n:]
 	l, n := binary.Uvarint(b)
 	if n <= 0 {
-		return Data{}, fmt.Errorf("%w: short varint", ErrFrame)
+		return Data{}, protocolError(ReasonMalformed, "short varint")
 	}
 	b = b[n:]
 	if l >= uint64(len(b)) { // the channel name and the kind byte
-		return Data{}, fmt.Errorf("%w: short string", ErrFrame)
+		return Data{}, protocolError(ReasonMalformed, "short string")
+	}
+	name := b[:l:l]
+	if !ValidLabel(name) {
+		return Data{}, protocolError(ReasonChannelName, "invalid channel name %q", name[:min(len(name), 80)])
 	}
 	k := b[l]
 	if k > byte(router.NodeIPC) {
-		return Data{}, fmt.Errorf("%w: kind %d", ErrFrame, k)
+		return Data{}, protocolError(ReasonKind, "kind %d", k)
 	}
-	return Data{Seq: seq, Channel: b[:l:l], Kind: router.Kind(k), Payload: b[l+1:]}, nil
+	return Data{Seq: seq, Channel: name, Kind: router.Kind(k), Payload: b[l+1:]}, nil
 }

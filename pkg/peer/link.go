@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"sync"
@@ -438,7 +439,7 @@ func (l *Link) run() {
 			l.cfg.Metrics.Reconnects.Inc()
 		}
 		first = false
-		err := l.session(ctx)
+		err := l.guardedSession(ctx)
 		l.mu.Lock()
 		bye := l.bye
 		l.mu.Unlock()
@@ -460,6 +461,35 @@ func (l *Link) run() {
 		}
 		backoff = min(backoff*2, 2*time.Second)
 	}
+}
+
+// guardedSession runs a session as the last line of defence against what the receiver
+// sends: a panic is counted, logged and ends only this session (it is still a bug). A
+// protocol violation by the receiver is counted and logged.
+func (l *Link) guardedSession(ctx context.Context) (err error) {
+	var conn net.Conn
+	defer func() {
+		if r := recover(); r != nil {
+			l.mu.Lock()
+			conn, l.up, l.conn = l.conn, false, nil
+			l.stopEncodingLocked()
+			l.mu.Unlock()
+			if conn != nil {
+				recovered(l.cfg.Metrics, l.log, "out", conn, r)
+			} else {
+				l.cfg.Metrics.Panics.WithLabelValues("out").Inc()
+				l.log.Error(fmt.Errorf("panic: %v", r), "Peer link goroutine panicked", "stack", string(debug.Stack()))
+			}
+			err = fmt.Errorf("panic: %v", r)
+		}
+	}()
+	err = l.session(ctx)
+	var pe *ProtocolError
+	if errors.As(err, &pe) {
+		l.cfg.Metrics.ProtocolErrors.WithLabelValues("out", pe.Reason).Inc()
+		l.log.Info("Closed peer link: protocol error", "reason", pe.Reason, "detail", pe.Detail)
+	}
+	return err
 }
 
 var (
@@ -487,18 +517,27 @@ func (l *Link) session(ctx context.Context) error {
 		return err
 	}
 	defer fr.Close()
+	if err := l.resume(conn, w); err != nil {
+		return err
+	}
 	l.cfg.Metrics.Links.WithLabelValues("out", "up").Inc()
 	defer l.cfg.Metrics.Links.WithLabelValues("out", "up").Dec()
-	l.resume(conn, w)
 
 	done := make(chan struct{})
 	werr := make(chan error, 1)
 	go func() {
-		err := l.writeLoop(conn, done)
+		var err error
+		defer func() { werr <- err }()
+		defer func() {
+			if r := recover(); r != nil {
+				recovered(l.cfg.Metrics, l.log, "out", conn, r)
+				err = fmt.Errorf("panic: %v", r)
+			}
+		}()
+		err = l.writeLoop(conn, done)
 		if err != nil {
 			_ = conn.Close() // unblocks readLoop
 		}
-		werr <- err
 	}()
 	rerr := l.readLoop(fr)
 	close(done)
@@ -551,8 +590,7 @@ func (l *Link) handshake(conn net.Conn) (Welcome, *Reader, error) {
 	if _, err := conn.Write(h.Frame()); err != nil {
 		return Welcome{}, nil, err
 	}
-	fr := NewReader(conn, maxHandshakeBytes)
-	t, body, err := fr.Next()
+	t, body, err := ReadHandshake(conn, maxHandshakeBytes)
 	if err != nil {
 		return Welcome{}, nil, err
 	}
@@ -576,20 +614,36 @@ func (l *Link) handshake(conn net.Conn) (Welcome, *Reader, error) {
 		return Welcome{}, nil, fmt.Errorf("peer is pod UID %q, expected %q", w.Pod.UID, l.cfg.Member.UID)
 	}
 	_ = conn.SetDeadline(time.Time{})
-	fr.SetMax(MaxFrameBytes)
+	// The receiver sends ACK, PRESENCE, PING and GOODBYE, never a message.
+	fr := NewReader(conn, maxHandshakeBytes)
 	fr.SetReadTimeout(conn, 3*l.cfg.Keepalive)
 	return w, fr, nil
 }
 
 // resume applies WELCOME to the queue: same receiver incarnation → continue after its
 // last sequence number (exactly once); another incarnation → settle what it may have
-// seen.
-func (l *Link) resume(conn net.Conn, w Welcome) {
+// seen. A lastSeq beyond what this link sent that receiver is a protocol error: it
+// would settle lines the receiver never saw.
+func (l *Link) resume(conn net.Conn, w Welcome) error {
 	l.mu.Lock()
 	var reroute []router.Message
-	if w.Known && (!l.havePeer || l.peerInc == w.Pod.Incarnation) {
+	switch {
+	case w.Known && l.havePeer && l.peerInc == w.Pod.Incarnation:
+		if w.LastSeq > l.sentSeq {
+			l.mu.Unlock()
+			return protocolError(ReasonLastSeq, "WELCOME lastSeq %d, but the highest sequence number sent is %d", w.LastSeq, l.sentSeq)
+		}
 		l.ackLocked(w.LastSeq)
-	} else if l.havePeer {
+	case w.Known && !l.havePeer:
+		// First contact of this link, and the receiver remembers this sidecar's
+		// incarnation from an earlier link (the member left and came back): nothing it
+		// saw is in this queue, so the queue continues its numbering rather than be
+		// acknowledged by it.
+		if err := l.renumberLocked(w.LastSeq); err != nil {
+			l.mu.Unlock()
+			return err
+		}
+	case l.havePeer:
 		if l.peerInc == w.Pod.Incarnation {
 			// The same receiver no longer knows this sender: it forgot the resume state
 			// when this pod left its channels. What it may have seen is settled as for
@@ -611,6 +665,26 @@ func (l *Link) resume(conn net.Conn, w Welcome) {
 	l.log.V(1).Info("Peer link established", "version", w.Version, "incarnation", w.Pod.Incarnation)
 	l.cfg.Router.Reroute(reroute)
 	l.cfg.Router.Notify()
+	return nil
+}
+
+// maxResumeSeq bounds the lastSeq a link continues after, far beyond any real stream,
+// so that sequence numbers cannot wrap.
+const maxResumeSeq = 1 << 62
+
+// renumberLocked makes the queue continue after last. It is called before the link's
+// first session, so no receiver has seen any of it (sentSeq is 0).
+func (l *Link) renumberLocked(last uint64) error {
+	if last > maxResumeSeq {
+		return protocolError(ReasonLastSeq, "WELCOME lastSeq %d is beyond %d", last, uint64(maxResumeSeq))
+	}
+	q := l.q.items()
+	for i := range q {
+		q[i].seq = last + 1 + uint64(i)
+	}
+	l.nextSeq = last + 1 + uint64(len(q))
+	l.sentSeq = last
+	return nil
 }
 
 // writeLoop is the link's only writer: it writes the frames encoded since its last
@@ -687,8 +761,15 @@ func (l *Link) readLoop(fr *Reader) error {
 				return err
 			}
 			l.mu.Lock()
-			l.ackLocked(seq)
+			sent := l.sentSeq
+			if seq <= sent {
+				l.ackLocked(seq)
+			}
 			l.mu.Unlock()
+			if seq > sent {
+				// Acknowledging what was never sent would settle lines nobody received.
+				return protocolError(ReasonAck, "ACK %d, but the highest sequence number sent is %d", seq, sent)
+			}
 		case FramePresence:
 			p, err := ParsePresence(body)
 			if err != nil {

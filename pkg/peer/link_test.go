@@ -30,6 +30,7 @@ func TestLinkResumesExactlyOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv := NewServer(ln, ServerConfig{Self: Identity{"ns", "b", "uid-b", 2}, Router: recvRouter, Log: logr.Discard(),
+		Shared: sharesOrders,
 		Authorize: func(id Identity, ip string) string {
 			if id.UID != "uid-a" || ip != "127.0.0.1" {
 				return "not a member"

@@ -6,10 +6,17 @@ import "github.com/prometheus/client_golang/prometheus"
 type Metrics struct {
 	Links      *prometheus.GaugeVec
 	Reconnects prometheus.Counter
-	Refused    *prometheus.CounterVec
-	Sent       prometheus.Counter
-	Received   prometheus.Counter
-	Unacked    prometheus.Gauge
+	// Refused counts connections ended before their peer was authenticated, by reason.
+	Refused *prometheus.CounterVec
+	// ProtocolErrors counts established links ended because the peer broke the
+	// protocol, by direction and reason (ProtocolError.Reason).
+	ProtocolErrors *prometheus.CounterVec
+	// Panics counts peer connection goroutines that panicked: the connection was
+	// closed and the sidecar went on serving, but each one is a bug.
+	Panics   *prometheus.CounterVec
+	Sent     prometheus.Counter
+	Received prometheus.Counter
+	Unacked  prometheus.Gauge
 	// Senders counts the sending pods whose resume state the server keeps; it grows
 	// with pod churn only until departed pods leave the membership.
 	Senders prometheus.Gauge
@@ -25,8 +32,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "podipc_peer_reconnects_total", Help: "Outbound peer link sessions that ended and were redialled.",
 		}),
 		Refused: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "podipc_peer_refused_total", Help: "Inbound peer links refused, by reason.",
+			Name: "podipc_peer_refused_total", Help: "Inbound peer connections ended before authentication, by reason.",
 		}, []string{"reason"}),
+		ProtocolErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "podipc_peer_protocol_errors_total", Help: "Peer links ended because the peer broke the protocol, by direction and reason.",
+		}, []string{"direction", "reason"}),
+		Panics: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "podipc_peer_panics_total", Help: "Peer connection goroutines that panicked (a bug): the connection was closed, the sidecar kept serving.",
+		}, []string{"direction"}),
 		Sent: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "podipc_peer_lines_sent_total", Help: "DATA frames written to peer links (retransmissions included).",
 		}),
@@ -40,8 +53,27 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "podipc_peer_senders", Help: "Sending pods whose resume state (incarnation, last sequence number) inbound peer links keep: connected ones and members briefly disconnected.",
 		}),
 	}
+	// Every reason is exported from the start, at zero, so that an alert on a rate
+	// sees the first refusal, protocol error or panic.
+	for _, r := range refusedReasons {
+		m.Refused.WithLabelValues(r)
+	}
+	for _, dir := range []string{"in", "out"} {
+		for _, r := range protocolReasons {
+			m.ProtocolErrors.WithLabelValues(dir, r)
+		}
+		m.Panics.WithLabelValues(dir)
+	}
 	if reg != nil {
-		reg.MustRegister(m.Links, m.Reconnects, m.Refused, m.Sent, m.Received, m.Unacked, m.Senders)
+		reg.MustRegister(m.Links, m.Reconnects, m.Refused, m.ProtocolErrors, m.Panics, m.Sent, m.Received, m.Unacked, m.Senders)
 	}
 	return m
 }
+
+// refusedReasons are the reason labels of podipc_peer_refused_total.
+var refusedReasons = []string{RefusedHandshake, RefusedVersion, RefusedUnauthorized, RefusedConnectionLimit,
+	RefusedSourceLimit, RefusedHandshakeTimeout}
+
+// protocolReasons are the reason labels of podipc_peer_protocol_errors_total.
+var protocolReasons = []string{ReasonMalformed, ReasonChannelName, ReasonKind, ReasonFrameSize, ReasonSequence,
+	ReasonAck, ReasonLastSeq}

@@ -5,8 +5,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
+	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -23,10 +26,51 @@ type ServerConfig struct {
 	// a channel this pod serves, with exactly that namespace, name, UID and IP, and the
 	// reason it is refused otherwise.
 	Authorize func(id Identity, remoteIP string) string
+	// Shared returns the channels this pod shares with the member pod uid, as
+	// discovery reports them: a link carries DATA only for those, and learns the
+	// presence only of those. Nil shares none.
+	Shared    func(uid string) []string
 	Log       logr.Logger
 	Metrics   *Metrics
 	Keepalive time.Duration
+	// MaxConnections and MaxConnectionsPerIP cap the connections open on the peer
+	// port, authenticated or not, in all and from one source address; a connection
+	// beyond either is closed at once (zero: DefaultMaxConnections,
+	// DefaultMaxConnectionsPerIP).
+	MaxConnections      int
+	MaxConnectionsPerIP int
+	// HandshakeTimeout bounds how long a connection may take to send HELLO and be
+	// authenticated (zero: DefaultHandshakeTimeout).
+	HandshakeTimeout time.Duration
 }
+
+// Defaults of the peer port's connection bounds (docs/protocol.md, Bounds). A sidecar
+// has one inbound link per member pod that sends to it; the global cap is a bound on
+// memory (an idle connection costs a few KiB), the per-address one keeps a single
+// address from taking every slot.
+const (
+	DefaultMaxConnections      = 1024
+	DefaultMaxConnectionsPerIP = 8
+	DefaultHandshakeTimeout    = 5 * time.Second
+)
+
+// Reasons of podipc_peer_refused_total: connections ended before authentication.
+const (
+	RefusedHandshake        = "handshake"         // not a well-formed HELLO
+	RefusedVersion          = "version"           // no common protocol version
+	RefusedUnauthorized     = "unauthorized"      // not a current member with this identity and IP
+	RefusedConnectionLimit  = "connection_limit"  // MaxConnections were open
+	RefusedSourceLimit      = "source_limit"      // MaxConnectionsPerIP were open from its address
+	RefusedHandshakeTimeout = "handshake_timeout" // no HELLO within HandshakeTimeout
+)
+
+// ReasonNotShared counts DATA for a channel the two pods do not share (per this
+// sidecar's discovery), as podipc_dropped_lines_total{reason}; the link goes on.
+const ReasonNotShared = "not_shared"
+
+// ReasonTooLarge counts a peer line longer than its channel's maxMessageBytes, as
+// podipc_dropped_lines_total{reason}; the link goes on.
+const ReasonTooLarge = "too_large"
 
 // Server accepts peer links, delivers their lines to the router, and answers with
 // cumulative acknowledgements, presence updates and keepalives.
@@ -42,7 +86,12 @@ type Server struct {
 	// without GOODBYE that never returns must not keep its entry forever.
 	senders map[string]*sender
 	inbound map[*inbound]struct{}
-	closed  bool
+	// perIP counts the open connections per source address, for MaxConnectionsPerIP.
+	perIP  map[string]int
+	closed bool
+	// logs samples the logs of refusals and protocol errors, per reason, so that a
+	// flood of bad connections cannot flood the log.
+	logs sampledLogs
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -86,6 +135,39 @@ type inbound struct {
 	ip   string
 	bye  chan struct{} // closed to make the writer say GOODBYE
 	done chan struct{} // closed when the connection's goroutines have ended
+	// shared is what the link may carry; replaced by Revalidate when the membership
+	// or a channel's spec changes, read by the link's goroutines.
+	shared atomic.Pointer[sharedSet]
+	// fr reads the link after its handshake (nil before; guarded by Server.mu), so
+	// that Revalidate can move its frame bound.
+	fr *Reader
+	// presence wakes the writer to advertise presence again after shared changed.
+	presence chan struct{}
+}
+
+// sharedSet is what one link may carry: the channels the two pods share and the
+// frame bound that follows from their maxMessageBytes.
+type sharedSet struct {
+	channels map[string]sharedChannel
+	maxFrame int
+}
+
+// sharedChannel is a channel a link may carry. name is the key itself, so the read
+// loop can name a run of lines without converting the frame's bytes.
+type sharedChannel struct {
+	name            string
+	maxMessageBytes int
+}
+
+// presence returns the entries of all for the shared channels.
+func (ss *sharedSet) presence(all map[string]int) map[string]int {
+	p := make(map[string]int, len(ss.channels))
+	for name := range ss.channels {
+		if n, ok := all[name]; ok {
+			p[name] = n
+		}
+	}
+	return p
 }
 
 // NewServer returns a server for the listener ln (bound by the caller so that
@@ -97,7 +179,20 @@ func NewServer(ln net.Listener, cfg ServerConfig) *Server {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(nil)
 	}
-	return &Server{cfg: cfg, ln: ln, senders: map[string]*sender{}, inbound: map[*inbound]struct{}{}}
+	if cfg.MaxConnections <= 0 {
+		cfg.MaxConnections = DefaultMaxConnections
+	}
+	if cfg.MaxConnectionsPerIP <= 0 {
+		cfg.MaxConnectionsPerIP = DefaultMaxConnectionsPerIP
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if cfg.Shared == nil {
+		cfg.Shared = func(string) []string { return nil }
+	}
+	return &Server{cfg: cfg, ln: ln, senders: map[string]*sender{}, inbound: map[*inbound]struct{}{},
+		perIP: map[string]int{}}
 }
 
 // Start accepts links until ctx ends or Close is called.
@@ -117,46 +212,168 @@ func (s *Server) Start(ctx context.Context) error {
 	}()
 	go func() {
 		defer s.wg.Done()
-		for {
-			conn, err := s.ln.Accept()
-			if err != nil {
-				if !errors.Is(err, net.ErrClosed) {
-					s.cfg.Log.Error(err, "Peer listener failed")
-				}
-				return
-			}
-			s.mu.Lock()
-			if s.closed {
-				s.mu.Unlock()
-				_ = conn.Close()
-				return
-			}
-			in := &inbound{conn: conn, bye: make(chan struct{}), done: make(chan struct{})}
-			s.inbound[in] = struct{}{}
-			s.wg.Add(1)
-			s.mu.Unlock()
-			go func() {
-				defer s.wg.Done()
-				defer func() {
-					s.mu.Lock()
-					delete(s.inbound, in)
-					s.mu.Unlock()
-				}()
-				defer close(in.done)
-				defer func() { _ = conn.Close() }()
-				if err := s.serve(in); err != nil && !errors.Is(err, net.ErrClosed) {
-					s.cfg.Log.V(1).Info("Inbound peer link ended", "remote", conn.RemoteAddr().String(), "err", err)
-				}
-			}()
-		}
+		s.acceptLoop()
 	}()
 	return nil
 }
 
+// acceptLoop accepts connections until the listener is closed, each served by a
+// goroutine of its own.
+func (s *Server) acceptLoop() {
+	for {
+		conn, err := s.ln.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				s.cfg.Log.Error(err, "Peer listener failed")
+			}
+			return
+		}
+		in := &inbound{conn: conn, ip: remoteIP(conn), bye: make(chan struct{}), done: make(chan struct{}),
+			presence: make(chan struct{}, 1)}
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			_ = conn.Close()
+			return
+		}
+		if reason := s.admitLocked(in.ip); reason != "" {
+			s.mu.Unlock()
+			s.refuseEarly(in, reason)
+			continue
+		}
+		s.inbound[in] = struct{}{}
+		s.perIP[in.ip]++
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go s.run(in)
+	}
+}
+
+// admitLocked returns why a new connection from ip is over a connection cap, or "".
+func (s *Server) admitLocked(ip string) string {
+	switch {
+	case len(s.inbound) >= s.cfg.MaxConnections:
+		return RefusedConnectionLimit
+	case s.perIP[ip] >= s.cfg.MaxConnectionsPerIP:
+		return RefusedSourceLimit
+	}
+	return ""
+}
+
+// refuseEarly closes a connection over a cap, from the accept loop: it counts and
+// (sampled) logs it, and says why without waiting for a peer that may not read.
+func (s *Server) refuseEarly(in *inbound, reason string) {
+	s.cfg.Metrics.Refused.WithLabelValues(reason).Inc()
+	if held, ok := s.logs.allow(reason); ok {
+		s.cfg.Log.Info("Refused peer connection", "remote", in.conn.RemoteAddr().String(), "reason", reason,
+			"maxConnections", s.cfg.MaxConnections, "maxConnectionsPerIP", s.cfg.MaxConnectionsPerIP, "alsoRefusedSinceLastLog", held)
+	}
+	_ = in.conn.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	_, _ = in.conn.Write(ReasonFrame(FrameRefuse, "too many connections ("+reason+")"))
+	_ = in.conn.Close()
+}
+
+// run serves one accepted connection. It is the last line of defence of the sidecar
+// against what a peer sends: a panic below is counted, logged and ends only this
+// connection (it is still a bug to fix).
+func (s *Server) run(in *inbound) {
+	defer s.wg.Done()
+	defer func() {
+		s.mu.Lock()
+		delete(s.inbound, in)
+		if s.perIP[in.ip]--; s.perIP[in.ip] <= 0 {
+			delete(s.perIP, in.ip)
+		}
+		s.mu.Unlock()
+	}()
+	defer close(in.done)
+	defer func() { _ = in.conn.Close() }()
+	defer s.recoverConn("in", in.conn)
+	err := s.serve(in)
+	var pe *ProtocolError
+	switch {
+	case errors.As(err, &pe):
+		s.protocolError("in", in, pe)
+	case err != nil && !errors.Is(err, net.ErrClosed):
+		s.cfg.Log.V(1).Info("Inbound peer link ended", "remote", in.conn.RemoteAddr().String(), "err", err)
+	}
+}
+
+// recoverConn is deferred by every peer connection goroutine: it turns a panic into a
+// counted, logged, closed connection.
+func (s *Server) recoverConn(direction string, conn net.Conn) {
+	if r := recover(); r != nil {
+		recovered(s.cfg.Metrics, s.cfg.Log, direction, conn, r)
+	}
+}
+
+// recovered records a panic of a peer connection goroutine and closes its connection.
+func recovered(m *Metrics, log logr.Logger, direction string, conn net.Conn, r any) {
+	m.Panics.WithLabelValues(direction).Inc()
+	log.Error(fmt.Errorf("panic: %v", r), "Peer connection goroutine panicked; closed the connection",
+		"direction", direction, "remote", conn.RemoteAddr().String(), "stack", string(debug.Stack()))
+	_ = conn.Close()
+}
+
+// protocolError counts and (sampled) logs a link ended by a protocol violation.
+func (s *Server) protocolError(direction string, in *inbound, pe *ProtocolError) {
+	s.cfg.Metrics.ProtocolErrors.WithLabelValues(direction, pe.Reason).Inc()
+	if held, ok := s.logs.allow("protocol/" + pe.Reason); ok {
+		s.cfg.Log.Info("Closed peer link: protocol error", "remote", in.conn.RemoteAddr().String(),
+			"pod", in.id.Namespace+"/"+in.id.Name, "uid", in.id.UID, "reason", pe.Reason, "detail", pe.Detail,
+			"alsoClosedSinceLastLog", held)
+	}
+}
+
+func remoteIP(conn net.Conn) string {
+	if tcp, ok := conn.RemoteAddr().(*net.TCPAddr); ok {
+		return tcp.IP.String()
+	}
+	return conn.RemoteAddr().String()
+}
+
+// sampledLogs lets through, per key, the first log and then at most one a second, with
+// the count of those held back since.
+type sampledLogs struct {
+	mu   sync.Mutex
+	keys map[string]*sampled
+}
+
+type sampled struct {
+	last time.Time
+	held int
+}
+
+// allow reports whether to log an event of key now, and how many were held back.
+func (l *sampledLogs) allow(key string) (int, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.keys == nil {
+		l.keys = map[string]*sampled{}
+	}
+	e := l.keys[key]
+	if e == nil {
+		e = &sampled{}
+		l.keys[key] = e // keys are a bounded set of reasons
+	}
+	now := time.Now()
+	if !e.last.IsZero() && now.Sub(e.last) < time.Second {
+		e.held++
+		return 0, false
+	}
+	held := e.held
+	e.last, e.held = now, 0
+	return held, true
+}
+
 func (s *Server) refuse(in *inbound, label, reason string) error {
 	s.cfg.Metrics.Refused.WithLabelValues(label).Inc()
-	s.cfg.Log.Info("Refused peer link", "remote", in.conn.RemoteAddr().String(),
-		"pod", in.id.Namespace+"/"+in.id.Name, "uid", in.id.UID, "reason", reason)
+	if held, ok := s.logs.allow(label); ok {
+		s.cfg.Log.Info("Refused peer link", "remote", in.conn.RemoteAddr().String(),
+			"pod", in.id.Namespace+"/"+in.id.Name, "uid", in.id.UID, "reason", label, "detail", reason, "alsoRefusedSinceLastLog", held)
+	}
+	// The handshake deadline may have passed: the reason gets a moment of its own.
+	_ = in.conn.SetWriteDeadline(time.Now().Add(time.Second))
 	_, _ = in.conn.Write(ReasonFrame(FrameRefuse, reason))
 	return fmt.Errorf("refused: %s", reason)
 }
@@ -164,36 +381,26 @@ func (s *Server) refuse(in *inbound, label, reason string) error {
 // serve runs one inbound connection: handshake, then read DATA until it ends.
 func (s *Server) serve(in *inbound) error {
 	conn := in.conn
-	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-	fr := NewReader(conn, maxHandshakeBytes)
-	defer fr.Close()
-	t, body, err := fr.Next()
+	h, err := s.hello(in)
 	if err != nil {
 		return err
-	}
-	if t != FrameHello {
-		return s.refuse(in, "handshake", fmt.Sprintf("expected HELLO, got frame type %d", t))
-	}
-	h, err := ParseHello(body)
-	if err != nil {
-		return s.refuse(in, "handshake", err.Error())
 	}
 	// Revalidate reads the identity under s.mu: one it has not seen yet is
 	// authorized below against the membership Revalidate was called for.
 	s.mu.Lock()
 	in.id = h.Pod
-	if tcp, ok := conn.RemoteAddr().(*net.TCPAddr); ok {
-		in.ip = tcp.IP.String()
-	}
 	s.mu.Unlock()
 	v := min(h.MaxVersion, Version)
 	if v < max(h.MinVersion, MinVersion) {
-		return s.refuse(in, "version", fmt.Sprintf("no common protocol version: peer speaks %d-%d, this sidecar %d-%d",
+		return s.refuse(in, RefusedVersion, fmt.Sprintf("no common protocol version: peer speaks %d-%d, this sidecar %d-%d",
 			h.MinVersion, h.MaxVersion, MinVersion, Version))
 	}
 	if reason := s.cfg.Authorize(h.Pod, in.ip); reason != "" {
-		return s.refuse(in, "unauthorized", reason)
+		return s.refuse(in, RefusedUnauthorized, reason)
 	}
+	s.mu.Lock()
+	in.shared.Store(s.sharedFor(in.id))
+	s.mu.Unlock()
 	st := s.takeOver(in)
 	if st == nil {
 		return net.ErrClosed
@@ -218,13 +425,18 @@ func (s *Server) serve(in *inbound) error {
 		st.incarnation, st.started, st.last, st.pending = h.Pod.Incarnation, false, 0, nil
 	}
 	st.mu.Unlock()
-	w.Presence = s.cfg.Router.Presence()
+	w.Presence = in.shared.Load().presence(s.cfg.Router.Presence())
 	if _, err := conn.Write(w.Frame()); err != nil {
 		return err
 	}
 	_ = conn.SetDeadline(time.Time{})
-	fr.SetMax(MaxFrameBytes)
+	fr := NewReader(conn, in.shared.Load().maxFrame)
+	defer fr.Close()
 	fr.SetReadTimeout(conn, 3*s.cfg.Keepalive)
+	s.mu.Lock()
+	in.fr = fr
+	fr.SetMax(in.shared.Load().maxFrame) // Revalidate may have moved it meanwhile
+	s.mu.Unlock()
 	s.cfg.Log.V(1).Info("Accepted peer link", "pod", h.Pod.Namespace+"/"+h.Pod.Name, "version", v,
 		"resumeAfter", w.LastSeq, "known", w.Known)
 	s.cfg.Metrics.Links.WithLabelValues("in", "up").Inc()
@@ -233,13 +445,15 @@ func (s *Server) serve(in *inbound) error {
 	readDone := make(chan struct{})
 	werr := make(chan error, 1)
 	go func() {
-		err := s.writeLoop(in, st, readDone)
+		var err error
+		defer func() { werr <- err }()
+		defer s.recoverConn("in", conn)
+		err = s.writeLoop(in, st, readDone)
 		if err != nil {
 			_ = conn.Close()
 		}
-		werr <- err
 	}()
-	err = s.readLoop(st, fr)
+	err = s.readLoop(in, st, fr)
 	close(readDone)
 	_ = conn.Close()
 	if werrV := <-werr; werrV != nil {
@@ -253,6 +467,48 @@ func (s *Server) serve(in *inbound) error {
 		return nil
 	}
 	return err
+}
+
+// hello reads and decodes the connection's HELLO within the handshake timeout. It is
+// read with no buffer ahead of its bytes, so an idle connection costs little.
+func (s *Server) hello(in *inbound) (Hello, error) {
+	_ = in.conn.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	t, body, err := ReadHandshake(in.conn, maxHandshakeBytes)
+	var ne net.Error
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		return Hello{}, s.refuse(in, RefusedHandshakeTimeout, fmt.Sprintf("no HELLO within %s", s.cfg.HandshakeTimeout))
+	case errors.Is(err, ErrFrame):
+		return Hello{}, s.refuse(in, RefusedHandshake, err.Error())
+	case err != nil:
+		return Hello{}, err
+	case t != FrameHello:
+		return Hello{}, s.refuse(in, RefusedHandshake, fmt.Sprintf("expected HELLO, got frame type %d", t))
+	}
+	h, err := ParseHello(body)
+	if err != nil {
+		return Hello{}, s.refuse(in, RefusedHandshake, err.Error())
+	}
+	return h, nil
+}
+
+// sharedFor returns what a link of the member id may carry: the channels discovery
+// says the two pods share that the router serves. Called with s.mu held (so that
+// Revalidate and a new connection agree on the order of snapshots).
+func (s *Server) sharedFor(id Identity) *sharedSet {
+	ss := &sharedSet{channels: map[string]sharedChannel{}}
+	biggest := 0
+	for _, name := range s.cfg.Shared(id.UID) {
+		ch := s.cfg.Router.Channel(name)
+		if ch == nil {
+			continue
+		}
+		n := ch.Spec().MaxMessageBytes
+		ss.channels[name] = sharedChannel{name: name, maxMessageBytes: n}
+		biggest = max(biggest, n)
+	}
+	ss.maxFrame = biggest + DataOverhead
+	return ss
 }
 
 // takeOver makes in the active connection of its sender, ending (and waiting for) the
@@ -306,8 +562,8 @@ func (s *Server) forgetLocked(st *sender, reason string) {
 // reader could read from the socket again, every line of a batch lives in the chunk the
 // reader holds until then (or in a buffer of its own): the queues take their own
 // references, and the batch needs none.
-func (s *Server) readLoop(st *sender, fr *Reader) error {
-	b := batch{s: s, st: st}
+func (s *Server) readLoop(in *inbound, st *sender, fr *Reader) error {
+	b := batch{s: s, st: st, in: in}
 	st.mu.Lock()
 	b.started, b.last = st.started, st.last
 	st.mu.Unlock()
@@ -335,7 +591,7 @@ func (s *Server) readLoop(st *sender, fr *Reader) error {
 			continue // a retransmission of a line already delivered
 		}
 		if b.started && d.Seq != b.last+1 {
-			return fmt.Errorf("%w: sequence gap: got %d after %d", ErrFrame, d.Seq, b.last)
+			return protocolError(ReasonSequence, "sequence gap: got %d after %d", d.Seq, b.last)
 		}
 		b.add(d, fr.Chunk())
 	}
@@ -349,6 +605,7 @@ const maxBatch = 1024
 type batch struct {
 	s  *Server
 	st *sender
+	in *inbound
 	// started and last mirror st.started and st.last for the lines dispatched so far;
 	// st is updated when the batch ends, together with its pending entry, so that an
 	// acknowledgement never covers a line that is not yet queued.
@@ -358,36 +615,68 @@ type batch struct {
 	first   uint64
 	c       *router.Completion
 	grace   time.Duration
-	names   map[string]string
 	// run holds consecutive lines of one channel and kind, not yet handed over.
 	run     []router.Payload
-	runName string
+	runChan sharedChannel
 	runKind router.Kind
+	// notShared and tooLarge say a line for a channel not shared, or one over its
+	// channel's maxMessageBytes, was dropped on this link: the first of each is logged,
+	// every one counted.
+	notShared, tooLarge bool
 }
 
-// add dispatches d, whose payload lives in chunk, as part of the batch.
+// add dispatches d, whose payload lives in chunk, as part of the batch: only for a
+// channel the two pods share, and only if it fits the channel's maxMessageBytes. A line
+// that does not is counted dropped, and its sequence number acknowledged like any
+// other, so that the link goes on.
 func (b *batch) add(d Data, chunk *router.Chunk) {
 	if b.c == nil {
 		b.c = router.NewCompletion(b.st.notify)
 		b.first = d.Seq
 	}
-	if len(b.run) > 0 && (string(d.Channel) != b.runName || d.Kind != b.runKind) {
+	b.started, b.last = true, d.Seq
+	if len(b.run) > 0 && (string(d.Channel) != b.runChan.name || d.Kind != b.runKind) {
 		b.flushRun()
 	}
 	if len(b.run) == 0 {
-		name, ok := b.names[string(d.Channel)]
+		sc, ok := b.in.shared.Load().channels[string(d.Channel)]
 		if !ok {
-			if b.names == nil {
-				b.names = map[string]string{}
-			}
-			name = string(d.Channel)
-			b.names[name] = name
+			b.dropNotShared(d)
+			return
 		}
-		b.runName, b.runKind = name, d.Kind
+		b.runChan, b.runKind = sc, d.Kind
+	}
+	if len(d.Payload) > b.runChan.maxMessageBytes {
+		b.dropTooLarge(len(d.Payload))
+		return
 	}
 	b.run = append(b.run, router.Payload{Data: d.Payload, Ref: chunk})
-	b.started, b.last = true, d.Seq
 	b.n++
+}
+
+// dropTooLarge counts a line of n bytes over its channel's maxMessageBytes, logging the
+// first of the link.
+func (b *batch) dropTooLarge(n int) {
+	b.s.cfg.Router.Drop(b.runChan.name, ReasonTooLarge, 1)
+	if !b.tooLarge {
+		b.tooLarge = true
+		id := b.in.id
+		b.s.cfg.Log.Info("Dropped a peer's line longer than maxMessageBytes", "pod", id.Namespace+"/"+id.Name,
+			"uid", id.UID, "channel", b.runChan.name, "bytes", n, "maxMessageBytes", b.runChan.maxMessageBytes, "reason", ReasonTooLarge)
+	}
+}
+
+// dropNotShared counts a line for a channel the two pods do not share, logging the
+// first of the link. The router labels the count with the channel's name only if this
+// sidecar serves it.
+func (b *batch) dropNotShared(d Data) {
+	b.s.cfg.Router.Drop(string(d.Channel), ReasonNotShared, 1)
+	if !b.notShared {
+		b.notShared = true
+		id := b.in.id
+		b.s.cfg.Log.Info("Dropped a peer's line for a channel the two pods do not share", "pod", id.Namespace+"/"+id.Name,
+			"uid", id.UID, "channel", string(d.Channel), "reason", ReasonNotShared)
+	}
 }
 
 // flushRun hands the current run to the router.
@@ -395,7 +684,7 @@ func (b *batch) flushRun() {
 	if len(b.run) == 0 {
 		return
 	}
-	b.grace = max(b.grace, b.s.cfg.Router.DeliverBatch(b.s.ctx, b.runName, b.runKind, b.run, b.c))
+	b.grace = max(b.grace, b.s.cfg.Router.DeliverBatch(b.s.ctx, b.runChan.name, b.runKind, b.run, b.c))
 	clear(b.run)
 	b.run = b.run[:0]
 }
@@ -492,8 +781,11 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 			}
 		case <-presence:
 			presence = s.cfg.Router.PresenceChanged()
-			_, _ = bw.Write(PresenceFrame(s.cfg.Router.Presence()))
-			if err := flush(); err != nil {
+			if err := s.advertise(in, bw, flush); err != nil {
+				return err
+			}
+		case <-in.presence:
+			if err := s.advertise(in, bw, flush); err != nil {
 				return err
 			}
 		case <-ping.C:
@@ -519,6 +811,12 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 	}
 }
 
+// advertise writes the presence of the channels the link's peer shares.
+func (s *Server) advertise(in *inbound, bw *bufio.Writer, flush func() error) error {
+	_, _ = bw.Write(PresenceFrame(in.shared.Load().presence(s.cfg.Router.Presence())))
+	return flush()
+}
+
 // Revalidate closes inbound links whose peer is no longer authorized, and frees the
 // resume state of disconnected senders that are no longer authorized (called after a
 // membership change). A disconnected sender that is still a member keeps its state, so
@@ -534,7 +832,9 @@ func (s *Server) Revalidate() {
 		if reason := s.cfg.Authorize(in.id, in.ip); reason != "" {
 			s.cfg.Log.Info("Closing peer link of a former member", "pod", in.id.Namespace+"/"+in.id.Name, "reason", reason)
 			_ = in.conn.Close()
+			continue
 		}
+		s.reshareLocked(in)
 	}
 	for _, st := range s.senders {
 		if st.active != nil {
@@ -543,6 +843,27 @@ func (s *Server) Revalidate() {
 		if reason := s.cfg.Authorize(st.id, st.ip); reason != "" {
 			s.forgetLocked(st, reason)
 		}
+	}
+}
+
+// reshareLocked brings what the link of in may carry up to date with the membership
+// and the channels' specs, and has its presence advertised again if that changed.
+func (s *Server) reshareLocked(in *inbound) {
+	old := in.shared.Load()
+	if old == nil {
+		return // still in its handshake, which computes it
+	}
+	ss := s.sharedFor(in.id)
+	if ss.maxFrame == old.maxFrame && maps.Equal(ss.channels, old.channels) {
+		return
+	}
+	in.shared.Store(ss)
+	if in.fr != nil {
+		in.fr.SetMax(ss.maxFrame)
+	}
+	select {
+	case in.presence <- struct{}{}:
+	default:
 	}
 }
 

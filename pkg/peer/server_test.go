@@ -45,6 +45,7 @@ func TestServerForgetsDepartedSenders(t *testing.T) {
 	members := map[string]bool{"uid-a": true, "uid-b": true, "uid-c": true}
 	metrics := NewMetrics(nil)
 	srv := NewServer(ln, ServerConfig{Self: Identity{"ns", "r", "uid-r", 7}, Router: recvRouter, Log: logr.Discard(), Metrics: metrics,
+		Shared: sharesOrders,
 		Authorize: func(id Identity, ip string) string {
 			mu.Lock()
 			defer mu.Unlock()

@@ -51,7 +51,7 @@ func TestServerSpeaksToANewerSender(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv := NewServer(ln, ServerConfig{Self: Identity{"ns", "b", "uid-b", 2}, Router: r, Log: logr.Discard(),
-		Authorize: func(Identity, string) string { return "" }})
+		Authorize: func(Identity, string) string { return "" }, Shared: sharesOrders})
 	if err := srv.Start(t.Context()); err != nil {
 		t.Fatal(err)
 	}

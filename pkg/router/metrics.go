@@ -2,6 +2,12 @@ package router
 
 import "github.com/prometheus/client_golang/prometheus"
 
+// OtherChannel is the channel label of lines counted for a channel this sidecar does
+// not serve: a channel name is a label value only once the sidecar serves it, so the
+// series stay bounded by the channels served whatever names peers send. It is not a
+// DNS label, so no channel can be named so.
+const OtherChannel = "_other"
+
 // Metrics are the router's Prometheus series, all prefixed podipc_.
 type Metrics struct {
 	LinesIn     *prometheus.CounterVec

@@ -250,10 +250,17 @@ func (ch *Channel) drop(reason string, n int) {
 	ch.r.log.V(4).Info("Dropped lines", "channel", ch.name, "reason", reason, "count", n)
 }
 
-// Drop counts n lines of channel dropped for reason (used by peer links).
+// Drop counts n lines of channel dropped for reason (used by peer links). The name
+// may come from a peer: only a channel this sidecar serves gets a series of its own,
+// any other is counted under OtherChannel, so that names a peer makes up cannot grow
+// the metrics without bound.
 func (r *Router) Drop(channel, reason string, n int) {
-	r.metrics.Dropped.WithLabelValues(channel, reason).Add(float64(n))
-	r.log.V(4).Info("Dropped lines", "channel", channel, "reason", reason, "count", n)
+	label := channel
+	if r.Channel(channel) == nil {
+		label = OtherChannel
+	}
+	r.metrics.Dropped.WithLabelValues(label, reason).Add(float64(n))
+	r.log.V(4).Info("Dropped lines", "channel", label, "reason", reason, "count", n)
 }
 
 // pushLocal queues it for c and handles the outcome. It reports whether it was queued.

@@ -36,6 +36,10 @@ type Config struct {
 	LogLevel       string
 	DebugEndpoints bool
 	Keepalive      time.Duration
+	// PeerMaxConnections and PeerMaxConnectionsPerIP cap the connections open on the
+	// peer port, in all and per source address.
+	PeerMaxConnections      int
+	PeerMaxConnectionsPerIP int
 }
 
 // ParseConfig reads the environment through getenv and parses args (without the
@@ -64,6 +68,8 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.StringVar(&c.LogLevel, "log-level", "info", "Log verbosity: info, debug (V(1)), trace (V(4)) or a number.")
 	fs.BoolVar(&c.DebugEndpoints, "debug-endpoints", false, "Serve test-only admin endpoints (POST /debug/reset-peers).")
 	fs.DurationVar(&c.Keepalive, "peer-keepalive", peer.DefaultKeepalive, "Idle interval between peer keepalives; three missed intervals end a link.")
+	fs.IntVar(&c.PeerMaxConnections, "peer-max-connections", peer.DefaultMaxConnections, "Most connections open on the peer port (7701), authenticated or not; more are closed at once and counted.")
+	fs.IntVar(&c.PeerMaxConnectionsPerIP, "peer-max-connections-per-ip", peer.DefaultMaxConnectionsPerIP, "Most connections open on the peer port from one source address.")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
@@ -77,6 +83,9 @@ func (c Config) validate() error {
 	}
 	if c.PeerAddress == "" || c.AdminAddress == "" {
 		errs = append(errs, errors.New("PODIPC_POD_IP (or --peer-address and --admin-address) must be set"))
+	}
+	if c.PeerMaxConnections < 1 || c.PeerMaxConnectionsPerIP < 1 {
+		errs = append(errs, errors.New("--peer-max-connections and --peer-max-connections-per-ip must be at least 1"))
 	}
 	switch c.Discovery {
 	case "static":

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -50,6 +51,8 @@ var subnet atomic.Int32
 type chanCfg struct {
 	name, delivery, policy, maxWait string
 	queueBytes, maxMessageBytes     int
+	// members names the pods of the channel (pod.name); nil: every pod.
+	members []string
 }
 
 // pod is one sidecar process and its identity.
@@ -126,6 +129,9 @@ func (c *cluster) writeConfig(members []*pod) {
 			orDefault(ch.maxWait, "100ms"), orDefaultInt(ch.queueBytes, 1<<20))
 		b.WriteString("    members:\n")
 		for _, p := range members {
+			if ch.members != nil && !slices.Contains(ch.members, p.name) {
+				continue
+			}
 			fmt.Fprintf(&b, "      - {namespace: demo, name: %s, uid: %s, ip: %s, peerPort: 7701, ready: true, serving: true}\n", p.name, p.uid, p.ip)
 		}
 	}

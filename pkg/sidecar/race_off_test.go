@@ -7,3 +7,7 @@ const scale = 1
 
 // raceFlags are the extra build flags of the sidecar processes: none without -race.
 var raceFlags []string
+
+// raceMemory multiplies the memory bounds of the attack tests: the race detector's
+// shadow memory makes every goroutine and allocation of the sidecar larger.
+const raceMemory = 1

@@ -139,7 +139,8 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 		return nil, fmt.Errorf("listen on peer port: %w", err)
 	}
 	s.server = peer.NewServer(peerLn, peer.ServerConfig{Self: s.self, Router: s.router, Authorize: s.authorize,
-		Log: log.WithName("peer"), Metrics: s.pmetrics, Keepalive: cfg.Keepalive})
+		Shared: s.sharedChannels, Log: log.WithName("peer"), Metrics: s.pmetrics, Keepalive: cfg.Keepalive,
+		MaxConnections: cfg.PeerMaxConnections, MaxConnectionsPerIP: cfg.PeerMaxConnectionsPerIP})
 	s.adminLn, err = lc.Listen(context.Background(), "tcp", withPort(cfg.AdminAddress, AdminPort))
 	if err != nil {
 		_ = peerLn.Close()
