@@ -29,11 +29,18 @@
 //     to it) are counted dropped peer_restarted (Broadcast) or rerouted (AnyOne).
 //   - Acknowledged means written to every local connection, or maxWait has passed: a slow
 //     local reader never holds a sender's window.
-//   - Only members connect. The receiver authorizes a sender after HELLO by the identity and
-//     source IP that discovery reports, and refuses anyone else with REFUSE, a log line and
-//     podipc_peer_refused_total.
-//   - Bounded. A frame is at most [MaxFrameBytes], and 64 KiB until the peer is authorized;
-//     a link's queue is bounded in bytes per channel under the channel's overflow policy.
+//   - Only members connect, and only on shared channels. The receiver authorizes a sender
+//     after HELLO by the identity and source IP that discovery reports, and refuses anyone
+//     else with REFUSE, a log line and podipc_peer_refused_total. It admits each DATA frame
+//     only for a channel both pods share (others are counted dropped not_shared), and tells
+//     presence only for those. The sender trusts its receiver no further: an ACK or a
+//     WELCOME lastSeq beyond what it sent is a protocol error that ends the link.
+//   - Bounded. Every field of every frame is validated once, at decode; a violation is a
+//     [ProtocolError] that ends the link, counted in podipc_peer_protocol_errors_total.
+//     Before authorization HELLO is read with no buffer ahead of it, under a handshake
+//     deadline and the connection caps; afterwards a frame is at most the largest
+//     maxMessageBytes of the shared channels plus [DataOverhead]. A link's queue is bounded
+//     in bytes per channel under the channel's overflow policy.
 //   - Compatible. Release N speaks versions N-1 and N; unknown frame types and trailing
 //     bytes in known bodies are ignored, so later versions can add both.
 package peer
