@@ -26,6 +26,9 @@ type ServerConfig struct {
 	Log       logr.Logger
 	Metrics   *Metrics
 	Keepalive time.Duration
+	// Secure, if set, secures every accepted connection before HELLO is read (mutual
+	// TLS), and HELLO must then claim the identity the connection proved.
+	Secure Secure
 }
 
 // Server accepts peer links, delivers their lines to the router, and answers with
@@ -161,10 +164,38 @@ func (s *Server) refuse(in *inbound, label, reason string) error {
 	return fmt.Errorf("refused: %s", reason)
 }
 
+// secure runs cfg.Secure on in and makes in speak over the secured connection. It
+// returns the check of the identity HELLO claims (nil if none was proved).
+func (s *Server) secure(in *inbound) (func(Identity) string, error) {
+	conn, check, err := s.cfg.Secure.Accept(in.conn)
+	var r *Refusal
+	if errors.As(err, &r) {
+		if r.Tell {
+			return nil, s.refuse(in, r.Reason, r.Err.Error())
+		}
+		s.cfg.Metrics.Refused.WithLabelValues(r.Reason).Inc()
+		s.cfg.Log.Info("Refused peer link", "remote", in.conn.RemoteAddr().String(), "reason", r.Err.Error())
+	}
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	in.conn = conn
+	s.mu.Unlock()
+	return check, nil
+}
+
 // serve runs one inbound connection: handshake, then read DATA until it ends.
 func (s *Server) serve(in *inbound) error {
+	_ = in.conn.SetDeadline(time.Now().Add(10 * time.Second))
+	var check func(Identity) string
+	if s.cfg.Secure != nil {
+		var err error
+		if check, err = s.secure(in); err != nil {
+			return err
+		}
+	}
 	conn := in.conn
-	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
 	fr := NewReader(conn, maxHandshakeBytes)
 	defer fr.Close()
 	t, body, err := fr.Next()
@@ -190,6 +221,11 @@ func (s *Server) serve(in *inbound) error {
 	if v < max(h.MinVersion, MinVersion) {
 		return s.refuse(in, "version", fmt.Sprintf("no common protocol version: peer speaks %d-%d, this sidecar %d-%d",
 			h.MinVersion, h.MaxVersion, MinVersion, Version))
+	}
+	if check != nil {
+		if reason := check(h.Pod); reason != "" {
+			return s.refuse(in, "identity", reason)
+		}
 	}
 	if reason := s.cfg.Authorize(h.Pod, in.ip); reason != "" {
 		return s.refuse(in, "unauthorized", reason)
@@ -570,19 +606,21 @@ func (s *Server) Close(timeout time.Duration) {
 	s.closed = true
 	_ = s.ln.Close()
 	ins := make([]*inbound, 0, len(s.inbound))
+	conns := make([]net.Conn, 0, len(s.inbound))
 	for in := range s.inbound {
 		ins = append(ins, in)
+		conns = append(conns, in.conn) // read under s.mu: secure replaces it
 		close(in.bye)
 	}
 	s.mu.Unlock()
 	deadline := time.After(timeout)
-	for _, in := range ins {
+	for i, in := range ins {
 		select {
 		case <-in.done:
 		case <-deadline:
 		case <-time.After(50 * time.Millisecond):
 		}
-		_ = in.conn.Close()
+		_ = conns[i].Close()
 	}
 	if s.cancel != nil {
 		s.cancel()
