@@ -727,8 +727,12 @@ func (l *Link) Reset() {
 // abort closes c with a TCP reset instead of an orderly FIN, as a crash or a network
 // fault would end it.
 func abort(c net.Conn) {
-	if sc, ok := c.(interface{ NetConn() net.Conn }); ok {
-		c = sc.NetConn() // a TLS session: reset its TCP connection
+	for {
+		sc, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		c = sc.NetConn() // a TLS session (or a wrapper): reset its TCP connection
 	}
 	if tc, ok := c.(*net.TCPConn); ok {
 		_ = tc.SetLinger(0)

@@ -174,7 +174,7 @@ func (s *Server) secure(in *inbound) (func(Identity) string, error) {
 			return nil, s.refuse(in, r.Reason, r.Err.Error())
 		}
 		s.cfg.Metrics.Refused.WithLabelValues(r.Reason).Inc()
-		s.cfg.Log.Info("Refused peer link", "remote", in.conn.RemoteAddr().String(), "reason", r.Err.Error())
+		s.cfg.Log.Info("Refused peer link", "remote", in.conn.RemoteAddr().String(), "reason", r.Reason, "err", r.Err.Error())
 	}
 	if err != nil {
 		return nil, err
