@@ -273,11 +273,24 @@ func TestMTLSReceiverImpostor(t *testing.T) {
 					}()
 				}
 			}()
-			eventually(t, "the sender to refuse the impostor", func() bool { return c.metric(a, series) > before })
-			_ = ln.Close()
-			wg.Wait()
-			if leaked.Len() > 0 {
-				t.Fatalf("the impostor read %d bytes of the protocol", leaked.Len())
+			stopped := false
+			stop := func() {
+				if !stopped {
+					stopped = true
+					_ = ln.Close()
+					wg.Wait()
+				}
+			}
+			defer stop()
+			leakedLen := func() int {
+				mu.Lock()
+				defer mu.Unlock()
+				return leaked.Len()
+			}
+			eventually(t, "the sender to refuse the impostor", func() bool { return c.metric(a, series) > before || leakedLen() > 0 })
+			stop()
+			if leakedLen() > 0 {
+				t.Fatalf("the impostor read %d bytes of the protocol", leakedLen())
 			}
 			eventually(t, "the refusal logged", func() bool {
 				return a.logged(`"msg":"Refused peer: its certificate failed verification"`) && a.logged(tc.logged)
