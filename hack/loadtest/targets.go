@@ -76,19 +76,21 @@ func staticConfig(ipA, ipB string, queueBytes int) string {
 		fmt.Sprintf("    overflow: {policy: WaitThenDrop, maxWait: 100ms, queueBytes: %d}\n", queueBytes) + members
 }
 
-// setupPodipc starts sidecar A on ipA and sidecar B on ipB in static mode.
-func setupPodipc(ctx context.Context, dir, bin, ipA, ipB string, queueBytes int, extraArgs []string) (*target, error) {
-	cfg := filepath.Join(dir, "static.yaml")
+// setupPodipc starts sidecar A on ipA and sidecar B on ipB in static mode, as target
+// name, each with the flags podArgs returns for it (peer TLS) and extraArgs.
+func setupPodipc(ctx context.Context, dir, name, bin, ipA, ipB string, queueBytes int,
+	podArgs func(dir, pod, uid string) ([]string, error), extraArgs []string) (*target, error) {
+	cfg := filepath.Join(dir, name+"-static.yaml")
 	if err := os.WriteFile(cfg, []byte(staticConfig(ipA, ipB, queueBytes)), 0o644); err != nil {
 		return nil, err
 	}
-	t := &target{name: "podipc"}
+	t := &target{name: name}
 	for _, m := range []struct{ pod, uid, ip string }{{"pod-a", "uid-a", ipA}, {"pod-b", "uid-b", ipB}} {
 		if err := portsFree(ctx, m.ip, benchPort, floodPort, peerPort, adminPort); err != nil {
 			t.stop()
 			return nil, err
 		}
-		sock := filepath.Join(dir, m.pod+"-sockets")
+		sock := filepath.Join(dir, name+"-"+m.pod+"-sockets")
 		if err := os.MkdirAll(sock, 0o755); err != nil {
 			t.stop()
 			return nil, err
@@ -97,12 +99,17 @@ func setupPodipc(ctx context.Context, dir, bin, ipA, ipB string, queueBytes int,
 			"PODIPC_POD_NAME=" + m.pod, "PODIPC_POD_NAMESPACE=bench", "PODIPC_POD_UID=" + m.uid,
 			"PODIPC_POD_IP=" + m.ip, "PODIPC_CHANNELS=bench,flood",
 		}
-		args := append([]string{
+		tlsArgs, err := podArgs(dir, m.pod, m.uid)
+		if err != nil {
+			t.stop()
+			return nil, err
+		}
+		args := append(append([]string{
 			"--discovery=static", "--static-config=" + cfg,
 			"--app-address=" + m.ip, "--peer-address=" + m.ip, "--admin-address=" + m.ip,
 			"--socket-dir=" + sock,
-		}, extraArgs...)
-		p, err := startProc(ctx, dir, "sidecar-"+m.pod, env, bin, args...)
+		}, tlsArgs...), extraArgs...)
+		p, err := startProc(ctx, dir, name+"-sidecar-"+m.pod, env, bin, args...)
 		if err != nil {
 			t.stop()
 			return nil, err
