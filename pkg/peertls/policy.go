@@ -110,7 +110,10 @@ func (p *Policy) Accept(conn net.Conn) (net.Conn, func(peer.Identity) string, er
 	if err := tc.HandshakeContext(ctx); err != nil {
 		return nil, nil, &peer.Refusal{Reason: reasonOf(err), Err: err}
 	}
-	leaf := tc.ConnectionState().PeerCertificates[0]
+	cs := tc.ConnectionState()
+	leaf := cs.PeerCertificates[0]
+	p.Log.V(1).Info("TLS peer link accepted", "remote", conn.RemoteAddr().String(),
+		"cipher", tls.CipherSuiteName(cs.CipherSuite), "curve", cs.CurveID.String())
 	check := func(id peer.Identity) string {
 		if err := Verify(leaf, Pod{Namespace: id.Namespace, Name: id.Name, UID: id.UID}); err != nil {
 			return fmt.Sprintf("HELLO claims pod %s/%s (UID %s): %v", id.Namespace, id.Name, id.UID, err)
