@@ -66,7 +66,7 @@ const (
 	ReasonExpired       = "expired"        // its certificate is expired or not yet valid
 	ReasonUntrusted     = "untrusted"      // its certificate does not chain to the bundle
 	ReasonIdentity      = "identity"       // its certificate names another pod
-	ReasonHandshake     = "handshake"      // the TLS handshake failed otherwise
+	ReasonHandshake     = "tls_handshake"  // the TLS handshake failed otherwise
 )
 
 // recordHandshake is the first byte of every TLS connection (a handshake record). A
