@@ -36,13 +36,13 @@ type Source interface {
 type Mode string
 
 const (
-	// Required: every link is mutual TLS; plaintext peers are refused.
+	// Required means every link is mutual TLS; plaintext peers are refused.
 	Required Mode = "Required"
-	// Permissive: links are mutual TLS where the peer speaks it; plaintext peers (older
+	// Permissive means links are mutual TLS where the peer speaks it; plaintext peers (older
 	// releases, while a cluster upgrades) are accepted and counted, and a receiver that
 	// does not speak TLS is dialled in plaintext.
 	Permissive Mode = "Permissive"
-	// Disabled: every link is plaintext, as before mutual TLS.
+	// Disabled means every link is plaintext, as before mutual TLS.
 	Disabled Mode = "Disabled"
 )
 

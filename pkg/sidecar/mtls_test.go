@@ -82,7 +82,7 @@ func (at attacker) hello(t *testing.T, to *pod, id peer.Identity) (reason string
 	}
 	defer func() { _ = raw.Close() }()
 	_ = raw.SetDeadline(time.Now().Add(30 * time.Second))
-	var conn net.Conn = raw
+	conn := raw
 	if at.tls || at.cert != nil {
 		cfg := &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true} //nolint:gosec // the attacker trusts anyone
 		if at.cert != nil {
