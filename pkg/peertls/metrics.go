@@ -1,7 +1,7 @@
 package peertls
 
 import (
-	"time"
+	"crypto/x509"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -45,8 +45,14 @@ func NewMetrics(reg prometheus.Registerer, src Source) *Metrics {
 // expiry returns the Unix time src's certificate expires, or 0 if there is none.
 func expiry(src Source) float64 {
 	c, err := src.Certificate()
-	if err != nil || c == nil || c.Leaf == nil {
+	if err != nil || c == nil || len(c.Certificate) == 0 {
 		return 0
 	}
-	return float64(c.Leaf.NotAfter.Sub(time.Unix(0, 0)) / time.Second)
+	leaf := c.Leaf
+	if leaf == nil {
+		if leaf, err = x509.ParseCertificate(c.Certificate[0]); err != nil {
+			return 0
+		}
+	}
+	return float64(leaf.NotAfter.Unix())
 }

@@ -219,6 +219,11 @@ func verifyChain(certs []*x509.Certificate, roots *x509.CertPool, usage x509.Ext
 	if len(certs) == 0 {
 		return &verifyError{reason: ReasonNoCertificate, err: errors.New("peer presented no certificate")}
 	}
+	if roots == nil {
+		// x509 would fall back to the system's roots: a source without a bundle yet
+		// trusts no one instead.
+		return &verifyError{reason: ReasonUntrusted, err: errors.New("no trust bundle loaded")}
+	}
 	inter := x509.NewCertPool()
 	for _, c := range certs[1:] {
 		inter.AddCert(c)
