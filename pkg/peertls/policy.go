@@ -104,7 +104,8 @@ func (p *Policy) Accept(conn net.Conn) (net.Conn, func(peer.Identity) string, er
 		p.Log.Info("Accepting a plaintext peer link (--peer-tls=Permissive)", "remote", conn.RemoteAddr().String())
 		return pc, nil, nil
 	}
-	tc := tls.Server(pc, p.serverConfig())
+	raw := newBatchConn(pc)
+	tc := tls.Server(raw, p.serverConfig())
 	ctx, cancel := context.WithTimeout(context.Background(), HandshakeTimeout)
 	defer cancel()
 	if err := tc.HandshakeContext(ctx); err != nil {
@@ -120,7 +121,7 @@ func (p *Policy) Accept(conn net.Conn) (net.Conn, func(peer.Identity) string, er
 		}
 		return ""
 	}
-	return tc, check, nil
+	return newSession(tc, raw), check, nil
 }
 
 // Dial implements peer.Secure: it dials, runs the TLS handshake under
@@ -132,12 +133,13 @@ func (p *Policy) Dial(ctx context.Context, dial func(context.Context) (net.Conn,
 	if err != nil || p.Mode == Disabled {
 		return conn, err
 	}
-	tc := tls.Client(conn, p.clientConfig(member))
+	raw := newBatchConn(conn)
+	tc := tls.Client(raw, p.clientConfig(member))
 	hctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
 	defer cancel()
 	err = tc.HandshakeContext(hctx)
 	if err == nil {
-		return tc, nil
+		return newSession(tc, raw), nil
 	}
 	_ = conn.Close()
 	if p.Mode == Permissive && speaksNoTLS(err) && ctx.Err() == nil {
