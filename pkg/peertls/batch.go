@@ -87,7 +87,7 @@ func (s *session) Write(b []byte) (int, error) {
 // behind a blocked write (pkg/peer closes a connection to end such a write); the
 // protocol's GOODBYE, sequence numbers and acknowledgements already tell an orderly end
 // from a truncated one.
-func (s *session) Close() error { return s.raw.Conn.Close() }
+func (s *session) Close() error { return s.raw.Close() }
 
 // NetConn returns the connection under the TLS session.
 func (s *session) NetConn() net.Conn { return s.raw }
