@@ -21,7 +21,10 @@ import (
 // its key yet) keep the current material in force until they load.
 type Files struct {
 	CertFile, KeyFile, CAFile string
-	Log                       logr.Logger
+	// Pod, if its name is set, is the pod the certificate must name (Verify): files
+	// of another pod's certificate are refused at Load and not swapped in on reload.
+	Pod Pod
+	Log logr.Logger
 	// PollInterval is how often the files are read (default one second).
 	PollInterval time.Duration
 
@@ -113,6 +116,11 @@ func (f *Files) load(raw []byte) error {
 	}
 	if cert.Leaf == nil {
 		return errors.New("certificate has no leaf")
+	}
+	if f.Pod.Name != "" {
+		if err := Verify(cert.Leaf, f.Pod); err != nil {
+			return fmt.Errorf("--tls-cert %s is not this pod's: %w", f.CertFile, err)
+		}
 	}
 	f.mu.Lock()
 	f.cert, f.roots, f.seen = &cert, roots, raw

@@ -2,6 +2,7 @@ package sidecar_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -453,11 +454,20 @@ func TestMTLSPermissive(t *testing.T) {
 
 // TestPeerTLSConfig: the sidecar refuses to start, with a clear error, in static mode
 // without certificates unless plaintext is asked for, with Required or Permissive and
-// no certificate, and with only some of the files.
+// no certificate, with only some of the files, with files that do not load, and with
+// another pod's certificate.
 func TestPeerTLSConfig(t *testing.T) {
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "static.yaml")
 	if err := os.WriteFile(cfg, []byte("channels: {}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ca, err := pki.NewCA("root")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := ca.WriteFiles(dir, peertls.Pod{Namespace: "demo", Name: "q", UID: "u"}, ca.PEM)
+	if err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
@@ -470,8 +480,12 @@ func TestPeerTLSConfig(t *testing.T) {
 		{[]string{"--peer-tls=Sometimes"}, `--peer-tls="Sometimes": want Required, Permissive or Disabled`},
 		{[]string{"--tls-cert=" + cfg}, "--tls-cert, --tls-key and --tls-ca go together"},
 		{[]string{"--tls-cert=" + cfg, "--tls-key=" + cfg, "--tls-ca=" + cfg}, "--tls-cert " + cfg},
+		{other.Args(), "is not this pod's: certificate names pod demo/q (UID u), expected demo/p (UID u)"},
 	} {
-		cmd := exec.Command(sidecarBin, append([]string{"--discovery=static", "--static-config=" + cfg,
+		// A sidecar that starts anyway is killed after a while, and the test fails.
+		ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, sidecarBin, append([]string{"--discovery=static", "--static-config=" + cfg,
 			"--peer-address=127.0.0.1:0", "--admin-address=127.0.0.1:0"}, tc.args...)...)
 		cmd.Env = append(os.Environ(), "PODIPC_POD_NAME=p", "PODIPC_POD_NAMESPACE=demo", "PODIPC_POD_UID=u")
 		out, err := cmd.CombinedOutput()

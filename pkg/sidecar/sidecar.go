@@ -162,7 +162,8 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 func (s *Sidecar) newSecure() error {
 	var src peertls.Source
 	if s.cfg.TLSCert != "" && s.cfg.PeerTLS != peertls.Disabled {
-		s.files = &peertls.Files{CertFile: s.cfg.TLSCert, KeyFile: s.cfg.TLSKey, CAFile: s.cfg.TLSCA, Log: s.log.WithName("peertls")}
+		s.files = &peertls.Files{CertFile: s.cfg.TLSCert, KeyFile: s.cfg.TLSKey, CAFile: s.cfg.TLSCA, Log: s.log.WithName("peertls"),
+			Pod: peertls.Pod{Namespace: s.cfg.Namespace, Name: s.cfg.Name, UID: s.cfg.UID}}
 		if err := s.files.Load(); err != nil {
 			return err
 		}
@@ -170,7 +171,11 @@ func (s *Sidecar) newSecure() error {
 	}
 	m := peertls.NewMetrics(s.reg, src)
 	if s.cfg.PeerTLS == peertls.Disabled {
-		s.log.Info("Peer links are plaintext (--peer-tls=Disabled)")
+		if s.cfg.peerTLSFlag == "" {
+			s.log.Info("Peer links are plaintext: Kubernetes mode has no certificate source yet (set --tls-cert, --tls-key and --tls-ca for mutual TLS)")
+		} else {
+			s.log.Info("Peer links are plaintext (--peer-tls=Disabled)")
+		}
 		return nil
 	}
 	s.secure = &peertls.Policy{Mode: s.cfg.PeerTLS, Source: src, Log: s.log.WithName("peertls"), Metrics: m}
