@@ -44,7 +44,7 @@ func TestDemo(t *testing.T) {
 	if err != nil {
 		t.Fatalf("demo: %v", err)
 	}
-	for _, want := range []string{"pod-1 came back injected", "Every line arrived", "podipc-orders-0"} {
+	for _, want := range []string{"pod-1 came back injected", "Every line arrived", "podipc-orders-0", "peer links over mutual TLS"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("the output does not say %q", want)
 		}

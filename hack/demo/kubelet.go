@@ -19,7 +19,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/internal/pki"
 	"github.com/podipc/podipc/pkg/inject"
+	"github.com/podipc/podipc/pkg/peertls"
 	"github.com/podipc/podipc/pkg/sidecar"
 )
 
@@ -81,7 +83,7 @@ func sidecarOf(pod *corev1.Pod) *corev1.Container {
 // startMember plays the kubelet for the pod's sidecar: it binds the pod to the demo node,
 // gives it its IP, runs the injected container as a local process and, once the sidecar's
 // startup probe (/readyz) passes, reports the pod Ready, so the controller publishes it.
-func startMember(ctx context.Context, c *cluster, binDir, dir string, pod *corev1.Pod, nodeIP, ip string) (*member, error) {
+func startMember(ctx context.Context, c *cluster, ca *pki.CA, binDir, dir string, pod *corev1.Pod, nodeIP, ip string) (*member, error) {
 	m := &member{pod: pod, ip: ip, nodeIP: nodeIP, dir: filepath.Join(dir, pod.Name)}
 	if err := os.MkdirAll(filepath.Join(m.dir, "sockets"), 0o700); err != nil {
 		return nil, err
@@ -108,6 +110,14 @@ func startMember(ctx context.Context, c *cluster, binDir, dir string, pod *corev
 	if err != nil {
 		return nil, err
 	}
+	// The demo's root stands in for the controller's identity endpoint: the pod's
+	// certificate names it as a peer would check it against the EndpointSlice.
+	files, err := ca.WriteFiles(m.dir, peertls.Pod{TrustDomain: "cluster.local", Namespace: pod.Namespace,
+		ServiceAccount: pod.Spec.ServiceAccountName, Name: pod.Name, UID: string(pod.UID)}, ca.PEM)
+	if err != nil {
+		return nil, err
+	}
+	argv = append(append(argv, "--peer-tls=Required"), files.Args()...)
 	if m.sidecar, err = startProc("sidecar of "+pod.Name, filepath.Join(m.dir, "sidecar.log"), env, argv...); err != nil {
 		return nil, err
 	}

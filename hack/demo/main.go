@@ -30,6 +30,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -40,6 +41,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 
+	"github.com/podipc/podipc/internal/pki"
 	"github.com/podipc/podipc/internal/podnet"
 	"github.com/podipc/podipc/internal/testenv"
 	"github.com/podipc/podipc/pkg/inject"
@@ -241,8 +243,13 @@ func (d *demo) createPods(ctx context.Context, channel string, port int32) ([]*c
 // startMembers plays the kubelet for each pod's sidecar.
 func (d *demo) startMembers(ctx context.Context, pods []*corev1.Pod, node string, ips []string) error {
 	d.out.stepf("Playing the kubelet: each pod gets an IP and runs its injected sidecar as a local process")
+	ca, err := pki.NewCA("podipc demo root")
+	if err != nil {
+		return err
+	}
+	d.out.printf("  peer links: mutual TLS required (--peer-tls=Required); each pod's certificate is issued by a throwaway root the demo made\n")
 	for i, pod := range pods {
-		m, err := startMember(ctx, d.cluster, d.bin, d.dir, pod, node, ips[i])
+		m, err := startMember(ctx, d.cluster, ca, d.bin, d.dir, pod, node, ips[i])
 		if err != nil {
 			return err
 		}
@@ -273,6 +280,30 @@ func (d *demo) broadcast(ctx context.Context, channel string) error {
 		return fmt.Errorf("%w\nthe sidecars' counters:\n%s", err, d.counters(ctx))
 	}
 	d.out.printf("  first line arrived %.1fs after the demo started\n", first.Sub(d.start).Seconds())
+	return d.showTLS(ctx)
+}
+
+// showTLS says that the lines went over mutual TLS: every sidecar has a certificate in
+// force and refused no peer.
+func (d *demo) showTLS(ctx context.Context) error {
+	hc := &http.Client{Timeout: 2 * time.Second}
+	for _, m := range d.members {
+		body, err := httpGet(ctx, hc, m.adminURL("/metrics"))
+		if err != nil {
+			return err
+		}
+		var expiry float64
+		for line := range strings.SplitSeq(string(body), "\n") {
+			if v, ok := strings.CutPrefix(line, "podipc_peer_certificate_expiry_timestamp_seconds "); ok {
+				expiry, _ = strconv.ParseFloat(v, 64)
+			}
+		}
+		if expiry == 0 {
+			return fmt.Errorf("the sidecar of %s has no peer certificate in force", m.pod.Name)
+		}
+		d.out.printf("  %s: peer links over mutual TLS, certificate valid until %s\n", m.pod.Name,
+			time.Unix(int64(expiry), 0).UTC().Format(time.RFC3339))
+	}
 	return nil
 }
 

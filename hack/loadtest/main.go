@@ -46,6 +46,7 @@ type config struct {
 	overloadFactor      float64
 	overloadDuration    time.Duration
 	addrA, addrB        string
+	mtlsA, mtlsB        string
 	relayAddrs          []string
 	out                 string
 	perfDir             string
@@ -93,7 +94,7 @@ func parseFlags(args []string) (config, error) {
 	fs.StringVar(&c.sidecar, "sidecar", "bin/podipc-sidecar", "podipc sidecar binary")
 	fs.StringVar(&c.sidecarArgs, "sidecar-args", "", "extra sidecar flags, space-separated")
 	fs.StringVar(&c.natsServer, "nats-server", "bin/nats-server", "nats-server binary")
-	fs.StringVar(&targets, "targets", "podipc,relay,nats", "systems to measure")
+	fs.StringVar(&targets, "targets", "podipc,relay,nats", "systems to measure: podipc, podipc-mtls (peer links over mutual TLS), relay, nats")
 	fs.StringVar(&sizes, "sizes", "64,1024", "line sizes in bytes, '\\n' included")
 	fs.IntVar(&c.runs, "runs", 5, "throughput runs per target and size (the median is reported)")
 	fs.DurationVar(&c.duration, "duration", 3*time.Second, "measured time of one throughput run")
@@ -107,6 +108,8 @@ func parseFlags(args []string) (config, error) {
 	fs.DurationVar(&c.overloadDuration, "overload-duration", 5*time.Second, "length of the overload run")
 	fs.StringVar(&c.addrA, "addr-a", "127.0.0.2", "sidecar A's address (app, peer, admin)")
 	fs.StringVar(&c.addrB, "addr-b", "127.0.0.3", "sidecar B's address")
+	fs.StringVar(&c.mtlsA, "mtls-addr-a", "127.0.0.7", "sidecar A's address in the podipc-mtls target")
+	fs.StringVar(&c.mtlsB, "mtls-addr-b", "127.0.0.8", "sidecar B's address in the podipc-mtls target")
 	fs.StringVar(&relays, "relay-addrs", "127.0.0.4,127.0.0.5,127.0.0.6", "relay 1, relay 2 and the relay receiver's addresses")
 	fs.StringVar(&c.perfDir, "perf-dir", "", "record a CPU profile of the sidecars with perf(1) during podipc's first throughput run at each size, into this directory")
 	fs.StringVar(&c.out, "out", "", "also write the Markdown report to this file")
@@ -193,7 +196,9 @@ func run(ctx context.Context, cfg config) error {
 		var err error
 		switch name {
 		case "podipc":
-			t, err = setupPodipc(ctx, dir, cfg.sidecar, cfg.addrA, cfg.addrB, cfg.queueBytes, strings.Fields(cfg.sidecarArgs))
+			t, err = setupPodipc(ctx, dir, name, cfg.sidecar, cfg.addrA, cfg.addrB, cfg.queueBytes, plainArgs, strings.Fields(cfg.sidecarArgs))
+		case "podipc-mtls":
+			t, err = setupPodipc(ctx, dir, name, cfg.sidecar, cfg.mtlsA, cfg.mtlsB, cfg.queueBytes, mtlsArgs, strings.Fields(cfg.sidecarArgs))
 		case "relay":
 			t, err = setupRelay(ctx, dir, self, cfg.relayAddrs[0], cfg.relayAddrs[1], cfg.relayAddrs[2], benchPort)
 		case "nats":

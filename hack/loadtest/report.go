@@ -69,7 +69,7 @@ func median(xs []float64) float64 {
 }
 
 // Display names of the targets, in report order.
-var display = map[string]string{"podipc": "podipc", "relay": "TCP relay", "nats": "NATS"}
+var display = map[string]string{"podipc": "podipc", "podipc-mtls": "podipc mTLS", "relay": "TCP relay", "nats": "NATS"}
 
 func writeReport(w io.Writer, r *results) {
 	cfg := r.cfg
@@ -81,7 +81,7 @@ func writeReport(w io.Writer, r *results) {
 
 	has := func(name string) bool { return slices.Contains(r.order, name) }
 	cols := []string{}
-	for _, n := range []string{"podipc", "relay", "nats"} {
+	for _, n := range []string{"podipc", "podipc-mtls", "relay", "nats"} {
 		if has(n) {
 			cols = append(cols, n)
 		}

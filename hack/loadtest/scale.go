@@ -177,7 +177,7 @@ func measurePoint(ctx context.Context, cfg scaleConfig, dir string, n int, nats 
 	for i := range ms {
 		ms[i] = member{pod: fmt.Sprintf("pod-%02d", i), uid: fmt.Sprintf("uid-%02d", i), ip: fmt.Sprintf("%s.%d", cfg.net, i+1)}
 	}
-	t, err := startSidecars(ctx, dir, cfg.sidecar, ms, cfg.queueBytes, cfg.sidecarArgs)
+	t, err := startSidecars(ctx, dir, "podipc", cfg.sidecar, ms, cfg.queueBytes, plainArgs, cfg.sidecarArgs)
 	if err != nil {
 		return nil, err
 	}

@@ -91,10 +91,13 @@ func staticConfig(ms []member, queueBytes int) string {
 		fmt.Sprintf("    overflow: {policy: WaitThenDrop, maxWait: 100ms, queueBytes: %d}\n", queueBytes) + members.String()
 }
 
-// setupPodipc starts sidecar A on ipA and sidecar B on ipB in static mode: the sending
+// setupPodipc starts sidecar A on ipA and sidecar B on ipB in static mode, as target
+// name, each with the flags podArgs returns for it (peer TLS) and extraArgs: the sending
 // app talks to A, the receiving app to B.
-func setupPodipc(ctx context.Context, dir, bin, ipA, ipB string, queueBytes int, extraArgs []string) (*target, error) {
-	t, err := startSidecars(ctx, dir, bin, []member{{"pod-a", "uid-a", ipA}, {"pod-b", "uid-b", ipB}}, queueBytes, extraArgs)
+func setupPodipc(ctx context.Context, dir, name, bin, ipA, ipB string, queueBytes int,
+	podArgs func(dir, pod, uid string) ([]string, error), extraArgs []string) (*target, error) {
+	ms := []member{{"pod-a", "uid-a", ipA}, {"pod-b", "uid-b", ipB}}
+	t, err := startSidecars(ctx, dir, name, bin, ms, queueBytes, podArgs, extraArgs)
 	if err != nil {
 		return nil, err
 	}
@@ -107,20 +110,22 @@ func setupPodipc(ctx context.Context, dir, bin, ipA, ipB string, queueBytes int,
 	return t, nil
 }
 
-// startSidecars starts one sidecar per member in static mode, every one a member of both
-// channels, and waits until all are ready. The target's processes are in members' order.
-func startSidecars(ctx context.Context, dir, bin string, ms []member, queueBytes int, extraArgs []string) (*target, error) {
-	cfg := filepath.Join(dir, "static.yaml")
+// startSidecars starts one sidecar per member in static mode as target name, every one a
+// member of both channels, each with the flags podArgs returns for it and extraArgs, and
+// waits until all are ready. The target's processes are in members' order.
+func startSidecars(ctx context.Context, dir, name, bin string, ms []member, queueBytes int,
+	podArgs func(dir, pod, uid string) ([]string, error), extraArgs []string) (*target, error) {
+	cfg := filepath.Join(dir, name+"-static.yaml")
 	if err := os.WriteFile(cfg, []byte(staticConfig(ms, queueBytes)), 0o644); err != nil {
 		return nil, err
 	}
-	t := &target{name: "podipc"}
+	t := &target{name: name}
 	for _, m := range ms {
 		if err := portsFree(ctx, m.ip, benchPort, floodPort, peerPort, adminPort); err != nil {
 			t.stop()
 			return nil, err
 		}
-		sock := filepath.Join(dir, m.pod+"-sockets")
+		sock := filepath.Join(dir, name+"-"+m.pod+"-sockets")
 		if err := os.MkdirAll(sock, 0o755); err != nil {
 			t.stop()
 			return nil, err
@@ -129,12 +134,17 @@ func startSidecars(ctx context.Context, dir, bin string, ms []member, queueBytes
 			"PODIPC_POD_NAME=" + m.pod, "PODIPC_POD_NAMESPACE=bench", "PODIPC_POD_UID=" + m.uid,
 			"PODIPC_POD_IP=" + m.ip, "PODIPC_CHANNELS=bench,flood",
 		}
-		args := append([]string{
+		tlsArgs, err := podArgs(dir, m.pod, m.uid)
+		if err != nil {
+			t.stop()
+			return nil, err
+		}
+		args := append(append([]string{
 			"--discovery=static", "--static-config=" + cfg,
 			"--app-address=" + m.ip, "--peer-address=" + m.ip, "--admin-address=" + m.ip,
 			"--socket-dir=" + sock,
-		}, extraArgs...)
-		p, err := startProc(ctx, dir, "sidecar-"+m.pod, env, bin, args...)
+		}, tlsArgs...), extraArgs...)
+		p, err := startProc(ctx, dir, name+"-sidecar-"+m.pod, env, bin, args...)
 		if err != nil {
 			t.stop()
 			return nil, err

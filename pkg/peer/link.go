@@ -36,6 +36,9 @@ type LinkConfig struct {
 	Log       logr.Logger
 	Metrics   *Metrics
 	Keepalive time.Duration
+	// Secure, if set, secures the link's connections (mutual TLS) and verifies that the
+	// receiver is Member.
+	Secure Secure
 }
 
 // outMsg is a sequenced message waiting for its acknowledgement. The link keeps them by
@@ -505,7 +508,14 @@ func (l *Link) session(ctx context.Context) error {
 		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(l.cfg.LocalIP)}
 	}
 	addr := net.JoinHostPort(l.cfg.Member.IP, strconv.Itoa(l.cfg.Member.PeerPort))
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	dial := func(ctx context.Context) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
+	var conn net.Conn
+	var err error
+	if l.cfg.Secure != nil {
+		conn, err = l.cfg.Secure.Dial(ctx, dial, l.cfg.Member)
+	} else {
+		conn, err = dial(ctx)
+	}
 	if err != nil {
 		l.cfg.Metrics.Links.WithLabelValues("out", "connecting").Dec()
 		return err
@@ -798,6 +808,13 @@ func (l *Link) Reset() {
 // abort closes c with a TCP reset instead of an orderly FIN, as a crash or a network
 // fault would end it.
 func abort(c net.Conn) {
+	for {
+		sc, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		c = sc.NetConn() // a TLS session (or a wrapper): reset its TCP connection
+	}
 	if tc, ok := c.(*net.TCPConn); ok {
 		_ = tc.SetLinger(0)
 		_ = tc.Close()

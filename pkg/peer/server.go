@@ -42,6 +42,9 @@ type ServerConfig struct {
 	// HandshakeTimeout bounds how long a connection may take to send HELLO and be
 	// authenticated (zero: DefaultHandshakeTimeout).
 	HandshakeTimeout time.Duration
+	// Secure, if set, secures every accepted connection before HELLO is read (mutual
+	// TLS), and HELLO must then claim the identity the connection proved.
+	Secure Secure
 }
 
 // Defaults of the peer port's connection bounds (docs/protocol.md, Bounds). A sidecar
@@ -62,6 +65,7 @@ const (
 	RefusedConnectionLimit  = "connection_limit"  // MaxConnections were open
 	RefusedSourceLimit      = "source_limit"      // MaxConnectionsPerIP were open from its address
 	RefusedHandshakeTimeout = "handshake_timeout" // no HELLO within HandshakeTimeout
+	RefusedIdentity         = "identity"          // HELLO claims another pod than its certificate proves
 )
 
 // ReasonNotShared counts DATA for a channel the two pods do not share (per this
@@ -378,8 +382,39 @@ func (s *Server) refuse(in *inbound, label, reason string) error {
 	return fmt.Errorf("refused: %s", reason)
 }
 
+// secure runs cfg.Secure on in and makes in speak over the secured connection. It
+// returns the check of the identity HELLO claims (nil if none was proved).
+func (s *Server) secure(in *inbound) (func(Identity) string, error) {
+	conn, check, err := s.cfg.Secure.Accept(in.conn)
+	var r *Refusal
+	if errors.As(err, &r) {
+		if r.Tell {
+			return nil, s.refuse(in, r.Reason, r.Err.Error())
+		}
+		s.cfg.Metrics.Refused.WithLabelValues(r.Reason).Inc()
+		s.cfg.Log.Info("Refused peer link", "remote", in.conn.RemoteAddr().String(), "reason", r.Reason, "err", r.Err.Error())
+	}
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	in.conn = conn
+	s.mu.Unlock()
+	return check, nil
+}
+
 // serve runs one inbound connection: handshake, then read DATA until it ends.
 func (s *Server) serve(in *inbound) error {
+	// One deadline bounds everything before authorization: the TLS handshake (if any)
+	// and HELLO.
+	_ = in.conn.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	var check func(Identity) string
+	if s.cfg.Secure != nil {
+		var err error
+		if check, err = s.secure(in); err != nil {
+			return err
+		}
+	}
 	conn := in.conn
 	h, err := s.hello(in)
 	if err != nil {
@@ -394,6 +429,11 @@ func (s *Server) serve(in *inbound) error {
 	if v < max(h.MinVersion, MinVersion) {
 		return s.refuse(in, RefusedVersion, fmt.Sprintf("no common protocol version: peer speaks %d-%d, this sidecar %d-%d",
 			h.MinVersion, h.MaxVersion, MinVersion, Version))
+	}
+	if check != nil {
+		if reason := check(h.Pod); reason != "" {
+			return s.refuse(in, RefusedIdentity, reason)
+		}
 	}
 	if reason := s.cfg.Authorize(h.Pod, in.ip); reason != "" {
 		return s.refuse(in, RefusedUnauthorized, reason)
@@ -472,7 +512,6 @@ func (s *Server) serve(in *inbound) error {
 // hello reads and decodes the connection's HELLO within the handshake timeout. It is
 // read with no buffer ahead of its bytes, so an idle connection costs little.
 func (s *Server) hello(in *inbound) (Hello, error) {
-	_ = in.conn.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
 	t, body, err := ReadHandshake(in.conn, maxHandshakeBytes)
 	var ne net.Error
 	switch {
@@ -891,19 +930,21 @@ func (s *Server) Close(timeout time.Duration) {
 	s.closed = true
 	_ = s.ln.Close()
 	ins := make([]*inbound, 0, len(s.inbound))
+	conns := make([]net.Conn, 0, len(s.inbound))
 	for in := range s.inbound {
 		ins = append(ins, in)
+		conns = append(conns, in.conn) // read under s.mu: secure replaces it
 		close(in.bye)
 	}
 	s.mu.Unlock()
 	deadline := time.After(timeout)
-	for _, in := range ins {
+	for i, in := range ins {
 		select {
 		case <-in.done:
 		case <-deadline:
 		case <-time.After(50 * time.Millisecond):
 		}
-		_ = in.conn.Close()
+		_ = conns[i].Close()
 	}
 	if s.cancel != nil {
 		s.cancel()

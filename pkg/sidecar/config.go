@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/podipc/podipc/pkg/peer"
+	"github.com/podipc/podipc/pkg/peertls"
 )
 
 // Well-known ports (docs/design.md §3.2).
@@ -40,6 +41,12 @@ type Config struct {
 	// peer port, in all and per source address.
 	PeerMaxConnections      int
 	PeerMaxConnectionsPerIP int
+	// PeerTLS is the peer links' mode; TLSCert, TLSKey and TLSCA are the certificate
+	// source's files (all three or none).
+	PeerTLS                peertls.Mode
+	TLSCert, TLSKey, TLSCA string
+	// peerTLSFlag is --peer-tls as given ("" if unset), from which validate derives PeerTLS.
+	peerTLSFlag string
 }
 
 // ParseConfig reads the environment through getenv and parses args (without the
@@ -70,10 +77,54 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.DurationVar(&c.Keepalive, "peer-keepalive", peer.DefaultKeepalive, "Idle interval between peer keepalives; three missed intervals end a link.")
 	fs.IntVar(&c.PeerMaxConnections, "peer-max-connections", peer.DefaultMaxConnections, "Most connections open on the peer port (7701), authenticated or not; more are closed at once and counted.")
 	fs.IntVar(&c.PeerMaxConnectionsPerIP, "peer-max-connections-per-ip", peer.DefaultMaxConnectionsPerIP, "Most connections open on the peer port from one source address.")
+	fs.StringVar(&c.peerTLSFlag, "peer-tls", "", "Mutual TLS on peer links: Required, Permissive (also accept and dial plaintext peers, while a cluster upgrades) or Disabled. Default Required when a certificate source is configured (--tls-cert, --tls-key, --tls-ca); see the README for the default without one.")
+	fs.StringVar(&c.TLSCert, "tls-cert", "", "PEM file of this pod's peer certificate (chain), re-read every second.")
+	fs.StringVar(&c.TLSKey, "tls-key", "", "PEM file of the peer certificate's private key, re-read every second.")
+	fs.StringVar(&c.TLSCA, "tls-ca", "", "PEM file of the trust bundle peer certificates must chain to (old and new roots during a rotation), re-read every second.")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
-	return c, c.validate()
+	err := c.validate()
+	if err == nil {
+		c.PeerTLS, err = c.peerTLS()
+	}
+	return c, err
+}
+
+// peerTLS derives the peer links' mode from --peer-tls and the certificate files.
+// Without --peer-tls a sidecar with a certificate requires mutual TLS; one without is
+// refused in static mode, where the files are the only source, and runs plaintext in
+// Kubernetes mode, whose certificate source (the controller's identity endpoint) is not
+// built yet — that exception goes once it is.
+func (c Config) peerTLS() (peertls.Mode, error) {
+	files := 0
+	for _, f := range []string{c.TLSCert, c.TLSKey, c.TLSCA} {
+		if f != "" {
+			files++
+		}
+	}
+	if files != 0 && files != 3 {
+		return "", errors.New("--tls-cert, --tls-key and --tls-ca go together: set all three or none")
+	}
+	if c.peerTLSFlag == "" {
+		switch {
+		case files == 3:
+			return peertls.Required, nil
+		case c.Discovery == "static":
+			return "", errors.New("peer links require mutual TLS by default: set --tls-cert, --tls-key and --tls-ca, " +
+				"or --peer-tls=Disabled to run plaintext peer links")
+		default:
+			return peertls.Disabled, nil
+		}
+	}
+	m, err := peertls.ParseMode(c.peerTLSFlag)
+	if err != nil {
+		return "", fmt.Errorf("--peer-tls=%w", err)
+	}
+	if m != peertls.Disabled && files == 0 {
+		return "", fmt.Errorf("--peer-tls=%s needs a certificate: set --tls-cert, --tls-key and --tls-ca", m)
+	}
+	return m, nil
 }
 
 func (c Config) validate() error {

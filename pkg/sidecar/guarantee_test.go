@@ -8,8 +8,11 @@ import (
 )
 
 // TestGuaranteeLinkReset is guarantee (a): peer links reset by TCP RST mid-stream,
-// both sidecars alive — every line arrives exactly once, in order.
-func TestGuaranteeLinkReset(t *testing.T) {
+// both sidecars alive — every line arrives exactly once, in order. Each guarantee test
+// runs over plaintext peer links and over mutual TLS.
+func TestGuaranteeLinkReset(t *testing.T) { bothWays(t, testGuaranteeLinkReset) }
+
+func testGuaranteeLinkReset(t *testing.T, newCluster func(*testing.T, int, ...chanCfg) *cluster) {
 	c := newCluster(t, 2, chanCfg{name: "orders", policy: "Block"})
 	a, b := c.pods[0], c.pods[1]
 	sender := c.dialApp(a, 0, false)
@@ -44,7 +47,9 @@ func TestGuaranteeLinkReset(t *testing.T) {
 // acknowledged when it died is both received and counted (its fate was unknown to the
 // sender), so the counts bound the loss from above: every line missing is counted,
 // and none is received twice.
-func TestGuaranteeReceiverRestart(t *testing.T) {
+func TestGuaranteeReceiverRestart(t *testing.T) { bothWays(t, testGuaranteeReceiverRestart) }
+
+func testGuaranteeReceiverRestart(t *testing.T, newCluster func(*testing.T, int, ...chanCfg) *cluster) {
 	c := newCluster(t, 2, chanCfg{name: "orders", policy: "Block"})
 	a, b := c.pods[0], c.pods[1]
 	sender := c.dialApp(a, 0, false)
@@ -90,7 +95,9 @@ func TestGuaranteeReceiverRestart(t *testing.T) {
 
 // TestGuaranteeSenderDies is guarantee (c): the sending sidecar is killed. Its app's
 // connection ends, and the receiver has an in-order prefix of the lines, no duplicate.
-func TestGuaranteeSenderDies(t *testing.T) {
+func TestGuaranteeSenderDies(t *testing.T) { bothWays(t, testGuaranteeSenderDies) }
+
+func testGuaranteeSenderDies(t *testing.T, newCluster func(*testing.T, int, ...chanCfg) *cluster) {
 	c := newCluster(t, 2, chanCfg{name: "orders", policy: "Block"})
 	a, b := c.pods[0], c.pods[1]
 	sender := c.dialApp(a, 0, false)

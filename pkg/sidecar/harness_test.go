@@ -19,6 +19,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/podipc/podipc/internal/pki"
+	"github.com/podipc/podipc/pkg/peertls"
 )
 
 // sidecarBin is the podipc-sidecar binary built once by TestMain.
@@ -64,6 +67,10 @@ type pod struct {
 	exitErr       error
 	log           *bytes.Buffer
 	logMu         *sync.Mutex
+	// files are the pod's certificate, key and bundle in a cluster with mutual TLS.
+	files pki.Files
+	// args are extra sidecar flags (later ones win over the harness's).
+	args []string
 }
 
 type cluster struct {
@@ -72,6 +79,57 @@ type cluster struct {
 	config   string
 	channels []chanCfg
 	pods     []*pod
+	// ca issued the pods' certificates; nil: plaintext peer links (--peer-tls=Disabled).
+	ca *pki.CA
+}
+
+// newMTLSCluster is newCluster with mutual TLS required on every peer link: each pod
+// has a certificate from one root, in files its sidecar re-reads.
+func newMTLSCluster(t *testing.T, n int, channels ...chanCfg) *cluster {
+	t.Helper()
+	c := prepareCluster(t, n, channels...)
+	c.enableTLS()
+	for _, p := range c.pods {
+		c.start(p)
+	}
+	for _, p := range c.pods {
+		c.waitReady(p)
+		if !p.logged(`"msg":"Peer links use mutual TLS","mode":"Required"`) {
+			t.Fatalf("%s did not log that its peer links use mutual TLS", p.name)
+		}
+	}
+	c.waitLinks()
+	return c
+}
+
+// enableTLS gives every pod a certificate from a new root (before they start).
+func (c *cluster) enableTLS() {
+	c.t.Helper()
+	ca, err := pki.NewCA("podipc test root")
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.ca = ca
+	for _, p := range c.pods {
+		dir := filepath.Join(c.dir, "tls-"+p.name)
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			c.t.Fatal(err)
+		}
+		if p.files, err = ca.WriteFiles(dir, p.identity(), ca.PEM); err != nil {
+			c.t.Fatal(err)
+		}
+	}
+}
+
+// identity is the pod as its certificate names it.
+func (p *pod) identity() peertls.Pod {
+	return peertls.Pod{TrustDomain: "cluster.local", Namespace: "demo", ServiceAccount: "default", Name: p.name, UID: p.uid}
+}
+
+// bothWays runs test over plaintext peer links and over mutual TLS.
+func bothWays(t *testing.T, test func(t *testing.T, newCluster func(*testing.T, int, ...chanCfg) *cluster)) {
+	t.Run("plaintext", func(t *testing.T) { test(t, newCluster) })
+	t.Run("mtls", func(t *testing.T) { test(t, newMTLSCluster) })
 }
 
 // newCluster writes a static config for n pods sharing channels and starts them all.
@@ -179,6 +237,12 @@ func (c *cluster) start(p *pod) {
 	cmd := exec.Command(sidecarBin, "--discovery=static", "--static-config="+c.config,
 		"--app-address="+p.ip, "--peer-address="+p.ip, "--admin-address="+p.ip, "--socket-dir="+p.sockDir,
 		"--debug-endpoints", "--drain-timeout=10s", "--log-level=debug")
+	if c.ca != nil {
+		cmd.Args = append(cmd.Args, p.files.Args()...)
+	} else {
+		cmd.Args = append(cmd.Args, "--peer-tls=Disabled")
+	}
+	cmd.Args = append(cmd.Args, p.args...)
 	cmd.Env = append(os.Environ(), "PODIPC_POD_NAME="+p.name, "PODIPC_POD_NAMESPACE=demo", "PODIPC_POD_UID="+p.uid,
 		"PODIPC_POD_IP="+p.ip, "PODIPC_CHANNELS="+strings.Join(names, ","))
 	// The sidecars die with the test binary, even when it panics on a timeout.

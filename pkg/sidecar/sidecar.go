@@ -28,6 +28,7 @@ import (
 	"github.com/podipc/podipc/pkg/endpoint"
 	"github.com/podipc/podipc/pkg/ipc"
 	"github.com/podipc/podipc/pkg/peer"
+	"github.com/podipc/podipc/pkg/peertls"
 	"github.com/podipc/podipc/pkg/router"
 )
 
@@ -51,6 +52,9 @@ type Sidecar struct {
 	// not be bound and is being retried, and 0 once it is bound.
 	unbound *prometheus.GaugeVec
 	server  *peer.Server
+	// secure is the peer links' TLS (nil: plaintext); files feeds it certificates.
+	secure  peer.Secure
+	files   *peertls.Files
 	admin   *http.Server
 	adminLn net.Listener
 
@@ -133,6 +137,9 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 		[]string{"channel", "endpoint"})
 	s.reg.MustRegister(s.members, s.unbound)
 
+	if err := s.newSecure(); err != nil {
+		return nil, err
+	}
 	var lc net.ListenConfig
 	peerLn, err := lc.Listen(context.Background(), "tcp", withPort(cfg.PeerAddress, PeerPort))
 	if err != nil {
@@ -140,7 +147,7 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 	}
 	s.server = peer.NewServer(peerLn, peer.ServerConfig{Self: s.self, Router: s.router, Authorize: s.authorize,
 		Shared: s.sharedChannels, Log: log.WithName("peer"), Metrics: s.pmetrics, Keepalive: cfg.Keepalive,
-		MaxConnections: cfg.PeerMaxConnections, MaxConnectionsPerIP: cfg.PeerMaxConnectionsPerIP})
+		MaxConnections: cfg.PeerMaxConnections, MaxConnectionsPerIP: cfg.PeerMaxConnectionsPerIP, Secure: s.secure})
 	s.adminLn, err = lc.Listen(context.Background(), "tcp", withPort(cfg.AdminAddress, AdminPort))
 	if err != nil {
 		_ = peerLn.Close()
@@ -149,6 +156,33 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 	s.admin = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 5 * time.Second,
 		IdleTimeout: time.Minute, MaxHeaderBytes: 16 << 10}
 	return s, nil
+}
+
+// newSecure loads the certificate files and builds the peer links' TLS, unless the
+// mode is Disabled.
+func (s *Sidecar) newSecure() error {
+	var src peertls.Source
+	if s.cfg.TLSCert != "" && s.cfg.PeerTLS != peertls.Disabled {
+		s.files = &peertls.Files{CertFile: s.cfg.TLSCert, KeyFile: s.cfg.TLSKey, CAFile: s.cfg.TLSCA, Log: s.log.WithName("peertls"),
+			Pod: peertls.Pod{Namespace: s.cfg.Namespace, Name: s.cfg.Name, UID: s.cfg.UID}}
+		if err := s.files.Load(); err != nil {
+			return err
+		}
+		src = s.files
+	}
+	m := peertls.NewMetrics(s.reg, src)
+	if s.cfg.PeerTLS == peertls.Disabled {
+		if s.cfg.peerTLSFlag == "" {
+			s.log.Info("Peer links are plaintext: Kubernetes mode has no certificate source yet (set --tls-cert, --tls-key and --tls-ca for mutual TLS)")
+		} else {
+			s.log.Info("Peer links are plaintext (--peer-tls=Disabled)")
+		}
+		return nil
+	}
+	s.secure = &peertls.Policy{Mode: s.cfg.PeerTLS, Source: src, Log: s.log.WithName("peertls"), Metrics: m}
+	c, _ := src.Certificate()
+	s.log.Info("Peer links use mutual TLS", "mode", s.cfg.PeerTLS, "notAfter", c.Leaf.NotAfter, "uris", fmt.Sprint(c.Leaf.URIs))
+	return nil
 }
 
 // PeerAddr returns the bound peer address.
@@ -166,6 +200,13 @@ func (s *Sidecar) Start(ctx context.Context) error {
 	s.linkCtx = runCtx
 	if err := s.server.Start(runCtx); err != nil {
 		return err
+	}
+	if s.files != nil {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			_ = s.files.Start(runCtx)
+		}()
 	}
 	s.wg.Add(2)
 	go func() {
@@ -449,7 +490,7 @@ func (s *Sidecar) applyLinks(st discovery.State) {
 		}
 		l := peer.NewLink(peer.LinkConfig{Self: s.self, Member: m, LocalIP: host(withPort(s.cfg.PeerAddress, PeerPort)),
 			Channels: func() []string { return s.sharedChannels(uid) }, Router: s.router,
-			Log: s.log.WithName("peer"), Metrics: s.pmetrics, Keepalive: s.cfg.Keepalive})
+			Log: s.log.WithName("peer"), Metrics: s.pmetrics, Keepalive: s.cfg.Keepalive, Secure: s.secure})
 		_ = l.Start(s.linkCtx)
 		s.links[uid] = l
 	}
