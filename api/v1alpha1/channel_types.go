@@ -109,6 +109,20 @@ type Overflow struct {
 	// +optional
 	MaxWait *metav1.Duration `json:"maxWait,omitempty"`
 
+	// MaxBlock is how long Block holds a sender back for one receiver whose queue stays
+	// full, once per overflow episode; then the lines for that receiver are dropped
+	// (counted block_timeout) until its queue is below half, so that a member that is
+	// gone but still listed cannot stall the channel for ever. A Go duration such as
+	// "30s", at least 1ms and at most 1h; only Block uses it.
+	//
+	// +kubebuilder:default="30s"
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:MaxLength=32
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`
+	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('1ms') && duration(self) <= duration('1h')",message="overflow.maxBlock must be within 1ms and 1h"
+	// +optional
+	MaxBlock *metav1.Duration `json:"maxBlock,omitempty"`
+
 	// QueueBytes bounds the bytes queued for one receiver.
 	//
 	// +kubebuilder:default=1048576

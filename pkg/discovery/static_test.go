@@ -33,7 +33,7 @@ func TestParseStatic(t *testing.T) {
 		t.Fatalf("channels = %v; want only orders (named and existing)", st.Channels)
 	}
 	want := Spec{LocalPort: 7000, Delivery: AnyOne, MaxMessageBytes: DefaultMaxMessageBytes,
-		Overflow: Overflow{Policy: Block, MaxWait: 250 * time.Millisecond, QueueBytes: DefaultQueueBytes}}
+		Overflow: Overflow{Policy: Block, MaxWait: 250 * time.Millisecond, MaxBlock: DefaultMaxBlock, QueueBytes: DefaultQueueBytes}}
 	if ch.Spec != want {
 		t.Fatalf("spec = %+v, want %+v", ch.Spec, want)
 	}

@@ -42,6 +42,7 @@ const (
 	ReasonClosed        = "receiver_closed" // the receiving connection ended before the write
 	ReasonNoChannel     = "no_channel"      // a peer sent a line for a channel this pod does not serve
 	ReasonNoConnection  = "no_connection"   // a line from a peer found no local connection
+	ReasonBlockTimeout  = "block_timeout"   // Block held the sender back for maxBlock (its receiver's queue stayed full)
 )
 
 // Completion tracks one line received from a peer until every local connection it was

@@ -24,9 +24,17 @@ const (
 // Bound is the overflow state of one receiver's queue, shared by local connection queues
 // and peer link queues. Its methods are called with the queue's mutex held.
 type Bound struct {
-	// overflowing is true from the moment WaitThenDrop gave up waiting until the queue
-	// drains below half: within one overflow episode lines are dropped without waiting.
+	// overflowing is true from the moment WaitThenDrop (or Block, after MaxBlock) gave
+	// up waiting until the queue drains below half: within one overflow episode lines
+	// are dropped without waiting, counted with reason.
 	overflowing bool
+	reason      string
+}
+
+// giveUp starts an overflow episode that drops for reason.
+func (b *Bound) giveUp(reason string) (Result, string) {
+	b.overflowing, b.reason = true, reason
+	return Dropped, reason
 }
 
 // Fits reports whether a message of n bytes enters a queue holding used bytes under
@@ -45,23 +53,28 @@ func (b *Bound) Admit(ctx context.Context, mu *sync.Mutex, n int, used func() in
 	fits := func() bool { u := used(); return u == 0 || u+n <= limit }
 	if b.overflowing {
 		if used() >= limit/2 {
-			return Dropped, ReasonQueueFull
+			return Dropped, b.reason
 		}
 		b.overflowing = false
 	}
 	if fits() {
 		return Queued, ""
 	}
-	var deadline <-chan time.Time
+	wait, reason := ov.MaxWait, ReasonQueueFull
 	switch ov.Policy {
 	case discovery.Disconnect:
 		return Disconnect, ReasonSlowConsumer
 	case discovery.Block:
-	default: // WaitThenDrop
-		t := time.NewTimer(ov.MaxWait)
-		defer t.Stop()
-		deadline = t.C
+		// Lossless only for so long: a receiver that is gone but still listed (its
+		// link never acknowledges) must not stall the channel for ever.
+		wait, reason = ov.MaxBlock, ReasonBlockTimeout
+		if wait <= 0 {
+			wait = discovery.DefaultMaxBlock
+		}
 	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	deadline := t.C
 	for {
 		c := space.C()
 		mu.Unlock()
@@ -73,8 +86,7 @@ func (b *Bound) Admit(ctx context.Context, mu *sync.Mutex, n int, used func() in
 			if fits() && !closed() {
 				return Queued, ""
 			}
-			b.overflowing = true
-			return Dropped, ReasonQueueFull
+			return b.giveUp(reason)
 		case <-ctx.Done():
 			mu.Lock()
 			return Dropped, ReasonShutdown
@@ -299,7 +311,7 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done 
 		}
 		if q.bound.overflowing {
 			if q.bytes >= limit/2 {
-				return n, Dropped, ReasonQueueFull
+				return n, Dropped, q.bound.reason
 			}
 			q.bound.overflowing = false
 		}
@@ -333,7 +345,7 @@ func (q *Queue) expire(ep uint64) {
 	left := q.waiting
 	n := q.waitBytes
 	q.waiting, q.waitBytes, q.timer = nil, 0, nil
-	q.bound.overflowing = true
+	q.bound.giveUp(ReasonQueueFull)
 	q.mu.Unlock()
 	q.gauge(-n)
 	q.space.Broadcast() // local senders waiting for room in the episode

@@ -77,6 +77,9 @@ type Channel struct {
 	conns   atomic.Pointer[[]*Conn]
 	remotes atomic.Pointer[[]member]
 	rr      atomic.Uint64
+	// blockLogged is when a block_timeout drop was last logged (Unix nanoseconds), so
+	// that a receiver dropping every line logs once a second, not once a line.
+	blockLogged atomic.Int64
 
 	linesIn  prometheus.Counter
 	linesOut prometheus.Counter
@@ -266,7 +269,7 @@ func (ch *Channel) pushLocal(ctx context.Context, c *Conn, it Item, ov discovery
 		ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "conn", c.name, "queueBytes", ov.QueueBytes)
 		c.kick()
 	}
-	ch.drop(reason, 1)
+	ch.dropFor(c.name, reason, 1, ov)
 	return false
 }
 
@@ -308,10 +311,26 @@ func (ch *Channel) RouteBatch(ctx context.Context, from *Conn, kind Kind, lines 
 			if res == Queued {
 				break
 			}
-			ch.drop(reason, 1)
+			ch.dropFor(m.ID(), reason, 1, spec.Overflow)
 			rest = rest[n+1:]
 		}
 	}
+}
+
+// dropFor counts n lines for receiver dropped for reason; a block_timeout is also
+// logged (at most once a second per channel), since it means a receiver held the
+// channel back for maxBlock: gone, or far too slow for Block.
+func (ch *Channel) dropFor(receiver, reason string, n int, ov discovery.Overflow) {
+	ch.drop(reason, n)
+	if reason != ReasonBlockTimeout {
+		return
+	}
+	now := time.Now().UnixNano()
+	if last := ch.blockLogged.Load(); now-last < int64(time.Second) || !ch.blockLogged.CompareAndSwap(last, now) {
+		return
+	}
+	ch.r.log.Info("Dropping lines for a receiver that held the channel back for maxBlock", "channel", ch.name,
+		"receiver", receiver, "maxBlock", ov.MaxBlock, "reason", reason)
 }
 
 // pushBatch queues data for c and counts what is not queued. Queued lines take a
@@ -331,7 +350,7 @@ func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []Pay
 			dropped += len(rest) - n
 			break
 		}
-		ch.drop(reason, 1)
+		ch.dropFor(c.name, reason, 1, ov)
 		dropped++
 		rest = rest[n+1:]
 	}
@@ -401,7 +420,7 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data Pa
 		return true
 	}
 	if res, reason := remotes[pick].Send(ctx, ch.name, kind, data, true, ov); res != Queued {
-		ch.drop(reason, 1)
+		ch.dropFor(remotes[pick].ID(), reason, 1, ov)
 	}
 	return true
 }

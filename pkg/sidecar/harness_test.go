@@ -48,8 +48,8 @@ var subnet atomic.Int32
 
 // chanCfg is one channel of a test cluster.
 type chanCfg struct {
-	name, delivery, policy, maxWait string
-	queueBytes, maxMessageBytes     int
+	name, delivery, policy, maxWait, maxBlock string
+	queueBytes, maxMessageBytes               int
 }
 
 // pod is one sidecar process and its identity.
@@ -122,8 +122,8 @@ func (c *cluster) writeConfig(members []*pod) {
 		if ch.maxMessageBytes > 0 {
 			fmt.Fprintf(&b, "    maxMessageBytes: %d\n", ch.maxMessageBytes)
 		}
-		fmt.Fprintf(&b, "    overflow: {policy: %s, maxWait: %s, queueBytes: %d}\n", orDefault(ch.policy, "WaitThenDrop"),
-			orDefault(ch.maxWait, "100ms"), orDefaultInt(ch.queueBytes, 1<<20))
+		fmt.Fprintf(&b, "    overflow: {policy: %s, maxWait: %s, maxBlock: %s, queueBytes: %d}\n", orDefault(ch.policy, "WaitThenDrop"),
+			orDefault(ch.maxWait, "100ms"), orDefault(ch.maxBlock, "30s"), orDefaultInt(ch.queueBytes, 1<<20))
 		b.WriteString("    members:\n")
 		for _, p := range members {
 			fmt.Fprintf(&b, "      - {namespace: demo, name: %s, uid: %s, ip: %s, peerPort: 7701, ready: true, serving: true}\n", p.name, p.uid, p.ip)
