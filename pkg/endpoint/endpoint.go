@@ -201,11 +201,22 @@ func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
 		src.batch = src.batch[:0]
 	}
 	defer src.route() // before slab.Close
+	malformed := 0
 	for {
 		msg, err := r.Next()
 		if err != nil {
 			if errors.Is(err, ipc.ErrMalformed) {
-				e.log.V(1).Info("Skipped malformed node-ipc frame", "err", err.Error())
+				// The app's frame is lost, not its connection: counted, and logged in
+				// full for the first of a connection only, so a broken client cannot
+				// flood the log.
+				malformed++
+				e.ch.Drop(router.ReasonMalformed, 1)
+				log := e.log.V(1)
+				if malformed == 1 {
+					log = e.log
+				}
+				log.Info("Skipped malformed node-ipc frame", "conn", conn.RemoteAddr().String(), "reason", router.ReasonMalformed,
+					"skipped", malformed, "err", err.Error())
 				continue
 			}
 			if errors.Is(err, ipc.ErrMessageTooLarge) {
@@ -247,7 +258,7 @@ func (b *batchingReader) route() {
 // writeLoop writes whatever is queued for the connection in one batch per wakeup.
 func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}) {
 	w := ipc.NewWriter(conn, e.framing)
-	var items []router.Item
+	var items, unframeable []router.Item
 	var scratch bytes.Buffer
 	for {
 		select {
@@ -260,17 +271,22 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 			continue
 		}
 		var err error
-		written := 0
-		for i := range items {
+		// Messages this connection's framing cannot carry are moved out of items,
+		// which keeps those written, in place.
+		kept, i := 0, 0
+		for ; i < len(items); i++ {
 			err = e.write(w, items[i], &scratch)
 			if errors.Is(err, ipc.ErrUnframeable) {
-				e.log.V(1).Info("Dropped a message this connection cannot carry", "err", err.Error())
-				err = nil
+				e.log.V(1).Info("Dropped a message this connection cannot carry", "conn", c.Name(),
+					"reason", router.ReasonUnframeable, "err", err.Error())
+				unframeable = append(unframeable, items[i])
+				continue
 			}
 			if err != nil {
 				break
 			}
-			written = i + 1
+			items[kept] = items[i]
+			kept++
 		}
 		if err == nil {
 			_ = conn.SetWriteDeadline(time.Now().Add(time.Minute))
@@ -279,14 +295,19 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 		if err != nil {
 			// Whether the buffered part reached the app is unknown; count the whole
 			// batch as dropped so nothing is acknowledged that may be lost.
-			c.Failed(items, router.ReasonClosed)
+			c.Failed(items[:kept], router.ReasonClosed)
+			c.Failed(items[i:], router.ReasonClosed) // items[kept:i] were moved
+			c.Failed(unframeable, router.ReasonUnframeable)
 			clear(items)
+			clear(unframeable)
 			_ = conn.Close()
 			return
 		}
-		c.Written(items[:written])
-		c.Failed(items[written:], "unframeable")
+		c.Written(items[:kept])
+		c.Failed(unframeable, router.ReasonUnframeable)
 		clear(items)
+		clear(unframeable)
+		unframeable = unframeable[:0]
 	}
 }
 

@@ -43,6 +43,8 @@ const (
 	ReasonNoChannel     = "no_channel"      // a peer sent a line for a channel this pod does not serve
 	ReasonNoConnection  = "no_connection"   // a line from a peer found no local connection
 	ReasonBlockTimeout  = "block_timeout"   // Block held the sender back for maxBlock (its receiver's queue stayed full)
+	ReasonUnframeable   = "unframeable"     // a line from a peer cannot be framed for a local connection's protocol
+	ReasonMalformed     = "malformed"       // a local node-ipc client sent a frame that is not a node-ipc event
 )
 
 // Completion tracks one line received from a peer until every local connection it was

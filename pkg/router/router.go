@@ -248,6 +248,13 @@ func (c *Conn) settle(items []Item) {
 // Channel returns the channel c is attached to.
 func (c *Conn) Channel() *Channel { return c.ch }
 
+// Name returns the connection's name in logs.
+func (c *Conn) Name() string { return c.name }
+
+// Drop counts n lines of the channel dropped for reason, for losses outside any queue
+// (an app's frame that cannot be read).
+func (ch *Channel) Drop(reason string, n int) { ch.drop(reason, n) }
+
 func (ch *Channel) drop(reason string, n int) {
 	ch.r.metrics.Dropped.WithLabelValues(ch.name, reason).Add(float64(n))
 	ch.r.log.V(4).Info("Dropped lines", "channel", ch.name, "reason", reason, "count", n)

@@ -1,7 +1,13 @@
 package sidecar_test
 
 import (
+	"bufio"
+	"fmt"
+	"net"
+	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 )
 
 // TestBlockVanishedMember: under Block, a member that is listed but gone (its address
@@ -46,5 +52,59 @@ func TestBlockVanishedMember(t *testing.T) {
 	}
 	if got := c.metric(b, `podipc_dropped_lines_total{channel="orders",reason="block_timeout"}`); got != 0 {
 		t.Fatalf("b counted %v lines block_timeout", got)
+	}
+}
+
+// TestMalformedNodeIPCFrame: a node-ipc client's frames that are not node-ipc events are
+// skipped, counted malformed and logged; its connection and every other frame, before
+// and after, go on.
+func TestMalformedNodeIPCFrame(t *testing.T) {
+	c := newCluster(t, 2, chanCfg{name: "orders"})
+	a, b := c.pods[0], c.pods[1]
+	reader := c.dialApp(b, 0, false)
+	var nc net.Conn
+	eventually(t, "dial node-ipc socket", func() bool {
+		var err error
+		nc, err = net.Dial("unix", filepath.Join(a.sockDir, "app.orders"))
+		return err == nil
+	})
+	defer func() { _ = nc.Close() }()
+	c.waitConns(a, "orders", 1)
+	c.waitConns(b, "orders", 1)
+	eventually(t, "a to see b's connection", func() bool { return c.metric(a, `podipc_peer_links{direction="out",state="up"}`) == 1 })
+
+	bad := []string{`{not json`, `["type","message"]`, `{"type":7}`, `{"data":"no type"}`}
+	var w strings.Builder
+	for i := range 10 {
+		fmt.Fprintf(&w, `{"type":"message","data":"good-%d"}`+"\f", i)
+		w.WriteString(bad[i%len(bad)] + "\f")
+	}
+	if _, err := nc.Write([]byte(w.String())); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "b's app to read every good frame", func() bool { return reader.count() >= 10 })
+	for i, l := range reader.lines() {
+		if want := fmt.Sprintf(`{"type":"message","data":"good-%d"}`, i); l != want {
+			t.Fatalf("line %d = %q, want %q", i, l, want)
+		}
+	}
+	malformed := `podipc_dropped_lines_total{channel="orders",reason="malformed"}`
+	eventually(t, "a to count the malformed frames", func() bool { return c.metric(a, malformed) >= 10 })
+	if got := c.metric(a, malformed); got != 10 {
+		t.Fatalf("a counted %v malformed frames, want 10", got)
+	}
+	if !a.logged("Skipped malformed node-ipc frame") {
+		t.Fatal("a did not log the malformed frame")
+	}
+	// The connection still carries frames both ways.
+	if _, err := nc.Write([]byte(`{"type":"message","data":"after"}` + "\f")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "b's app to read the frame after", func() bool { return reader.count() >= 11 })
+	reader.send(t, "back-", 0, 1)
+	_ = nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+	got, err := bufio.NewReader(nc).ReadString('\f')
+	if want := `{"type":"message","data":"back-00000000"}` + "\f"; err != nil || got != want {
+		t.Fatalf("node-ipc client read %q (%v), want %q", got, err, want)
 	}
 }
