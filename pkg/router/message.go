@@ -113,6 +113,8 @@ type Item struct {
 	// Done is released once the item has been written or dropped; nil for lines that
 	// came from a local app (they need no acknowledgement).
 	Done *Completion
+	// pins says the queue charged the item for its whole chunk (see Queue.pinLocked).
+	pins bool
 }
 
 // Payload is a message copied into a slab chunk, with the reference that keeps the chunk.

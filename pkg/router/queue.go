@@ -133,6 +133,39 @@ type Queue struct {
 	timer   *time.Timer
 	// limit is the bound the latest push applied, for moving waiting messages in.
 	limit int
+
+	// A queued line keeps its whole chunk alive, not just its bytes: a one-byte line
+	// read from a peer among 64 KiB of another channel's lines pins 64 KiB. So the
+	// queue also counts the chunks it pins (pinned, one ChunkSize per run of items in
+	// one chunk, lastRef being the chunk of the last item queued), and once they would
+	// exceed the queue's bound it copies each line that would pin another chunk into
+	// chunks of its own (compact), densely. A queue that drains never gets there, so the
+	// hot path copies nothing; one that does not holds at most its bound in chunks
+	// plus its lines' own bytes, and real memory stays within twice queueBytes.
+	pinned  int
+	lastRef *Chunk
+	compact Slab
+}
+
+// pinLocked charges it, about to enter the queue under limit, for the chunk it pins,
+// or copies it out of that chunk when the chunks pinned already reach limit. The caller
+// holds a reference on it.Ref for the queue; a copy holds one on its new chunk instead.
+func (q *Queue) pinLocked(it *Item, limit int) {
+	if it.Ref == nil || it.Ref == q.lastRef {
+		return
+	}
+	if q.pinned+ChunkSize <= limit {
+		it.pins = true
+		q.pinned += ChunkSize
+		q.lastRef = it.Ref
+		return
+	}
+	p := q.compact.Copy(it.Data)
+	p.Ref.Retain(1)
+	q.compact.Recycle() // the copies keep their chunks; the slab keeps only its current one
+	it.Ref.Release(1)
+	it.Data, it.Ref = p.Data, p.Ref
+	q.lastRef = p.Ref
 }
 
 // NewQueue returns an empty queue. gauge, if not nil, observes byte count changes
@@ -174,6 +207,7 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 		return Dropped, ReasonClosed
 	}
 	it.Ref.Retain(1)
+	q.pinLocked(&it, ov.QueueBytes)
 	q.items = append(q.items, it)
 	q.bytes += len(it.Data)
 	q.gauge(len(it.Data))
@@ -229,7 +263,9 @@ func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *
 		if res != Queued {
 			break
 		}
-		q.items = append(q.items, Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done})
+		it := Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done}
+		q.pinLocked(&it, ov.QueueBytes)
+		q.items = append(q.items, it)
 		q.bytes += len(d)
 		added += len(d)
 	}
@@ -303,6 +339,7 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done 
 				}
 				continue
 			}
+			q.pinLocked(&it, limit)
 			q.waiting = append(q.waiting, it)
 			q.waitBytes += len(d)
 			q.gauge(len(d))
@@ -316,6 +353,7 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done 
 			q.bound.overflowing = false
 		}
 		if q.bytes == 0 || q.bytes+len(d) <= limit {
+			q.pinLocked(&it, limit)
 			q.items = append(q.items, it)
 			q.bytes += len(d)
 			added += len(d)
@@ -323,6 +361,7 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done 
 			continue
 		}
 		// The queue is full: an overflow episode begins.
+		q.pinLocked(&it, limit)
 		q.waiting = append(q.waiting, it)
 		q.waitBytes += len(d)
 		q.gauge(len(d))
@@ -346,6 +385,7 @@ func (q *Queue) expire(ep uint64) {
 	n := q.waitBytes
 	q.waiting, q.waitBytes, q.timer = nil, 0, nil
 	q.bound.giveUp(ReasonQueueFull)
+	q.unpinLocked(left)
 	q.mu.Unlock()
 	q.gauge(-n)
 	q.space.Broadcast() // local senders waiting for room in the episode
@@ -420,15 +460,34 @@ func (q *Queue) Take(dst []Item) []Item {
 }
 
 // Release returns n bytes of taken items to the bound.
-func (q *Queue) Release(n int) {
-	if n == 0 {
+func (q *Queue) Release(n int) { q.release(n, nil) }
+
+// unpinLocked returns the chunk charges of items leaving the queue.
+func (q *Queue) unpinLocked(items []Item) {
+	for i := range items {
+		if items[i].pins {
+			q.pinned -= ChunkSize
+		}
+	}
+}
+
+// release returns n bytes of taken items, and the chunks items were charged for.
+func (q *Queue) release(n int, items []Item) {
+	if n == 0 && len(items) == 0 {
 		return
 	}
 	q.mu.Lock()
+	q.unpinLocked(items)
 	q.bytes -= n
 	q.released += uint64(n)
 	if len(q.waiting) > 0 && !q.closed {
 		q.admitWaitingLocked(q.limit)
+	}
+	if len(q.items) == 0 && len(q.waiting) == 0 {
+		// Nothing queued: an idle connection keeps no chunk alive, not even for
+		// comparison (the items still being written hold their own references).
+		q.lastRef = nil
+		q.compact.Close()
 	}
 	q.mu.Unlock()
 	q.gauge(-n)
@@ -452,6 +511,8 @@ func (q *Queue) Close() []Item {
 		q.timer.Stop()
 		q.timer = nil
 	}
+	// The returned items keep their own references on the slab's chunks.
+	q.compact.Close()
 	q.mu.Unlock()
 	q.space.Broadcast()
 	return items

@@ -242,7 +242,7 @@ func (c *Conn) settle(items []Item) {
 	}
 	DoneItems(items)
 	ReleaseItems(items)
-	c.Queue.Release(n)
+	c.Queue.release(n, items)
 }
 
 // Channel returns the channel c is attached to.

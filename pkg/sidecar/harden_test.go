@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -107,4 +109,91 @@ func TestMalformedNodeIPCFrame(t *testing.T) {
 	if want := `{"type":"message","data":"back-00000000"}` + "\f"; err != nil || got != want {
 		t.Fatalf("node-ipc client read %q (%v), want %q", got, err, want)
 	}
+}
+
+// TestSparseLinesDoNotPinChunks: a sparse channel sharing a peer link with a busy one,
+// its reader stalled, must not keep a whole 64 KiB read chunk alive per queued line: the
+// queued lines may cost the receiving sidecar at most twice queueBytes of real memory.
+// Each sparse line is sent between about a chunk's worth of busy lines, so that on the
+// receiver every chunk holds one; before the fix 1,500 of them pinned over 90 MiB.
+func TestSparseLinesDoNotPinChunks(t *testing.T) {
+	const queueBytes = 1 << 20
+	c := newCluster(t, 2, chanCfg{name: "busy", queueBytes: 16 << 20}, chanCfg{name: "sparse", queueBytes: queueBytes})
+	a, b := c.pods[0], c.pods[1]
+	busyIn, sparseIn := c.dialApp(a, 0, false), c.dialApp(a, 1, false)
+	busyOut, sparseOut := c.dialApp(b, 0, false), c.dialApp(b, 1, true)
+	c.waitConns(b, "busy", 1)
+	c.waitConns(b, "sparse", 1)
+	eventually(t, "a to see b's connections", func() bool {
+		return c.metric(a, `podipc_peer_links{direction="out",state="up"}`) == 1
+	})
+	_ = sparseOut
+
+	// Fill the stalled reader's socket buffers, so that its lines stay queued.
+	queued := func() float64 { return c.metric(b, `podipc_queue_bytes{channel="sparse"}`) }
+	for i := 0; queued() == 0; i++ {
+		if err := sendPadded(sparseIn, 64); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+		if i > 10_000 {
+			t.Fatal("the stalled reader's queue never filled")
+		}
+	}
+	busyLines := 0
+	// round sends one sparse line (if sparse) and a chunk's worth of busy lines, and
+	// waits for the busy reader to read them, so the next round lands in another chunk.
+	round := func(sparse bool, i int) {
+		if sparse {
+			if _, err := fmt.Fprintf(sparseIn.conn, "s%d\n", i); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := sendPadded(busyIn, 64); err != nil { // 64 lines of 850 bytes
+			t.Fatal(err)
+		}
+		busyLines += 64
+		for busyOut.count() < busyLines {
+			time.Sleep(200 * time.Microsecond)
+		}
+	}
+	rounds := 1500
+	for i := range rounds / 5 { // warm up: the same busy traffic, no sparse lines
+		round(false, i)
+	}
+	base := rss(t, b)
+	before := queued()
+	for i := range rounds {
+		round(true, i)
+	}
+	eventually(t, "b to queue every sparse line", func() bool { return queued()-before >= float64(rounds*2) })
+	if d := c.metric(b, `podipc_dropped_lines_total{channel="sparse",reason="queue_full"}`); d != 0 {
+		t.Fatalf("b dropped %v sparse lines: the test proved nothing", d)
+	}
+	grown := rss(t, b) - base
+	t.Logf("b's RSS grew by %d KiB with %d sparse lines queued (queue %v bytes)", grown>>10, rounds, queued())
+	// Only a large excess fails: twice the bound, plus room for the heap's own noise.
+	if limit := 2*queueBytes + 16<<20; grown > limit {
+		t.Fatalf("b's RSS grew by %d MiB with %d one-line chunks queued, want at most %d MiB (2 x queueBytes + 16 MiB)",
+			grown>>20, rounds, limit>>20)
+	}
+}
+
+// rss returns the resident set size of p's process, from /proc.
+func rss(t *testing.T, p *pod) int {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmRSS in /proc status")
+	return 0
 }
