@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/podipc/podipc/pkg/endpoint"
 	"github.com/podipc/podipc/pkg/peer"
 )
 
@@ -36,6 +37,8 @@ type Config struct {
 	LogLevel       string
 	DebugEndpoints bool
 	Keepalive      time.Duration
+	// MaxAppConnections caps the app connections of each line port and node-ipc socket.
+	MaxAppConnections int
 }
 
 // ParseConfig reads the environment through getenv and parses args (without the
@@ -64,6 +67,8 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.StringVar(&c.LogLevel, "log-level", "info", "Log verbosity: info, debug (V(1)), trace (V(4)) or a number.")
 	fs.BoolVar(&c.DebugEndpoints, "debug-endpoints", false, "Serve test-only admin endpoints (POST /debug/reset-peers).")
 	fs.DurationVar(&c.Keepalive, "peer-keepalive", peer.DefaultKeepalive, "Idle interval between peer keepalives; three missed intervals end a link.")
+	fs.IntVar(&c.MaxAppConnections, "max-app-connections", endpoint.DefaultMaxConnections,
+		"The most app connections each channel's line port and node-ipc socket accept at once; a connection over it is closed at once and counted in podipc_app_refused_total.")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
@@ -77,6 +82,9 @@ func (c Config) validate() error {
 	}
 	if c.PeerAddress == "" || c.AdminAddress == "" {
 		errs = append(errs, errors.New("PODIPC_POD_IP (or --peer-address and --admin-address) must be set"))
+	}
+	if c.MaxAppConnections < 1 {
+		errs = append(errs, fmt.Errorf("--max-app-connections=%d: want at least 1", c.MaxAppConnections))
 	}
 	switch c.Discovery {
 	case "static":

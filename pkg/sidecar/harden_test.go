@@ -2,6 +2,7 @@ package sidecar_test
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -196,4 +197,101 @@ func rss(t *testing.T, p *pod) int {
 	}
 	t.Fatal("no VmRSS in /proc status")
 	return 0
+}
+
+// TestAppConnectionCap: an app that opens more connections than --max-app-connections
+// (a leak, or a loop on connect) is refused the extra ones, on the line port and on the
+// node-ipc socket, counted and logged; the connections it has keep working, and a slot
+// freed is taken again.
+func TestAppConnectionCap(t *testing.T) {
+	const limit = 3
+	c := prepareCluster(t, 2, chanCfg{name: "orders"})
+	c.args = []string{fmt.Sprintf("--max-app-connections=%d", limit)}
+	for _, p := range c.pods {
+		c.start(p)
+	}
+	for _, p := range c.pods {
+		c.waitReady(p)
+	}
+	c.waitLinks()
+	a, b := c.pods[0], c.pods[1]
+	sock := filepath.Join(b.sockDir, "app.orders")
+	readers := make([]*app, limit)
+	for i := range readers {
+		readers[i] = c.dialApp(b, 0, false)
+	}
+	var nodeConns []net.Conn
+	for range limit {
+		nc, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = nc.Close() }()
+		nodeConns = append(nodeConns, nc)
+	}
+	c.waitConns(b, "orders", 2*limit)
+
+	refusedOn := func(endpoint string) float64 {
+		return c.metric(b, fmt.Sprintf(`podipc_app_refused_total{channel="orders",endpoint=%q,reason="connection_limit"}`, endpoint))
+	}
+	for _, ep := range []struct{ network, address, name string }{
+		{"tcp", net.JoinHostPort(b.ip, "7000"), "line"},
+		{"unix", sock, "nodeipc"},
+	} {
+		extra, err := net.Dial(ep.network, ep.address)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = extra.SetReadDeadline(time.Now().Add(30 * time.Second))
+		if n, err := extra.Read(make([]byte, 1)); err == nil {
+			t.Fatalf("connection %d to the %s endpoint read %d bytes; want it closed", limit+1, ep.name, n)
+		} else if errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("connection %d to the %s endpoint was not closed", limit+1, ep.name)
+		}
+		_ = extra.Close()
+		eventually(t, "the refused connection counted", func() bool { return refusedOn(ep.name) == 1 })
+	}
+	if !b.logged("Refused app connections over the connection cap") {
+		t.Fatal("b did not log the refused connections")
+	}
+	if got := c.metric(b, `podipc_local_connections{channel="orders"}`); got != 2*limit {
+		t.Fatalf("b has %v app connections, want %d", got, 2*limit)
+	}
+
+	// The connections within the cap are unaffected.
+	sender := c.dialApp(a, 0, false)
+	c.waitConns(a, "orders", 1)
+	sender.send(t, "x", 0, 100)
+	for i, r := range readers {
+		eventually(t, fmt.Sprintf("reader %d to get every line", i), func() bool { return r.count() >= 100 })
+		checkSeq(t, fmt.Sprintf("reader %d", i), r.lines(), "x", 0, 100)
+	}
+	for i, nc := range nodeConns {
+		_ = nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+		got, err := bufio.NewReader(nc).ReadString('\f')
+		if want := `{"type":"message","data":"x00000000"}` + "\f"; err != nil || got != want {
+			t.Fatalf("node-ipc client %d read %q (%v), want %q", i, got, err, want)
+		}
+	}
+
+	// A freed slot is taken again.
+	_ = readers[0].conn.Close()
+	c.waitConns(b, "orders", 2*limit-1)
+	again := c.dialApp(b, 0, false)
+	c.waitConns(b, "orders", 2*limit)
+	sender.send(t, "y", 0, 1)
+	eventually(t, "the new connection to get a line", func() bool { return again.count() >= 1 })
+	if got := refusedOn("line"); got != 1 {
+		t.Fatalf("b counted %v refused line connections, want 1", got)
+	}
+
+	// The node-ipc socket lets every container of the pod connect (the test's directory
+	// has no fsGroup), and nothing more: not executable, not a regular file.
+	fi, err := os.Lstat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o666 {
+		t.Fatalf("node-ipc socket mode %v, want a socket with 0666", fi.Mode())
+	}
 }

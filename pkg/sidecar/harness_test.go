@@ -69,6 +69,8 @@ type cluster struct {
 	config   string
 	channels []chanCfg
 	pods     []*pod
+	// args are extra flags of every sidecar.
+	args []string
 }
 
 // newCluster writes a static config for n pods sharing channels and starts them all.
@@ -170,9 +172,10 @@ func (c *cluster) start(p *pod) {
 	for _, ch := range c.channels {
 		names = append(names, ch.name)
 	}
-	cmd := exec.Command(sidecarBin, "--discovery=static", "--static-config="+c.config,
-		"--app-address="+p.ip, "--peer-address="+p.ip, "--admin-address="+p.ip, "--socket-dir="+p.sockDir,
-		"--debug-endpoints", "--drain-timeout=10s", "--log-level=debug")
+	args := append([]string{"--discovery=static", "--static-config=" + c.config,
+		"--app-address=" + p.ip, "--peer-address=" + p.ip, "--admin-address=" + p.ip, "--socket-dir=" + p.sockDir,
+		"--debug-endpoints", "--drain-timeout=10s", "--log-level=debug"}, c.args...)
+	cmd := exec.Command(sidecarBin, args...)
 	cmd.Env = append(os.Environ(), "PODIPC_POD_NAME="+p.name, "PODIPC_POD_NAMESPACE=demo", "PODIPC_POD_UID="+p.uid,
 		"PODIPC_POD_IP="+p.ip, "PODIPC_CHANNELS="+strings.Join(names, ","))
 	// The sidecars die with the test binary, even when it panics on a timeout.
