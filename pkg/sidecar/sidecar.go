@@ -54,8 +54,8 @@ type Sidecar struct {
 	// --max-app-connections cap.
 	appRefused *prometheus.CounterVec
 	server     *peer.Server
-	admin   *http.Server
-	adminLn net.Listener
+	admin      *http.Server
+	adminLn    net.Listener
 
 	mu sync.Mutex
 	// state is the last snapshot applied. Links and the peer server read it (through
