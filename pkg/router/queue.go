@@ -459,7 +459,8 @@ func (q *Queue) Take(dst []Item) []Item {
 	return dst
 }
 
-// Release returns n bytes of taken items to the bound.
+// Release returns n bytes of taken items to the bound, for items that pin no chunk
+// (Conn.Written and Conn.Failed return the chunks' charges too).
 func (q *Queue) Release(n int) { q.release(n, nil) }
 
 // unpinLocked returns the chunk charges of items leaving the queue.

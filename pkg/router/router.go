@@ -276,7 +276,7 @@ func (ch *Channel) pushLocal(ctx context.Context, c *Conn, it Item, ov discovery
 		ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "conn", c.name, "queueBytes", ov.QueueBytes)
 		c.kick()
 	}
-	ch.dropFor(c.name, reason, 1, ov)
+	ch.dropFor(c.name, reason, ov)
 	return false
 }
 
@@ -318,17 +318,17 @@ func (ch *Channel) RouteBatch(ctx context.Context, from *Conn, kind Kind, lines 
 			if res == Queued {
 				break
 			}
-			ch.dropFor(m.ID(), reason, 1, spec.Overflow)
+			ch.dropFor(m.ID(), reason, spec.Overflow)
 			rest = rest[n+1:]
 		}
 	}
 }
 
-// dropFor counts n lines for receiver dropped for reason; a block_timeout is also
+// dropFor counts a line for receiver dropped for reason; a block_timeout is also
 // logged (at most once a second per channel), since it means a receiver held the
 // channel back for maxBlock: gone, or far too slow for Block.
-func (ch *Channel) dropFor(receiver, reason string, n int, ov discovery.Overflow) {
-	ch.drop(reason, n)
+func (ch *Channel) dropFor(receiver, reason string, ov discovery.Overflow) {
+	ch.drop(reason, 1)
 	if reason != ReasonBlockTimeout {
 		return
 	}
@@ -357,7 +357,7 @@ func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []Pay
 			dropped += len(rest) - n
 			break
 		}
-		ch.dropFor(c.name, reason, 1, ov)
+		ch.dropFor(c.name, reason, ov)
 		dropped++
 		rest = rest[n+1:]
 	}
@@ -427,7 +427,7 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data Pa
 		return true
 	}
 	if res, reason := remotes[pick].Send(ctx, ch.name, kind, data, true, ov); res != Queued {
-		ch.dropFor(remotes[pick].ID(), reason, 1, ov)
+		ch.dropFor(remotes[pick].ID(), reason, ov)
 	}
 	return true
 }

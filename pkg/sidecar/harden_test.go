@@ -2,8 +2,10 @@ package sidecar_test
 
 import (
 	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -293,5 +295,74 @@ func TestAppConnectionCap(t *testing.T) {
 	}
 	if fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o666 {
 		t.Fatalf("node-ipc socket mode %v, want a socket with 0666", fi.Mode())
+	}
+}
+
+// TestUnframeablePeerLines: lines from a peer that a local connection's framing cannot
+// carry (here, node-ipc messages that are not JSON, sent by hand by a member as
+// docs/protocol.md frames them) are not delivered to that connection, counted
+// unframeable and not as written, and every other line reaches every connection.
+func TestUnframeablePeerLines(t *testing.T) {
+	c := prepareCluster(t, 3, chanCfg{name: "orders"})
+	b, m := c.pods[1], c.pods[2] // m is a member played by the test
+	c.start(b)
+	c.waitReady(b)
+	line := c.dialApp(b, 0, false)
+	var nc net.Conn
+	eventually(t, "dial node-ipc socket", func() bool {
+		var err error
+		nc, err = net.Dial("unix", filepath.Join(b.sockDir, "app.orders"))
+		return err == nil
+	})
+	defer func() { _ = nc.Close() }()
+	c.waitConns(b, "orders", 2)
+
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(m.ip)}}
+	peerConn, err := d.Dial("tcp", net.JoinHostPort(b.ip, "7701"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = peerConn.Close() }()
+	str := func(b []byte, s string) []byte { return append(binary.AppendUvarint(b, uint64(len(s))), s...) }
+	frame := func(typ byte, body []byte) []byte {
+		return append(binary.BigEndian.AppendUint32(nil, uint32(1+len(body))), append([]byte{typ}, body...)...)
+	}
+	hello := binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint16(nil, 1), 1)
+	hello = str(str(str(hello, "demo"), m.name), m.uid)
+	hello = binary.AppendUvarint(binary.BigEndian.AppendUint64(hello, 77), 1)
+	hello = str(hello, "orders")
+	data := func(seq uint64, kind byte, payload string) []byte {
+		body := append(str(binary.AppendUvarint(nil, seq), "orders"), kind)
+		return frame(4, append(body, payload...))
+	}
+	var out []byte
+	out = append(out, frame(1, hello)...)
+	out = append(out, data(1, 1, "not json")...) // a node-ipc message: neither client can carry it
+	out = append(out, data(2, 0, "fine")...)
+	if _, err := peerConn.Write(out); err != nil {
+		t.Fatal(err)
+	}
+	head := make([]byte, 5)
+	_ = peerConn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.ReadFull(peerConn, head); err != nil || head[4] != 2 {
+		t.Fatalf("no WELCOME from b: type %d, %v", head[4], err)
+	}
+
+	eventually(t, "the line client to read the honest line", func() bool { return line.count() >= 1 })
+	_ = nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+	got, err := bufio.NewReader(nc).ReadString('\f')
+	if want := `{"type":"message","data":"fine"}` + "\f"; err != nil || got != want {
+		t.Fatalf("node-ipc client read %q (%v), want %q", got, err, want)
+	}
+	if got := line.lines(); len(got) != 1 || got[0] != "fine" {
+		t.Fatalf("line client read %q, want only \"fine\"", got)
+	}
+	unframeable := `podipc_dropped_lines_total{channel="orders",reason="unframeable"}`
+	eventually(t, "b to count the unframeable line for both connections", func() bool { return c.metric(b, unframeable) >= 2 })
+	if got := c.metric(b, unframeable); got != 2 {
+		t.Fatalf("b counted %v unframeable lines, want 2 (one per connection)", got)
+	}
+	if got := c.metric(b, `podipc_lines_out_total{channel="orders"}`); got != 2 {
+		t.Fatalf("b counted %v lines written, want 2 (the honest line, once per connection)", got)
 	}
 }
