@@ -328,6 +328,9 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 	w := ipc.NewWriter(conn, e.framing)
 	var items, unframeable []router.Item
 	var scratch bytes.Buffer
+	// dropped counts the connection's unframeable messages: a peer can send any number,
+	// so only the first is logged at info level.
+	dropped := 0
 	for {
 		select {
 		case <-c.Queue.Ready():
@@ -345,8 +348,13 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 		for ; i < len(items); i++ {
 			err = e.write(w, items[i], &scratch)
 			if errors.Is(err, ipc.ErrUnframeable) {
-				e.log.V(1).Info("Dropped a message this connection cannot carry", "conn", c.Name(),
-					"reason", router.ReasonUnframeable, "err", err.Error())
+				dropped++
+				log := e.log.V(1)
+				if dropped == 1 {
+					log = e.log
+				}
+				log.Info("Dropped a message this connection cannot carry", "conn", c.Name(),
+					"reason", router.ReasonUnframeable, "dropped", dropped, "err", err.Error())
 				unframeable = append(unframeable, items[i])
 				continue
 			}

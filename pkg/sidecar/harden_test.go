@@ -362,6 +362,9 @@ func TestUnframeablePeerLines(t *testing.T) {
 	if got := c.metric(b, unframeable); got != 2 {
 		t.Fatalf("b counted %v unframeable lines, want 2 (one per connection)", got)
 	}
+	if !b.logged("Dropped a message this connection cannot carry") {
+		t.Fatal("b did not log the unframeable line")
+	}
 	if got := c.metric(b, `podipc_lines_out_total{channel="orders"}`); got != 2 {
 		t.Fatalf("b counted %v lines written, want 2 (the honest line, once per connection)", got)
 	}
