@@ -46,7 +46,9 @@ const (
 	// OverflowWaitThenDrop waits up to maxWait once per overflow episode, then drops
 	// (counted) for that receiver until its queue is below half.
 	OverflowWaitThenDrop OverflowPolicy = "WaitThenDrop"
-	// OverflowBlock applies lossless backpressure: a slow receiver slows the channel.
+	// OverflowBlock applies lossless backpressure, a slow receiver slowing the channel,
+	// for at most maxBlock per overflow episode; then it drops (counted block_timeout)
+	// for that receiver until its queue is below half.
 	OverflowBlock OverflowPolicy = "Block"
 	// OverflowDisconnect disconnects a slow local reader (NATS's slow-consumer rule).
 	OverflowDisconnect OverflowPolicy = "Disconnect"
