@@ -167,7 +167,7 @@ func TestSparseLinesDoNotPinChunks(t *testing.T) {
 	for i := range rounds / 5 { // warm up: the same busy traffic, no sparse lines
 		round(false, i)
 	}
-	base := rss(t, b)
+	base := processRSS(t, b)
 	before := queued()
 	for i := range rounds {
 		round(true, i)
@@ -176,7 +176,7 @@ func TestSparseLinesDoNotPinChunks(t *testing.T) {
 	if d := c.metric(b, `podipc_dropped_lines_total{channel="sparse",reason="queue_full"}`); d != 0 {
 		t.Fatalf("b dropped %v sparse lines: the test proved nothing", d)
 	}
-	grown := rss(t, b) - base
+	grown := processRSS(t, b) - base
 	t.Logf("b's RSS grew by %d KiB with %d sparse lines queued (queue %v bytes)", grown>>10, rounds, queued())
 	// Only a large excess fails: twice the bound, plus room for the heap's own noise.
 	if limit := 2*queueBytes + 16<<20; grown > limit {
@@ -185,8 +185,8 @@ func TestSparseLinesDoNotPinChunks(t *testing.T) {
 	}
 }
 
-// rss returns the resident set size of p's process, from /proc.
-func rss(t *testing.T, p *pod) int {
+// processRSS returns the resident set size of p's process, from /proc.
+func processRSS(t *testing.T, p *pod) int {
 	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
 	if err != nil {
 		t.Fatal(err)
