@@ -46,7 +46,9 @@ const (
 	// OverflowWaitThenDrop waits up to maxWait once per overflow episode, then drops
 	// (counted) for that receiver until its queue is below half.
 	OverflowWaitThenDrop OverflowPolicy = "WaitThenDrop"
-	// OverflowBlock applies lossless backpressure: a slow receiver slows the channel.
+	// OverflowBlock applies lossless backpressure, a slow receiver slowing the channel,
+	// for at most maxBlock per overflow episode; then it drops (counted block_timeout)
+	// for that receiver until its queue is below half.
 	OverflowBlock OverflowPolicy = "Block"
 	// OverflowDisconnect disconnects a slow local reader (NATS's slow-consumer rule).
 	OverflowDisconnect OverflowPolicy = "Disconnect"
@@ -108,6 +110,20 @@ type Overflow struct {
 	// +kubebuilder:validation:XValidation:rule="duration(self) <= duration('10s')",message="overflow.maxWait must be at most 10s"
 	// +optional
 	MaxWait *metav1.Duration `json:"maxWait,omitempty"`
+
+	// MaxBlock is how long Block holds a sender back for one receiver whose queue stays
+	// full, once per overflow episode; then the lines for that receiver are dropped
+	// (counted block_timeout) until its queue is below half, so that a member that is
+	// gone but still listed cannot stall the channel for ever. A Go duration such as
+	// "30s", at least 1ms and at most 1h; only Block uses it.
+	//
+	// +kubebuilder:default="30s"
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:MaxLength=32
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`
+	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('1ms') && duration(self) <= duration('1h')",message="overflow.maxBlock must be within 1ms and 1h"
+	// +optional
+	MaxBlock *metav1.Duration `json:"maxBlock,omitempty"`
 
 	// QueueBytes bounds the bytes queued for one receiver.
 	//

@@ -30,8 +30,10 @@ func TestChannelDefaults(t *testing.T) {
 	s := ch.Spec
 	if s.LocalPort != 7000 || s.Delivery != podipcv1alpha1.DeliveryBroadcast || s.MaxMessageBytes != 65536 ||
 		s.Overflow.Policy != podipcv1alpha1.OverflowWaitThenDrop || s.Overflow.QueueBytes != 1<<20 ||
-		s.Overflow.MaxWait == nil || s.Overflow.MaxWait.Duration != 100*time.Millisecond {
-		t.Errorf("defaults = %+v (maxWait %v), want port 7000, Broadcast, 65536, WaitThenDrop, 1MiB, 100ms", s, s.Overflow.MaxWait)
+		s.Overflow.MaxWait == nil || s.Overflow.MaxWait.Duration != 100*time.Millisecond ||
+		s.Overflow.MaxBlock == nil || s.Overflow.MaxBlock.Duration != 30*time.Second {
+		t.Errorf("defaults = %+v (maxWait %v, maxBlock %v), want port 7000, Broadcast, 65536, WaitThenDrop, 1MiB, 100ms, 30s",
+			s, s.Overflow.MaxWait, s.Overflow.MaxBlock)
 	}
 }
 
@@ -51,6 +53,8 @@ func TestChannelValidation(t *testing.T) {
 		"message above 16MiB":    {`{"maxMessageBytes": 16777217}`, "should be less than or equal to 16777216"},
 		"maxWait above 10s":      {`{"overflow": {"maxWait": "11s"}}`, "overflow.maxWait must be at most 10s"},
 		"maxWait not a duration": {`{"overflow": {"maxWait": "soon"}}`, "should match"},
+		"maxBlock above 1h":      {`{"overflow": {"maxBlock": "61m"}}`, "overflow.maxBlock must be within 1ms and 1h"},
+		"maxBlock zero":          {`{"overflow": {"maxBlock": "0s"}}`, "overflow.maxBlock must be within 1ms and 1h"},
 		"queue below a message":  {`{"maxMessageBytes": 2097152}`, "queueBytes must be at least maxMessageBytes"},
 	}
 	for name, tc := range tests {

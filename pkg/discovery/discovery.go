@@ -29,7 +29,9 @@ const (
 	// WaitThenDrop waits up to MaxWait once per overflow episode, then drops (counted)
 	// for that receiver until its queue is below half.
 	WaitThenDrop OverflowPolicy = "WaitThenDrop"
-	// Block applies lossless backpressure to the sender.
+	// Block applies backpressure to the sender, losslessly for up to MaxBlock per
+	// overflow episode; then it drops (counted block_timeout) for that receiver until
+	// its queue is below half.
 	Block OverflowPolicy = "Block"
 	// Disconnect disconnects a slow local reader.
 	Disconnect OverflowPolicy = "Disconnect"
@@ -41,6 +43,7 @@ const (
 	DefaultMaxMessageBytes = 64 << 10
 	DefaultQueueBytes      = 1 << 20
 	DefaultMaxWait         = 100 * time.Millisecond
+	DefaultMaxBlock        = 30 * time.Second
 )
 
 // Spec is a channel's configuration, the sidecar's view of Channel.spec.
@@ -53,8 +56,10 @@ type Spec struct {
 
 // Overflow is the bounded-queue policy of a channel.
 type Overflow struct {
-	Policy     OverflowPolicy
-	MaxWait    time.Duration
+	Policy  OverflowPolicy
+	MaxWait time.Duration
+	// MaxBlock bounds how long Block holds a sender back for one receiver.
+	MaxBlock   time.Duration
 	QueueBytes int
 }
 
@@ -74,6 +79,9 @@ func (s Spec) WithDefaults() Spec {
 	}
 	if s.Overflow.MaxWait == 0 {
 		s.Overflow.MaxWait = DefaultMaxWait
+	}
+	if s.Overflow.MaxBlock == 0 {
+		s.Overflow.MaxBlock = DefaultMaxBlock
 	}
 	if s.Overflow.QueueBytes == 0 {
 		s.Overflow.QueueBytes = DefaultQueueBytes

@@ -30,6 +30,7 @@ type StaticChannel struct {
 type StaticOverflow struct {
 	Policy     OverflowPolicy `json:"policy,omitempty"`
 	MaxWait    string         `json:"maxWait,omitempty"`
+	MaxBlock   string         `json:"maxBlock,omitempty"`
 	QueueBytes int            `json:"queueBytes,omitempty"`
 }
 
@@ -136,6 +137,13 @@ func ParseStatic(raw []byte, names []string) (State, error) {
 			}
 			spec.Overflow.MaxWait = d
 		}
+		if sc.Overflow.MaxBlock != "" {
+			d, err := time.ParseDuration(sc.Overflow.MaxBlock)
+			if err != nil {
+				return State{}, fmt.Errorf("static discovery: channel %s: maxBlock: %w", name, err)
+			}
+			spec.Overflow.MaxBlock = d
+		}
 		spec = spec.WithDefaults()
 		if err := validateSpec(spec); err != nil {
 			return State{}, fmt.Errorf("static discovery: channel %s: %w", name, err)
@@ -160,6 +168,8 @@ func validateSpec(s Spec) error {
 		return fmt.Errorf("overflow policy %q is not WaitThenDrop, Block or Disconnect", s.Overflow.Policy)
 	case s.Overflow.MaxWait < 0 || s.Overflow.MaxWait > 10*time.Second:
 		return fmt.Errorf("maxWait %s is not within 0-10s", s.Overflow.MaxWait)
+	case s.Overflow.MaxBlock < time.Millisecond || s.Overflow.MaxBlock > time.Hour:
+		return fmt.Errorf("maxBlock %s is not within 1ms-1h", s.Overflow.MaxBlock)
 	case s.LocalPort < 1024 || s.LocalPort > 65535 || s.LocalPort == 7701 || s.LocalPort == 7702:
 		return fmt.Errorf("localPort %d is not within 1024-65535 or is a sidecar port", s.LocalPort)
 	case s.MaxMessageBytes < 1 || s.MaxMessageBytes > 16<<20:

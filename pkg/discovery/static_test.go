@@ -15,7 +15,7 @@ const staticYAML = `channels:
   orders:
     localPort: 7000
     delivery: AnyOne
-    overflow: {policy: Block, maxWait: 250ms}
+    overflow: {policy: Block, maxWait: 250ms, maxBlock: 2s}
     members:
       - {namespace: demo, name: pod-a, uid: uid-a, ip: 127.0.0.2, ready: true, serving: true}
 #more
@@ -33,7 +33,7 @@ func TestParseStatic(t *testing.T) {
 		t.Fatalf("channels = %v; want only orders (named and existing)", st.Channels)
 	}
 	want := Spec{LocalPort: 7000, Delivery: AnyOne, MaxMessageBytes: DefaultMaxMessageBytes,
-		Overflow: Overflow{Policy: Block, MaxWait: 250 * time.Millisecond, QueueBytes: DefaultQueueBytes}}
+		Overflow: Overflow{Policy: Block, MaxWait: 250 * time.Millisecond, MaxBlock: 2 * time.Second, QueueBytes: DefaultQueueBytes}}
 	if ch.Spec != want {
 		t.Fatalf("spec = %+v, want %+v", ch.Spec, want)
 	}

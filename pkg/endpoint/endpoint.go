@@ -15,15 +15,32 @@ import (
 	"io/fs"
 	"net"
 	"os"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/podipc/podipc/pkg/ipc"
 	"github.com/podipc/podipc/pkg/router"
 )
+
+// DefaultMaxConnections is the default cap on the app connections of one endpoint.
+const DefaultMaxConnections = 1024
+
+// Options are the limits of an endpoint.
+type Options struct {
+	// MaxConnections caps the endpoint's open app connections (DefaultMaxConnections if
+	// 0): every connection costs two goroutines and read and write buffers, so an app
+	// that leaks connections (or loops connecting) must not take the sidecar to its
+	// memory limit, which would end every channel of the pod. A connection over the cap
+	// is closed at once, without a byte read or written, counted and logged.
+	MaxConnections int
+	// Refused counts the connections closed over the cap; nil counts nothing.
+	Refused prometheus.Counter
+}
 
 // Endpoint is one listener of a channel and the app connections it accepted.
 type Endpoint struct {
@@ -32,6 +49,11 @@ type Endpoint struct {
 	kind    router.Kind
 	framing ipc.Framing
 	log     logr.Logger
+	opts    Options
+	// refusedLogged is when a refused connection was last logged, so that an app
+	// looping on connect logs once a second; refused counts those not yet logged.
+	refusedLogged time.Time
+	refused       int
 
 	mu    sync.Mutex
 	conns map[net.Conn]struct{}
@@ -45,18 +67,18 @@ type Endpoint struct {
 }
 
 // ListenLines binds the channel's line port on address (host:port).
-func ListenLines(ch *router.Channel, address string, log logr.Logger) (*Endpoint, error) {
+func ListenLines(ch *router.Channel, address string, opts Options, log logr.Logger) (*Endpoint, error) {
 	var lc net.ListenConfig
 	ln, err := lc.Listen(context.Background(), "tcp", address)
 	if err != nil {
 		return nil, fmt.Errorf("listen on line port of channel %s: %w", ch.Name(), err)
 	}
-	return newEndpoint(ch, ln, router.Line, ipc.Lines, log.WithValues("channel", ch.Name(), "address", address)), nil
+	return newEndpoint(ch, ln, router.Line, ipc.Lines, opts, log.WithValues("channel", ch.Name(), "address", address)), nil
 }
 
 // ListenNodeIPC binds the channel's node-ipc socket at path, removing a stale socket
-// file left by a previous sidecar.
-func ListenNodeIPC(ch *router.Channel, path string, log logr.Logger) (*Endpoint, error) {
+// file left by a previous sidecar, and gives it the mode SocketMode chooses.
+func ListenNodeIPC(ch *router.Channel, path string, opts Options, log logr.Logger) (*Endpoint, error) {
 	if err := removeStale(path); err != nil {
 		return nil, err
 	}
@@ -65,13 +87,39 @@ func ListenNodeIPC(ch *router.Channel, path string, log logr.Logger) (*Endpoint,
 	if err != nil {
 		return nil, fmt.Errorf("listen on node-ipc socket of channel %s: %w", ch.Name(), err)
 	}
-	// Every container of the pod connects, whatever its user.
-	_ = os.Chmod(path, 0o666)
-	return newEndpoint(ch, ln, router.NodeIPC, ipc.NodeIPC, log.WithValues("channel", ch.Name(), "socket", path)), nil
+	mode := SocketMode(filepath.Dir(path))
+	if err := os.Chmod(path, mode); err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("set the mode of node-ipc socket %s: %w", path, err)
+	}
+	log = log.WithValues("channel", ch.Name(), "socket", path)
+	log.V(1).Info("Bound node-ipc socket", "mode", mode.String())
+	return newEndpoint(ch, ln, router.NodeIPC, ipc.NodeIPC, opts, log), nil
 }
 
-func newEndpoint(ch *router.Channel, ln net.Listener, kind router.Kind, f ipc.Framing, log logr.Logger) *Endpoint {
-	return &Endpoint{ch: ch, ln: ln, kind: kind, framing: f, log: log, conns: map[net.Conn]struct{}{}}
+// SocketMode returns the mode of the node-ipc sockets in dir: a client needs write
+// permission on a socket to connect. The sockets live in a volume shared by the pod's
+// containers only, which may run as different users. When the pod has an fsGroup, the
+// kubelet gives the volume that group with the set-group-ID bit, so every socket
+// created in it has the group every container of the pod is in: read and write for
+// owner and group (0660) are then enough, and no other user of the node's
+// filesystem can connect. Without one, a container running as another user and group
+// can connect only if others may write (0666): the same trust as the line port, which
+// every container of the pod can reach on localhost.
+func SocketMode(dir string) fs.FileMode {
+	if fi, err := os.Stat(dir); err == nil && fi.Mode()&fs.ModeSetgid != 0 {
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Gid != 0 {
+			return 0o660
+		}
+	}
+	return 0o666
+}
+
+func newEndpoint(ch *router.Channel, ln net.Listener, kind router.Kind, f ipc.Framing, opts Options, log logr.Logger) *Endpoint {
+	if opts.MaxConnections <= 0 {
+		opts.MaxConnections = DefaultMaxConnections
+	}
+	return &Endpoint{ch: ch, ln: ln, kind: kind, framing: f, opts: opts, log: log, conns: map[net.Conn]struct{}{}}
 }
 
 // removeStale removes a Unix socket file nobody answers on.
@@ -143,6 +191,11 @@ func (e *Endpoint) acceptLoop() {
 			_ = conn.Close()
 			continue
 		}
+		if len(e.conns) >= e.opts.MaxConnections {
+			e.refuseLocked(conn)
+			e.mu.Unlock()
+			continue
+		}
 		e.conns[conn] = struct{}{}
 		e.wg.Add(1)
 		e.mu.Unlock()
@@ -150,6 +203,21 @@ func (e *Endpoint) acceptLoop() {
 			defer e.wg.Done()
 			e.serve(conn)
 		}()
+	}
+}
+
+// refuseLocked closes conn, accepted over the connection cap, counts it and logs it
+// (at most once a second, with the number refused since the last log).
+func (e *Endpoint) refuseLocked(conn net.Conn) {
+	_ = conn.Close()
+	if e.opts.Refused != nil {
+		e.opts.Refused.Inc()
+	}
+	e.refused++
+	if now := time.Now(); now.Sub(e.refusedLogged) >= time.Second {
+		e.log.Info("Refused app connections over the connection cap", "reason", "connection_limit",
+			"maxConnections", e.opts.MaxConnections, "refused", e.refused, "remote", conn.RemoteAddr().String())
+		e.refusedLogged, e.refused = now, 0
 	}
 }
 
@@ -201,11 +269,22 @@ func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
 		src.batch = src.batch[:0]
 	}
 	defer src.route() // before slab.Close
+	malformed := 0
 	for {
 		msg, err := r.Next()
 		if err != nil {
 			if errors.Is(err, ipc.ErrMalformed) {
-				e.log.V(1).Info("Skipped malformed node-ipc frame", "err", err.Error())
+				// The app's frame is lost, not its connection: counted, and logged in
+				// full for the first of a connection only, so a broken client cannot
+				// flood the log.
+				malformed++
+				e.ch.Drop(router.ReasonMalformed, 1)
+				log := e.log.V(1)
+				if malformed == 1 {
+					log = e.log
+				}
+				log.Info("Skipped malformed node-ipc frame", "conn", conn.RemoteAddr().String(), "reason", router.ReasonMalformed,
+					"skipped", malformed, "err", err.Error())
 				continue
 			}
 			if errors.Is(err, ipc.ErrMessageTooLarge) {
@@ -247,8 +326,11 @@ func (b *batchingReader) route() {
 // writeLoop writes whatever is queued for the connection in one batch per wakeup.
 func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}) {
 	w := ipc.NewWriter(conn, e.framing)
-	var items []router.Item
+	var items, unframeable []router.Item
 	var scratch bytes.Buffer
+	// dropped counts the connection's unframeable messages: a peer can send any number,
+	// so only the first is logged at info level.
+	dropped := 0
 	for {
 		select {
 		case <-c.Queue.Ready():
@@ -260,17 +342,27 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 			continue
 		}
 		var err error
-		written := 0
-		for i := range items {
+		// Messages this connection's framing cannot carry are moved out of items,
+		// which keeps those written, in place.
+		kept, i := 0, 0
+		for ; i < len(items); i++ {
 			err = e.write(w, items[i], &scratch)
 			if errors.Is(err, ipc.ErrUnframeable) {
-				e.log.V(1).Info("Dropped a message this connection cannot carry", "err", err.Error())
-				err = nil
+				dropped++
+				log := e.log.V(1)
+				if dropped == 1 {
+					log = e.log
+				}
+				log.Info("Dropped a message this connection cannot carry", "conn", c.Name(),
+					"reason", router.ReasonUnframeable, "dropped", dropped, "err", err.Error())
+				unframeable = append(unframeable, items[i])
+				continue
 			}
 			if err != nil {
 				break
 			}
-			written = i + 1
+			items[kept] = items[i]
+			kept++
 		}
 		if err == nil {
 			_ = conn.SetWriteDeadline(time.Now().Add(time.Minute))
@@ -279,14 +371,19 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 		if err != nil {
 			// Whether the buffered part reached the app is unknown; count the whole
 			// batch as dropped so nothing is acknowledged that may be lost.
-			c.Failed(items, router.ReasonClosed)
+			c.Failed(items[:kept], router.ReasonClosed)
+			c.Failed(items[i:], router.ReasonClosed) // items[kept:i] were moved
+			c.Failed(unframeable, router.ReasonUnframeable)
 			clear(items)
+			clear(unframeable)
 			_ = conn.Close()
 			return
 		}
-		c.Written(items[:written])
-		c.Failed(items[written:], "unframeable")
+		c.Written(items[:kept])
+		c.Failed(unframeable, router.ReasonUnframeable)
 		clear(items)
+		clear(unframeable)
+		unframeable = unframeable[:0]
 	}
 }
 

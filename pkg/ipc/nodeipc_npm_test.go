@@ -34,72 +34,218 @@ var nodeIPCPackages = []nodeIPCPackage{
 	{Dir: "achrinza-node-ipc-10.1.11", Name: "@achrinza/node-ipc", Version: "10.1.11"},
 }
 
-// checkNodeIPCVersion refuses the node-ipc releases that shipped malicious code: 9.2.2 and
-// 10.1.1-10.1.3 (the "peacenotwar" protestware that overwrote files) and every 11.x. The
-// pins never resolve to them; this guard keeps a careless re-pin from installing one.
-func checkNodeIPCVersion(name, version string) error {
-	if name != "node-ipc" {
-		return nil
+// allowlistPath is the allow-list of npm packages, relative to the repository root.
+const allowlistPath = "hack/nodeipc/allowlist.txt"
+
+// npmPackage is one exact release of an npm package: the key of the allow-list.
+type npmPackage struct{ Name, Version string }
+
+// allowlist maps every npm package the pins may install to its integrity hash.
+type allowlist map[npmPackage]string
+
+// loadAllowlist reads the committed allow-list of hack/nodeipc/allowlist.txt.
+func loadAllowlist(root string) (allowlist, error) {
+	raw, err := os.ReadFile(filepath.Join(root, allowlistPath))
+	if err != nil {
+		return nil, err
 	}
+	return parseAllowlist(string(raw))
+}
+
+// parseAllowlist parses "name version integrity" lines; # starts a comment.
+func parseAllowlist(text string) (allowlist, error) {
+	al := allowlist{}
+	for i, line := range strings.Split(text, "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		f := strings.Fields(line)
+		if len(f) != 3 || !strings.HasPrefix(f[2], "sha512-") {
+			return nil, fmt.Errorf("%s:%d: want \"name version sha512-…\", got %q", allowlistPath, i+1, line)
+		}
+		al[npmPackage{f[0], f[1]}] = f[2]
+	}
+	return al, nil
+}
+
+// check refuses a package unless its exact name, version and integrity hash are on
+// the allow-list. A deny-list of known malicious releases (node-ipc 9.2.2, 10.1.1-10.1.3
+// and 11.x, the "peacenotwar" protestware) lets the next one through by construction;
+// an allow-list refuses whatever nobody has reviewed, a tampered tarball included.
+func (al allowlist) check(name, version, integrity string) error {
+	want, ok := al[npmPackage{name, version}]
 	switch {
-	case version == "9.2.2", version == "10.1.1", version == "10.1.2", version == "10.1.3",
-		strings.HasPrefix(version, "11."):
-		return fmt.Errorf("refusing node-ipc@%s: a known malicious release", version)
+	case !ok:
+		return fmt.Errorf("refusing %s@%s: not on the allow-list %s", name, version, allowlistPath)
+	case integrity != want:
+		return fmt.Errorf("refusing %s@%s: integrity %q is not the allow-listed %q", name, version, integrity, want)
 	}
 	return nil
 }
 
-// checkLockfile applies checkNodeIPCVersion to every package a lockfile resolves, before
-// anything is downloaded.
-func checkLockfile(lock []byte) error {
+// checkLockfile applies the allow-list to every package a lockfile resolves, before
+// anything is downloaded. npm ci then installs exactly these and verifies each tarball
+// against the integrity the lockfile (and so the allow-list) holds.
+func (al allowlist) checkLockfile(lock []byte) error {
 	var parsed struct {
-		Packages map[string]struct {
-			Version string `json:"version"`
+		LockfileVersion int `json:"lockfileVersion"`
+		Packages        map[string]struct {
+			Version   string `json:"version"`
+			Integrity string `json:"integrity"`
+			Resolved  string `json:"resolved"`
+			Link      bool   `json:"link"`
 		} `json:"packages"`
 	}
 	if err := json.Unmarshal(lock, &parsed); err != nil {
 		return fmt.Errorf("parse package-lock.json: %w", err)
 	}
+	if parsed.LockfileVersion < 2 {
+		return fmt.Errorf("refusing package-lock.json version %d: only versions 2 and 3 list every package", parsed.LockfileVersion)
+	}
 	for path, p := range parsed.Packages {
-		// Keys are install paths ("node_modules/a/node_modules/b"); the root is "".
+		if path == "" {
+			continue // the pin itself
+		}
+		// Keys are install paths ("node_modules/a/node_modules/b").
 		name := path
 		if i := strings.LastIndex(path, "node_modules/"); i >= 0 {
 			name = path[i+len("node_modules/"):]
 		}
-		if name == "peacenotwar" {
-			return errors.New("refusing a lockfile that resolves peacenotwar (node-ipc protestware)")
+		if p.Link || (p.Resolved != "" && !strings.HasPrefix(p.Resolved, "https://registry.npmjs.org/")) {
+			return fmt.Errorf("refusing %s: resolved outside the npm registry (%q)", path, p.Resolved)
 		}
-		if err := checkNodeIPCVersion(name, p.Version); err != nil {
+		if err := al.check(name, p.Version, p.Integrity); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func TestNodeIPCVersionGuard(t *testing.T) {
-	for _, v := range []string{"9.2.2", "10.1.1", "10.1.2", "10.1.3", "11.0.0", "11.1.0"} {
-		if checkNodeIPCVersion("node-ipc", v) == nil {
-			t.Errorf("node-ipc@%s accepted; it is a malicious release", v)
+// checkInstalled applies the allow-list to what npm actually put on disk: every
+// package.json under node_modules, at any depth, must name an allow-listed release
+// (the integrity npm verified is recorded as _integrity by older npm, and not at all by
+// newer, so on disk the name and version are checked).
+func (al allowlist) checkInstalled(dir string) error {
+	versions := map[npmPackage]bool{}
+	for k := range al {
+		versions[k] = true
+	}
+	modules := filepath.Join(dir, "node_modules")
+	n := 0
+	err := filepath.WalkDir(modules, func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || d.Name() != "package.json" {
+			return err
 		}
-	}
-	for _, p := range nodeIPCPackages {
-		if err := checkNodeIPCVersion(p.Name, p.Version); err != nil {
-			t.Errorf("pinned %s@%s refused: %v", p.Name, p.Version, err)
+		rel, _ := filepath.Rel(modules, filepath.Dir(path))
+		rel = filepath.ToSlash(rel)
+		name := rel
+		if i := strings.LastIndex(rel, "node_modules/"); i >= 0 {
+			name = rel[i+len("node_modules/"):]
 		}
+		if strings.Count(name, "/") > 1 || (strings.Contains(name, "/") && !strings.HasPrefix(name, "@")) {
+			return nil // a package's own nested file (lib/package.json and the like)
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		var m struct {
+			Name    string `json:"name"`
+			Version string `json:"version"`
+		}
+		if err := json.Unmarshal(data, &m); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		if m.Name != name || !versions[npmPackage{m.Name, m.Version}] {
+			return fmt.Errorf("refusing the install: node_modules/%s holds %s@%s, which is not on the allow-list %s",
+				rel, m.Name, m.Version, allowlistPath)
+		}
+		n++
+		return nil
+	})
+	if err == nil && n == 0 {
+		err = fmt.Errorf("no package installed under %s", modules)
 	}
-	bad := []byte(`{"packages":{"":{},"node_modules/x/node_modules/node-ipc":{"version":"10.1.2"}}}`)
-	if checkLockfile(bad) == nil {
-		t.Error("a lockfile resolving node-ipc@10.1.2 deep in the tree was accepted")
-	}
+	return err
+}
+
+// TestNodeIPCAllowlist: the guard refuses, before npm runs, every package that is not on
+// the allow-list by exact name, version and hash, however deep in the tree — the known
+// malicious node-ipc releases, a version nobody reviewed, a right version whose tarball
+// is not the one reviewed — and refuses an install that holds one; the committed pins pass.
+func TestNodeIPCAllowlist(t *testing.T) {
 	root := repoRoot(t)
+	al, err := loadAllowlist(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := al[npmPackage{"node-ipc", "9.2.1"}]
+	if good == "" {
+		t.Fatal("node-ipc@9.2.1 is not on the allow-list")
+	}
+	lock := func(path, version, integrity string) []byte {
+		return fmt.Appendf(nil, `{"lockfileVersion":3,"packages":{"":{},%q:{"version":%q,"integrity":%q}}}`, path, version, integrity)
+	}
+	tests := map[string]struct {
+		lock    []byte
+		message string
+	}{
+		"malicious 10.1.2 deep in the tree": {lock("node_modules/x/node_modules/node-ipc", "10.1.2", good), "not on the allow-list"},
+		"malicious 9.2.2":                   {lock("node_modules/node-ipc", "9.2.2", good), "not on the allow-list"},
+		"a future 11.x":                     {lock("node_modules/node-ipc", "11.1.0", good), "not on the allow-list"},
+		"an unreviewed release":             {lock("node_modules/node-ipc", "9.2.3", good), "not on the allow-list"},
+		"peacenotwar":                       {lock("node_modules/peacenotwar", "9.1.6", good), "not on the allow-list"},
+		"the right version, another tarball": {lock("node_modules/node-ipc", "9.2.1",
+			"sha512-"+strings.Repeat("A", 86)+"=="), "is not the allow-listed"},
+		"the right version, no hash": {lock("node_modules/node-ipc", "9.2.1", ""), "is not the allow-listed"},
+		"resolved from elsewhere": {[]byte(`{"lockfileVersion":3,"packages":{"":{},"node_modules/node-ipc":{"version":"9.2.1",` +
+			`"integrity":"` + good + `","resolved":"https://evil.example/node-ipc-9.2.1.tgz"}}}`), "outside the npm registry"},
+		"a v1 lockfile, which lists no tree": {[]byte(`{"lockfileVersion":1,"dependencies":{}}`), "version 1"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			err := al.checkLockfile(tc.lock)
+			if err == nil {
+				t.Fatalf("lockfile %s was accepted", tc.lock)
+			}
+			if !strings.Contains(err.Error(), tc.message) {
+				t.Fatalf("refused with %q, want it to say %q", err, tc.message)
+			}
+		})
+	}
+	if err := al.checkLockfile(lock("node_modules/node-ipc", "9.2.1", good)); err != nil {
+		t.Fatalf("an allow-listed package was refused: %v", err)
+	}
 	for _, p := range nodeIPCPackages {
-		lock, err := os.ReadFile(filepath.Join(root, "hack/nodeipc/pkg", p.Dir, "package-lock.json"))
+		raw, err := os.ReadFile(filepath.Join(root, "hack/nodeipc/pkg", p.Dir, "package-lock.json"))
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := checkLockfile(lock); err != nil {
+		if err := al.checkLockfile(raw); err != nil {
 			t.Errorf("committed pin %s: %v", p.Dir, err)
 		}
+	}
+
+	// On disk: an install into which a release nobody listed was slipped is refused.
+	dir := t.TempDir()
+	write := func(rel, body string) {
+		path := filepath.Join(dir, "node_modules", filepath.FromSlash(rel), "package.json")
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("node-ipc", `{"name":"node-ipc","version":"9.2.1"}`)
+	write("node-ipc/lib", `{"name":"not-a-package"}`)
+	if err := al.checkInstalled(dir); err != nil {
+		t.Fatalf("an allow-listed install was refused: %v", err)
+	}
+	write("node-ipc/node_modules/node-ipc", `{"name":"node-ipc","version":"10.1.1"}`)
+	if err := al.checkInstalled(dir); err == nil || !strings.Contains(err.Error(), "10.1.1") {
+		t.Fatalf("an install holding node-ipc@10.1.1 was accepted (%v)", err)
 	}
 }
 
@@ -154,7 +300,11 @@ func installNodeIPC(root string, p nodeIPCPackage) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if err := checkLockfile(lock); err != nil {
+	al, err := loadAllowlist(root)
+	if err != nil {
+		return "", err
+	}
+	if err := al.checkLockfile(lock); err != nil {
 		return "", err
 	}
 	sum := sha256.Sum256(append(append([]byte{}, manifest...), lock...))
@@ -164,7 +314,7 @@ func installNodeIPC(root string, p nodeIPCPackage) (string, error) {
 	npmDir := filepath.Join(root, "bin", "npm")
 	dest := filepath.Join(npmDir, p.Dir)
 	if got, err := os.ReadFile(filepath.Join(dest, stampFile)); err == nil && string(got) == stamp {
-		return dest, verifyInstalled(dest, p)
+		return dest, verifyInstalled(dest, p, al)
 	}
 	if _, err := exec.LookPath("npm"); err != nil {
 		return "", errors.New("npm is not installed (hack/ci-deps.sh installs it)")
@@ -201,7 +351,7 @@ func installNodeIPC(root string, p nodeIPCPackage) (string, error) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("npm ci: %w\n%s", err, out)
 	}
-	if err := verifyInstalled(tmp, p); err != nil {
+	if err := verifyInstalled(tmp, p, al); err != nil {
 		return "", err
 	}
 	if err := os.WriteFile(filepath.Join(tmp, stampFile), []byte(stamp), 0o644); err != nil {
@@ -210,7 +360,7 @@ func installNodeIPC(root string, p nodeIPCPackage) (string, error) {
 	// Another process may have finished the same install meanwhile; it may be running
 	// tests from it, so keep it rather than moving it away.
 	if got, err := os.ReadFile(filepath.Join(dest, stampFile)); err == nil && string(got) == stamp {
-		return dest, verifyInstalled(dest, p)
+		return dest, verifyInstalled(dest, p, al)
 	}
 	// Move a stale install aside first: rename onto a non-empty directory fails.
 	if _, err := os.Stat(dest); err == nil {
@@ -222,7 +372,7 @@ func installNodeIPC(root string, p nodeIPCPackage) (string, error) {
 	if err := os.Rename(tmp, dest); err != nil {
 		// Another process renamed its install in first; use it if it is the same pin.
 		if got, rerr := os.ReadFile(filepath.Join(dest, stampFile)); rerr == nil && string(got) == stamp {
-			return dest, verifyInstalled(dest, p)
+			return dest, verifyInstalled(dest, p, al)
 		}
 		return "", err
 	}
@@ -230,7 +380,10 @@ func installNodeIPC(root string, p nodeIPCPackage) (string, error) {
 }
 
 // verifyInstalled checks what npm actually put on disk, not just what the lock says.
-func verifyInstalled(dir string, p nodeIPCPackage) error {
+func verifyInstalled(dir string, p nodeIPCPackage, al allowlist) error {
+	if err := al.checkInstalled(dir); err != nil {
+		return err
+	}
 	data, err := os.ReadFile(filepath.Join(dir, "node_modules", filepath.FromSlash(p.Name), "package.json"))
 	if err != nil {
 		return err
@@ -239,9 +392,6 @@ func verifyInstalled(dir string, p nodeIPCPackage) error {
 		Version string `json:"version"`
 	}
 	if err := json.Unmarshal(data, &m); err != nil {
-		return err
-	}
-	if err := checkNodeIPCVersion(p.Name, m.Version); err != nil {
 		return err
 	}
 	if m.Version != p.Version {

@@ -34,6 +34,9 @@ const (
 	ReasonClosed        = "receiver_closed" // the receiving connection ended before the write
 	ReasonNoChannel     = "no_channel"      // a peer sent a line for a channel this pod does not serve
 	ReasonNoConnection  = "no_connection"   // a line from a peer found no local connection
+	ReasonBlockTimeout  = "block_timeout"   // Block held the sender back for maxBlock (its receiver's queue stayed full)
+	ReasonUnframeable   = "unframeable"     // a line from a peer cannot be framed for a local connection's protocol
+	ReasonMalformed     = "malformed"       // a local node-ipc client sent a frame that is not a node-ipc event
 )
 
 // Completion tracks one line received from a peer until every local connection it was
@@ -102,6 +105,8 @@ type Item struct {
 	// Done is released once the item has been written or dropped; nil for lines that
 	// came from a local app (they need no acknowledgement).
 	Done *Completion
+	// pins says the queue charged the item for its whole chunk (see Queue.pinLocked).
+	pins bool
 }
 
 // Payload is a message copied into a slab chunk, with the reference that keeps the chunk.

@@ -24,9 +24,17 @@ const (
 // Bound is the overflow state of one receiver's queue, shared by local connection queues
 // and peer link queues. Its methods are called with the queue's mutex held.
 type Bound struct {
-	// overflowing is true from the moment WaitThenDrop gave up waiting until the queue
-	// drains below half: within one overflow episode lines are dropped without waiting.
+	// overflowing is true from the moment WaitThenDrop (or Block, after MaxBlock) gave
+	// up waiting until the queue drains below half: within one overflow episode lines
+	// are dropped without waiting, counted with reason.
 	overflowing bool
+	reason      string
+}
+
+// giveUp starts an overflow episode that drops for reason.
+func (b *Bound) giveUp(reason string) (Result, string) {
+	b.overflowing, b.reason = true, reason
+	return Dropped, reason
 }
 
 // Fits reports whether a message of n bytes enters a queue holding used bytes under
@@ -45,23 +53,28 @@ func (b *Bound) Admit(ctx context.Context, mu *sync.Mutex, n int, used func() in
 	fits := func() bool { u := used(); return u == 0 || u+n <= limit }
 	if b.overflowing {
 		if used() >= limit/2 {
-			return Dropped, ReasonQueueFull
+			return Dropped, b.reason
 		}
 		b.overflowing = false
 	}
 	if fits() {
 		return Queued, ""
 	}
-	var deadline <-chan time.Time
+	wait, reason := ov.MaxWait, ReasonQueueFull
 	switch ov.Policy {
 	case discovery.Disconnect:
 		return Disconnect, ReasonSlowConsumer
 	case discovery.Block:
-	default: // WaitThenDrop
-		t := time.NewTimer(ov.MaxWait)
-		defer t.Stop()
-		deadline = t.C
+		// Lossless only for so long: a receiver that is gone but still listed (its
+		// link never acknowledges) must not stall the channel for ever.
+		wait, reason = ov.MaxBlock, ReasonBlockTimeout
+		if wait <= 0 {
+			wait = discovery.DefaultMaxBlock
+		}
 	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	deadline := t.C
 	for {
 		c := space.C()
 		mu.Unlock()
@@ -73,8 +86,7 @@ func (b *Bound) Admit(ctx context.Context, mu *sync.Mutex, n int, used func() in
 			if fits() && !closed() {
 				return Queued, ""
 			}
-			b.overflowing = true
-			return Dropped, ReasonQueueFull
+			return b.giveUp(reason)
 		case <-ctx.Done():
 			mu.Lock()
 			return Dropped, ReasonShutdown
@@ -121,6 +133,39 @@ type Queue struct {
 	timer   *time.Timer
 	// limit is the bound the latest push applied, for moving waiting messages in.
 	limit int
+
+	// A queued line keeps its whole chunk alive, not just its bytes: a one-byte line
+	// read from a peer among 64 KiB of another channel's lines pins 64 KiB. So the
+	// queue also counts the chunks it pins (pinned, one ChunkSize per run of items in
+	// one chunk, lastRef being the chunk of the last item queued), and once they would
+	// exceed the queue's bound it copies each line that would pin another chunk into
+	// chunks of its own (compact), densely. A queue that drains never gets there, so the
+	// hot path copies nothing; one that does not holds at most its bound in chunks
+	// plus its lines' own bytes, and real memory stays within twice queueBytes.
+	pinned  int
+	lastRef *Chunk
+	compact Slab
+}
+
+// pinLocked charges it, about to enter the queue under limit, for the chunk it pins,
+// or copies it out of that chunk when the chunks pinned already reach limit. The caller
+// holds a reference on it.Ref for the queue; a copy holds one on its new chunk instead.
+func (q *Queue) pinLocked(it *Item, limit int) {
+	if it.Ref == nil || it.Ref == q.lastRef {
+		return
+	}
+	if q.pinned+ChunkSize <= limit {
+		it.pins = true
+		q.pinned += ChunkSize
+		q.lastRef = it.Ref
+		return
+	}
+	p := q.compact.Copy(it.Data)
+	p.Ref.Retain(1)
+	q.compact.Recycle() // the copies keep their chunks; the slab keeps only its current one
+	it.Ref.Release(1)
+	it.Data, it.Ref = p.Data, p.Ref
+	q.lastRef = p.Ref
 }
 
 // NewQueue returns an empty queue. gauge, if not nil, observes byte count changes
@@ -162,6 +207,7 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 		return Dropped, ReasonClosed
 	}
 	it.Ref.Retain(1)
+	q.pinLocked(&it, ov.QueueBytes)
 	q.items = append(q.items, it)
 	q.bytes += len(it.Data)
 	q.gauge(len(it.Data))
@@ -217,7 +263,9 @@ func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *
 		if res != Queued {
 			break
 		}
-		q.items = append(q.items, Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done})
+		it := Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done}
+		q.pinLocked(&it, ov.QueueBytes)
+		q.items = append(q.items, it)
 		q.bytes += len(d)
 		added += len(d)
 	}
@@ -291,6 +339,7 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done 
 				}
 				continue
 			}
+			q.pinLocked(&it, limit)
 			q.waiting = append(q.waiting, it)
 			q.waitBytes += len(d)
 			q.gauge(len(d))
@@ -299,11 +348,12 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done 
 		}
 		if q.bound.overflowing {
 			if q.bytes >= limit/2 {
-				return n, Dropped, ReasonQueueFull
+				return n, Dropped, q.bound.reason
 			}
 			q.bound.overflowing = false
 		}
 		if q.bytes == 0 || q.bytes+len(d) <= limit {
+			q.pinLocked(&it, limit)
 			q.items = append(q.items, it)
 			q.bytes += len(d)
 			added += len(d)
@@ -311,6 +361,7 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done 
 			continue
 		}
 		// The queue is full: an overflow episode begins.
+		q.pinLocked(&it, limit)
 		q.waiting = append(q.waiting, it)
 		q.waitBytes += len(d)
 		q.gauge(len(d))
@@ -333,7 +384,8 @@ func (q *Queue) expire(ep uint64) {
 	left := q.waiting
 	n := q.waitBytes
 	q.waiting, q.waitBytes, q.timer = nil, 0, nil
-	q.bound.overflowing = true
+	q.bound.giveUp(ReasonQueueFull)
+	q.unpinLocked(left)
 	q.mu.Unlock()
 	q.gauge(-n)
 	q.space.Broadcast() // local senders waiting for room in the episode
@@ -407,16 +459,36 @@ func (q *Queue) Take(dst []Item) []Item {
 	return dst
 }
 
-// Release returns n bytes of taken items to the bound.
-func (q *Queue) Release(n int) {
-	if n == 0 {
+// Release returns n bytes of taken items to the bound, for items that pin no chunk
+// (Conn.Written and Conn.Failed return the chunks' charges too).
+func (q *Queue) Release(n int) { q.release(n, nil) }
+
+// unpinLocked returns the chunk charges of items leaving the queue.
+func (q *Queue) unpinLocked(items []Item) {
+	for i := range items {
+		if items[i].pins {
+			q.pinned -= ChunkSize
+		}
+	}
+}
+
+// release returns n bytes of taken items, and the chunks items were charged for.
+func (q *Queue) release(n int, items []Item) {
+	if n == 0 && len(items) == 0 {
 		return
 	}
 	q.mu.Lock()
+	q.unpinLocked(items)
 	q.bytes -= n
 	q.released += uint64(n)
 	if len(q.waiting) > 0 && !q.closed {
 		q.admitWaitingLocked(q.limit)
+	}
+	if len(q.items) == 0 && len(q.waiting) == 0 {
+		// Nothing queued: an idle connection keeps no chunk alive, not even for
+		// comparison (the items still being written hold their own references).
+		q.lastRef = nil
+		q.compact.Close()
 	}
 	q.mu.Unlock()
 	q.gauge(-n)
@@ -440,6 +512,8 @@ func (q *Queue) Close() []Item {
 		q.timer.Stop()
 		q.timer = nil
 	}
+	// The returned items keep their own references on the slab's chunks.
+	q.compact.Close()
 	q.mu.Unlock()
 	q.space.Broadcast()
 	return items

@@ -77,6 +77,9 @@ type Channel struct {
 	conns   atomic.Pointer[[]*Conn]
 	remotes atomic.Pointer[[]member]
 	rr      atomic.Uint64
+	// blockLogged is when a block_timeout drop was last logged (Unix nanoseconds), so
+	// that a receiver dropping every line logs once a second, not once a line.
+	blockLogged atomic.Int64
 
 	linesIn  prometheus.Counter
 	linesOut prometheus.Counter
@@ -239,11 +242,18 @@ func (c *Conn) settle(items []Item) {
 	}
 	DoneItems(items)
 	ReleaseItems(items)
-	c.Queue.Release(n)
+	c.Queue.release(n, items)
 }
 
 // Channel returns the channel c is attached to.
 func (c *Conn) Channel() *Channel { return c.ch }
+
+// Name returns the connection's name in logs.
+func (c *Conn) Name() string { return c.name }
+
+// Drop counts n lines of the channel dropped for reason, for losses outside any queue
+// (an app's frame that cannot be read).
+func (ch *Channel) Drop(reason string, n int) { ch.drop(reason, n) }
 
 func (ch *Channel) drop(reason string, n int) {
 	ch.r.metrics.Dropped.WithLabelValues(ch.name, reason).Add(float64(n))
@@ -273,7 +283,7 @@ func (ch *Channel) pushLocal(ctx context.Context, c *Conn, it Item, ov discovery
 		ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "conn", c.name, "queueBytes", ov.QueueBytes)
 		c.kick()
 	}
-	ch.drop(reason, 1)
+	ch.dropFor(c.name, reason, ov)
 	return false
 }
 
@@ -315,10 +325,26 @@ func (ch *Channel) RouteBatch(ctx context.Context, from *Conn, kind Kind, lines 
 			if res == Queued {
 				break
 			}
-			ch.drop(reason, 1)
+			ch.dropFor(m.ID(), reason, spec.Overflow)
 			rest = rest[n+1:]
 		}
 	}
+}
+
+// dropFor counts a line for receiver dropped for reason; a block_timeout is also
+// logged (at most once a second per channel), since it means a receiver held the
+// channel back for maxBlock: gone, or far too slow for Block.
+func (ch *Channel) dropFor(receiver, reason string, ov discovery.Overflow) {
+	ch.drop(reason, 1)
+	if reason != ReasonBlockTimeout {
+		return
+	}
+	now := time.Now().UnixNano()
+	if last := ch.blockLogged.Load(); now-last < int64(time.Second) || !ch.blockLogged.CompareAndSwap(last, now) {
+		return
+	}
+	ch.r.log.Info("Dropping lines for a receiver that held the channel back for maxBlock", "channel", ch.name,
+		"receiver", receiver, "maxBlock", ov.MaxBlock, "reason", reason)
 }
 
 // pushBatch queues data for c and counts what is not queued. Queued lines take a
@@ -338,7 +364,7 @@ func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []Pay
 			dropped += len(rest) - n
 			break
 		}
-		ch.drop(reason, 1)
+		ch.dropFor(c.name, reason, ov)
 		dropped++
 		rest = rest[n+1:]
 	}
@@ -408,7 +434,7 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data Pa
 		return true
 	}
 	if res, reason := remotes[pick].Send(ctx, ch.name, kind, data, true, ov); res != Queued {
-		ch.drop(reason, 1)
+		ch.dropFor(remotes[pick].ID(), reason, ov)
 	}
 	return true
 }

@@ -141,3 +141,65 @@ func TestAnyOneRoundRobin(t *testing.T) {
 	ch.Route(t.Context(), sender, Line, []byte("x"))
 	sender.Detach()
 }
+
+// TestQueueCompactsSparseLines: a queue that does not drain pins at most its bound in
+// whole chunks; each further line that would pin another chunk is copied into the
+// queue's own chunks, its original chunk is released at once, and every line reads
+// back intact and in order. A queue that drains copies nothing.
+func TestQueueCompactsSparseLines(t *testing.T) {
+	const limit = 4 * ChunkSize
+	spec := ov(discovery.WaitThenDrop, limit)
+	q := NewQueue(nil, nil)
+	var originals []*Chunk
+	for i := range 100 {
+		c := NewChunk() // a read chunk holding one line of this queue among others' bytes
+		line := append(c.Bytes()[:0], byte('a'+i%26), byte(i))
+		originals = append(originals, c)
+		if n, res, _ := q.PushBatch(t.Context(), Line, []Payload{{Data: line, Ref: c}}, nil, spec); res != Queued || n != 1 {
+			t.Fatalf("line %d not queued", i)
+		}
+		c.Release(1) // the reader moves on to its next chunk
+	}
+	kept := 0
+	for _, c := range originals {
+		if c.refs.Load() > 0 {
+			kept++
+		}
+	}
+	if kept != limit/ChunkSize {
+		t.Fatalf("the queue keeps %d read chunks alive, want %d (its bound)", kept, limit/ChunkSize)
+	}
+	items := q.Take(nil)
+	own := map[*Chunk]bool{}
+	for i, it := range items {
+		if len(it.Data) != 2 || it.Data[0] != byte('a'+i%26) || it.Data[1] != byte(i) {
+			t.Fatalf("line %d reads %q", i, it.Data)
+		}
+		own[it.Ref] = true
+	}
+	if len(own) != kept+1 {
+		t.Fatalf("the lines live in %d chunks, want %d read chunks and one of the queue's", len(own), kept+1)
+	}
+	DoneItems(items)
+	ReleaseItems(items)
+	q.release(2*len(items), items) // as Conn.Written does
+	for i, c := range originals {
+		if r := c.refs.Load(); r != 0 {
+			t.Fatalf("read chunk %d still has %d references", i, r)
+		}
+	}
+
+	// Draining: each line is taken before the next arrives, nothing is copied.
+	for i := range 100 {
+		c := NewChunk()
+		line := append(c.Bytes()[:0], 'x')
+		q.PushBatch(t.Context(), Line, []Payload{{Data: line, Ref: c}}, nil, spec)
+		c.Release(1)
+		items = q.Take(items[:0])
+		if len(items) != 1 || items[0].Ref != c {
+			t.Fatalf("line %d of a draining queue was copied", i)
+		}
+		ReleaseItems(items)
+		q.release(1, items)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/podipc/podipc/pkg/endpoint"
 	"github.com/podipc/podipc/pkg/peer"
 	"github.com/podipc/podipc/pkg/peertls"
 )
@@ -47,6 +48,8 @@ type Config struct {
 	TLSCert, TLSKey, TLSCA string
 	// peerTLSFlag is --peer-tls as given ("" if unset), from which validate derives PeerTLS.
 	peerTLSFlag string
+	// MaxAppConnections caps the app connections of each line port and node-ipc socket.
+	MaxAppConnections int
 }
 
 // ParseConfig reads the environment through getenv and parses args (without the
@@ -81,6 +84,8 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.StringVar(&c.TLSCert, "tls-cert", "", "PEM file of this pod's peer certificate (chain), re-read every second.")
 	fs.StringVar(&c.TLSKey, "tls-key", "", "PEM file of the peer certificate's private key, re-read every second.")
 	fs.StringVar(&c.TLSCA, "tls-ca", "", "PEM file of the trust bundle peer certificates must chain to (old and new roots during a rotation), re-read every second.")
+	fs.IntVar(&c.MaxAppConnections, "max-app-connections", endpoint.DefaultMaxConnections,
+		"The most app connections each channel's line port and node-ipc socket accept at once; a connection over it is closed at once and counted in podipc_app_refused_total.")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
@@ -137,6 +142,9 @@ func (c Config) validate() error {
 	}
 	if c.PeerMaxConnections < 1 || c.PeerMaxConnectionsPerIP < 1 {
 		errs = append(errs, errors.New("--peer-max-connections and --peer-max-connections-per-ip must be at least 1"))
+	}
+	if c.MaxAppConnections < 1 {
+		errs = append(errs, fmt.Errorf("--max-app-connections=%d: want at least 1", c.MaxAppConnections))
 	}
 	switch c.Discovery {
 	case "static":

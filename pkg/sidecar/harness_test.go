@@ -52,8 +52,8 @@ var subnet atomic.Int32
 
 // chanCfg is one channel of a test cluster.
 type chanCfg struct {
-	name, delivery, policy, maxWait string
-	queueBytes, maxMessageBytes     int
+	name, delivery, policy, maxWait, maxBlock string
+	queueBytes, maxMessageBytes               int
 	// members names the pods of the channel (pod.name); nil: every pod.
 	members []string
 }
@@ -79,6 +79,8 @@ type cluster struct {
 	config   string
 	channels []chanCfg
 	pods     []*pod
+	// args are extra flags of every sidecar.
+	args []string
 	// ca issued the pods' certificates; nil: plaintext peer links (--peer-tls=Disabled).
 	ca *pki.CA
 }
@@ -183,8 +185,8 @@ func (c *cluster) writeConfig(members []*pod) {
 		if ch.maxMessageBytes > 0 {
 			fmt.Fprintf(&b, "    maxMessageBytes: %d\n", ch.maxMessageBytes)
 		}
-		fmt.Fprintf(&b, "    overflow: {policy: %s, maxWait: %s, queueBytes: %d}\n", orDefault(ch.policy, "WaitThenDrop"),
-			orDefault(ch.maxWait, "100ms"), orDefaultInt(ch.queueBytes, 1<<20))
+		fmt.Fprintf(&b, "    overflow: {policy: %s, maxWait: %s, maxBlock: %s, queueBytes: %d}\n", orDefault(ch.policy, "WaitThenDrop"),
+			orDefault(ch.maxWait, "100ms"), orDefault(ch.maxBlock, "30s"), orDefaultInt(ch.queueBytes, 1<<20))
 		b.WriteString("    members:\n")
 		for _, p := range members {
 			if ch.members != nil && !slices.Contains(ch.members, p.name) {
@@ -242,7 +244,7 @@ func (c *cluster) start(p *pod) {
 	} else {
 		cmd.Args = append(cmd.Args, "--peer-tls=Disabled")
 	}
-	cmd.Args = append(cmd.Args, p.args...)
+	cmd.Args = append(append(cmd.Args, c.args...), p.args...)
 	cmd.Env = append(os.Environ(), "PODIPC_POD_NAME="+p.name, "PODIPC_POD_NAMESPACE=demo", "PODIPC_POD_UID="+p.uid,
 		"PODIPC_POD_IP="+p.ip, "PODIPC_CHANNELS="+strings.Join(names, ","))
 	// The sidecars die with the test binary, even when it panics on a timeout.

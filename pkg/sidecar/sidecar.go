@@ -51,7 +51,10 @@ type Sidecar struct {
 	// unbound is, per channel and endpoint (line, nodeipc), 1 while the endpoint could
 	// not be bound and is being retried, and 0 once it is bound.
 	unbound *prometheus.GaugeVec
-	server  *peer.Server
+	// appRefused counts, per channel and endpoint, app connections closed over the
+	// --max-app-connections cap.
+	appRefused *prometheus.CounterVec
+	server     *peer.Server
 	// secure is the peer links' TLS (nil: plaintext); files feeds it certificates.
 	secure  peer.Secure
 	files   *peertls.Files
@@ -135,7 +138,10 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 	s.unbound = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "podipc_endpoint_unbound",
 		Help: "1 while a served channel's endpoint (line port, node-ipc socket) cannot be bound and is being retried, 0 once bound."},
 		[]string{"channel", "endpoint"})
-	s.reg.MustRegister(s.members, s.unbound)
+	s.appRefused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "podipc_app_refused_total",
+		Help: "App connections refused by a served channel's endpoint (line port, node-ipc socket), by reason."},
+		[]string{"channel", "endpoint", "reason"})
+	s.reg.MustRegister(s.members, s.unbound, s.appRefused)
 
 	if err := s.newSecure(); err != nil {
 		return nil, err
@@ -366,15 +372,21 @@ func (s *Sidecar) bindDue(name string, ch *router.Channel, sv *served, now time.
 	log := s.log.WithName("endpoint")
 	if sv.lines == nil && !now.Before(sv.linesRetry.next) {
 		addr := net.JoinHostPort(s.cfg.AppAddress, strconv.Itoa(sv.spec.LocalPort))
-		ep, err := endpoint.ListenLines(ch, addr, log)
+		ep, err := endpoint.ListenLines(ch, addr, s.endpointOptions(name, "line"), log)
 		sv.lines = s.started(ep, err, &sv.linesRetry, name, "line", now)
 	}
 	if sv.nodeipc == nil && s.cfg.SocketDir != "" && !now.Before(sv.nodeipcRetry.next) {
 		path := ipc.SocketPath(filepath.Clean(s.cfg.SocketDir)+"/", ipc.DefaultAppspace, name)
-		ep, err := endpoint.ListenNodeIPC(ch, path, log)
+		ep, err := endpoint.ListenNodeIPC(ch, path, s.endpointOptions(name, "nodeipc"), log)
 		sv.nodeipc = s.started(ep, err, &sv.nodeipcRetry, name, "nodeipc", now)
 	}
 	return sv.lines != nil && (sv.nodeipc != nil || s.cfg.SocketDir == "")
+}
+
+// endpointOptions returns the limits of the endpoint kind (line, nodeipc) of channel.
+func (s *Sidecar) endpointOptions(channel, kind string) endpoint.Options {
+	return endpoint.Options{MaxConnections: s.cfg.MaxAppConnections,
+		Refused: s.appRefused.WithLabelValues(channel, kind, "connection_limit")}
 }
 
 // started starts ep if it was bound (err is nil) and returns it; otherwise it schedules

@@ -27,6 +27,9 @@ func SpecFromChannel(ch *podipcv1alpha1.Channel) discovery.Spec {
 	if ch.Spec.Overflow.MaxWait != nil {
 		s.Overflow.MaxWait = ch.Spec.Overflow.MaxWait.Duration
 	}
+	if ch.Spec.Overflow.MaxBlock != nil {
+		s.Overflow.MaxBlock = ch.Spec.Overflow.MaxBlock.Duration
+	}
 	return s.WithDefaults()
 }
 

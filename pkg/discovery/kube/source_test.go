@@ -197,11 +197,13 @@ func TestSourceFollowsTheChannel(t *testing.T) {
 	}
 	feed.Spec.Delivery = podipcv1alpha1.DeliveryAnyOne
 	feed.Spec.Overflow.MaxWait = &metav1.Duration{Duration: 2 * time.Second}
+	feed.Spec.Overflow.MaxBlock = &metav1.Duration{Duration: 5 * time.Second}
 	if err := env.Client.Update(t.Context(), feed); err != nil {
 		t.Fatal(err)
 	}
 	got.waitFor(t, "edited spec", func(st discovery.State) error {
-		if s := st.Channels["feed"].Spec; s.Delivery != discovery.AnyOne || s.Overflow.MaxWait != 2*time.Second {
+		if s := st.Channels["feed"].Spec; s.Delivery != discovery.AnyOne || s.Overflow.MaxWait != 2*time.Second ||
+			s.Overflow.MaxBlock != 5*time.Second {
 			return fmt.Errorf("spec %+v", s)
 		}
 		return nil
