@@ -13,6 +13,12 @@ type Metrics struct {
 	// Senders counts the sending pods whose resume state the server keeps; it grows
 	// with pod churn only until departed pods leave the membership.
 	Senders prometheus.Gauge
+	// LinkUp, LinkChanged and LinkUnacked describe each outbound link by the receiving
+	// pod's name. Links exist only to members of this pod's channels and a closed link's
+	// series are deleted, so the label stays bounded by the channels' membership.
+	LinkUp      *prometheus.GaugeVec
+	LinkChanged *prometheus.GaugeVec
+	LinkUnacked *prometheus.GaugeVec
 }
 
 // NewMetrics creates the peer series and registers them with reg (if not nil).
@@ -39,9 +45,19 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Senders: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "podipc_peer_senders", Help: "Sending pods whose resume state (incarnation, last sequence number) inbound peer links keep: connected ones and members briefly disconnected.",
 		}),
+		LinkUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "podipc_peer_link_up", Help: "1 while the outbound peer link to the member pod peer is established, 0 otherwise.",
+		}, []string{"peer"}),
+		LinkChanged: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "podipc_peer_link_last_change_timestamp_seconds", Help: "When the outbound peer link to peer last went up or down (or was created), in Unix seconds.",
+		}, []string{"peer"}),
+		LinkUnacked: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "podipc_peer_link_unacked_bytes", Help: "Bytes queued on the outbound peer link to peer and not yet acknowledged.",
+		}, []string{"peer"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.Links, m.Reconnects, m.Refused, m.Sent, m.Received, m.Unacked, m.Senders)
+		reg.MustRegister(m.Links, m.Reconnects, m.Refused, m.Sent, m.Received, m.Unacked, m.Senders,
+			m.LinkUp, m.LinkChanged, m.LinkUnacked)
 	}
 	return m
 }
