@@ -50,6 +50,7 @@ check-injection ask the API server.`,
 		newSendCommand(streams),
 		newTailCommand(streams),
 		newMembersCommand(streams),
+		newStatusCommand(streams),
 		newCheckInjectionCommand(streams),
 	)
 	return root
