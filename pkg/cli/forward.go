@@ -12,11 +12,11 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/util/httpstream"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/portforward"
 	"k8s.io/client-go/transport/spdy"
+	httpstream "k8s.io/streaming/pkg/httpstream"
 )
 
 // forwarder opens TCP streams to a port of a pod through the API server's
@@ -36,9 +36,9 @@ func (f *forwarder) dial(ctx context.Context, ns, name string, port int) (*podCo
 	if err != nil {
 		return nil, err
 	}
-	dialer := spdy.NewDialer(upgrader, &http.Client{Transport: transport}, http.MethodPost, u)
-	if tunnel, err := portforward.NewSPDYOverWebsocketDialer(u, f.cfg); err == nil {
-		dialer = portforward.NewFallbackDialer(tunnel, dialer, func(err error) bool {
+	dialer := spdy.NewDialerForStreaming(upgrader, &http.Client{Transport: transport}, http.MethodPost, u)
+	if tunnel, err := portforward.NewSPDYOverWebsocketDialerForStreaming(u, f.cfg); err == nil {
+		dialer = portforward.NewFallbackDialerForStreaming(tunnel, dialer, func(err error) bool {
 			return httpstream.IsUpgradeFailure(err) || httpstream.IsHTTPSProxyError(err)
 		})
 	}

@@ -198,12 +198,12 @@ func (s *statusCmd) sample(ctx context.Context) (*snapshot, error) {
 
 // podMetrics are the figures of one sidecar that status shows, for one channel.
 type podMetrics struct {
-	Err              error
-	LinesIn          float64
-	LinesOut         float64
-	QueueBytes       float64
-	Drops            map[string]float64
-	Links            map[string]linkMetrics
+	Err        error
+	LinesIn    float64
+	LinesOut   float64
+	QueueBytes float64
+	Drops      map[string]float64
+	Links      map[string]linkMetrics
 }
 
 // linkMetrics is one outbound peer link, by the podipc_peer_link_* series.
@@ -421,7 +421,7 @@ func (r *report) judge(active int) string {
 
 // dropText says "1,203 lines counted peer_restarted", reasons sorted.
 func dropText(d map[string]int64) string {
-	var parts []string
+	parts := make([]string, 0, len(d))
 	for _, reason := range slices.Sorted(maps.Keys(d)) {
 		noun := "lines"
 		if d[reason] == 1 {
@@ -448,7 +448,7 @@ func (r *report) String() string {
 		for _, row := range r.rows {
 			drops := "-"
 			if len(row.drops) > 0 {
-				var parts []string
+				parts := make([]string, 0, len(row.drops))
 				for _, reason := range slices.Sorted(maps.Keys(row.drops)) {
 					parts = append(parts, reason+"="+count(float64(row.drops[reason])))
 				}

@@ -202,6 +202,10 @@ func (t *tailer) write(w *bufio.Writer, line, pod string) {
 		_ = w.WriteByte('\n')
 		return
 	}
-	b, _ := json.Marshal(tailRecord{Time: time.Now().UTC(), Pod: pod, Line: line})
+	b, err := json.Marshal(tailRecord{Time: time.Now().UTC(), Pod: pod, Line: line})
+	if err != nil {
+		// Only a time outside years 0-9999 fails to marshal; print the line as it is.
+		b, _ = json.Marshal(line) //nolint:errchkjson // a string always marshals
+	}
 	_, _ = w.Write(append(b, '\n'))
 }

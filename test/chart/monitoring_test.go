@@ -213,7 +213,11 @@ func sidecarSeries(t *testing.T) map[string]map[string]bool {
 	})
 	metricsURL := "http://127.0.0.1:" + strconv.Itoa(adminPort) + "/metrics"
 	scrape := func() map[string]map[string]bool {
-		resp, err := http.Get(metricsURL) //nolint:noctx // a local test server
+		req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, metricsURL, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			return nil
 		}
