@@ -228,12 +228,17 @@ func sidecarSeries(t *testing.T) map[string]map[string]bool {
 	eventually(t, "the sidecar's admin port", func() bool { return scrape() != nil })
 
 	// A reader and a writer on the channel: lines in, lines out.
+	// The writer repeats its line until the reader gets one: a line sent before the
+	// sidecar has attached the reader's connection has no receiver yet.
 	reader := dialLine(t, linePort)
 	writer := dialLine(t, linePort)
-	_, _ = writer.Write([]byte("hello\n"))
-	if line, err := bufio.NewReader(reader).ReadString('\n'); err != nil || line != "hello\n" {
-		t.Fatalf("the reader got %q, %v", line, err)
-	}
+	br := bufio.NewReader(reader)
+	eventually(t, "a line from the writer at the reader", func() bool {
+		_, _ = writer.Write([]byte("hello\n"))
+		_ = reader.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		line, err := br.ReadString('\n')
+		return err == nil && line == "hello\n"
+	})
 	// pod-b never answers, so the line waits on its link; pod-b leaving drops it.
 	writeStatic(false)
 	eventually(t, "a line counted dropped", func() bool { return scrape()["podipc_dropped_lines_total"] != nil })
