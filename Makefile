@@ -147,6 +147,10 @@ image: binaries ## Build bin/images/podipc-$(VERSION)-<arch>.tar with hack/image
 control-plane: ## Build kube-apiserver, kubectl and etcd from source into bin/k8s/.
 	hack/k8s/build.sh kube-apiserver kubectl etcd >/dev/null
 
+.PHONY: promtool
+promtool: ## Build promtool into bin/, for test/chart's `promtool check rules` of the chart's alerts.
+	hack/promtool/build.sh
+
 .PHONY: tools
 tools: $(BIN)/golangci-lint $(BIN)/controller-gen $(BIN)/helm ## Build the pinned tools into bin/.
 
