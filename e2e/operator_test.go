@@ -271,7 +271,7 @@ func hostVeth(t *testing.T, podIP string) string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if host := regexp.MustCompile(`(?m)^`+string(m[1])+`: ([^:@]+)[@:]`).FindSubmatch(all); host != nil {
+		if host := regexp.MustCompile(`(?m)^` + string(m[1]) + `: ([^:@]+)[@:]`).FindSubmatch(all); host != nil {
 			return string(host[1])
 		}
 		t.Fatalf("no host interface with index %s", m[1])
