@@ -148,10 +148,9 @@ func buildCLI(t *testing.T) string {
 
 // cliProcess is a long-running podipc command whose output the test reads as it comes.
 type cliProcess struct {
-	mu         sync.Mutex
-	out, err   strings.Builder
-	lines      []timedLine
-	stopReader func()
+	mu       sync.Mutex
+	out, err strings.Builder
+	lines    []timedLine
 }
 
 type timedLine struct {
