@@ -156,3 +156,24 @@ func endpoint(ns, pod, ip string, terminating bool) discoveryv1.Endpoint {
 			Terminating: ptr.To(terminating)},
 	}
 }
+
+// TestForwardToMissingPod runs the real port-forward dialer against the real API server:
+// a pod that does not exist is a clear error naming it, for send and for tail with
+// --no-reconnect, not a hang.
+func TestForwardToMissingPod(t *testing.T) {
+	ctx := t.Context()
+	createNamespace(t, "forward")
+	ch := &podipcv1alpha1.Channel{ObjectMeta: metav1.ObjectMeta{Namespace: "forward", Name: "orders"}}
+	if err := env.Client.Create(ctx, ch); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"send", "orders", "--pod", "gone", "x"},
+		{"tail", "orders", "--pod", "gone", "--no-reconnect"},
+	} {
+		code, _, stderr := run(ctx, "", append(args, "-n", "forward", "--kubeconfig", kubeconfig)...)
+		if code == 0 || !strings.Contains(stderr, `port-forwarding to pod forward/gone: unable to upgrade connection: pods "gone" not found`) {
+			t.Errorf("%v: exit %d, stderr %q", args, code, stderr)
+		}
+	}
+}
