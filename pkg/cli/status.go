@@ -96,7 +96,12 @@ type proxyScraper struct {
 func (p proxyScraper) scrape(ctx context.Context, pod string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, scrapeTimeout)
 	defer cancel()
-	return p.cs.CoreV1().Pods(p.ns).ProxyGet("http", pod, adminPort, "metrics", nil).DoRaw(ctx)
+	b, err := p.cs.CoreV1().Pods(p.ns).ProxyGet("http", pod, adminPort, "metrics", nil).DoRaw(ctx)
+	if errors.Is(err, context.DeadlineExceeded) {
+		// The pod proxy's own error is a long URL; what matters is that nothing answered.
+		return nil, fmt.Errorf("no answer through the API server's pod proxy within %s", scrapeTimeout)
+	}
+	return b, err
 }
 
 // statusCmd is one run of podipc status.
@@ -376,14 +381,15 @@ func linkRows(ms []member, cur *snapshot, now time.Time) []linkRow {
 
 // judge is the one-line verdict.
 func (r *report) judge(active int) string {
-	var problems []string
+	// Most specific first: broken links, then members not ready or not read, then drops.
+	var problems, members []string
 	drops := map[string]map[string]int64{}
 	for _, row := range r.rows {
 		switch {
 		case row.err != nil:
-			problems = append(problems, fmt.Sprintf("cannot read the metrics of %s: %v", row.pod, row.err))
+			members = append(members, fmt.Sprintf("cannot read the metrics of %s: %v", row.pod, row.err))
 		case row.active && !row.readyOK:
-			problems = append(problems, row.pod+" is not ready")
+			members = append(members, row.pod+" is not ready")
 		}
 		if len(row.drops) > 0 {
 			drops[row.pod] = row.drops
@@ -400,6 +406,7 @@ func (r *report) judge(active int) string {
 		}
 		problems = append(problems, p)
 	}
+	problems = append(problems, members...)
 	for _, pod := range slices.Sorted(maps.Keys(drops)) {
 		problems = append(problems, pod+" dropped "+dropText(drops[pod]))
 	}

@@ -123,6 +123,17 @@ func TestStatusReport(t *testing.T) {
 			verdict: "pod-1 has no link to pod-3; no drops in 5s",
 			table:   []string{"pod-1   pod-3   none"},
 		},
+		"a member cut off": {
+			// Its interface is down: nobody reaches it, and neither does the pod proxy.
+			change: func(fs map[string]*fakeSidecar) {
+				fs["pod-1"].link("pod-2", false, now.Add(-16*time.Second), 765)
+				fs["pod-3"].link("pod-2", false, now.Add(-16*time.Second), 768)
+			},
+			fail: "pod-2",
+			verdict: "pod-1 cannot reach pod-2: link down 16s; pod-3 cannot reach pod-2: link down 16s; " +
+				"cannot read the metrics of pod-2: pods \"pod-2\" is forbidden; no drops in 5s",
+			table: []string{"pod-1   pod-2   down   16s   765", "pod-2   pod-3   unknown   -   -"},
+		},
 		"metrics unreadable": {
 			fail:    "pod-2",
 			verdict: "cannot read the metrics of pod-2: pods \"pod-2\" is forbidden; no drops in 5s",
