@@ -54,7 +54,7 @@ test: ## Run unit, integration (real API server) and node-ipc compatibility test
 	@echo "make test: step 1 of 3: the test control plane (kube-apiserver, etcd, kubectl)"
 	@$(MAKE) --no-print-directory control-plane
 	@echo "make test: step 2 of 3: helm (for the chart tests)"
-	@$(MAKE) --no-print-directory $(BIN)/helm
+	@$(MAKE) --no-print-directory -s $(BIN)/helm
 	@echo "make test: step 3 of 3: go test $(GOTEST_FLAGS) of $$(go list ./... | wc -l) packages; each prints ok or FAIL as it finishes"
 	KUBEBUILDER_ASSETS=$(K8S_BIN) go test $(GOTEST_FLAGS) ./...
 
