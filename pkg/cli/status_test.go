@@ -2,13 +2,20 @@ package cli
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/expfmt"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 
 	"github.com/podipc/podipc/pkg/peer"
 	"github.com/podipc/podipc/pkg/router"
@@ -198,5 +205,72 @@ func TestCount(t *testing.T) {
 		if got := count(n); got != want {
 			t.Errorf("count(%v) = %q, want %q", n, got, want)
 		}
+	}
+}
+
+// scraperFunc adapts a function to scraper.
+type scraperFunc func(ctx context.Context, pod string) ([]byte, error)
+
+func (f scraperFunc) scrape(ctx context.Context, pod string) ([]byte, error) { return f(ctx, pod) }
+
+// TestStatusWatch runs status --watch over members published in EndpointSlices of a
+// real API server, each pod's metrics rendered from a sidecar's own series: it prints a
+// report per interval, the later one naming the link that went down meanwhile, and stops
+// cleanly when interrupted.
+func TestStatusWatch(t *testing.T) {
+	ctx := t.Context()
+	const ns = "statuswatch"
+	createNamespace(t, ns)
+	if err := env.Client.Create(ctx, &podipcv1alpha1.Channel{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "orders"}}); err != nil {
+		t.Fatal(err)
+	}
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: "orders-a", Labels: map[string]string{channelLabel: "orders"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints:   []discoveryv1.Endpoint{endpoint(ns, "pod-a", "10.0.0.1", false), endpoint(ns, "pod-b", "10.0.0.2", false)},
+	}
+	if err := env.Client.Create(ctx, slice); err != nil {
+		t.Fatal(err)
+	}
+	sidecars := map[string]*fakeSidecar{"pod-a": newFakeSidecar(), "pod-b": newFakeSidecar()}
+	var mu sync.Mutex
+	sidecars["pod-a"].link("pod-b", true, time.Now(), 0)
+	sidecars["pod-b"].link("pod-a", true, time.Now(), 0)
+	scr := scraperFunc(func(_ context.Context, pod string) ([]byte, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		mfs, err := sidecars[pod].reg.Gather()
+		if err != nil {
+			return nil, err
+		}
+		var b bytes.Buffer
+		enc := expfmt.NewEncoder(&b, expfmt.NewFormat(expfmt.TypeTextPlain))
+		for _, mf := range mfs {
+			_ = enc.Encode(mf)
+		}
+		return b.Bytes(), nil
+	})
+	cs, err := kubernetes.NewForConfig(env.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out syncBuffer
+	wctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	s := statusCmd{scr: scr, cs: cs, ns: ns, channel: "orders", interval: 200 * time.Millisecond, out: &out}
+	go func() { done <- s.watch(wctx, false) }()
+	waitFor(t, func() bool {
+		return strings.Contains(out.String(), "all 2 members connected to each other, no drops in")
+	}, "a healthy report")
+	mu.Lock()
+	sidecars["pod-b"].link("pod-a", false, time.Now(), 10)
+	mu.Unlock()
+	waitFor(t, func() bool { return strings.Contains(out.String(), "pod-b cannot reach pod-a: link down") }, "a report naming the broken link")
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("watch: %v", err)
+	}
+	if n := strings.Count(out.String(), "Channel statuswatch/orders: 2 members, 2 ready"); n < 2 {
+		t.Fatalf("%d reports printed:\n%s", n, out.String())
 	}
 }
