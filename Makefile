@@ -29,7 +29,11 @@ DEMO_FLAGS ?=
 demo: ## Run the whole journey locally: API server, controller, webhook, three injected pods exchanging lines. Linux, no root.
 	@test -x $(K8S_BIN)/kube-apiserver -a -x $(K8S_BIN)/etcd -a -x $(K8S_BIN)/kubectl || \
 	  echo "make demo: first run: building kube-apiserver, etcd and kubectl $(KUBE_VERSION) from source into bin/k8s/ (about 7 minutes on 2 cores; later runs start in seconds)"
-	@$(MAKE) --no-print-directory control-plane demo-binaries
+	@echo "make demo: step 1 of 3: the test control plane (kube-apiserver, etcd, kubectl)"
+	@$(MAKE) --no-print-directory control-plane
+	@echo "make demo: step 2 of 3: building podipc-controller, podipc-sidecar and the demo driver"
+	@$(MAKE) --no-print-directory demo-binaries
+	@echo "make demo: step 3 of 3: starting the API server, the controller and three pods"
 	@$(DEMO_BIN)/podipc-demo --bin=$(DEMO_BIN) --assets=$(K8S_BIN) $(DEMO_FLAGS)
 
 .PHONY: demo-check
@@ -44,7 +48,14 @@ demo-binaries:
 	go build -o $(DEMO_BIN)/podipc-demo ./hack/demo
 
 .PHONY: test
-test: control-plane $(BIN)/helm ## Run unit, integration (real API server) and node-ipc compatibility tests.
+test: ## Run unit, integration (real API server) and node-ipc compatibility tests.
+	@test -x $(K8S_BIN)/kube-apiserver -a -x $(K8S_BIN)/etcd -a -x $(K8S_BIN)/kubectl || \
+	  echo "make test: first run: building kube-apiserver, etcd and kubectl $(KUBE_VERSION) from source into bin/k8s/ (about 7 minutes on 2 cores; later runs skip this)"
+	@echo "make test: step 1 of 3: the test control plane (kube-apiserver, etcd, kubectl)"
+	@$(MAKE) --no-print-directory control-plane
+	@echo "make test: step 2 of 3: helm (for the chart tests)"
+	@$(MAKE) --no-print-directory -s $(BIN)/helm
+	@echo "make test: step 3 of 3: go test $(GOTEST_FLAGS) of $$(go list ./... | wc -l) packages; each prints ok or FAIL as it finishes"
 	KUBEBUILDER_ASSETS=$(K8S_BIN) go test $(GOTEST_FLAGS) ./...
 
 .PHONY: bench
@@ -144,6 +155,10 @@ image: binaries ## Build bin/images/podipc-$(VERSION)-<arch>.tar with hack/image
 .PHONY: control-plane
 control-plane: ## Build kube-apiserver, kubectl and etcd from source into bin/k8s/.
 	hack/k8s/build.sh kube-apiserver kubectl etcd >/dev/null
+
+.PHONY: promtool
+promtool: ## Build promtool into bin/, for test/chart's `promtool check rules` of the chart's alerts.
+	hack/promtool/build.sh
 
 .PHONY: tools
 tools: $(BIN)/golangci-lint $(BIN)/controller-gen $(BIN)/helm ## Build the pinned tools into bin/.

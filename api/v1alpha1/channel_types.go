@@ -156,11 +156,13 @@ type ChannelStatus struct {
 
 	// Members counts the pods (with an IP) whose sidecar names this channel.
 	//
+	// +kubebuilder:default=0
 	// +optional
 	Members int32 `json:"members"`
 
 	// ReadyMembers counts the members whose pod is Ready and not terminating.
 	//
+	// +kubebuilder:default=0
 	// +optional
 	ReadyMembers int32 `json:"readyMembers"`
 
@@ -195,8 +197,10 @@ type Channel struct {
 	// +optional
 	Spec ChannelSpec `json:"spec,omitempty"`
 
-	// Status is written by the controller.
+	// Status is written by the controller. Defaulted to {} so that a Channel the
+	// controller has not counted yet reads 0 members rather than nothing.
 	//
+	// +kubebuilder:default={}
 	// +optional
 	Status ChannelStatus `json:"status,omitempty"`
 }

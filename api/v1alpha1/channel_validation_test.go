@@ -1,6 +1,8 @@
 package v1alpha1_test
 
 import (
+	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -129,4 +131,41 @@ func restClient() (*rest.RESTClient, error) {
 	cfg.APIPath = "/apis"
 	cfg.NegotiatedSerializer = serializer.WithoutConversionCodecFactory{CodecFactory: serializer.NewCodecFactory(env.Scheme)}
 	return rest.RESTClientFor(cfg)
+}
+
+// TestPrinterColumnsShowZeroMembers: `kubectl get channels` prints 0, not an empty cell,
+// for a Channel no controller has counted yet. It asks the API server for the same
+// server-side Table kubectl prints.
+func TestPrinterColumnsShowZeroMembers(t *testing.T) {
+	ch := &podipcv1alpha1.Channel{ObjectMeta: metav1.ObjectMeta{Name: "no-members", Namespace: "default"}}
+	if err := env.Client.Create(t.Context(), ch); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	t.Cleanup(func() { _ = env.Client.Delete(t.Context(), ch) })
+
+	rc, err := restClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var table metav1.Table
+	body, err := rc.Get().Namespace("default").Resource("channels").Name("no-members").
+		SetHeader("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io").DoRaw(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(body, &table); err != nil {
+		t.Fatalf("decoding the table: %v", err)
+	}
+	if len(table.Rows) != 1 {
+		t.Fatalf("table has %d rows", len(table.Rows))
+	}
+	for i, col := range table.ColumnDefinitions {
+		if col.Name != "Members" && col.Name != "Ready" {
+			continue
+		}
+		// kubectl prints a missing cell (nil) as blank.
+		if cell := table.Rows[0].Cells[i]; cell == nil || fmt.Sprint(cell) != "0" {
+			t.Errorf("column %s = %v, want 0", col.Name, cell)
+		}
+	}
 }

@@ -1,11 +1,13 @@
-// Package cli is the podipc command line: send lines to a channel, tail a channel, list
-// a channel's members and check that the injector works. cmd/podipc only wires it to the
-// process's streams and signals.
+// Package cli is the podipc command line: send lines to a channel, tail a channel, show a
+// channel's status, list its members and check that the injector works. cmd/podipc only
+// wires it to the process's streams and signals.
 //
-// send and tail talk to the sidecar's app-facing line port on 127.0.0.1, exactly like an
-// app does, so they run inside a member pod (kubectl exec, or an ephemeral container) or
-// next to a sidecar started with --discovery=static. members and check-injection talk to
-// the API server through the user's kubeconfig (or the in-cluster service account).
+// send and tail talk to the sidecar's app-facing line port exactly like an app does: from
+// outside the cluster through a port-forward into a ready member pod (the API server's
+// pods/portforward, as kubectl port-forward), inside a member pod on 127.0.0.1. status
+// reads every member sidecar's /metrics through the API server's pod proxy. members,
+// status and check-injection talk to the API server through the user's kubeconfig (or
+// the in-cluster service account).
 package cli
 
 import (
@@ -32,14 +34,21 @@ func NewCommand(streams Streams) *cobra.Command {
 A Channel (podipc.dev/v1alpha1) groups pods annotated podipc.dev/inject: "true" and
 podipc.dev/channels: "<name>". Inside each member pod the injected podipc-sidecar serves
 the channel on 127.0.0.1:<Channel.spec.localPort>: every line written there reaches the
-other members. send and tail use that port like an app would; members and
-check-injection ask the API server.`,
-		Example: `  # inside a member pod: send a line to channel "orders" and read what arrives
-  podipc send 7000 'hello from the shell'
-  podipc tail 7000
+other members. send and tail use that port like an app would, from your machine through
+a port-forward into a member pod; status reads every member's sidecar metrics; members
+and check-injection ask the API server.`,
+		Example: `  # from your machine: follow channel orders in namespace shop, and send it a line
+  podipc tail orders -n shop
+  podipc send orders -n shop 'hello from my laptop'
 
-  # from your machine: who is on channel orders in namespace shop?
-  podipc members orders -n shop`,
+  # is every member reaching every other, and is anything dropped?
+  podipc status orders -n shop
+
+  # who is on channel orders?
+  podipc members orders -n shop
+
+  # inside a member pod: the sidecar's port on localhost
+  podipc send 7000 'hello from the shell'`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
@@ -50,6 +59,7 @@ check-injection ask the API server.`,
 		newSendCommand(streams),
 		newTailCommand(streams),
 		newMembersCommand(streams),
+		newStatusCommand(streams),
 		newCheckInjectionCommand(streams),
 	)
 	return root

@@ -95,11 +95,14 @@ type endpointOptions struct {
 	kube    kubeOptions
 	port    int
 	address string
+	// pod is the member pod to port-forward into (--pod).
+	pod string
 }
 
 func (o *endpointOptions) addFlags(fs *pflag.FlagSet) {
-	fs.IntVar(&o.port, "port", 0, "the channel's local port (skips the Channel lookup)")
-	fs.StringVar(&o.address, "address", "127.0.0.1", "address of the sidecar's line port (the sidecar's --app-address)")
+	fs.IntVar(&o.port, "port", 0, "the channel's local port (skips the Channel lookup); with --pod, that port of the pod")
+	fs.StringVar(&o.address, "address", "127.0.0.1", "address of the sidecar's line port on this machine (the sidecar's --app-address)")
+	fs.StringVar(&o.pod, "pod", "", "member pod to reach the channel through (default: a ready member)")
 	o.kube.addFlags(fs)
 }
 

@@ -105,7 +105,8 @@ func TestMembers(t *testing.T) {
 	}
 }
 
-// TestSendResolvesChannel: `podipc send orders` finds the port in Channel.spec.localPort.
+// TestSendResolvesChannel: `podipc send orders --address 127.0.0.1` (a sidecar on this
+// machine) finds the port in Channel.spec.localPort.
 func TestSendResolvesChannel(t *testing.T) {
 	ctx := t.Context()
 	createNamespace(t, "send")
@@ -115,14 +116,14 @@ func TestSendResolvesChannel(t *testing.T) {
 	if err := env.Client.Create(ctx, ch); err != nil {
 		t.Fatalf("creating a Channel on port %d: %v", srv.port(), err)
 	}
-	code, _, stderr := run(ctx, "", "send", "orders", "-n", "send", "--kubeconfig", kubeconfig, "via the channel")
+	code, _, stderr := run(ctx, "", "send", "orders", "-n", "send", "--kubeconfig", kubeconfig, "--address", "127.0.0.1", "via the channel")
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
 	if got := srv.received(t, 1); len(got) != 1 || len(got[0]) != 1 || got[0][0] != "via the channel" {
 		t.Fatalf("server received %q", got)
 	}
-	code, _, stderr = run(ctx, "", "send", "nope", "-n", "send", "--kubeconfig", kubeconfig, "x")
+	code, _, stderr = run(ctx, "", "send", "nope", "-n", "send", "--kubeconfig", kubeconfig, "--address", "127.0.0.1", "x")
 	if code == 0 || !strings.Contains(stderr, "reading Channel send/nope") {
 		t.Errorf("unknown channel: exit %d stderr %q", code, stderr)
 	}

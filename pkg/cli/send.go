@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"strings"
 	"time"
 
@@ -21,37 +20,43 @@ func newSendCommand(streams Streams) *cobra.Command {
 	var o endpointOptions
 	cmd := &cobra.Command{
 		Use:   "send (CHANNEL | PORT) [LINE...]",
-		Short: "Send lines to a channel through the local sidecar",
+		Short: "Send lines to a channel",
 		Long: `send connects to the sidecar's line port for a channel, writes each LINE argument as
 one line (or, without LINE arguments, every line read from standard input until EOF),
 and closes the connection. The sidecar carries each line to the other members' apps as
 Channel.spec.delivery says: Broadcast to every other connection, AnyOne to one member.
 
-The channel's port is --port, or a numeric first argument, or else the named Channel's
-spec.localPort, read through your kubeconfig (inside a member pod, its service account
-may read the Channels of its namespace). With --port, every argument is a line.`,
-		Example: `  # one line, port known
-  podipc send 7000 'order 42 shipped'
+From your machine, send port-forwards through the API server (as kubectl port-forward
+does) into a ready member pod of the Channel, or the one --pod names, and connects to
+its sidecar's line port there: it needs permission to read the Channel and its
+EndpointSlices and to create pods/portforward in the namespace.
 
-  # the port looked up from Channel shop/orders
+Inside a member pod (no kubeconfig, in-cluster service account), with a PORT number,
+--port or --address, send connects to the sidecar on this machine instead. The
+channel's port is --port, or a numeric first argument, or else the named Channel's
+spec.localPort. With --port, every argument is a line.`,
+		Example: `  # from your machine: one line to channel orders in namespace shop
   podipc send orders -n shop 'order 42 shipped'
 
-  # a stream of lines from a file or a program
-  tail -f /var/log/orders.log | podipc send orders
+  # through a particular member pod, with another kubeconfig context
+  podipc send orders -n shop --pod orders-7d9f-x2k4q --context prod 'order 42 shipped'
 
-  # a sidecar on another loopback address (--discovery=static setups)
-  podipc send --address 127.0.0.2 --port 7000 hello`,
+  # a stream of lines from a file or a program
+  tail -f /var/log/orders.log | podipc send orders -n shop
+
+  # inside a member pod: the sidecar's port, known
+  podipc send 7000 'order 42 shipped'`,
 		Args: cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			target, lines := "", args
+			arg, lines := "", args
 			if len(args) > 0 {
-				target, lines = args[0], args[1:]
+				arg, lines = args[0], args[1:]
 			}
-			if o.port != 0 && len(args) > 0 {
+			if o.port != 0 && len(args) > 0 && o.pod == "" {
 				// With --port every argument is a line.
-				target, lines = "", args
+				arg, lines = "", args
 			}
-			addr, err := o.resolve(cmd.Context(), streams, target)
+			t, err := o.resolveTarget(cmd.Context(), streams, arg, cmd.Flags().Changed("address"))
 			if err != nil {
 				return err
 			}
@@ -59,30 +64,29 @@ may read the Channels of its namespace). With --port, every argument is a line.`
 			if len(lines) > 0 {
 				src = strings.NewReader(strings.Join(lines, "\n") + "\n")
 			}
-			return send(cmd.Context(), addr, src)
+			c, where, err := t.dial(cmd.Context(), false)
+			if err != nil {
+				return err
+			}
+			return send(cmd.Context(), c, where, src)
 		},
 	}
 	o.addFlags(cmd.Flags())
 	return cmd
 }
 
-// send copies the lines of src to a connection to addr. Every line goes out terminated by
+// send copies the lines of src to c, then closes it. Every line goes out terminated by
 // '\n' (an unterminated last line gets one); output is flushed whenever src has nothing
 // more buffered, so an interactive or slow source is sent line by line and a file is sent
 // in large writes.
-func send(ctx context.Context, addr string, src io.Reader) error {
-	d := net.Dialer{Timeout: dialTimeout}
-	conn, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return fmt.Errorf("connecting to the sidecar at %s (is this a member pod of the channel?): %w", addr, err)
-	}
-	defer func() { _ = conn.Close() }()
-	// Stop a blocked read or write when the context ends (Ctrl-C).
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
+func send(ctx context.Context, c conn, where string, src io.Reader) error {
+	defer func() { _ = c.Close() }()
+	// Stop a blocked write when the context ends (Ctrl-C).
+	stop := context.AfterFunc(ctx, func() { _ = c.Close() })
 	defer stop()
 
 	r := bufio.NewReaderSize(src, 64<<10)
-	w := bufio.NewWriterSize(conn, 64<<10)
+	w := bufio.NewWriterSize(c, 64<<10)
 	for {
 		line, rerr := r.ReadString('\n')
 		if line != "" {
@@ -90,12 +94,12 @@ func send(ctx context.Context, addr string, src io.Reader) error {
 				line += "\n"
 			}
 			if _, err := w.WriteString(line); err != nil {
-				return fmt.Errorf("sending to %s: %w", addr, err)
+				return fmt.Errorf("sending to %s: %w", where, err)
 			}
 		}
 		if rerr != nil || r.Buffered() == 0 {
 			if err := w.Flush(); err != nil {
-				return fmt.Errorf("sending to %s: %w", addr, err)
+				return fmt.Errorf("sending to %s: %w", where, err)
 			}
 		}
 		if errors.Is(rerr, io.EOF) {
@@ -106,10 +110,8 @@ func send(ctx context.Context, addr string, src io.Reader) error {
 		}
 	}
 	// Half-close, so the sidecar sees a clean end of input after the last line.
-	if tc, ok := conn.(*net.TCPConn); ok {
-		if err := tc.CloseWrite(); err != nil {
-			return fmt.Errorf("closing the connection to %s: %w", addr, err)
-		}
+	if err := c.CloseWrite(); err != nil {
+		return fmt.Errorf("closing the connection to %s: %w", where, err)
 	}
 	return ctx.Err()
 }

@@ -3,10 +3,11 @@ package cli
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -33,6 +34,7 @@ func (b *backoff) wait() time.Duration {
 func newTailCommand(streams Streams) *cobra.Command {
 	var o endpointOptions
 	var noReconnect bool
+	var output string
 	cmd := &cobra.Command{
 		Use:   "tail (CHANNEL | PORT)",
 		Short: "Print the lines arriving on a channel",
@@ -41,31 +43,50 @@ arrives, one per output line, until interrupted. It is a connection on the chann
 any app's: with Broadcast delivery it sees every line the other members send; with AnyOne
 it is one of the candidates that share them.
 
-When the connection ends (the sidecar restarted, or is not up yet), tail reconnects with
-a backoff from 100ms up to 5s and says so on standard error; --no-reconnect makes it exit
-instead. Lines sent while it was disconnected are not replayed.`,
-		Example: `  # follow channel orders from inside a member pod
-  podipc tail orders
+From your machine, tail port-forwards through the API server (as kubectl port-forward
+does) into a ready member pod of the Channel, or the one --pod names, and says on
+standard error which pod it is attached to. When that pod goes away, tail attaches to
+another ready member and says so. It needs permission to read the Channel and its
+EndpointSlices and to create pods/portforward in the namespace. Inside a member pod
+(no kubeconfig, in-cluster service account), with a PORT number, --port or --address,
+tail connects to the sidecar on this machine instead.
 
-  # follow a known port, stop when the sidecar goes away
+When the connection ends (the pod went away, the sidecar restarted, or is not up yet),
+tail reconnects with a backoff from 100ms up to 5s and says so on standard error;
+--no-reconnect makes it exit instead. Lines sent while it was disconnected are not
+replayed. Lines do not carry their sending pod, so tail cannot show it.
+
+--output json prints one JSON object per line: {"time", "pod", "line"}, where time is
+when tail read it and pod is the member tail is attached to ("" on this machine).`,
+		Example: `  # from your machine: follow channel orders in namespace shop
+  podipc tail orders -n shop
+
+  # through a given member pod, as JSON for a script
+  podipc tail orders -n shop --pod orders-7d9f-x2k4q -o json | jq -r .line
+
+  # inside a member pod: follow a known port, stop when the sidecar goes away
   podipc tail 7000 --no-reconnect`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			target := ""
-			if len(args) == 1 {
-				target = args[0]
+			if output != "" && output != "json" {
+				return fmt.Errorf("unknown output format %q: the only one is json", output)
 			}
-			addr, err := o.resolve(cmd.Context(), streams, target)
+			arg := ""
+			if len(args) == 1 {
+				arg = args[0]
+			}
+			tg, err := o.resolveTarget(cmd.Context(), streams, arg, cmd.Flags().Changed("address"))
 			if err != nil {
 				return err
 			}
-			t := tailer{addr: addr, out: streams.Out, log: streams.Err, reconnect: !noReconnect,
+			t := tailer{target: tg, out: streams.Out, log: streams.Err, reconnect: !noReconnect, json: output == "json",
 				backoff: backoff{min: 100 * time.Millisecond, max: 5 * time.Second}}
 			return t.run(cmd.Context())
 		},
 	}
 	o.addFlags(cmd.Flags())
 	cmd.Flags().BoolVar(&noReconnect, "no-reconnect", false, "exit when the connection ends instead of reconnecting")
+	cmd.Flags().StringVarP(&output, "output", "o", "", "output format: json (one object per line) or, by default, the lines as they are")
 	return cmd
 }
 
@@ -73,20 +94,22 @@ instead. Lines sent while it was disconnected are not replayed.`,
 // cannot help, so tail exits.
 var errOutput = errors.New("writing output")
 
-// tailer copies the lines arriving at addr to out, reconnecting when asked to.
+// tailer copies the lines arriving at its target to out, reconnecting when asked to.
 type tailer struct {
-	addr      string
+	target    target
 	out       io.Writer
 	log       io.Writer
 	reconnect bool
+	json      bool
 	backoff   backoff
 }
 
 // run returns nil when ctx ends, or the connection's error when it ends and reconnect is
 // off (nil for a clean close by the sidecar).
 func (t *tailer) run(ctx context.Context) error {
+	attached, lost := "", false
 	for {
-		got, err := t.once(ctx)
+		got, where, err := t.once(ctx, lost, &attached)
 		if ctx.Err() != nil {
 			return nil //nolint:nilerr // the error is the cancellation the user asked for
 		}
@@ -96,12 +119,17 @@ func (t *tailer) run(ctx context.Context) error {
 		if got {
 			t.backoff.reset()
 		}
+		lost = true
 		d := t.backoff.wait()
 		reason := "closed by the sidecar"
 		if err != nil {
 			reason = err.Error()
 		}
-		_, _ = fmt.Fprintf(t.log, "podipc: connection to %s lost (%s); reconnecting in %s\n", t.addr, reason, d)
+		if where == "" {
+			_, _ = fmt.Fprintf(t.log, "podipc: %s; retrying in %s\n", reason, d)
+		} else {
+			_, _ = fmt.Fprintf(t.log, "podipc: connection to %s lost (%s); reconnecting in %s\n", where, reason, d)
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -110,40 +138,74 @@ func (t *tailer) run(ctx context.Context) error {
 	}
 }
 
-// once runs one connection to its end, reporting whether any line arrived.
-func (t *tailer) once(ctx context.Context) (bool, error) {
-	d := net.Dialer{Timeout: dialTimeout}
-	conn, err := d.DialContext(ctx, "tcp", t.addr)
+// once runs one connection to its end, reporting whether any line arrived and where
+// it was attached. It says on the log when it attaches somewhere new; attached is the
+// last place it said.
+func (t *tailer) once(ctx context.Context, lost bool, attached *string) (bool, string, error) {
+	c, where, err := t.target.dial(ctx, lost)
 	if err != nil {
-		return false, err
+		return false, where, err
 	}
-	defer func() { _ = conn.Close() }()
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Now()) })
+	defer func() { _ = c.Close() }()
+	switch *attached {
+	case where:
+	case "":
+		_, _ = fmt.Fprintf(t.log, "podipc: attached to %s\n", where)
+	default:
+		_, _ = fmt.Fprintf(t.log, "podipc: reattached to %s (was %s)\n", where, *attached)
+	}
+	*attached = where
+	stop := context.AfterFunc(ctx, func() { _ = c.Close() })
 	defer stop()
 
-	r := bufio.NewReaderSize(conn, 64<<10)
+	pod := ""
+	if p, ok := strings.CutPrefix(where, "pod "); ok {
+		pod = p
+	}
+	r := bufio.NewReaderSize(c, 64<<10)
 	w := bufio.NewWriter(t.out)
 	got := false
 	for {
 		line, err := r.ReadString('\n')
 		if line != "" {
 			got = true
-			if line[len(line)-1] != '\n' {
-				line += "\n" // an unterminated last line is still a line
-			}
-			_, _ = w.WriteString(line)
+			t.write(w, line, pod)
 		}
 		// Flush once nothing more is waiting, so output keeps up with a live channel.
 		if err != nil || r.Buffered() == 0 {
 			if ferr := w.Flush(); ferr != nil {
-				return got, fmt.Errorf("%w: %w", errOutput, ferr)
+				return got, where, fmt.Errorf("%w: %w", errOutput, ferr)
 			}
 		}
 		if errors.Is(err, io.EOF) {
-			return got, nil
+			return got, where, nil
 		}
 		if err != nil {
-			return got, err
+			return got, where, err
 		}
 	}
+}
+
+// tailRecord is one line of --output json.
+type tailRecord struct {
+	Time time.Time `json:"time"`
+	Pod  string    `json:"pod"`
+	Line string    `json:"line"`
+}
+
+// write prints one line read (with or without its terminator: an unterminated last
+// line is still a line).
+func (t *tailer) write(w *bufio.Writer, line, pod string) {
+	line = strings.TrimSuffix(line, "\n")
+	if !t.json {
+		_, _ = w.WriteString(line)
+		_ = w.WriteByte('\n')
+		return
+	}
+	b, err := json.Marshal(tailRecord{Time: time.Now().UTC(), Pod: pod, Line: line})
+	if err != nil {
+		// Only a time outside years 0-9999 fails to marshal; print the line as it is.
+		b, _ = json.Marshal(line) //nolint:errchkjson // a string always marshals
+	}
+	_, _ = w.Write(append(b, '\n'))
 }

@@ -13,6 +13,7 @@ import (
 	"unsafe"
 
 	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
@@ -158,6 +159,9 @@ type Link struct {
 	closed   bool
 	// bye asks the writer to say GOODBYE once the queue is empty.
 	bye bool
+	// upGauge, changedGauge and unackedGauge are this link's series of the per-peer
+	// gauges, held so a late report after Close cannot recreate a deleted series.
+	upGauge, changedGauge, unackedGauge prometheus.Gauge
 
 	wake   chan struct{}
 	ctx    context.Context
@@ -173,11 +177,26 @@ func NewLink(cfg LinkConfig) *Link {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(nil)
 	}
-	return &Link{
+	l := &Link{
 		cfg: cfg, log: cfg.Log.WithValues("peer", cfg.Member.Namespace+"/"+cfg.Member.Name, "peerUID", cfg.Member.UID),
 		nextSeq: 1, chans: map[string]*chanState{}, presence: map[string]int{},
-		wake: make(chan struct{}, 1),
+		wake:         make(chan struct{}, 1),
+		upGauge:      cfg.Metrics.LinkUp.WithLabelValues(cfg.Member.Name),
+		changedGauge: cfg.Metrics.LinkChanged.WithLabelValues(cfg.Member.Name),
+		unackedGauge: cfg.Metrics.LinkUnacked.WithLabelValues(cfg.Member.Name),
 	}
+	l.reportUp(false)
+	return l
+}
+
+// reportUp publishes whether the link is established, and since when.
+func (l *Link) reportUp(up bool) {
+	v := 0.0
+	if up {
+		v = 1
+	}
+	l.upGauge.Set(v)
+	l.changedGauge.SetToCurrentTime()
 }
 
 // ID returns the member's UID.
@@ -241,6 +260,10 @@ func (l *Link) pushLocked(st *chanState, ref *router.Chunk, data []byte, kind ro
 		l.encodeLocked(m)
 		l.next++
 	}
+	if !l.encoding {
+		// No writer reports for a link that is down: the queue's growth shows at once.
+		l.reportLocked()
+	}
 }
 
 // fillLocked encodes waiting messages into out while it holds less than maxOutBytes.
@@ -292,6 +315,7 @@ func (l *Link) chanLocked(channel string) *chanState {
 func (l *Link) reportLocked() {
 	if d := l.unacked - l.reported; d != 0 {
 		l.cfg.Metrics.Unacked.Add(float64(d))
+		l.unackedGauge.Set(float64(l.unacked))
 		l.reported = l.unacked
 	}
 }
@@ -555,6 +579,7 @@ func (l *Link) session(ctx context.Context) error {
 	wErr := <-werr
 	l.mu.Lock()
 	l.up = false
+	l.reportUp(false)
 	l.conn = nil
 	l.stopEncodingLocked()
 	var reroute []router.Message
@@ -669,6 +694,7 @@ func (l *Link) resume(conn net.Conn, w Welcome) error {
 	l.havePeer, l.peerInc = true, w.Pod.Incarnation
 	l.presence = w.Presence
 	l.up = true
+	l.reportUp(true)
 	l.conn = conn
 	l.kickLocked()
 	l.mu.Unlock()
@@ -864,6 +890,14 @@ func (l *Link) Drain(ctx context.Context) {
 	}
 }
 
+// deleteSeries removes the link's per-peer series: the peer is no longer a member.
+func (l *Link) deleteSeries() {
+	p := l.cfg.Member.Name
+	l.cfg.Metrics.LinkUp.DeleteLabelValues(p)
+	l.cfg.Metrics.LinkChanged.DeleteLabelValues(p)
+	l.cfg.Metrics.LinkUnacked.DeleteLabelValues(p)
+}
+
 // Close stops the link and joins its goroutines. Unacknowledged lines are settled:
 // Broadcast ones counted dropped for reason, AnyOne ones rerouted. Idempotent.
 func (l *Link) Close(reason string) {
@@ -885,6 +919,7 @@ func (l *Link) Close(reason string) {
 	l.mu.Lock()
 	reroute := l.settleLocked(^uint64(0), reason)
 	l.mu.Unlock()
+	l.deleteSeries()
 	if reason != router.ReasonShutdown {
 		l.cfg.Router.Reroute(reroute)
 	} else {

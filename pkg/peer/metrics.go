@@ -20,6 +20,12 @@ type Metrics struct {
 	// Senders counts the sending pods whose resume state the server keeps; it grows
 	// with pod churn only until departed pods leave the membership.
 	Senders prometheus.Gauge
+	// LinkUp, LinkChanged and LinkUnacked describe each outbound link by the receiving
+	// pod's name. Links exist only to members of this pod's channels and a closed link's
+	// series are deleted, so the label stays bounded by the channels' membership.
+	LinkUp      *prometheus.GaugeVec
+	LinkChanged *prometheus.GaugeVec
+	LinkUnacked *prometheus.GaugeVec
 }
 
 // NewMetrics creates the peer series and registers them with reg (if not nil).
@@ -52,6 +58,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Senders: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "podipc_peer_senders", Help: "Sending pods whose resume state (incarnation, last sequence number) inbound peer links keep: connected ones and members briefly disconnected.",
 		}),
+		LinkUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "podipc_peer_link_up", Help: "1 while the outbound peer link to the member pod peer is established, 0 otherwise.",
+		}, []string{"peer"}),
+		LinkChanged: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "podipc_peer_link_last_change_timestamp_seconds", Help: "When the outbound peer link to peer last went up or down (or was created), in Unix seconds.",
+		}, []string{"peer"}),
+		LinkUnacked: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "podipc_peer_link_unacked_bytes", Help: "Bytes queued on the outbound peer link to peer and not yet acknowledged.",
+		}, []string{"peer"}),
 	}
 	// Every reason is exported from the start, at zero, so that an alert on a rate
 	// sees the first refusal, protocol error or panic.
@@ -65,14 +80,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		m.Panics.WithLabelValues(dir)
 	}
 	if reg != nil {
-		reg.MustRegister(m.Links, m.Reconnects, m.Refused, m.ProtocolErrors, m.Panics, m.Sent, m.Received, m.Unacked, m.Senders)
+		reg.MustRegister(m.Links, m.Reconnects, m.Refused, m.ProtocolErrors, m.Panics, m.Sent, m.Received, m.Unacked, m.Senders,
+			m.LinkUp, m.LinkChanged, m.LinkUnacked)
 	}
 	return m
 }
 
 // refusedReasons are the reason labels of podipc_peer_refused_total.
 var refusedReasons = []string{RefusedHandshake, RefusedVersion, RefusedUnauthorized, RefusedConnectionLimit,
-	RefusedSourceLimit, RefusedHandshakeTimeout}
+	RefusedSourceLimit, RefusedHandshakeTimeout, RefusedIdentity}
 
 // protocolReasons are the reason labels of podipc_peer_protocol_errors_total.
 var protocolReasons = []string{ReasonMalformed, ReasonChannelName, ReasonKind, ReasonFrameSize, ReasonSequence,

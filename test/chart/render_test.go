@@ -32,6 +32,7 @@ var valueSets = map[string]map[string]string{
 		"sidecar.image":        `"registry.example/podipc-sidecar:v9.9.9"`,
 	},
 	"one replica, excluded namespaces": {"controller.replicas": "1", "webhook.excludeNamespaces": `["monitoring","kube-system"]`},
+	"dashboard and alerts":             monitoringValues,
 }
 
 func TestLint(t *testing.T) {
