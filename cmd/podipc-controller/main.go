@@ -28,6 +28,7 @@ type options struct {
 	leaderElectionNamespace string
 	channelConcurrency      int
 	webhook                 webhookOptions
+	identity                identityOptions
 }
 
 func main() {
@@ -38,6 +39,7 @@ func main() {
 	flag.StringVar(&o.leaderElectionNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: the pod's own).")
 	flag.IntVar(&o.channelConcurrency, "channel-concurrency", 4, "Channels reconciled at once.")
 	o.webhook.bindFlags(flag.CommandLine)
+	o.identity.bindFlags(flag.CommandLine)
 	zapOpts := zap.Options{}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -76,8 +78,11 @@ func run(ctx context.Context, o options) error {
 	if err := setupReconcilers(ctx, mgr, o); err != nil {
 		return err
 	}
-	if err := setupWebhooks(mgr, o.webhook, keypair); err != nil {
+	if err := setupWebhooks(mgr, o.webhook, o.identity.injectIdentity(o.webhook.namespace), keypair); err != nil {
 		return err
+	}
+	if err := setupIdentity(mgr, o.identity, o.webhook.namespace); err != nil {
+		return fmt.Errorf("setting up workload identity: %w", err)
 	}
 	if err := setupChecks(mgr); err != nil {
 		return err

@@ -74,11 +74,12 @@ func webhookServer(o webhookOptions) (webhook.Server, *certs.Keypair, error) {
 
 // setupWebhooks registers the sidecar injection webhook, the monitor of pods it missed and,
 // in self mode, the certificate rotation (leader only) and loading (every replica).
-func setupWebhooks(mgr ctrl.Manager, o webhookOptions, kp *certs.Keypair) error {
+func setupWebhooks(mgr ctrl.Manager, o webhookOptions, id *inject.Identity, kp *certs.Keypair) error {
 	cfg, err := o.injectConfig()
 	if err != nil {
 		return err
 	}
+	cfg.Identity = id
 	hook := &inject.Webhook{Reader: mgr.GetCache(), APIReader: mgr.GetAPIReader(), Config: cfg}
 	if err := hook.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("setting up the injection webhook: %w", err)

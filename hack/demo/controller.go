@@ -104,6 +104,8 @@ func startController(ctx context.Context, c *cluster, binDir, dir string, webhoo
 		"--webhook-host=127.0.0.1",
 		"--webhook-port="+strconv.Itoa(webhookPort),
 		"--webhook-cert-extra-hosts=127.0.0.1",
+		// The demo's sidecars run outside a cluster and have no projected identity token.
+		"--identity-bind-address=0",
 		"--webhook-config-name="+webhookConfigName,
 	)
 	if err != nil {

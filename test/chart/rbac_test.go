@@ -17,7 +17,8 @@ import (
 // can say: by name, or in the release namespace only. The controller touches only its own.
 var narrowed = map[string]string{
 	"leases":                        "leader election uses one Lease, in the release namespace: a Role, not the ClusterRole",
-	"secrets":                       "only podipc-webhook-tls, in the release namespace (create cannot be narrowed by name)",
+	"secrets":                       "only podipc-webhook-tls and podipc-identity, in the release namespace (create cannot be narrowed by name)",
+	"configmaps":                    "only podipc-identity-trust, in the release namespace (create cannot be narrowed by name)",
 	"mutatingwebhookconfigurations": "only podipc-injector, by resourceNames",
 }
 
@@ -112,7 +113,7 @@ func TestRBACLeastPrivilege(t *testing.T) {
 						t.Errorf("rule %q grants %q", all, bad)
 					}
 				}
-				for _, named := range []string{"secrets", "mutatingwebhookconfigurations"} {
+				for _, named := range []string{"secrets", "configmaps", "mutatingwebhookconfigurations"} {
 					// create cannot be narrowed by name; it reads nothing, so it is the exception.
 					if slices.Contains(r.Resources, named) && len(r.ResourceNames) == 0 && !slices.Equal(r.Verbs, []string{"create"}) {
 						t.Errorf("rule %q grants %s without resourceNames", all, named)

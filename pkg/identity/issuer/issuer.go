@@ -78,6 +78,10 @@ const (
 // mark check plugs in here.
 type Admission func(pod *corev1.Pod) error
 
+// +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
+// The trust bundle ConfigMap (TrustBundle), in the controller's namespace only.
+// +kubebuilder:rbac:groups="",namespace=podipc-system,resources=configmaps,verbs=get;create;update
+
 // Server is the identity endpoint.
 type Server struct {
 	// Addr is the listen address, e.g. ":9444".

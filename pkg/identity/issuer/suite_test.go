@@ -120,8 +120,8 @@ func startIssuer(e *testenv.Env) (func(), error) {
 		ChannelsOf: channel.ChannelsOf,
 		// A generous pod limit: the renewal test renews several times.
 		PodLimit: issuer.Limit{Rate: 5, Burst: 20},
-		Log: funcr.New(logs.add, funcr.Options{}),
-		Metrics: issuer.NewMetrics(prometheus.NewRegistry()),
+		Log:      funcr.New(logs.add, funcr.Options{}),
+		Metrics:  issuer.NewMetrics(prometheus.NewRegistry()),
 	}
 	if err := srv.Listen(); err != nil {
 		cancel()
