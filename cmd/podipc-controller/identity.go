@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/clock"
@@ -20,6 +21,7 @@ import (
 	"github.com/podipc/podipc/pkg/identity"
 	"github.com/podipc/podipc/pkg/identity/issuer"
 	"github.com/podipc/podipc/pkg/inject"
+	"github.com/podipc/podipc/pkg/seal"
 )
 
 // identityOptions are the identity endpoint's flags.
@@ -62,7 +64,7 @@ func (o identityOptions) injectIdentity(namespace string) *inject.Identity {
 
 // setupIdentity adds the identity root's rotation (leader only), the Keypair that serves
 // and signs with it, and the endpoint (every replica).
-func setupIdentity(mgr ctrl.Manager, o identityOptions, namespace string) error {
+func setupIdentity(mgr ctrl.Manager, o identityOptions, namespace string, key *seal.Key) error {
 	if !o.enabled() {
 		ctrl.Log.Info("Workload identity is off (--identity-bind-address=0)")
 		return nil
@@ -104,6 +106,9 @@ func setupIdentity(mgr ctrl.Manager, o identityOptions, namespace string) error 
 		Reviewer: direct, Pods: mgr.GetCache(), APIReader: mgr.GetAPIReader(), ChannelsOf: channel.ChannelsOf,
 		Log:     ctrl.Log.WithName("identity"),
 		Metrics: issuer.NewMetrics(metrics.Registry),
+	}
+	if key != nil {
+		srv.Admit = func(pod *corev1.Pod) error { return key.Check(pod, channel.ChannelsOf(pod)) }
 	}
 	if err := srv.Listen(); err != nil {
 		return err

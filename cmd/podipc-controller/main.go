@@ -10,15 +10,18 @@ import (
 	"os"
 
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 	"github.com/podipc/podipc/pkg/channel"
+	"github.com/podipc/podipc/pkg/seal"
 )
 
 // options are the command-line flags.
@@ -29,6 +32,8 @@ type options struct {
 	channelConcurrency      int
 	webhook                 webhookOptions
 	identity                identityOptions
+	sealSecret              string
+	requireSeal             bool
 }
 
 func main() {
@@ -40,6 +45,8 @@ func main() {
 	flag.IntVar(&o.channelConcurrency, "channel-concurrency", 4, "Channels reconciled at once.")
 	o.webhook.bindFlags(flag.CommandLine)
 	o.identity.bindFlags(flag.CommandLine)
+	flag.StringVar(&o.sealSecret, "seal-secret", "podipc-seal", "Name of the Secret, in the controller's namespace, holding the key of the seal the webhook puts on every injected pod.")
+	flag.BoolVar(&o.requireSeal, "require-seal", true, "Publish as members, and issue identities to, only pods carrying a valid seal. Turn off only while pods injected by a release without seals are restarted.")
 	zapOpts := zap.Options{}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -75,13 +82,21 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return fmt.Errorf("creating the manager: %w", err)
 	}
-	if err := setupReconcilers(ctx, mgr, o); err != nil {
+	key, err := loadSeal(ctx, mgr, o)
+	if err != nil {
 		return err
 	}
-	if err := setupWebhooks(mgr, o.webhook, o.identity.injectIdentity(o.webhook.namespace), keypair); err != nil {
+	var required *seal.Key
+	if o.requireSeal {
+		required = key
+	}
+	if err := setupReconcilers(ctx, mgr, o, required); err != nil {
 		return err
 	}
-	if err := setupIdentity(mgr, o.identity, o.webhook.namespace); err != nil {
+	if err := setupWebhooks(mgr, o.webhook, o.identity.injectIdentity(o.webhook.namespace), key, keypair); err != nil {
+		return err
+	}
+	if err := setupIdentity(mgr, o.identity, o.webhook.namespace, required); err != nil {
 		return fmt.Errorf("setting up workload identity: %w", err)
 	}
 	if err := setupChecks(mgr); err != nil {
@@ -91,8 +106,25 @@ func run(ctx context.Context, o options) error {
 	return mgr.Start(ctx)
 }
 
-func setupReconcilers(ctx context.Context, mgr ctrl.Manager, o options) error {
-	r := &channel.Reconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("podipc-controller")}
+// loadSeal reads (or, the first time, creates) the seal key, before the manager starts:
+// the webhook cannot inject without it.
+func loadSeal(ctx context.Context, mgr ctrl.Manager, o options) (*seal.Key, error) {
+	if o.webhook.namespace == "" {
+		return nil, fmt.Errorf("the controller's namespace is unknown: set POD_NAMESPACE or --namespace")
+	}
+	direct, err := client.New(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme(), Mapper: mgr.GetRESTMapper(), HTTPClient: mgr.GetHTTPClient()})
+	if err != nil {
+		return nil, err
+	}
+	key, err := seal.Load(ctx, direct, types.NamespacedName{Namespace: o.webhook.namespace, Name: o.sealSecret})
+	if err != nil {
+		return nil, fmt.Errorf("loading the seal key: %w", err)
+	}
+	return key, nil
+}
+
+func setupReconcilers(ctx context.Context, mgr ctrl.Manager, o options, key *seal.Key) error {
+	r := &channel.Reconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("podipc-controller"), Seal: key}
 	if err := r.SetupWithManager(ctx, mgr, o.channelConcurrency); err != nil {
 		return fmt.Errorf("setting up the Channel controller: %w", err)
 	}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/podipc/podipc/pkg/certs"
 	"github.com/podipc/podipc/pkg/inject"
+	"github.com/podipc/podipc/pkg/seal"
 )
 
 // webhookOptions are the injector's flags.
@@ -74,12 +75,12 @@ func webhookServer(o webhookOptions) (webhook.Server, *certs.Keypair, error) {
 
 // setupWebhooks registers the sidecar injection webhook, the monitor of pods it missed and,
 // in self mode, the certificate rotation (leader only) and loading (every replica).
-func setupWebhooks(mgr ctrl.Manager, o webhookOptions, id *inject.Identity, kp *certs.Keypair) error {
+func setupWebhooks(mgr ctrl.Manager, o webhookOptions, id *inject.Identity, key *seal.Key, kp *certs.Keypair) error {
 	cfg, err := o.injectConfig()
 	if err != nil {
 		return err
 	}
-	cfg.Identity = id
+	cfg.Identity, cfg.Seal = id, key
 	hook := &inject.Webhook{Reader: mgr.GetCache(), APIReader: mgr.GetAPIReader(), Config: cfg}
 	if err := hook.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("setting up the injection webhook: %w", err)

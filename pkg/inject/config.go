@@ -12,6 +12,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/podipc/podipc/pkg/identity"
+	"github.com/podipc/podipc/pkg/seal"
 )
 
 // Config is what the controller's flags say about the injected sidecar.
@@ -28,6 +29,9 @@ type Config struct {
 	// Identity, if set, gives the sidecar a workload certificate: the webhook projects an
 	// identity token and tells the sidecar where to ask.
 	Identity *Identity
+	// Seal, if set, seals every injected pod (podipc.dev/seal), which the controller and
+	// the identity endpoint require of members.
+	Seal *seal.Key
 }
 
 // Identity is where an injected sidecar obtains its workload certificate.

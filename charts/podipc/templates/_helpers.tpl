@@ -9,6 +9,7 @@ Names. The cluster-scoped objects and the webhook's Service and Secret have fixe
 {{- define "podipc.identityServiceName" -}}podipc-identity{{- end -}}
 {{- define "podipc.identitySecretName" -}}podipc-identity{{- end -}}
 {{- define "podipc.identityTrustName" -}}podipc-identity-trust{{- end -}}
+{{- define "podipc.sealSecretName" -}}podipc-seal{{- end -}}
 {{- define "podipc.certificateName" -}}podipc-webhook{{- end -}}
 {{- define "podipc.testName" -}}podipc-test-injection{{- end -}}
 
