@@ -53,7 +53,7 @@ func (o *webhookOptions) bindFlags(fs *flag.FlagSet) {
 // webhookServer builds the manager's webhook server; in self mode its certificate comes from
 // the returned Keypair, which setupWebhooks adds to the manager.
 func webhookServer(o webhookOptions) (webhook.Server, *certs.Keypair, error) {
-	opts := webhook.Options{Host: o.host, Port: o.port, CertDir: o.certDir}
+	opts := webhook.Options{Host: o.host, Port: o.port, CertDir: o.certDir, TLSOpts: []func(*tls.Config){disableHTTP2}}
 	switch o.certMode {
 	case "cert-manager":
 		return webhook.NewServer(opts), nil, nil
@@ -69,7 +69,7 @@ func webhookServer(o webhookOptions) (webhook.Server, *certs.Keypair, error) {
 		return nil, nil, err
 	}
 	kp := &certs.Keypair{Clientset: cs, Secret: types.NamespacedName{Namespace: o.namespace, Name: o.secret}}
-	opts.TLSOpts = []func(*tls.Config){kp.TLSOption}
+	opts.TLSOpts = append(opts.TLSOpts, kp.TLSOption)
 	return webhook.NewServer(opts), kp, nil
 }
 

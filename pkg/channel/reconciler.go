@@ -80,6 +80,10 @@ type Reconciler struct {
 // read access to that channel and its EndpointSlices. It can only grant what it holds
 // itself (RBAC escalation prevention), which the rules above cover.
 // +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=roles;rolebindings,verbs=get;list;watch;create;update;patch;delete
+// The controller's metrics server (cmd/podipc-controller --metrics-secure) authenticates
+// and authorizes every scrape with the API server.
+// +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
+// +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
 // Leader election.
 // +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch;create;update;patch;delete
 
