@@ -1,6 +1,7 @@
 package channel
 
 import (
+	"errors"
 	"net/netip"
 	"slices"
 	"strings"
@@ -37,9 +38,9 @@ func Exclusion(pod *corev1.Pod, ch *podipcv1alpha1.Channel, key *seal.Key) strin
 		return ExcludedNotPermitted
 	}
 	if key != nil {
-		switch err := key.Check(pod, ChannelsOf(pod)); err {
-		case nil:
-		case seal.ErrMissing:
+		switch err := key.Check(pod, ChannelsOf(pod)); {
+		case err == nil:
+		case errors.Is(err, seal.ErrMissing):
 			return ExcludedNoSeal
 		default:
 			return ExcludedBadSeal

@@ -118,8 +118,11 @@ func withAnnotation(a map[string]string, key, value string) map[string]string {
 // a pod whose Channels share a localPort. Channels that do not exist yet are not checked.
 func (w *Webhook) checkChannels(ctx context.Context, namespace string, pod *corev1.Pod) error {
 	names, err := Channels(pod.Annotations[AnnotationChannels])
-	if err != nil || len(names) == 0 {
-		return nil // Inject reports the invalid annotation
+	if err != nil {
+		return err
+	}
+	if len(names) == 0 {
+		return nil
 	}
 	var list podipcv1alpha1.ChannelList
 	if err := w.Reader.List(ctx, &list, client.InNamespace(namespace)); err != nil {

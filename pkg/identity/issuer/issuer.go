@@ -45,6 +45,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -120,7 +121,8 @@ func (s *Server) Listen() error {
 	if s.ln != nil {
 		return nil
 	}
-	ln, err := net.Listen("tcp", s.Addr)
+	var lc net.ListenConfig
+	ln, err := lc.Listen(context.Background(), "tcp", s.Addr)
 	if err != nil {
 		return fmt.Errorf("identity endpoint: %w", err)
 	}
@@ -172,7 +174,9 @@ func (s *Server) Start(ctx context.Context) error {
 	shutdown, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	err := srv.Shutdown(shutdown)
-	<-done
+	if serveErr := <-done; !errors.Is(serveErr, http.ErrServerClosed) {
+		err = errors.Join(err, serveErr)
+	}
 	return err
 }
 
@@ -302,7 +306,7 @@ func (s *Server) review(ctx context.Context, token string) (caller, error) {
 	}
 	// An authenticator that is not audience-aware authenticates without saying so; only
 	// a review that names our audience counts.
-	if !contains(tr.Status.Audiences, identity.Audience) {
+	if !slices.Contains(tr.Status.Audiences, identity.Audience) {
 		return caller{}, refuse(http.StatusUnauthorized, identity.ResultWrongAudience,
 			"the token is not for audience %s (the API server reports %v)", identity.Audience, tr.Status.Audiences)
 	}
@@ -401,10 +405,15 @@ func (s *Server) sign(signer *certs.Signer, pub *ecdsa.PublicKey, c caller, now 
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
+	body, err := json.Marshal(v)
+	if err != nil {
+		http.Error(w, "encoding the answer failed", http.StatusInternalServerError)
+		return
+	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(v)
+	_, _ = w.Write(body)
 }
 
 // sourceOf is the caller's IP address: the rate-limit key before authentication.
@@ -437,13 +446,4 @@ func first(v authenticationv1.ExtraValue) string {
 		return ""
 	}
 	return v[0]
-}
-
-func contains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
 }

@@ -90,7 +90,10 @@ func post(t *testing.T, url string, pod identity.Pod, token string, csrPEM strin
 		}
 		csrPEM = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
 	}
-	body, _ := json.Marshal(identity.Request{CSR: csrPEM, Pod: pod})
+	body, err := json.Marshal(identity.Request{CSR: csrPEM, Pod: pod})
+	if err != nil {
+		t.Fatal(err)
+	}
 	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, url+identity.CertificatePath, bytes.NewReader(body))
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
@@ -161,7 +164,7 @@ func TestRefusals(t *testing.T) {
 				if apierrors.IsNotFound(err) {
 					return nil
 				}
-				return fmt.Errorf("pod still there: %v", err)
+				return fmt.Errorf("pod still there: %w", err)
 			})
 			return attempt{pod: ref(p), token: tok}
 		}},
@@ -234,7 +237,12 @@ func TestRateLimitPerSource(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() { done <- limited.Start(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("identity endpoint: %v", err)
+		}
+	})
 	url := "https://" + limited.ListenAddr().String()
 	p := member(t, nil)
 	tok := tokenFor(t, p, identity.Audience)

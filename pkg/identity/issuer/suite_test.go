@@ -216,7 +216,9 @@ func resign(t *testing.T, token string, edit func(map[string]any), signedBy *ecd
 		t.Fatal(err)
 	}
 	edit(claims)
-	payload, _ = json.Marshal(claims)
+	if payload, err = json.Marshal(claims); err != nil {
+		t.Fatal(err)
+	}
 	key := signedBy
 	if key == nil {
 		key = apiServerSigningKey(t)
