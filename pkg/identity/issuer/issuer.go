@@ -222,16 +222,18 @@ func (s *Server) handle(r *http.Request, source string) (_ *identity.Response, p
 	if r.Method != http.MethodPost || r.URL.Path != identity.CertificatePath {
 		return nil, "", refuse(http.StatusBadRequest, identity.ResultBadRequest, "only POST %s is served", identity.CertificatePath)
 	}
+	req, pub, err := decodeRequest(r.Body)
+	if req.Pod.Name != "" {
+		pod = req.Pod.Namespace + "/" + req.Pod.Name
+	}
+	if err != nil {
+		return nil, pod, err
+	}
 	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok || strings.TrimSpace(token) == "" {
-		return nil, "", refuse(http.StatusUnauthorized, identity.ResultNoToken,
+		return nil, pod, refuse(http.StatusUnauthorized, identity.ResultNoToken,
 			"no bearer token: present the pod's projected service-account token of audience %s", identity.Audience)
 	}
-	req, pub, err := decodeRequest(r.Body)
-	if err != nil {
-		return nil, "", err
-	}
-	pod = req.Pod.Namespace + "/" + req.Pod.Name
 	signer := s.Keypair.Signer()
 	if signer == nil {
 		return nil, pod, refuse(http.StatusServiceUnavailable, identity.ResultUnavailable, "the identity CA is not loaded yet")

@@ -31,6 +31,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/clock"
 	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 	"github.com/podipc/podipc/internal/testenv"
@@ -95,6 +96,7 @@ func (b *logBuffer) has(parts ...string) bool {
 // startIssuer runs what the controller runs for identity: the leader's Rotator once (to
 // create the root and publish the bundle), a Keypair and the endpoint.
 func startIssuer(e *testenv.Env) (func(), error) {
+	ctrl.SetLogger(logr.Discard()) // the Rotator logs through controller-runtime
 	ctx, cancel := context.WithCancel(context.Background())
 	clientset = kubernetes.NewForConfigOrDie(e.Config)
 	if err := e.Client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: controllerNS}}); err != nil {
