@@ -146,8 +146,10 @@ func TestAccess(t *testing.T) {
 		if err := env.Client.Get(t.Context(), client.ObjectKeyFromObject(ch), cur); err != nil {
 			t.Fatal(err)
 		}
+		before := cur.DeepCopy()
 		cur.Spec.Access.ServiceAccounts = accounts
-		if err := env.Client.Update(t.Context(), cur); err != nil {
+		// A patch, not an update: the controller writes the status meanwhile.
+		if err := env.Client.Patch(t.Context(), cur, client.MergeFrom(before)); err != nil {
 			t.Fatal(err)
 		}
 	}
