@@ -468,6 +468,9 @@ func TestRenderIdentity(t *testing.T) {
 			t.Errorf("Secret %s renders data; helm upgrade would replace the controller's", name)
 		}
 	}
+	if cm := into[corev1.ConfigMap](t, objs.get(t, "ConfigMap", "podipc-identity-trust")); len(cm.Data) != 0 {
+		t.Error("the trust bundle ConfigMap renders data; helm upgrade would replace the published bundle")
+	}
 	reader := into[rbacv1.Role](t, objs.get(t, "Role", "podipc-identity-trust-reader"))
 	if len(reader.Rules) != 1 || !slices.Equal(reader.Rules[0].Verbs, []string{"get"}) || !slices.Equal(reader.Rules[0].ResourceNames, []string{"podipc-identity-trust"}) {
 		t.Errorf("trust reader Role grants %+v, want get on podipc-identity-trust only", reader.Rules)
@@ -478,7 +481,7 @@ func TestRenderIdentity(t *testing.T) {
 	}
 
 	off := render(t, valueSets["identity off"])
-	for _, kind := range []struct{ kind, name string }{{"Service", "podipc-identity"}, {"Secret", "podipc-identity"}, {"Role", "podipc-identity-trust-reader"}} {
+	for _, kind := range []struct{ kind, name string }{{"Service", "podipc-identity"}, {"Secret", "podipc-identity"}, {"Role", "podipc-identity-trust-reader"}, {"ConfigMap", "podipc-identity-trust"}} {
 		if off.find(kind.kind, kind.name) != nil {
 			t.Errorf("identity off still renders %s %s", kind.kind, kind.name)
 		}
