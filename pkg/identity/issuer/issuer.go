@@ -75,8 +75,8 @@ const (
 )
 
 // Admission decides whether a pod may hold an identity beyond what the issuer checks
-// itself; it returns a reason (for the refusal message) when it may not. The membership
-// mark check plugs in here.
+// itself; it returns a reason (for the refusal message) when it may not. The controller
+// plugs the seal check (package seal) in here.
 type Admission func(pod *corev1.Pod) error
 
 // +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
