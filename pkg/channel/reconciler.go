@@ -46,7 +46,7 @@ const PodChannelsIndex = "podipc.dev/channels"
 // ReasonChannelNotFound is the reason of the Event on a pod that names a missing channel.
 const ReasonChannelNotFound = "ChannelNotFound"
 
-// Reconciler keeps a Channel's EndpointSlices, Role, RoleBinding and status in line with
+// Reconciler keeps a Channel's EndpointSlices, RoleBinding and status in line with
 // the pods that name it.
 type Reconciler struct {
 	// Client reads from the manager's cache and writes to the API server.
@@ -76,10 +76,11 @@ type Reconciler struct {
 // +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch
 // +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch;create;update;patch;delete
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
-// Roles and RoleBindings: the controller grants each channel's member service accounts
-// read access to that channel and its EndpointSlices. It can only grant what it holds
-// itself (RBAC escalation prevention), which the rules above cover.
-// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=roles;rolebindings,verbs=get;list;watch;create;update;patch;delete
+// RoleBindings: the controller binds the fixed ClusterRole podipc-member (MemberRole) to
+// each channel's member service accounts; it writes no Role. bind is narrowed to that one
+// ClusterRole (it also holds every right the role grants, which RBAC accepts instead).
+// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=rolebindings,verbs=get;list;watch;create;update;patch;delete
+// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=clusterroles,verbs=bind,resourceNames=podipc-member
 // The controller's metrics server (cmd/podipc-controller --metrics-secure) authenticates
 // and authorizes every scrape with the API server.
 // +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
