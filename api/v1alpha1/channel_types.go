@@ -90,7 +90,62 @@ type ChannelSpec struct {
 	// +kubebuilder:default={}
 	// +optional
 	Overflow Overflow `json:"overflow,omitempty"`
+
+	// Access restricts who may join: without it, every pod of the namespace that names the
+	// channel is a member (an open channel).
+	//
+	// +optional
+	Access *Access `json:"access,omitempty"`
 }
+
+// Access says which pods may be members of a channel, by their service account, and which
+// of them may only receive.
+//
+// +kubebuilder:validation:XValidation:rule="!has(self.receiveOnly) || self.receiveOnly.all(a, a in self.serviceAccounts)",message="every access.receiveOnly account must also be listed in access.serviceAccounts"
+type Access struct {
+	// ServiceAccounts are the service accounts (in the Channel's namespace) whose pods may
+	// be members. The webhook rejects a pod of any other account that names the channel,
+	// and the controller never publishes one.
+	//
+	// +listType=set
+	// +kubebuilder:validation:MinItems=1
+	// +kubebuilder:validation:MaxItems=256
+	// +kubebuilder:validation:items:MaxLength=253
+	// +kubebuilder:validation:items:Pattern=`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`
+	ServiceAccounts []string `json:"serviceAccounts"`
+
+	// ReceiveOnly are those of ServiceAccounts whose pods may only receive: receivers drop
+	// (and count, reason not_permitted) every line such a member sends. Enforced by the
+	// receiving sidecar from the peer's workload certificate once peer links use mutual
+	// TLS.
+	//
+	// +listType=set
+	// +kubebuilder:validation:MaxItems=256
+	// +kubebuilder:validation:items:MaxLength=253
+	// +optional
+	ReceiveOnly []string `json:"receiveOnly,omitempty"`
+}
+
+// Allows reports whether pods of serviceAccount may be members under a (nil: open).
+func (a *Access) Allows(serviceAccount string) bool {
+	if a == nil {
+		return true
+	}
+	for _, sa := range a.ServiceAccounts {
+		if sa == serviceAccount {
+			return true
+		}
+	}
+	return false
+}
+
+// Values of ChannelStatus.Access.
+const (
+	// AccessOpen: the channel has no spec.access; every pod of the namespace may join.
+	AccessOpen = "Open"
+	// AccessRestricted: only the service accounts of spec.access may join.
+	AccessRestricted = "Restricted"
+)
 
 // Overflow is a channel's bounded-queue policy.
 type Overflow struct {
@@ -166,6 +221,18 @@ type ChannelStatus struct {
 	// +optional
 	ReadyMembers int32 `json:"readyMembers"`
 
+	// Access is Open (no spec.access: any pod of the namespace may join) or Restricted.
+	//
+	// +kubebuilder:validation:Enum=Open;Restricted
+	// +optional
+	Access string `json:"access,omitempty"`
+
+	// NotPermitted counts the pods that name the channel but whose service account
+	// spec.access does not list: they are not published as members.
+	//
+	// +optional
+	NotPermitted int32 `json:"notPermitted,omitempty"`
+
 	// Conditions are the observations of the channel's state; see ConditionReady.
 	//
 	// +listType=map
@@ -185,6 +252,7 @@ type ChannelStatus struct {
 // +kubebuilder:printcolumn:name="Ready",type=integer,JSONPath=`.status.readyMembers`
 // +kubebuilder:printcolumn:name="Delivery",type=string,JSONPath=`.spec.delivery`
 // +kubebuilder:printcolumn:name="Port",type=integer,JSONPath=`.spec.localPort`
+// +kubebuilder:printcolumn:name="Access",type=string,JSONPath=`.status.access`
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 // +kubebuilder:validation:XValidation:rule="self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",message="a Channel name must be a DNS label (lower case letters, digits and '-', at most 63 characters): it is used as a label value and in socket paths"
 type Channel struct {

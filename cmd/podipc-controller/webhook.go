@@ -19,6 +19,7 @@ import (
 
 	"github.com/podipc/podipc/pkg/certs"
 	"github.com/podipc/podipc/pkg/inject"
+	"github.com/podipc/podipc/pkg/seal"
 )
 
 // webhookOptions are the injector's flags.
@@ -52,7 +53,7 @@ func (o *webhookOptions) bindFlags(fs *flag.FlagSet) {
 // webhookServer builds the manager's webhook server; in self mode its certificate comes from
 // the returned Keypair, which setupWebhooks adds to the manager.
 func webhookServer(o webhookOptions) (webhook.Server, *certs.Keypair, error) {
-	opts := webhook.Options{Host: o.host, Port: o.port, CertDir: o.certDir}
+	opts := webhook.Options{Host: o.host, Port: o.port, CertDir: o.certDir, TLSOpts: []func(*tls.Config){disableHTTP2}}
 	switch o.certMode {
 	case "cert-manager":
 		return webhook.NewServer(opts), nil, nil
@@ -68,17 +69,18 @@ func webhookServer(o webhookOptions) (webhook.Server, *certs.Keypair, error) {
 		return nil, nil, err
 	}
 	kp := &certs.Keypair{Clientset: cs, Secret: types.NamespacedName{Namespace: o.namespace, Name: o.secret}}
-	opts.TLSOpts = []func(*tls.Config){kp.TLSOption}
+	opts.TLSOpts = append(opts.TLSOpts, kp.TLSOption)
 	return webhook.NewServer(opts), kp, nil
 }
 
 // setupWebhooks registers the sidecar injection webhook, the monitor of pods it missed and,
 // in self mode, the certificate rotation (leader only) and loading (every replica).
-func setupWebhooks(mgr ctrl.Manager, o webhookOptions, kp *certs.Keypair) error {
+func setupWebhooks(mgr ctrl.Manager, o webhookOptions, id *inject.Identity, key *seal.Key, kp *certs.Keypair) error {
 	cfg, err := o.injectConfig()
 	if err != nil {
 		return err
 	}
+	cfg.Identity, cfg.Seal = id, key
 	hook := &inject.Webhook{Reader: mgr.GetCache(), APIReader: mgr.GetAPIReader(), Config: cfg}
 	if err := hook.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("setting up the injection webhook: %w", err)

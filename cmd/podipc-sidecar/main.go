@@ -9,14 +9,17 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/go-logr/logr"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/discovery/kube"
+	"github.com/podipc/podipc/pkg/identity"
 	"github.com/podipc/podipc/pkg/sidecar"
 )
 
@@ -45,7 +48,35 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	if cfg.IdentityURL != "" {
+		c, err := newIdentity(cfg, log)
+		if err != nil {
+			return err
+		}
+		sc.WithIdentity(c)
+	}
 	return sc.Start(ctx)
+}
+
+// newIdentity builds the workload certificate client: the trust bundle is read through
+// the API server with the sidecar's own credentials.
+func newIdentity(cfg sidecar.Config, log logr.Logger) (*identity.Client, error) {
+	rc, err := restConfig(cfg.Kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("--identity-url: %w", err)
+	}
+	rc.UserAgent = "podipc-sidecar"
+	dyn, err := dynamic.NewForConfig(rc)
+	if err != nil {
+		return nil, err
+	}
+	ns, name, _ := strings.Cut(cfg.TrustBundle, "/") // validated by ParseConfig
+	return &identity.Client{
+		URL: cfg.IdentityURL, TokenFile: cfg.IdentityTokenFile, TrustDomain: cfg.TrustDomain,
+		Pod:    identity.Pod{Namespace: cfg.Namespace, Name: cfg.Name, UID: cfg.UID},
+		Bundle: identity.ConfigMapBundle{Client: dyn, Namespace: ns, Name: name},
+		Log:    log.WithName("identity"),
+	}, nil
 }
 
 // newSource builds the discovery source the flags name.

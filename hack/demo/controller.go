@@ -44,8 +44,10 @@ func installController(ctx context.Context, c *cluster, root string, webhookPort
 	if err := cl.Create(ctx, ns); err != nil {
 		return err
 	}
-	if _, err := c.applyFile(ctx, filepath.Join(root, "config", "rbac", "role.yaml"), "", nil); err != nil {
-		return err
+	for _, f := range []string{"role.yaml", "member_role.yaml"} {
+		if _, err := c.applyFile(ctx, filepath.Join(root, "config", "rbac", f), "", nil); err != nil {
+			return err
+		}
 	}
 	subject := []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: controllerNamespace, Name: controllerAccount}}
 	ref := func(kind string) rbacv1.RoleRef {
@@ -104,6 +106,8 @@ func startController(ctx context.Context, c *cluster, binDir, dir string, webhoo
 		"--webhook-host=127.0.0.1",
 		"--webhook-port="+strconv.Itoa(webhookPort),
 		"--webhook-cert-extra-hosts=127.0.0.1",
+		// The demo's sidecars run outside a cluster and have no projected identity token.
+		"--identity-bind-address=0",
 		"--webhook-config-name="+webhookConfigName,
 	)
 	if err != nil {

@@ -2,7 +2,9 @@ package certs
 
 import (
 	"context"
+	"crypto"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"net/http"
 	"sync/atomic"
@@ -25,7 +27,22 @@ type Keypair struct {
 	Secret types.NamespacedName
 
 	current atomic.Pointer[tls.Certificate]
+	// signer is the Secret's active CA with its key, and the bundle next to it.
+	signer atomic.Pointer[Signer]
 }
+
+// Signer is the active CA of a Secret: what a certificate authority built on the Rotator
+// (the workload identity issuer) signs with, and the bundle of every CA to trust.
+type Signer struct {
+	// Cert and Key are the active CA.
+	Cert *x509.Certificate
+	Key  crypto.Signer
+	// Bundle is the PEM bundle of every CA currently trusted (active, pending, retiring).
+	Bundle []byte
+}
+
+// Signer returns the Secret's active CA, or nil until the Secret has been read.
+func (k *Keypair) Signer() *Signer { return k.signer.Load() }
 
 // NeedLeaderElection lets every replica serve.
 func (k *Keypair) NeedLeaderElection() bool { return false }
@@ -35,7 +52,7 @@ func (k *Keypair) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	if c := k.current.Load(); c != nil {
 		return c, nil
 	}
-	return nil, errors.New("podipc: webhook serving certificate not loaded yet")
+	return nil, errors.New("podipc: serving certificate not loaded yet")
 }
 
 // TLSOption installs GetCertificate on the webhook server's tls.Config.
@@ -44,7 +61,7 @@ func (k *Keypair) TLSOption(c *tls.Config) { c.GetCertificate = k.GetCertificate
 // Checker is a readiness check that passes once a certificate is loaded.
 func (k *Keypair) Checker(*http.Request) error {
 	if k.current.Load() == nil {
-		return errors.New("webhook serving certificate not loaded yet")
+		return errors.New("serving certificate not loaded yet")
 	}
 	return nil
 }
@@ -61,14 +78,19 @@ func (k *Keypair) Start(ctx context.Context) error {
 		}
 		c, err := tls.X509KeyPair(s.Data[keyCert], s.Data[keyKey])
 		if err != nil {
-			log.Error(err, "Ignoring an unusable webhook serving certificate", "secret", k.Secret)
+			log.Error(err, "Ignoring an unusable serving certificate", "secret", k.Secret)
 			return
+		}
+		if ca, err := parsePair(s.Data[keyCACert], s.Data[keyCAKey]); err == nil {
+			if old := k.signer.Load(); old == nil || !old.Cert.Equal(ca.cert) || string(old.Bundle) != string(s.Data[keyBundle]) {
+				k.signer.Store(&Signer{Cert: ca.cert, Key: ca.key, Bundle: s.Data[keyBundle]})
+			}
 		}
 		if old := k.current.Load(); old != nil && string(old.Certificate[0]) == string(c.Certificate[0]) {
 			return
 		}
 		k.current.Store(&c)
-		log.Info("Loaded the webhook serving certificate", "secret", k.Secret, "notAfter", c.Leaf.NotAfter)
+		log.Info("Loaded the serving certificate", "secret", k.Secret, "notAfter", c.Leaf.NotAfter)
 	}
 	_, informer := toolscache.NewInformerWithOptions(toolscache.InformerOptions{
 		ListerWatcher: lw,

@@ -49,6 +49,9 @@ type Policy struct {
 	// certificate may switch to it: time for the API server to load the webhook configuration
 	// change and for every replica to see the Secret.
 	PropagationDelay time.Duration
+	// CAName is the common name of the CAs, before "@<unix time>"; empty means
+	// "podipc-webhook-ca". It tells the webhook's CA from the workload identity root.
+	CAName string
 }
 
 // DefaultPolicy returns the production lifetimes for hosts: a CA of 5 years replaced 1 year
@@ -102,7 +105,7 @@ func Plan(now time.Time, cur State, p Policy) (State, error) {
 	if caErr != nil || !now.Before(ca.cert.NotAfter) {
 		// Bootstrap (or an unusable Secret): nothing valid is being served, so there is no
 		// overlap to keep.
-		fresh, err := newCA(now, p.CAValidity)
+		fresh, err := newCA(now, p.CAValidity, p.caName())
 		if err != nil {
 			return cur, err
 		}
@@ -122,7 +125,7 @@ func Plan(now time.Time, cur State, p Policy) (State, error) {
 			ca = pending
 		}
 	} else if !now.Before(ca.cert.NotAfter.Add(-p.CARenewBefore)) {
-		fresh, err := newCA(now, p.CAValidity)
+		fresh, err := newCA(now, p.CAValidity, p.caName())
 		if err != nil {
 			return cur, err
 		}
@@ -269,7 +272,14 @@ func serial() (*big.Int, error) {
 // backdate tolerates clock skew between the controller and the API server.
 const backdate = time.Hour
 
-func newCA(now time.Time, validity time.Duration) (*pair, error) {
+func (p Policy) caName() string {
+	if p.CAName == "" {
+		return "podipc-webhook-ca"
+	}
+	return p.CAName
+}
+
+func newCA(now time.Time, validity time.Duration, name string) (*pair, error) {
 	k, keyPEM, err := newKey()
 	if err != nil {
 		return nil, err
@@ -280,7 +290,7 @@ func newCA(now time.Time, validity time.Duration) (*pair, error) {
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          sn,
-		Subject:               pkix.Name{CommonName: fmt.Sprintf("podipc-webhook-ca@%d", now.Unix())},
+		Subject:               pkix.Name{CommonName: fmt.Sprintf("%s@%d", name, now.Unix())},
 		NotBefore:             now.Add(-backdate),
 		NotAfter:              now.Add(validity),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,

@@ -40,13 +40,32 @@ type Rotator struct {
 	// Secret is the Secret holding State.
 	Secret types.NamespacedName
 	// WebhookConfig is the MutatingWebhookConfiguration whose every webhook gets caBundle.
+	// It is not used when Publisher is set.
 	WebhookConfig string
+	// Publisher, when set, publishes the bundle instead of WebhookConfig: the workload
+	// identity root uses the same rotation with its bundle published elsewhere.
+	Publisher Publisher
+	// Name names the certificate in logs; empty means "webhook serving certificate".
+	Name string
 	// Policy is the certificate lifetime policy.
 	Policy Policy
 	// CheckInterval bounds the time between checks (an edited caBundle is repaired within it).
 	CheckInterval time.Duration
 	// Clock is the time source; a fake clock drives rotation in tests.
 	Clock clock.Clock
+}
+
+// Publisher makes a CA bundle trusted by whoever verifies the served certificates. Publish
+// returns only once the bundle is in place: the propagation delay starts then.
+type Publisher interface {
+	Publish(ctx context.Context, bundle []byte) error
+}
+
+func (r *Rotator) name() string {
+	if r.Name == "" {
+		return "webhook serving certificate"
+	}
+	return r.Name
 }
 
 // NeedLeaderElection makes the Rotator run on the elected leader only.
@@ -62,7 +81,7 @@ func (r *Rotator) Start(ctx context.Context) error {
 	for {
 		wait := r.CheckInterval
 		if next, err := r.Sync(ctx); err != nil {
-			log.Error(err, "Syncing the webhook serving certificate failed")
+			log.Error(err, "Syncing the certificate failed", "certificate", r.name())
 			wait = min(wait, 5*time.Second)
 		} else if d := next.Sub(r.Clock.Now()); d < wait {
 			wait = max(d, 10*time.Millisecond)
@@ -95,9 +114,13 @@ func (r *Rotator) Sync(ctx context.Context) (time.Time, error) {
 		if err := r.write(ctx, secret, next, exists); err != nil {
 			return time.Time{}, err
 		}
-		ctrl.LoggerFrom(ctx).Info("Updated the webhook serving certificate Secret", "secret", r.Secret)
+		ctrl.LoggerFrom(ctx).Info("Updated the certificate Secret", "certificate", r.name(), "secret", r.Secret)
 	}
-	if err := r.publish(ctx, next.Bundle); err != nil {
+	publish := r.publish
+	if r.Publisher != nil {
+		publish = r.Publisher.Publish
+	}
+	if err := publish(ctx, next.Bundle); err != nil {
 		return time.Time{}, err
 	}
 	if len(next.NextCACert) > 0 && next.NextPublishedAt.IsZero() {

@@ -1,6 +1,7 @@
 package channel
 
 import (
+	"errors"
 	"net/netip"
 	"slices"
 	"strings"
@@ -10,7 +11,43 @@ import (
 	"k8s.io/utils/ptr"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/pkg/seal"
 )
+
+// Reasons a pod that names a channel is not a member (the reason label of
+// podipc_membership_excluded_total, and the log).
+const (
+	// ExcludedHostNetwork: the pod shares its node's network, so its IP is the node's;
+	// podipc never injects such pods, so one that claims a sidecar is forged.
+	ExcludedHostNetwork = "host_network"
+	// ExcludedNoSeal: the pod carries no seal, so the webhook did not inject it.
+	ExcludedNoSeal = "no_seal"
+	// ExcludedBadSeal: the seal does not hold for the pod's account and channels.
+	ExcludedBadSeal = "bad_seal"
+	// ExcludedNotPermitted: the Channel's spec.access does not list the pod's account.
+	ExcludedNotPermitted = "not_permitted"
+)
+
+// Exclusion returns why pod may not be a member of ch, or "" if it may. key, if set, is
+// the seal key (see package seal): pods must carry the webhook's seal.
+func Exclusion(pod *corev1.Pod, ch *podipcv1alpha1.Channel, key *seal.Key) string {
+	switch {
+	case pod.Spec.HostNetwork:
+		return ExcludedHostNetwork
+	case !ch.Spec.Access.Allows(serviceAccountOf(pod)):
+		return ExcludedNotPermitted
+	}
+	if key != nil {
+		switch err := key.Check(pod, ChannelsOf(pod)); {
+		case err == nil:
+		case errors.Is(err, seal.ErrMissing):
+			return ExcludedNoSeal
+		default:
+			return ExcludedBadSeal
+		}
+	}
+	return ""
+}
 
 // ChannelsOf returns the channels a pod's sidecar serves: the comma-separated names in
 // PODIPC_CHANNELS of the container named podipc-sidecar, looked up among the init

@@ -4,50 +4,59 @@ import (
 	"context"
 
 	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 )
 
-// AccessName names the Role and RoleBinding that give a channel's members read access.
+// MemberRole is the fixed ClusterRole of member sidecars, installed with the controller
+// (the chart, config/rbac/member_role.yaml). The controller only binds it, per channel and
+// namespace, and never writes a Role: a compromised controller cannot mint new rights.
+const MemberRole = "podipc-member"
+
+// MemberRules are MemberRole's rules: read Channels and EndpointSlices, nothing more. A
+// fixed role cannot name a channel, so a member reads every Channel of its namespace
+// (specs only; nothing secret) and, as before, every EndpointSlice (RBAC cannot narrow by
+// label). test/chart and this package's tests hold the chart and config/rbac to these.
+func MemberRules() []rbacv1.PolicyRule {
+	return []rbacv1.PolicyRule{
+		{
+			APIGroups: []string{podipcv1alpha1.GroupVersion.Group},
+			Resources: []string{"channels"},
+			Verbs:     []string{"get", "list", "watch"},
+		},
+		{
+			APIGroups: []string{"discovery.k8s.io"},
+			Resources: []string{"endpointslices"},
+			Verbs:     []string{"get", "list", "watch"},
+		},
+	}
+}
+
+// AccessName names the RoleBinding that gives a channel's members read access.
 func AccessName(channel string) string { return "podipc-" + channel }
 
-// applyRBAC makes the channel's Role (read this Channel, read EndpointSlices) and its
-// RoleBinding to the members' service accounts match the scope. Nothing more is granted:
-// the sidecar needs to read its channels and their members, never to write. Channels are
-// granted by name; the sidecar watches each with a metadata.name field selector, which
-// RBAC authorizes through resourceNames. EndpointSlices cannot be narrowed by label in
-// RBAC, so the members can read every EndpointSlice of the namespace.
+// applyRBAC makes the channel's RoleBinding of MemberRole to the members' service accounts
+// match the scope. A binding left by an older release that referred to a per-channel Role
+// is replaced (roleRef is immutable); that Role is no longer used and goes with its Channel.
 func (r *Reconciler) applyRBAC(ctx context.Context, s *scope) error {
-	meta := func() metav1.ObjectMeta {
-		return metav1.ObjectMeta{Name: AccessName(s.channel.Name), Namespace: s.channel.Namespace}
-	}
-	role := &rbacv1.Role{ObjectMeta: meta()}
-	if _, err := controllerutil.CreateOrUpdate(ctx, r.Client, role, func() error {
-		setOwned(&role.ObjectMeta, s)
-		role.Rules = []rbacv1.PolicyRule{
-			{
-				APIGroups:     []string{podipcv1alpha1.GroupVersion.Group},
-				Resources:     []string{"channels"},
-				ResourceNames: []string{s.channel.Name},
-				Verbs:         []string{"get", "list", "watch"},
-			},
-			{
-				APIGroups: []string{"discovery.k8s.io"},
-				Resources: []string{"endpointslices"},
-				Verbs:     []string{"get", "list", "watch"},
-			},
+	binding := &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Name: AccessName(s.channel.Name), Namespace: s.channel.Namespace}}
+	want := rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: MemberRole}
+	existing := &rbacv1.RoleBinding{}
+	err := r.Client.Get(ctx, client.ObjectKeyFromObject(binding), existing)
+	if err == nil && existing.RoleRef != want {
+		if err := r.Client.Delete(ctx, existing, client.Preconditions{UID: &existing.UID}); err != nil && !apierrors.IsNotFound(err) {
+			return err
 		}
-		return nil
-	}); err != nil {
+	} else if err != nil && !apierrors.IsNotFound(err) {
 		return err
 	}
-
-	binding := &rbacv1.RoleBinding{ObjectMeta: meta()}
-	_, err := controllerutil.CreateOrUpdate(ctx, r.Client, binding, func() error {
+	_, err = controllerutil.CreateOrUpdate(ctx, r.Client, binding, func() error {
 		setOwned(&binding.ObjectMeta, s)
-		binding.RoleRef = rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: role.Name}
+		binding.RoleRef = want
 		binding.Subjects = nil
 		for _, sa := range s.accounts {
 			binding.Subjects = append(binding.Subjects, rbacv1.Subject{

@@ -20,6 +20,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
@@ -33,8 +34,10 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/pkg/seal"
 )
 
 // PodChannelsIndex indexes cached pods by the channels their sidecar names.
@@ -43,13 +46,23 @@ const PodChannelsIndex = "podipc.dev/channels"
 // ReasonChannelNotFound is the reason of the Event on a pod that names a missing channel.
 const ReasonChannelNotFound = "ChannelNotFound"
 
-// Reconciler keeps a Channel's EndpointSlices, Role, RoleBinding and status in line with
+// Reconciler keeps a Channel's EndpointSlices, RoleBinding and status in line with
 // the pods that name it.
 type Reconciler struct {
 	// Client reads from the manager's cache and writes to the API server.
 	Client client.Client
 	// Recorder emits Events on pods that name a missing channel.
 	Recorder events.EventRecorder
+	// Seal, if set, is the key of the webhook's seal: a pod without a valid seal is never
+	// a member (see package seal). Nil accepts unsealed pods (an upgrade from a release
+	// without seals, until its pods are restarted).
+	Seal *seal.Key
+
+	// excludedMu guards excluded.
+	excludedMu sync.Mutex
+	// excluded holds, by pod UID and channel, the reason a pod was last logged and counted
+	// as excluded, so a pod is reported once per reason rather than once per reconcile.
+	excluded map[string]string
 
 	// mu guards reported.
 	mu sync.Mutex
@@ -63,10 +76,15 @@ type Reconciler struct {
 // +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch
 // +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch;create;update;patch;delete
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
-// Roles and RoleBindings: the controller grants each channel's member service accounts
-// read access to that channel and its EndpointSlices. It can only grant what it holds
-// itself (RBAC escalation prevention), which the rules above cover.
-// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=roles;rolebindings,verbs=get;list;watch;create;update;patch;delete
+// RoleBindings: the controller binds the fixed ClusterRole podipc-member (MemberRole) to
+// each channel's member service accounts; it writes no Role. bind is narrowed to that one
+// ClusterRole (it also holds every right the role grants, which RBAC accepts instead).
+// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=rolebindings,verbs=get;list;watch;create;update;patch;delete
+// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=clusterroles,verbs=bind,resourceNames=podipc-member
+// The controller's metrics server (cmd/podipc-controller --metrics-secure) authenticates
+// and authorizes every scrape with the API server.
+// +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
+// +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
 // Leader election.
 // +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch;create;update;patch;delete
 
@@ -76,6 +94,8 @@ type scope struct {
 	owner    metav1.OwnerReference
 	members  []discoveryv1.Endpoint
 	accounts []string // service accounts of the members, sorted and unique
+	// notPermitted counts the pods refused by the Channel's spec.access.
+	notPermitted int32
 }
 
 // Reconcile publishes the membership of one Channel.
@@ -151,6 +171,13 @@ func (r *Reconciler) newScope(ctx context.Context, ch *podipcv1alpha1.Channel) (
 	seen := map[string]bool{}
 	for i := range pods.Items {
 		pod := &pods.Items[i]
+		if reason := Exclusion(pod, ch, r.Seal); reason != "" {
+			if reason == ExcludedNotPermitted {
+				s.notPermitted++
+			}
+			r.reportExcluded(ctx, pod, ch, reason)
+			continue
+		}
 		// Access is granted as soon as a pod names the channel, before it has an IP, so
 		// the binding usually exists before the sidecar starts; a sidecar refused access
 		// only retries at its informers' backoff (up to tens of seconds).
@@ -191,6 +218,11 @@ func (r *Reconciler) patchStatus(ctx context.Context, s *scope, reconcileErr err
 	}
 	ch := s.channel.DeepCopy() // s.channel came from the cache: never modify it
 	ch.Status.Members = int32(len(s.members))
+	ch.Status.NotPermitted = s.notPermitted
+	ch.Status.Access = podipcv1alpha1.AccessOpen
+	if ch.Spec.Access != nil {
+		ch.Status.Access = podipcv1alpha1.AccessRestricted
+	}
 	ch.Status.ReadyMembers = 0
 	for _, ep := range s.members {
 		if *ep.Conditions.Ready {
@@ -214,4 +246,34 @@ func (r *Reconciler) patchStatus(ctx context.Context, s *scope, reconcileErr err
 		return nil
 	}
 	return r.Client.Status().Patch(ctx, ch, client.MergeFrom(s.channel))
+}
+
+// excludedCounter counts pods that name a channel but are not published, by reason.
+var excludedCounter = prometheus.NewCounterVec(prometheus.CounterOpts{
+	Name: "podipc_membership_excluded_total",
+	Help: "Pods that name a Channel but are not published as members, by reason (host_network, no_seal, bad_seal, not_permitted); each pod counted once per reason.",
+}, []string{"reason"})
+
+func init() { metrics.Registry.MustRegister(excludedCounter) }
+
+// maxExcludedRemembered bounds the excluded set; past it the set starts over (a pod may
+// then be reported a second time, never missed).
+const maxExcludedRemembered = 10000
+
+// reportExcluded logs and counts a pod kept out of a channel's membership, once per pod
+// and reason.
+func (r *Reconciler) reportExcluded(ctx context.Context, pod *corev1.Pod, ch *podipcv1alpha1.Channel, reason string) {
+	r.excludedMu.Lock()
+	if r.excluded == nil || len(r.excluded) > maxExcludedRemembered {
+		r.excluded = map[string]string{}
+	}
+	key := string(pod.UID) + "/" + ch.Name
+	seen := r.excluded[key] == reason
+	r.excluded[key] = reason
+	r.excludedMu.Unlock()
+	if seen {
+		return
+	}
+	excludedCounter.WithLabelValues(reason).Inc()
+	log.FromContext(ctx).Info("Not publishing a pod as a Channel member", "pod", klog.KObj(pod), "channel", klog.KObj(ch), "reason", reason)
 }

@@ -25,8 +25,8 @@ import (
 const staleRetry = 200 * time.Millisecond
 
 // CacheByObject narrows the manager's cache to what the controller reads: injected pods
-// only (their managed fields stripped), and only the EndpointSlices, Roles and
-// RoleBindings it manages. Pass it as cache.Options.ByObject when creating the manager;
+// only (their managed fields stripped), and only the EndpointSlices and RoleBindings it
+// manages. Pass it as cache.Options.ByObject when creating the manager;
 // without it the controller would cache every pod of the cluster.
 func CacheByObject() map[client.Object]cache.ByObject {
 	mustSelector := func(key string, op selection.Operator, values ...string) labels.Selector {
@@ -43,7 +43,6 @@ func CacheByObject() map[client.Object]cache.ByObject {
 			Transform: cache.TransformStripManagedFields(),
 		},
 		&discoveryv1.EndpointSlice{}: {Label: mustSelector(ManagedByLabel, selection.Equals, ManagedBy)},
-		&rbacv1.Role{}:               {Label: owned},
 		&rbacv1.RoleBinding{}:        {Label: owned},
 	}
 }
@@ -59,7 +58,6 @@ func (r *Reconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager, con
 	return ctrl.NewControllerManagedBy(mgr).
 		For(&podipcv1alpha1.Channel{}).
 		Owns(&discoveryv1.EndpointSlice{}).
-		Owns(&rbacv1.Role{}).
 		Owns(&rbacv1.RoleBinding{}).
 		Watches(&corev1.Pod{}, handler.EnqueueRequestsFromMapFunc(podToChannels)).
 		WithOptions(controller.Options{MaxConcurrentReconciles: concurrency}).

@@ -19,6 +19,7 @@ import (
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 	"github.com/podipc/podipc/internal/testenv"
 	"github.com/podipc/podipc/pkg/channel"
+	"github.com/podipc/podipc/pkg/seal"
 )
 
 var (
@@ -26,7 +27,17 @@ var (
 	// writes counts the controller's API writes (creates, updates, patches, deletes,
 	// status patches), for the scale benchmark.
 	writes atomic.Int64
+	// sealKey is the controller's seal key: sidecarPod seals pods with it, as the webhook.
+	sealKey = mustKey()
 )
+
+func mustKey() *seal.Key {
+	k, err := seal.NewKey([]byte("a test key of thirty-two bytes.."))
+	if err != nil {
+		panic(err)
+	}
+	return k
+}
 
 func TestMain(m *testing.M) { testenv.Main(m, &env, startController) }
 
@@ -38,7 +49,7 @@ func startController(e *testenv.Env) (func(), error) {
 		Cache:      cache.Options{ByObject: channel.CacheByObject()},
 		Controller: config.Controller{SkipNameValidation: ptrTo(true)},
 	}, func(ctx context.Context, mgr ctrl.Manager) error {
-		r := &channel.Reconciler{Client: countingClient{mgr.GetClient()}, Recorder: mgr.GetEventRecorder("podipc-controller")}
+		r := &channel.Reconciler{Client: countingClient{mgr.GetClient()}, Recorder: mgr.GetEventRecorder("podipc-controller"), Seal: sealKey}
 		return r.SetupWithManager(ctx, mgr, 4)
 	})
 }
@@ -64,13 +75,18 @@ func newChannel(t testing.TB, ns, name string) *podipcv1alpha1.Channel {
 	return ch
 }
 
-// sidecarPod returns a pod as the webhook leaves it: labelled injected, with the
-// sidecar as a native sidecar naming channels in PODIPC_CHANNELS.
+// sidecarPod returns a pod as the webhook leaves it: labelled injected and sealed, with
+// the sidecar as a native sidecar naming channels in PODIPC_CHANNELS.
 func sidecarPod(ns, name, serviceAccount, channels string) *corev1.Pod {
+	sa := serviceAccount
+	if sa == "" {
+		sa = "default"
+	}
 	return &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{
 			Namespace: ns, Name: name,
-			Labels: map[string]string{podipcv1alpha1.InjectedLabel: "true"},
+			Labels:      map[string]string{podipcv1alpha1.InjectedLabel: "true"},
+			Annotations: map[string]string{seal.Annotation: sealKey.Sign(ns, sa, channels)},
 		},
 		Spec: corev1.PodSpec{
 			ServiceAccountName: serviceAccount,

@@ -10,6 +10,9 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/utils/ptr"
+
+	"github.com/podipc/podipc/pkg/identity"
+	"github.com/podipc/podipc/pkg/seal"
 )
 
 // Config is what the controller's flags say about the injected sidecar.
@@ -23,6 +26,22 @@ type Config struct {
 	Resources corev1.ResourceRequirements
 	// ControllerNamespace is the controller's own namespace, never injected.
 	ControllerNamespace string
+	// Identity, if set, gives the sidecar a workload certificate: the webhook projects an
+	// identity token and tells the sidecar where to ask.
+	Identity *Identity
+	// Seal, if set, seals every injected pod (podipc.dev/seal), which the controller and
+	// the identity endpoint require of members.
+	Seal *seal.Key
+}
+
+// Identity is where an injected sidecar obtains its workload certificate.
+type Identity struct {
+	// URL is the identity endpoint (the chart's Service).
+	URL string
+	// TrustDomain is the SPIFFE trust domain.
+	TrustDomain string
+	// TrustBundle is the trust bundle ConfigMap, as <namespace>/<name>.
+	TrustBundle string
 }
 
 // sidecarUID is the non-root user (and group) the sidecar runs as: distroless "nonroot".
@@ -57,7 +76,7 @@ func (c Config) Inject(pod *corev1.Pod) error {
 			list[i].VolumeMounts = append(list[i].VolumeMounts, mount)
 		}
 	}
-	pod.Spec.Volumes = append(pod.Spec.Volumes, socketsVolume(), tokenVolume())
+	pod.Spec.Volumes = append(pod.Spec.Volumes, socketsVolume(), tokenVolume(c.Identity != nil))
 	// A serviceAccountToken projection needs a named account. The ServiceAccount admission
 	// plugin, which runs before webhooks, normally names "default" already; an API server
 	// without that plugin would otherwise reject the injected pod.
@@ -150,13 +169,7 @@ func (c Config) sidecar(channels []string, resources corev1.ResourceRequirements
 			{Name: PeerPortName, ContainerPort: PeerPort, Protocol: corev1.ProtocolTCP},
 			{Name: AdminPortName, ContainerPort: AdminPort, Protocol: corev1.ProtocolTCP},
 		},
-		Env: []corev1.EnvVar{
-			field(EnvPodName, "metadata.name"),
-			field(EnvPodNamespace, "metadata.namespace"),
-			field(EnvPodUID, "metadata.uid"),
-			field(EnvPodIP, "status.podIP"),
-			{Name: EnvChannels, Value: strings.Join(channels, ",")},
-		},
+		Env:       c.env(channels, field),
 		Resources: resources,
 		VolumeMounts: []corev1.VolumeMount{
 			{Name: SocketsVolume, MountPath: SocketDir},
@@ -179,6 +192,25 @@ func (c Config) sidecar(channels []string, resources corev1.ResourceRequirements
 	}
 }
 
+// env is the sidecar's environment: the pod from the downward API, its channels and, with
+// identity on, where to get its certificate.
+func (c Config) env(channels []string, field func(name, path string) corev1.EnvVar) []corev1.EnvVar {
+	env := []corev1.EnvVar{
+		field(EnvPodName, "metadata.name"),
+		field(EnvPodNamespace, "metadata.namespace"),
+		field(EnvPodUID, "metadata.uid"),
+		field(EnvPodIP, "status.podIP"),
+		{Name: EnvChannels, Value: strings.Join(channels, ",")},
+	}
+	if c.Identity != nil {
+		env = append(env,
+			corev1.EnvVar{Name: EnvIdentityURL, Value: c.Identity.URL},
+			corev1.EnvVar{Name: EnvTrustDomain, Value: c.Identity.TrustDomain},
+			corev1.EnvVar{Name: EnvTrustBundle, Value: c.Identity.TrustBundle})
+	}
+	return env
+}
+
 // socketsVolume is the emptyDir holding the node-ipc sockets shared with the app.
 func socketsVolume() corev1.Volume {
 	return corev1.Volume{Name: SocketsVolume, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}
@@ -186,19 +218,27 @@ func socketsVolume() corev1.Volume {
 
 // tokenVolume is the sidecar's own service-account credentials, laid out as client-go's
 // in-cluster config expects, so the pod's automountServiceAccountToken stays the user's
-// choice and the app containers get no token from podipc.
-func tokenVolume() corev1.Volume {
+// choice and the app containers get no token from podipc. With identity on it also holds
+// the identity token: audience podipc.dev/identity (useless against the API server, and
+// the API server's token useless at the identity endpoint), ten minutes long.
+func tokenVolume(withIdentity bool) corev1.Volume {
+	sources := []corev1.VolumeProjection{
+		{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{Path: "token", ExpirationSeconds: ptr.To[int64](3607)}},
+		{ConfigMap: &corev1.ConfigMapProjection{
+			LocalObjectReference: corev1.LocalObjectReference{Name: "kube-root-ca.crt"},
+			Items:                []corev1.KeyToPath{{Key: "ca.crt", Path: "ca.crt"}},
+		}},
+		{DownwardAPI: &corev1.DownwardAPIProjection{Items: []corev1.DownwardAPIVolumeFile{{
+			Path: "namespace", FieldRef: &corev1.ObjectFieldSelector{APIVersion: "v1", FieldPath: "metadata.namespace"},
+		}}}},
+	}
+	if withIdentity {
+		sources = append(sources, corev1.VolumeProjection{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{
+			Audience: identity.Audience, Path: IdentityTokenPath, ExpirationSeconds: ptr.To[int64](identityTokenSeconds),
+		}})
+	}
 	return corev1.Volume{Name: TokenVolume, VolumeSource: corev1.VolumeSource{Projected: &corev1.ProjectedVolumeSource{
 		DefaultMode: ptr.To[int32](0o444),
-		Sources: []corev1.VolumeProjection{
-			{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{Path: "token", ExpirationSeconds: ptr.To[int64](3607)}},
-			{ConfigMap: &corev1.ConfigMapProjection{
-				LocalObjectReference: corev1.LocalObjectReference{Name: "kube-root-ca.crt"},
-				Items:                []corev1.KeyToPath{{Key: "ca.crt", Path: "ca.crt"}},
-			}},
-			{DownwardAPI: &corev1.DownwardAPIProjection{Items: []corev1.DownwardAPIVolumeFile{{
-				Path: "namespace", FieldRef: &corev1.ObjectFieldSelector{APIVersion: "v1", FieldPath: "metadata.namespace"},
-			}}}},
-		},
+		Sources:     sources,
 	}}}
 }

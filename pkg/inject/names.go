@@ -50,4 +50,15 @@ const (
 	EnvPodUID       = "PODIPC_POD_UID"
 	EnvPodIP        = "PODIPC_POD_IP"
 	EnvChannels     = "PODIPC_CHANNELS"
+
+	// Env names of the sidecar's workload identity, set when the controller issues one.
+	EnvIdentityURL = "PODIPC_IDENTITY_URL"
+	EnvTrustDomain = "PODIPC_TRUST_DOMAIN"
+	EnvTrustBundle = "PODIPC_TRUST_BUNDLE"
+	// IdentityTokenPath is the identity token's file in TokenDir (the sidecar's
+	// --identity-token-file default).
+	IdentityTokenPath = "podipc-identity-token"
+	// identityTokenSeconds is the identity token's lifetime, the shortest the API server
+	// allows; the kubelet replaces it at 80 %.
+	identityTokenSeconds = 600
 )

@@ -18,6 +18,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/pkg/seal"
 )
 
 // Path is where the manager's webhook server serves the injector; the
@@ -88,7 +89,7 @@ func (w *Webhook) Default(ctx context.Context, pod *corev1.Pod) error {
 	if !d.Inject {
 		return nil
 	}
-	if err := w.checkPorts(ctx, namespace, pod.Annotations[AnnotationChannels]); err != nil {
+	if err := w.checkChannels(ctx, namespace, pod); err != nil {
 		rejections.Inc()
 		return err
 	}
@@ -96,24 +97,57 @@ func (w *Webhook) Default(ctx context.Context, pod *corev1.Pod) error {
 		rejections.Inc()
 		return err
 	}
+	if w.Config.Seal != nil {
+		channels, _ := Channels(pod.Annotations[AnnotationChannels]) // Inject validated them
+		pod.Annotations = withAnnotation(pod.Annotations, seal.Annotation,
+			w.Config.Seal.Sign(namespace, pod.Spec.ServiceAccountName, strings.Join(channels, ",")))
+	}
 	injections.Inc()
 	return nil
 }
 
-// checkPorts rejects a pod whose existing Channels share a localPort: the sidecar could serve
-// only one of them on 127.0.0.1. Channels that do not exist yet are not checked.
-func (w *Webhook) checkPorts(ctx context.Context, namespace, annotation string) error {
-	names, err := Channels(annotation)
-	if err != nil || len(names) < 2 {
-		return err // Inject reports the invalid annotation
+func withAnnotation(a map[string]string, key, value string) map[string]string {
+	if a == nil {
+		a = map[string]string{}
+	}
+	a[key] = value
+	return a
+}
+
+// checkChannels rejects a pod that names a Channel its service account may not join, and
+// a pod whose Channels share a localPort. Channels that do not exist yet are not checked.
+func (w *Webhook) checkChannels(ctx context.Context, namespace string, pod *corev1.Pod) error {
+	names, err := Channels(pod.Annotations[AnnotationChannels])
+	if err != nil {
+		return err
+	}
+	if len(names) == 0 {
+		return nil
 	}
 	var list podipcv1alpha1.ChannelList
 	if err := w.Reader.List(ctx, &list, client.InNamespace(namespace)); err != nil {
 		return fmt.Errorf("podipc: listing Channels in %q: %w", namespace, err)
 	}
-	byPort := map[int32][]string{}
+	sa := pod.Spec.ServiceAccountName
+	if sa == "" {
+		sa = "default"
+	}
 	for i := range list.Items {
 		ch := &list.Items[i]
+		if slices.Contains(names, ch.Name) && !ch.Spec.Access.Allows(sa) {
+			return fmt.Errorf("service account %q may not join Channel %q: its spec.access.serviceAccounts lists only %s; "+
+				"run the pod as one of them or add %q to the Channel", sa, ch.Name, quoteJoin(ch.Spec.Access.ServiceAccounts), sa)
+		}
+	}
+	return checkPorts(list.Items, names)
+}
+
+// checkPorts rejects a pod whose existing Channels share a localPort: the sidecar could serve
+// only one of them on 127.0.0.1.
+func checkPorts(channels []podipcv1alpha1.Channel, names []string) error {
+	byPort := map[int32][]string{}
+	for i := range channels {
+		ch := &channels[i]
 		if slices.Contains(names, ch.Name) {
 			byPort[ch.Spec.LocalPort] = append(byPort[ch.Spec.LocalPort], ch.Name)
 		}
@@ -128,8 +162,11 @@ func (w *Webhook) checkPorts(ctx context.Context, namespace, annotation string) 
 	return nil
 }
 
-// quoteJoin renders names as `"a" and "b"` or `"a", "b" and "c"`.
+// quoteJoin renders names as `"a"`, `"a" and "b"` or `"a", "b" and "c"`.
 func quoteJoin(names []string) string {
+	if len(names) == 1 {
+		return fmt.Sprintf("%q", names[0])
+	}
 	q := make([]string, len(names))
 	for i, n := range names {
 		q[i] = fmt.Sprintf("%q", n)

@@ -50,6 +50,17 @@ type Config struct {
 	peerTLSFlag string
 	// MaxAppConnections caps the app connections of each line port and node-ipc socket.
 	MaxAppConnections int
+
+	// IdentityURL is the controller's identity endpoint; empty means the sidecar holds no
+	// workload certificate (static mode, or a controller with identity off).
+	IdentityURL string
+	// IdentityTokenFile is the projected service-account token of audience
+	// podipc.dev/identity.
+	IdentityTokenFile string
+	// TrustDomain is the SPIFFE trust domain.
+	TrustDomain string
+	// TrustBundle is the ConfigMap holding the trust bundle, as <namespace>/<name>.
+	TrustBundle string
 }
 
 // ParseConfig reads the environment through getenv and parses args (without the
@@ -86,6 +97,10 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.StringVar(&c.TLSCA, "tls-ca", "", "PEM file of the trust bundle peer certificates must chain to (old and new roots during a rotation), re-read every second.")
 	fs.IntVar(&c.MaxAppConnections, "max-app-connections", endpoint.DefaultMaxConnections,
 		"The most app connections each channel's line port and node-ipc socket accept at once; a connection over it is closed at once and counted in podipc_app_refused_total.")
+	fs.StringVar(&c.IdentityURL, "identity-url", getenv("PODIPC_IDENTITY_URL"), "The controller's identity endpoint (https://…; default $PODIPC_IDENTITY_URL); empty: hold no workload certificate. Kubernetes mode only.")
+	fs.StringVar(&c.IdentityTokenFile, "identity-token-file", DefaultIdentityTokenFile, "The projected service-account token (audience podipc.dev/identity) presented to the identity endpoint.")
+	fs.StringVar(&c.TrustDomain, "trust-domain", getenv("PODIPC_TRUST_DOMAIN"), "The SPIFFE trust domain of workload certificates (default $PODIPC_TRUST_DOMAIN).")
+	fs.StringVar(&c.TrustBundle, "trust-bundle", getenv("PODIPC_TRUST_BUNDLE"), "The ConfigMap holding the trust bundle, as <namespace>/<name> (default $PODIPC_TRUST_BUNDLE).")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
@@ -155,8 +170,22 @@ func (c Config) validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("--discovery=%q: want kubernetes or static", c.Discovery))
 	}
+	if c.IdentityURL != "" {
+		if c.Discovery != "kubernetes" {
+			errs = append(errs, errors.New("--identity-url needs --discovery=kubernetes"))
+		}
+		if ns, name, ok := strings.Cut(c.TrustBundle, "/"); !ok || ns == "" || name == "" {
+			errs = append(errs, fmt.Errorf("--trust-bundle=%q: want <namespace>/<configmap>", c.TrustBundle))
+		}
+		if c.TrustDomain == "" {
+			errs = append(errs, errors.New("--identity-url needs --trust-domain"))
+		}
+	}
 	return errors.Join(errs...)
 }
+
+// DefaultIdentityTokenFile is where the webhook projects the identity token.
+const DefaultIdentityTokenFile = "/var/run/secrets/kubernetes.io/serviceaccount/podipc-identity-token"
 
 // withPort returns addr with port unless it already has one.
 func withPort(addr string, port int) string {

@@ -26,6 +26,7 @@ import (
 
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/endpoint"
+	"github.com/podipc/podipc/pkg/identity"
 	"github.com/podipc/podipc/pkg/ipc"
 	"github.com/podipc/podipc/pkg/peer"
 	"github.com/podipc/podipc/pkg/peertls"
@@ -79,7 +80,17 @@ type Sidecar struct {
 	unboundLines atomic.Int32
 	// rebind wakes rebindLoop when an endpoint could not be bound.
 	rebind chan struct{}
-	wg     sync.WaitGroup
+	// identity, if set, keeps the pod's workload certificate (see WithIdentity).
+	identity *identity.Client
+	wg       sync.WaitGroup
+}
+
+// WithIdentity makes Start run c, which obtains and renews the pod's workload
+// certificate, and exports its metrics. Call it before Start. Peer links do not present
+// the certificate yet; readiness does not wait for it.
+func (s *Sidecar) WithIdentity(c *identity.Client) {
+	c.Metrics = identity.NewMetrics(s.reg)
+	s.identity = c
 }
 
 // served is a channel with its two endpoints. An endpoint that is nil could not be
@@ -225,6 +236,15 @@ func (s *Sidecar) Start(ctx context.Context) error {
 		defer s.wg.Done()
 		s.rebindLoop(runCtx)
 	}()
+	if s.identity != nil {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			if err := s.identity.Start(runCtx); err != nil {
+				s.log.Error(err, "Workload identity stopped")
+			}
+		}()
+	}
 	discCtx, stopDiscovery := context.WithCancel(runCtx)
 	discDone := make(chan error, 1)
 	go func() {

@@ -10,14 +10,18 @@ import (
 	"testing"
 
 	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+
+	"github.com/podipc/podipc/pkg/channel"
 )
 
 // narrowed are the resources the chart deliberately grants more narrowly than the markers
 // can say: by name, or in the release namespace only. The controller touches only its own.
 var narrowed = map[string]string{
 	"leases":                        "leader election uses one Lease, in the release namespace: a Role, not the ClusterRole",
-	"secrets":                       "only podipc-webhook-tls, in the release namespace (create cannot be narrowed by name)",
+	"secrets":                       "only podipc-webhook-tls and podipc-identity, in the release namespace (create cannot be narrowed by name)",
+	"configmaps":                    "only podipc-identity-trust, in the release namespace (create cannot be narrowed by name)",
 	"mutatingwebhookconfigurations": "only podipc-injector, by resourceNames",
 }
 
@@ -108,11 +112,18 @@ func TestRBACLeastPrivilege(t *testing.T) {
 			for _, r := range rules {
 				all := strings.Join(append(append(slices.Clone(r.APIGroups), r.Resources...), r.Verbs...), " ")
 				for _, bad := range []string{"*", "escalate", "bind", "impersonate"} {
+					if bad == "bind" && slices.Equal(r.Resources, []string{"clusterroles"}) && slices.Equal(r.ResourceNames, []string{channel.MemberRole}) {
+						continue // binding the fixed member role, and nothing else
+					}
 					if slices.Contains(r.Verbs, bad) || slices.Contains(r.Resources, bad) || slices.Contains(r.APIGroups, bad) {
 						t.Errorf("rule %q grants %q", all, bad)
 					}
 				}
-				for _, named := range []string{"secrets", "mutatingwebhookconfigurations"} {
+				if slices.ContainsFunc(r.Resources, func(res string) bool { return res == "roles" || res == "clusterroles" }) &&
+					slices.ContainsFunc(r.Verbs, func(v string) bool { return v != "get" && v != "list" && v != "watch" && v != "bind" }) {
+					t.Errorf("rule %q lets the controller write roles", all)
+				}
+				for _, named := range []string{"secrets", "configmaps", "mutatingwebhookconfigurations"} {
 					// create cannot be narrowed by name; it reads nothing, so it is the exception.
 					if slices.Contains(r.Resources, named) && len(r.ResourceNames) == 0 && !slices.Equal(r.Verbs, []string{"create"}) {
 						t.Errorf("rule %q grants %s without resourceNames", all, named)
@@ -123,5 +134,30 @@ func TestRBACLeastPrivilege(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestMemberRole: the chart's podipc-member ClusterRole and config/rbac/member_role.yaml
+// grant exactly pkg/channel's MemberRules, which are read-only.
+func TestMemberRole(t *testing.T) {
+	chartRole := into[rbacv1.ClusterRole](t, render(t, nil).get(t, "ClusterRole", channel.MemberRole))
+	raw, err := os.ReadFile(filepath.Join(repoRoot, "config", "rbac", "member_role.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var configRole rbacv1.ClusterRole
+	if err := utilyaml.Unmarshal(raw, &configRole); err != nil {
+		t.Fatal(err)
+	}
+	want := channel.MemberRules()
+	for name, got := range map[string][]rbacv1.PolicyRule{"the chart's": chartRole.Rules, "config/rbac's": configRole.Rules} {
+		if !equality.Semantic.DeepEqual(got, want) {
+			t.Errorf("%s %s grants %+v, want %+v", name, channel.MemberRole, got, want)
+		}
+	}
+	for _, r := range want {
+		if !slices.Equal(r.Verbs, []string{"get", "list", "watch"}) {
+			t.Errorf("members may %v %v: they must only read", r.Verbs, r.Resources)
+		}
 	}
 }

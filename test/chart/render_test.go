@@ -33,6 +33,7 @@ var valueSets = map[string]map[string]string{
 	},
 	"one replica, excluded namespaces": {"controller.replicas": "1", "webhook.excludeNamespaces": `["monitoring","kube-system"]`},
 	"dashboard and alerts":             monitoringValues,
+	"identity off":                     {"identity.enabled": "false", "metrics.secure": "false"},
 }
 
 func TestLint(t *testing.T) {
@@ -184,7 +185,9 @@ func TestRenderCertManager(t *testing.T) {
 	}
 	role := into[rbacv1.Role](t, objs.get(t, "Role", "podipc-controller"))
 	for _, r := range role.Rules {
-		if slices.Contains(r.Resources, "secrets") && (slices.Contains(r.Verbs, "update") || slices.Contains(r.Verbs, "patch")) {
+		// The identity root and the seal key are the controller's own in every mode.
+		if slices.Contains(r.Resources, "secrets") && slices.Contains(r.ResourceNames, "podipc-webhook-tls") &&
+			(slices.Contains(r.Verbs, "update") || slices.Contains(r.Verbs, "patch")) {
 			t.Errorf("cert-manager mode lets the controller write its Secret: %+v", r)
 		}
 	}
@@ -435,5 +438,57 @@ func assertRestricted(t *testing.T, what string, pod *corev1.PodSecurityContext,
 		c.SeccompProfile != nil && c.SeccompProfile.Type == corev1.SeccompProfileTypeRuntimeDefault
 	if !ok {
 		t.Errorf("%s securityContext is not restricted: pod %+v container %+v", what, pod, c)
+	}
+}
+
+// TestRenderIdentity: with identity on (the default) the chart renders the identity
+// Service on the controller's identity port, passes its settings, grants every service
+// account get on the trust bundle ConfigMap alone, and renders the Secrets empty; with
+// identity off, none of it and --identity-bind-address=0.
+func TestRenderIdentity(t *testing.T) {
+	objs := render(t, nil)
+	dep := into[appsv1.Deployment](t, objs.get(t, "Deployment", "podipc-controller"))
+	c := dep.Spec.Template.Spec.Containers[0]
+	for _, arg := range []string{"--identity-bind-address=:9444", "--trust-domain=cluster.local", "--identity-lifetime=24h",
+		"--identity-propagation-delay=10m", "--identity-service=podipc-identity", "--identity-secret=podipc-identity",
+		"--identity-trust-configmap=podipc-identity-trust", "--seal-secret=podipc-seal", "--metrics-secure=true"} {
+		if !slices.Contains(c.Args, arg) {
+			t.Errorf("controller args %q lack %q", c.Args, arg)
+		}
+	}
+	if !hasPort(c.Ports, "identity", 9444) {
+		t.Errorf("controller ports %+v lack identity 9444", c.Ports)
+	}
+	svc := into[corev1.Service](t, objs.get(t, "Service", "podipc-identity"))
+	if len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != 443 || svc.Spec.Ports[0].TargetPort != intstr.FromString("identity") ||
+		!selects(svc.Spec.Selector, dep.Spec.Template.Labels) {
+		t.Errorf("identity Service %+v does not send 443 to the controller's identity port", svc.Spec)
+	}
+	for _, name := range []string{"podipc-identity", "podipc-seal"} {
+		if s := into[corev1.Secret](t, objs.get(t, "Secret", name)); len(s.Data) != 0 || len(s.StringData) != 0 {
+			t.Errorf("Secret %s renders data; helm upgrade would replace the controller's", name)
+		}
+	}
+	if cm := into[corev1.ConfigMap](t, objs.get(t, "ConfigMap", "podipc-identity-trust")); len(cm.Data) != 0 {
+		t.Error("the trust bundle ConfigMap renders data; helm upgrade would replace the published bundle")
+	}
+	reader := into[rbacv1.Role](t, objs.get(t, "Role", "podipc-identity-trust-reader"))
+	if len(reader.Rules) != 1 || !slices.Equal(reader.Rules[0].Verbs, []string{"get"}) || !slices.Equal(reader.Rules[0].ResourceNames, []string{"podipc-identity-trust"}) {
+		t.Errorf("trust reader Role grants %+v, want get on podipc-identity-trust only", reader.Rules)
+	}
+	binding := into[rbacv1.RoleBinding](t, objs.get(t, "RoleBinding", "podipc-identity-trust-reader"))
+	if len(binding.Subjects) != 1 || binding.Subjects[0].Kind != "Group" || binding.Subjects[0].Name != "system:serviceaccounts" {
+		t.Errorf("trust reader bound to %+v", binding.Subjects)
+	}
+
+	off := render(t, valueSets["identity off"])
+	for _, kind := range []struct{ kind, name string }{{"Service", "podipc-identity"}, {"Secret", "podipc-identity"}, {"Role", "podipc-identity-trust-reader"}, {"ConfigMap", "podipc-identity-trust"}} {
+		if off.find(kind.kind, kind.name) != nil {
+			t.Errorf("identity off still renders %s %s", kind.kind, kind.name)
+		}
+	}
+	offArgs := into[appsv1.Deployment](t, off.get(t, "Deployment", "podipc-controller")).Spec.Template.Spec.Containers[0].Args
+	if !slices.Contains(offArgs, "--identity-bind-address=0") {
+		t.Errorf("identity off: args %q lack --identity-bind-address=0", offArgs)
 	}
 }

@@ -6,6 +6,10 @@ Names. The cluster-scoped objects and the webhook's Service and Secret have fixe
 {{- define "podipc.webhookServiceName" -}}podipc-webhook{{- end -}}
 {{- define "podipc.webhookSecretName" -}}podipc-webhook-tls{{- end -}}
 {{- define "podipc.controllerName" -}}podipc-controller{{- end -}}
+{{- define "podipc.identityServiceName" -}}podipc-identity{{- end -}}
+{{- define "podipc.identitySecretName" -}}podipc-identity{{- end -}}
+{{- define "podipc.identityTrustName" -}}podipc-identity-trust{{- end -}}
+{{- define "podipc.sealSecretName" -}}podipc-seal{{- end -}}
 {{- define "podipc.certificateName" -}}podipc-webhook{{- end -}}
 {{- define "podipc.testName" -}}podipc-test-injection{{- end -}}
 

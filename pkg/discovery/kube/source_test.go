@@ -11,6 +11,7 @@ import (
 	"github.com/go-logr/logr"
 	"github.com/go-logr/logr/testr"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/rand"
 	"k8s.io/client-go/rest"
@@ -34,10 +35,15 @@ func TestMain(m *testing.M) {
 	testenv.Main(m, &env, startController)
 }
 
-// startController runs the real controller, which publishes the EndpointSlices and grants
-// the members the access the source relies on.
+// startController installs the member ClusterRole (as the chart does) and runs the real
+// controller, which publishes the EndpointSlices and binds the members that role, the
+// access the source relies on.
 func startController(e *testenv.Env) (func(), error) {
 	ctrl.SetLogger(logr.Discard()) // the tests assert outcomes; controller logs are noise here
+	member := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: channel.MemberRole}, Rules: channel.MemberRules()}
+	if err := e.Client.Create(context.Background(), member); err != nil {
+		return nil, err
+	}
 	return e.StartManager(ctrl.Options{
 		Cache: cache.Options{ByObject: channel.CacheByObject()},
 	}, func(ctx context.Context, mgr ctrl.Manager) error {

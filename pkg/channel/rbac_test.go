@@ -1,0 +1,91 @@
+package channel_test
+
+import (
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+
+	authorizationv1 "k8s.io/api/authorization/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+
+	"github.com/podipc/podipc/internal/testenv"
+	"github.com/podipc/podipc/pkg/channel"
+)
+
+// TestControllerRole installs the generated ClusterRole of config/rbac/role.yaml for a
+// service account and asks the API server (SubjectAccessReview) what that account may do
+// in a namespace it has never seen: bind the member role, and write no Role, ClusterRole
+// or binding of any other role.
+func TestControllerRole(t *testing.T) {
+	f, err := os.Open(filepath.Join(testenv.RepoRoot(), "config", "rbac", "role.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = f.Close() }()
+	var role rbacv1.ClusterRole
+	dec := utilyaml.NewYAMLOrJSONDecoder(f, 4096)
+	for role.Kind != "ClusterRole" {
+		if err := dec.Decode(&role); errors.Is(err, io.EOF) {
+			t.Fatal("config/rbac/role.yaml has no ClusterRole")
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+	role.ObjectMeta = metav1.ObjectMeta{Name: "rbac-test-controller"}
+	if err := env.Client.Create(t.Context(), &role); err != nil {
+		t.Fatal(err)
+	}
+	user := "system:serviceaccount:podipc-system:rbac-test-controller"
+	if err := env.Client.Create(t.Context(), &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "rbac-test-controller"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: role.Name},
+		Subjects:   []rbacv1.Subject{{Kind: rbacv1.UserKind, APIGroup: rbacv1.GroupName, Name: user}},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ns := newNamespace(t)
+	cases := map[string]struct {
+		attrs authorizationv1.ResourceAttributes
+		allow bool
+	}{
+		"create a RoleBinding":        {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "create", Group: "rbac.authorization.k8s.io", Resource: "rolebindings"}, true},
+		"bind the member role":        {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "bind", Group: "rbac.authorization.k8s.io", Resource: "clusterroles", Name: channel.MemberRole}, true},
+		"bind cluster-admin":          {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "bind", Group: "rbac.authorization.k8s.io", Resource: "clusterroles", Name: "cluster-admin"}, false},
+		"escalate":                    {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "escalate", Group: "rbac.authorization.k8s.io", Resource: "roles"}, false},
+		"create a Role":               {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "create", Group: "rbac.authorization.k8s.io", Resource: "roles"}, false},
+		"update a Role":               {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "update", Group: "rbac.authorization.k8s.io", Resource: "roles", Name: "x"}, false},
+		"create a ClusterRole":        {authorizationv1.ResourceAttributes{Verb: "create", Group: "rbac.authorization.k8s.io", Resource: "clusterroles"}, false},
+		"create a ClusterRoleBinding": {authorizationv1.ResourceAttributes{Verb: "create", Group: "rbac.authorization.k8s.io", Resource: "clusterrolebindings"}, false},
+		"read a Secret elsewhere":     {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "get", Resource: "secrets", Name: "x"}, false},
+		"write a pod":                 {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "update", Resource: "pods", Name: "x"}, false},
+		"review a token":              {authorizationv1.ResourceAttributes{Verb: "create", Group: "authentication.k8s.io", Resource: "tokenreviews"}, true},
+	}
+	allowed := func(attrs authorizationv1.ResourceAttributes) (bool, error) {
+		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{User: user, ResourceAttributes: &attrs}}
+		err := env.Client.Create(t.Context(), sar)
+		return sar.Status.Allowed, err
+	}
+	// Until the API server's RBAC cache has the new role every answer is "no", which would
+	// pass the denials for the wrong reason: wait for an allowed one first.
+	testenv.Eventually(t, "the RBAC cache sees the role", func() error {
+		if ok, err := allowed(cases["bind the member role"].attrs); err != nil || !ok {
+			return errors.Join(errors.New("not allowed yet"), err)
+		}
+		return nil
+	})
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			ok, err := allowed(tc.attrs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ok != tc.allow {
+				t.Fatalf("allowed = %v, want %v", ok, tc.allow)
+			}
+		})
+	}
+}
