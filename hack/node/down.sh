@@ -80,6 +80,8 @@ mounts() {
 }
 
 network() {
+  # The e2e/faults suite's impairments (hack/node/fault.sh), if a run was cut short.
+  nft delete table netdev podipc_fault 2>/dev/null || true
   if ip link show "$BRIDGE" >/dev/null 2>&1; then
     ip link delete "$BRIDGE"
   fi
@@ -158,6 +160,12 @@ check() {
   if [ -f "$STATE/baseline/nft-ruleset" ] && ! diff -q <(nft list ruleset) "$STATE/baseline/nft-ruleset" >/dev/null; then
     log "LEFT: netfilter ruleset differs from before up.sh:"
     diff <(nft list ruleset) "$STATE/baseline/nft-ruleset" | head -40 >&2
+    bad=1
+  fi
+  # Queueing disciplines (tc): the pods' veths are gone with theirs; any other must be as before.
+  if [ -f "$STATE/baseline/tc-qdiscs" ] && ! diff -q <(tc_qdiscs) "$STATE/baseline/tc-qdiscs" >/dev/null; then
+    log "LEFT: tc qdiscs differ from before up.sh:"
+    diff <(tc_qdiscs) "$STATE/baseline/tc-qdiscs" | head -20 >&2
     bad=1
   fi
   if [ -f "$STATE/baseline/sysctl" ]; then

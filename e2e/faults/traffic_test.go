@@ -1,0 +1,221 @@
+//go:build e2efaults
+
+package faults
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// The two channels and the Deployments whose pods stream on them (testapp stream).
+const (
+	bcast      = "bcast" // Broadcast, local port 7000
+	anyone     = "any"   // AnyOne, local port 7001
+	bcastApp   = "bc"
+	anyApp     = "anyone"
+	reportPort = "8080"
+	sidecar    = "podipc-sidecar"
+)
+
+// appReport is what GET /report of a testapp stream returns (e2e/testapp/stream.go).
+type appReport struct {
+	Me       string                           `json:"me"`
+	Sent     map[string]int                   `json:"sent"`
+	Connects map[string]int                   `json:"connects"`
+	Recv     map[string]map[string]flowReport `json:"recv"`
+}
+
+type flowReport struct {
+	Received   int    `json:"received"`
+	Duplicates int    `json:"duplicates"`
+	Reordered  int    `json:"reordered"`
+	Max        int    `json:"max"`
+	Seen       string `json:"seen"`
+	seen       []byte
+}
+
+func (f *flowReport) has(n int) bool {
+	if f.seen == nil && f.Seen != "" {
+		f.seen, _ = base64.StdEncoding.DecodeString(f.Seen)
+	}
+	return n/8 < len(f.seen) && f.seen[n/8]&(1<<(n%8)) != 0
+}
+
+// podState is one pod as one poll saw it: its app's report and its sidecar's drop counters.
+type podState struct {
+	report   *appReport
+	dropped  map[string]float64 // "channel/reason" -> podipc_dropped_lines_total
+	restarts int32              // of the sidecar container: a restart resets its counters
+}
+
+// snapshot is one poll of every streaming pod.
+type snapshot struct {
+	at   time.Time
+	pods map[string]*podState
+}
+
+func (s *snapshot) report(pod string) *appReport {
+	if p := s.pods[pod]; p != nil {
+		return p.report
+	}
+	return nil
+}
+
+// poll reads every running streaming pod's report and metrics through the API server's pod
+// proxy. A pod that does not answer (being restarted, deleted) is left out.
+func poll(ctx context.Context, ns string) (*snapshot, error) {
+	pods, err := clientset.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "role=stream"})
+	if err != nil {
+		return nil, err
+	}
+	s := &snapshot{at: time.Now(), pods: map[string]*podState{}}
+	for _, p := range pods.Items {
+		if p.Status.PodIP == "" || p.DeletionTimestamp != nil {
+			continue
+		}
+		st := &podState{restarts: sidecarRestarts(&p)}
+		if b, err := proxyGet(ctx, ns, p.Name, reportPort, "report"); err == nil {
+			var r appReport
+			if json.Unmarshal(b, &r) == nil {
+				st.report = &r
+			}
+		}
+		if b, err := proxyGet(ctx, ns, p.Name, "7702", "metrics"); err == nil {
+			st.dropped = droppedLines(string(b))
+		}
+		if st.report != nil {
+			s.pods[p.Name] = st
+		}
+	}
+	return s, nil
+}
+
+func proxyGet(ctx context.Context, ns, pod, port, path string) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	return clientset.CoreV1().RESTClient().Get().
+		AbsPath("/api/v1/namespaces", ns, "pods", pod+":"+port, "proxy", path).DoRaw(ctx)
+}
+
+func sidecarRestarts(p *corev1.Pod) int32 {
+	for _, c := range p.Status.InitContainerStatuses {
+		if c.Name == sidecar {
+			return c.RestartCount
+		}
+	}
+	return 0
+}
+
+// droppedLines parses podipc_dropped_lines_total{channel="…",reason="…"} samples.
+func droppedLines(text string) map[string]float64 {
+	out := map[string]float64{}
+	for _, line := range strings.Split(text, "\n") {
+		if !strings.HasPrefix(line, "podipc_dropped_lines_total{") {
+			continue
+		}
+		labels := line[strings.Index(line, "{")+1 : strings.LastIndex(line, "}")]
+		var ch, reason string
+		for _, kv := range strings.Split(labels, ",") {
+			k, v, _ := strings.Cut(kv, "=")
+			switch strings.TrimSpace(k) {
+			case "channel":
+				ch = strings.Trim(v, `"`)
+			case "reason":
+				reason = strings.Trim(v, `"`)
+			}
+		}
+		f := strings.Fields(line)
+		if v, err := strconv.ParseFloat(f[len(f)-1], 64); err == nil {
+			out[ch+"/"+reason] += v
+		}
+	}
+	return out
+}
+
+// tally follows one fault from its first poll to its last: the latest state of every pod
+// seen, and the drops counted meanwhile, summed over sidecar restarts.
+type tally struct {
+	first   *snapshot
+	latest  map[string]*podState
+	dropped map[string]float64 // "channel/reason" -> lines counted during the fault
+}
+
+func newTally(first *snapshot) *tally {
+	t := &tally{first: first, latest: map[string]*podState{}, dropped: map[string]float64{}}
+	maps.Copy(t.latest, first.pods)
+	return t
+}
+
+// add takes a later poll into account. A sidecar that restarted since the pod's last poll
+// starts its counters from zero: what its new incarnation counted is added whole (what the
+// old one counted after the last poll died with it: case (c) of docs/guarantees.md).
+func (t *tally) add(s *snapshot) {
+	for name, now := range s.pods {
+		before := t.latest[name]
+		if now.dropped != nil {
+			for k, v := range now.dropped {
+				prev := 0.0
+				if before != nil && before.dropped != nil && before.restarts == now.restarts {
+					prev = before.dropped[k]
+				}
+				if v >= prev {
+					t.dropped[k] += v - prev
+				} else {
+					t.dropped[k] += v
+				}
+			}
+		}
+		if before != nil && now.dropped == nil {
+			now.dropped = before.dropped // the metrics did not answer this time
+		}
+		t.latest[name] = now
+	}
+}
+
+// caughtUp reports whether, in s, every receiver has heard from every sender of ref a line
+// numbered at least what that sender had sent at ref: traffic is flowing at its rate again.
+// On the AnyOne channel the receivers together must have.
+func caughtUp(ref, s *snapshot) (bool, string) {
+	var behind []string
+	for from, st := range ref.pods {
+		if s.pods[from] == nil {
+			continue // deleted: what it sent is judged by account
+		}
+		for ch, sent := range st.report.Sent {
+			if sent == 0 {
+				continue
+			}
+			best := 0
+			for to, rst := range s.pods {
+				if (to == from && ch == bcast) || ref.pods[to] == nil {
+					continue // a replacement pod never hears lines sent before it joined
+				}
+				m := rst.report.Recv[ch][from].Max
+				if ch == bcast && sameApp(from, to) && m < sent {
+					behind = append(behind, fmt.Sprintf("%s<-%s %s %d<%d", to, from, ch, m, sent))
+				}
+				best = max(best, m)
+			}
+			if ch == anyone && best < sent {
+				behind = append(behind, fmt.Sprintf("any<-%s %d<%d", from, best, sent))
+			}
+		}
+	}
+	slices.Sort(behind)
+	return len(behind) == 0, strings.Join(behind, " ")
+}
+
+// sameApp: pods of one Deployment share the name prefix bc-… or anyone-….
+func sameApp(a, b string) bool {
+	return strings.HasPrefix(a, bcastApp+"-") == strings.HasPrefix(b, bcastApp+"-")
+}
