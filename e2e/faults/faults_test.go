@@ -45,16 +45,6 @@ type faultCase struct {
 	inject func(t *testing.T, s *suite, victims []*corev1.Pod)
 }
 
-func impairFor(d time.Duration, spec ...string) func(*testing.T, *suite, []*corev1.Pod) {
-	return func(t *testing.T, s *suite, victims []*corev1.Pod) {
-		defer s.restore(t)
-		for _, v := range victims {
-			mustFault(t, append([]string{"impair", v.Status.PodIP}, spec...)...)
-		}
-		time.Sleep(d)
-	}
-}
-
 func linkDownFor(d time.Duration) func(*testing.T, *suite, []*corev1.Pod) {
 	return func(t *testing.T, s *suite, victims []*corev1.Pod) {
 		defer s.restore(t)
@@ -68,10 +58,33 @@ func linkDownFor(d time.Duration) func(*testing.T, *suite, []*corev1.Pod) {
 	}
 }
 
+// faultsFor makes each fault (fault.sh arguments after the pod IP) on every victim for d.
+func faultsFor(d time.Duration, faults ...[]string) func(*testing.T, *suite, []*corev1.Pod) {
+	return func(t *testing.T, s *suite, victims []*corev1.Pod) {
+		defer s.restore(t)
+		for _, v := range victims {
+			for _, f := range faults {
+				mustFault(t, append([]string{f[0], v.Status.PodIP}, f[1:]...)...)
+			}
+		}
+		time.Sleep(d)
+	}
+}
+
+var (
+	loss    = []string{"impair", "loss=10"}
+	dup     = []string{"impair", "dup=5"}
+	delay   = []string{"delay", "50ms", "20ms"}
+	reorder = []string{"delay", "10ms", "0ms", "10"}
+	all     = [][]string{{"impair", "loss=10", "dup=5"}, {"delay", "50ms", "20ms", "10"}}
+)
+
 var faultCases = []faultCase{
-	{name: "loss 10%", kind: network, inject: impairFor(20*time.Second, "loss=10")},
-	{name: "duplication 5%", kind: network, inject: impairFor(20*time.Second, "dup=5")},
-	{name: "loss 10% + duplication 5%", kind: network, inject: impairFor(20*time.Second, "loss=10", "dup=5")},
+	{name: "loss 10%", kind: network, inject: faultsFor(20*time.Second, loss)},
+	{name: "delay 50 ms ± 20 ms", kind: network, inject: faultsFor(20*time.Second, delay)},
+	{name: "duplication 5%", kind: network, inject: faultsFor(20*time.Second, dup)},
+	{name: "reordering 10%", kind: network, inject: faultsFor(20*time.Second, reorder)},
+	{name: "all at once", kind: network, inject: faultsFor(20*time.Second, all...)},
 	{name: "veth down 5 s", kind: network, inject: linkDownFor(5 * time.Second)},
 	{name: "veth down 30 s", kind: network, inject: linkDownFor(30 * time.Second)},
 	{name: "sidecar SIGKILL ×3", kind: sidecarKill, kills: 3, inject: killSidecars(3)},
@@ -247,6 +260,7 @@ func (s *suite) run(t *testing.T, fc faultCase) []result {
 	victims := s.victims(t)
 	t.Logf("victims: %s, %s", victims[0].Name, victims[1].Name)
 	p := s.startPolling(first)
+	defer p.cancel()
 	fc.inject(t, s, victims)
 	end := time.Now()
 	membershipDone := s.measureMembership(end)
@@ -268,7 +282,7 @@ func (s *suite) run(t *testing.T, fc faultCase) []result {
 		if err != nil {
 			return false, err.Error()
 		}
-		ok, behind := caughtUp(ref, snap)
+		ok, behind := caughtUp(ref, snap, first)
 		caught = snap
 		return ok, behind
 	})
@@ -317,7 +331,7 @@ func (s *suite) settle(t *testing.T) *snapshot {
 			ref = snap
 			return false, "first poll"
 		}
-		ok, behind := caughtUp(ref, snap)
+		ok, behind := caughtUp(ref, snap, ref)
 		last = snap
 		if !ok {
 			ref = snap

@@ -65,7 +65,7 @@ docs/guarantees.md says once, or out of order where it promises order:
 
 | fault | what must hold |
 |---|---|
-| packet loss, duplication, veth down 5 s (< the 6 s keepalive timeout) | (a) exactly once, in order, for every pair |
+| packet loss, delay, duplication, reordering, all at once, veth down 5 s (< the 6 s keepalive timeout) | (a) exactly once, in order, for every pair |
 | veth down 30 s (the links reset) | (a) the same, after the link resumes |
 | sidecar SIGKILLed (native sidecar restarted by the kubelet) | receiving side (b): no duplicate, every missing line counted (` + "`peer_restarted`, `no_connection`" + `); sending side (c): only what it had not had acknowledged is missing (at most one run of lines per kill); between the other pods, (a) |
 | pod deleted (graceful) | everything the victim sent before is delivered; between the others, (a); AnyOne lines rerouted from it may arrive twice (at-least-once), losses counted |
@@ -78,18 +78,21 @@ lines (Broadcast: per receiver; AnyOne: lines received by any pod); **lost** —
 expected and not made; **counted as dropped** — ` + "`podipc_dropped_lines_total`" + ` increments on
 that channel during the fault, by reason (a sidecar that was killed takes what it counted since
 the last poll with it); **back to rate** — from the fault's end until every receiver had every
-sender's line numbered as at the fault's end; **membership** — from the fault's end until both
+sender's line numbered as at the fault's end (polled once a second); **membership** — from the fault's end until both
 Channels counted every pod ready.
 `
 
 const reportTail = `
 ## Not measured here
 
-* **Delay and reordering** (` + "`tc netem`" + ` 50 ms ± 20 ms, 10 % reordering): the CI machine's
-  kernel has no ` + "`sch_netem`" + ` (CONFIG_NET_SCH_NETEM unset and no module support), so there
-  is no netem to apply. Loss and duplication are made with an nftables netdev table on the pod's
-  veth instead (` + "`numgen random`" + ` drop, ` + "`dup to`" + `); duplication is applied to packets sent to the
-  pod. On a kernel with netem, TCP hides all four from the sidecars in the same way: they see
-  slower links, never a lost, duplicated or reordered byte.
+* **How the network faults are made.** The CI machine's kernel has no ` + "`sch_netem`" + `
+  (CONFIG_NET_SCH_NETEM unset, no module support), so ` + "`tc netem`" + ` cannot run there. Loss and
+  duplication are made with an nftables netdev table on the pod's veth (` + "`numgen random`" + `
+  drop in both directions, ` + "`dup to`" + ` on packets sent to the pod); delay and reordering by
+  ` + "`hack/netdelay`" + `, which an iptables NFQUEUE rule on the veth's bridge port hands every
+  forwarded packet of the pod: accepted again after 50 ms ± 20 ms (uniform, so packets overtake
+  each other), or for "reordering 10 %", 10 ms for 90 % and at once for 10 % (netem's
+  ` + "`delay 10ms reorder 10%`" + `). Traffic between the node and the pod (the kubelet's probes,
+  the API server's proxy) is not delayed.
 * **Memory squeeze of the sidecar**: waits for the sidecar's memory budget.
 `

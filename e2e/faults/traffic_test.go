@@ -62,6 +62,9 @@ type podState struct {
 type snapshot struct {
 	at   time.Time
 	pods map[string]*podState
+	// silent are pods that exist and did not answer (their network is down, their app
+	// restarts): a snapshot with one is never caught up.
+	silent []string
 }
 
 func (s *snapshot) report(pod string) *appReport {
@@ -95,6 +98,8 @@ func poll(ctx context.Context, ns string) (*snapshot, error) {
 		}
 		if st.report != nil {
 			s.pods[p.Name] = st
+		} else {
+			s.silent = append(s.silent, p.Name)
 		}
 	}
 	return s, nil
@@ -184,12 +189,19 @@ func (t *tally) add(s *snapshot) {
 
 // caughtUp reports whether, in s, every receiver has heard from every sender of ref a line
 // numbered at least what that sender had sent at ref: traffic is flowing at its rate again.
-// On the AnyOne channel the receivers together must have.
-func caughtUp(ref, s *snapshot) (bool, string) {
+// On the AnyOne channel the receivers together must have. Only the pods of members count: a
+// pod deleted since is judged by account, and its replacement never hears lines sent before
+// it joined.
+func caughtUp(ref, s, members *snapshot) (bool, string) {
 	var behind []string
+	for _, name := range s.silent {
+		if members.pods[name] != nil {
+			behind = append(behind, name+" does not answer")
+		}
+	}
 	for from, st := range ref.pods {
-		if s.pods[from] == nil {
-			continue // deleted: what it sent is judged by account
+		if s.pods[from] == nil || members.pods[from] == nil {
+			continue
 		}
 		for ch, sent := range st.report.Sent {
 			if sent == 0 {
@@ -197,8 +209,8 @@ func caughtUp(ref, s *snapshot) (bool, string) {
 			}
 			best := 0
 			for to, rst := range s.pods {
-				if (to == from && ch == bcast) || ref.pods[to] == nil {
-					continue // a replacement pod never hears lines sent before it joined
+				if (to == from && ch == bcast) || members.pods[to] == nil {
+					continue
 				}
 				m := rst.report.Recv[ch][from].Max
 				if ch == bcast && sameApp(from, to) && m < sent {

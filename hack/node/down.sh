@@ -105,6 +105,11 @@ netfilter() {
     [ "$ipt" = ip6tables ] && family=ip6
     for table in filter nat mangle raw security; do
       nft list table "$family" "$table" >/dev/null 2>&1 || continue
+      # The fault suite's NFQUEUE rules (hack/node/fault.sh delay), if a run was cut short.
+      $ipt -t "$table" -S 2>/dev/null | grep -E '^-A FORWARD .*-j NFQUEUE --queue-num 100 ' | while read -r _ rule; do
+        # shellcheck disable=SC2086
+        $ipt -t "$table" -D $rule 2>/dev/null
+      done
       # Rules jumping to our chains first, then the chains themselves.
       $ipt -t "$table" -S 2>/dev/null | grep -E '^-A .* -j (KUBE|CNI)-' | while read -r _ rule; do
         # shellcheck disable=SC2086
@@ -182,7 +187,8 @@ check() {
 start=$SECONDS
 log "=== teardown"
 # Stop the kubelet and kube-proxy first so nothing restarts containers or rewrites rules.
-stop kube-proxy kubelet
+# netdelay: the fault suite's packet delayer (hack/node/fault.sh), if a run was cut short.
+stop netdelay kube-proxy kubelet
 containers
 stop containerd
 shims

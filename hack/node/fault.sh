@@ -5,19 +5,24 @@
 # fault this script can make; the suite calls it after each fault and e2e.sh before teardown.
 #
 #   fault.sh impair POD_IP [loss=PCT] [dup=PCT]   lose/duplicate packets on the pod's veth
+#   fault.sh delay POD_IP DELAY JITTER [REORDER%]  delay (and reorder) the packets through it
 #   fault.sh link POD_IP down|up                  the pod's veth down or up
 #   fault.sh kill CONTAINER_ID                    SIGKILL a container's process (containerd)
 #   fault.sh stop DAEMON | start DAEMON           stop a node daemon / start it again as it ran
 #   fault.sh restore                              undo all of the above
 #
 # There is no `tc netem` here when the kernel lacks sch_netem (no module support on the CI VM):
-# loss and duplication are made with an nftables netdev table instead (numgen random; dup to).
+# loss and duplication are made with an nftables netdev table instead (numgen random; dup to),
+# delay and reordering by hack/netdelay behind an iptables NFQUEUE rule on the veth's bridge
+# port (physdev), with --queue-bypass so that packets pass if netdelay is not running.
 set -euo pipefail
 # shellcheck source=hack/node/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 # FAULT_TABLE is the one nftables table faults live in (netdev family: chains bound to veths).
 FAULT_TABLE=podipc_fault
+# DELAY_QUEUE is the NFQUEUE number netdelay serves.
+DELAY_QUEUE=100
 
 require_root
 [ -d "$STATE" ] || die "no e2e node ($STATE does not exist)"
@@ -67,6 +72,24 @@ impair() {
   log "fault: $dev ($1) loss=$loss% dup=$dup%"
 }
 
+delay() {
+  local dev bin=$STATE/fault/netdelay dir
+  dev=$(veth_of "$1")
+  [ -x "$bin" ] || (cd "$ROOT" && CGO_ENABLED=0 go build -o "$bin" ./hack/netdelay)
+  # Bridged packets reach iptables only with this on (down.sh restores it).
+  sysctl -q -w net.bridge.bridge-nf-call-iptables=1
+  if ! { [ -f "$(pidfile netdelay)" ] && alive "$(cat "$(pidfile netdelay)")"; }; then
+    setsid "$bin" -queue "$DELAY_QUEUE" -delay "$2" -jitter "$3" -reorder "${4:-0}" \
+      >>"$STATE/logs/netdelay.log" 2>&1 </dev/null 9>&- &
+    echo $! >"$(pidfile netdelay)"
+  fi
+  for dir in in out; do
+    iptables -t mangle -I FORWARD -m physdev "--physdev-$dir" "$dev" -j NFQUEUE --queue-num "$DELAY_QUEUE" --queue-bypass
+    echo "$dir $dev" >>"$STATE/fault/queued"
+  done
+  log "fault: $dev ($1) delay $2 ± $3, reorder ${4:-0}%"
+}
+
 link() {
   local dev
   dev=$(veth_of "$1")
@@ -104,8 +127,18 @@ start_again() {
 }
 
 restore() {
-  local f dev
+  local f dev dir
   nft delete table netdev "$FAULT_TABLE" 2>/dev/null || true
+  if [ -f "$STATE/fault/queued" ]; then
+    sort -u "$STATE/fault/queued" | while read -r dir dev; do
+      iptables -t mangle -D FORWARD -m physdev "--physdev-$dir" "$dev" -j NFQUEUE --queue-num "$DELAY_QUEUE" --queue-bypass 2>/dev/null || true
+    done
+    rm -f "$STATE/fault/queued"
+  fi
+  if [ -f "$(pidfile netdelay)" ]; then
+    kill -TERM "$(cat "$(pidfile netdelay)")" 2>/dev/null || true
+    rm -f "$(pidfile netdelay)"
+  fi
   if [ -f "$STATE/fault/links" ]; then
     sort -u "$STATE/fault/links" | while read -r dev; do
       [ "$(basename "$(readlink -f "/sys/class/net/$dev/master" 2>/dev/null)")" = "$BRIDGE" ] &&
@@ -123,10 +156,11 @@ restore() {
 
 case ${1:-} in
   impair) shift; impair "$@" ;;
+  delay) [ $# -ge 4 ] || die "usage: delay POD_IP DELAY JITTER [REORDER]"; shift; delay "$@" ;;
   link) [ $# = 3 ] || die "usage: link POD_IP down|up"; link "$2" "$3" ;;
   kill) [ $# = 2 ] || die "usage: kill CONTAINER_ID"; kill_container "$2" ;;
   stop) [ $# = 2 ] || die "usage: stop DAEMON"; stop_daemon "$2" ;;
   start) [ $# = 2 ] || die "usage: start DAEMON"; start_again "$2" ;;
   restore) restore ;;
-  *) die "usage: fault.sh impair|link|kill|stop|start|restore …" ;;
+  *) die "usage: fault.sh impair|delay|link|kill|stop|start|restore …" ;;
 esac
