@@ -80,11 +80,11 @@ var (
 )
 
 var faultCases = []faultCase{
-	{name: "loss 10%", kind: network, inject: faultsFor(20*time.Second, loss)},
-	{name: "delay 50 ms ± 20 ms", kind: network, inject: faultsFor(20*time.Second, delay)},
-	{name: "duplication 5%", kind: network, inject: faultsFor(20*time.Second, dup)},
-	{name: "reordering 10%", kind: network, inject: faultsFor(20*time.Second, reorder)},
-	{name: "all at once", kind: network, inject: faultsFor(20*time.Second, all...)},
+	{name: "loss 10%", kind: network, inject: faultsFor(15*time.Second, loss)},
+	{name: "delay 50 ms ± 20 ms", kind: network, inject: faultsFor(15*time.Second, delay)},
+	{name: "duplication 5%", kind: network, inject: faultsFor(15*time.Second, dup)},
+	{name: "reordering 10%", kind: network, inject: faultsFor(15*time.Second, reorder)},
+	{name: "all at once", kind: network, inject: faultsFor(15*time.Second, all...)},
 	{name: "veth down 5 s", kind: network, inject: linkDownFor(5 * time.Second)},
 	{name: "veth down 30 s", kind: network, inject: linkDownFor(30 * time.Second)},
 	{name: "sidecar SIGKILL ×3", kind: sidecarKill, kills: 3, inject: killSidecars(3)},

@@ -12,6 +12,7 @@ package main
 
 import (
 	"encoding/binary"
+	"errors"
 	"flag"
 	"fmt"
 	"math/rand/v2"
@@ -45,10 +46,10 @@ func main() {
 	jitter := flag.Duration("jitter", 20*time.Millisecond, "uniform ± jitter")
 	reorder := flag.Int("reorder", 0, "percentage of packets accepted at once, overtaking the delayed ones")
 	flag.Parse()
-	if err := run(uint16(*queue), *delay, *jitter, *reorder); err != nil {
-		fmt.Fprintln(os.Stderr, "netdelay:", err)
-		os.Exit(1)
-	}
+	// run serves until SIGTERM (which exits 0) or an error.
+	err := run(uint16(*queue), *delay, *jitter, *reorder)
+	fmt.Fprintln(os.Stderr, "netdelay:", err)
+	os.Exit(1)
 }
 
 func run(queue uint16, delay, jitter time.Duration, reorder int) error {
@@ -89,7 +90,7 @@ func run(queue uint16, delay, jitter time.Duration, reorder int) error {
 	for {
 		n, err := unix.Read(fd, buf)
 		if err != nil {
-			if err == unix.ENOBUFS || err == unix.EINTR {
+			if errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.EINTR) {
 				continue
 			}
 			return err
