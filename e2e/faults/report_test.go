@@ -27,6 +27,9 @@ func writeReport(results []result) error {
 		verdict := "holds"
 		if len(r.violations) > 0 {
 			verdict = "**FAILS**: " + strings.Join(r.violations, "; ")
+			if r := []rune(verdict); len(r) > 400 {
+				verdict = string(r[:400]) + " … (the suite's log has the rest)"
+			}
 		}
 		fmt.Fprintf(&b, "| %s | %s | %d | %d | %d | %d | %s | %d | %d | %.1f s | %.0f s | %s |\n",
 			r.fault, r.channel, r.sent, r.delivered, r.lost, r.uncountedOK, dropped(r.dropped),
