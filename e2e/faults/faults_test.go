@@ -293,24 +293,51 @@ func (s *suite) run(t *testing.T, fc faultCase) []result {
 	membership := <-membershipDone
 
 	victimSet := map[string]bool{victims[0].Name: true, victims[1].Name: true}
+	k, kills, notes := judgedAs(fc, victims, p.tally)
 	var out []result
 	for _, ch := range []string{bcast, anyone} {
-		r := account(fc.kind, ch, victimSet, fc.kills, first, caught, p.tally)
-		r.fault, r.catchUp, r.membership = fc.name, catchUp, membership
+		r := account(k, ch, victimSet, kills, first, caught, p.tally)
+		r.fault, r.catchUp, r.membership, r.notes = fc.name, catchUp, membership, append(slices.Clone(notes), r.notes...)
+		for name, n := range kills {
+			if n > 0 && fc.kind == controlPlane {
+				r.violatef("the sidecar of %s restarted %d× while the control plane was down", name, n)
+			}
+		}
 		if fc.kind == controlPlane && membership > membershipBound {
 			r.violatef("membership caught up %s after the fault, beyond %s", membership.Round(time.Second), membershipBound)
 		}
 		for _, v := range r.violations {
 			t.Errorf("%s on %s: %s", fc.name, ch, v)
 		}
-		t.Logf("%s on %s: sent %d delivered %d lost %d (of which unacknowledged at a dead sender %d) dropped %v duplicated %d reordered %d; back to rate %s, membership %s",
-			fc.name, ch, r.sent, r.delivered, r.lost, r.uncountedOK, r.dropped, r.duplicated, r.reordered, catchUp.Round(100*time.Millisecond), membership.Round(time.Second))
+		t.Logf("%s on %s: sent %d delivered %d not addressed (receiver not Ready) %d lost %d (of which unacknowledged at a dead sender %d) dropped %v duplicated %d reordered %d; back to rate %s, membership %s; %v",
+			fc.name, ch, r.sent, r.delivered, r.unaddressed, r.lost, r.uncountedOK, r.dropped, r.duplicated, r.reordered,
+			catchUp.Round(100*time.Millisecond), membership.Round(time.Second), notes)
 		out = append(out, r)
 	}
 	if t.Failed() {
 		s.dumpSidecarLogs(t, victims)
 	}
 	return out
+}
+
+// judgedAs is the kind the lines of a fault are judged by, and how often each victim's sidecar
+// died. The kubelet restarts a sidecar whose liveness probe fails (three times 10 s, over the
+// pod network): a partition longer than that is a sidecar restart as well, and (b) and (c)
+// apply, not (a); the report says so. Restarts where the fault makes none fail the fault.
+func judgedAs(fc faultCase, victims []*corev1.Pod, tl *tally) (kind, map[string]int, []string) {
+	k, kills := fc.kind, map[string]int{}
+	var notes []string
+	for _, v := range victims {
+		n := tl.restartsOf(v.Name)
+		kills[v.Name] = max(fc.kills, n)
+		if n > fc.kills {
+			notes = append(notes, fmt.Sprintf("the kubelet restarted the sidecar of %s %d× (liveness probe)", v.Name, n-fc.kills))
+		}
+		if n > 0 && fc.kind == network {
+			k = sidecarKill
+		}
+	}
+	return k, kills, notes
 }
 
 // settle waits until both Deployments have all their pods ready, membership lists them, and

@@ -21,18 +21,21 @@ func writeReport(results []result) error {
 	b.WriteString(reportHead)
 	fmt.Fprintf(&b, "\nRun of %s, %s/%s, %d CPUs; %d Broadcast and %d AnyOne replicas, each sending %d lines/s.\n\n",
 		time.Now().UTC().Format("2006-01-02 15:04 MST"), runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), bcastReplicas, anyReplicas, rate)
-	b.WriteString("| fault | channel | sent | delivered | lost | of which unacked at a dead sender (c) | counted as dropped | duplicated | reordered | back to rate | membership | verdict |\n")
-	b.WriteString("|---|---|--:|--:|--:|--:|---|--:|--:|--:|--:|---|\n")
+	b.WriteString("| fault | channel | sent | delivered | not addressed (receiver not Ready) | lost | of which unacked at a dead sender (c) | counted as dropped | duplicated | reordered | back to rate | membership | verdict |\n")
+	b.WriteString("|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|---|\n")
 	for _, r := range results {
 		verdict := "holds"
+		if len(r.notes) > 0 {
+			verdict += " (" + strings.Join(r.notes, "; ") + ")"
+		}
 		if len(r.violations) > 0 {
 			verdict = "**FAILS**: " + strings.Join(r.violations, "; ")
-			if r := []rune(verdict); len(r) > 400 {
-				verdict = string(r[:400]) + " … (the suite's log has the rest)"
-			}
 		}
-		fmt.Fprintf(&b, "| %s | %s | %d | %d | %d | %d | %s | %d | %d | %.1f s | %.0f s | %s |\n",
-			r.fault, r.channel, r.sent, r.delivered, r.lost, r.uncountedOK, dropped(r.dropped),
+		if r := []rune(verdict); len(r) > 400 {
+			verdict = string(r[:400]) + " … (the suite's log has the rest)"
+		}
+		fmt.Fprintf(&b, "| %s | %s | %d | %d | %d | %d | %d | %s | %d | %d | %.1f s | %.0f s | %s |\n",
+			r.fault, r.channel, r.sent, r.delivered, r.unaddressed, r.lost, r.uncountedOK, dropped(r.dropped),
 			r.duplicated, r.reordered, r.catchUp.Seconds(), r.membership.Seconds(), strings.ReplaceAll(verdict, "|", "/"))
 	}
 	b.WriteString(reportTail)
@@ -69,7 +72,7 @@ docs/guarantees.md says once, or out of order where it promises order:
 | fault | what must hold |
 |---|---|
 | packet loss, delay, duplication, reordering, all at once, veth down 5 s (< the 6 s keepalive timeout) | (a) exactly once, in order, for every pair |
-| veth down 30 s (the links reset) | (a) the same, after the link resumes |
+| veth down 30 s (the links reset) | (a) the same, after the link resumes — unless the kubelet restarts the sidecar meanwhile: its liveness probe (every 10 s, 3 failures, over the pod network) fails during the partition, and the fault is then judged as a sidecar restart, (b) and (c), which the verdict says |
 | sidecar SIGKILLed (native sidecar restarted by the kubelet) | receiving side (b): no duplicate, every missing line counted (` + "`peer_restarted`, `no_connection`" + `); sending side (c): only what it had not had acknowledged is missing (at most one run of lines per kill); between the other pods, (a) |
 | pod deleted (graceful) | everything the victim sent before is delivered; between the others, (a); AnyOne lines rerouted from it may arrive twice (at-least-once), losses counted |
 | pod force-deleted (grace 0) | the victim's lines may lose their tail (c), never a line before a delivered one; between the others, (a) |
@@ -77,8 +80,11 @@ docs/guarantees.md says once, or out of order where it promises order:
 
 Columns: **sent** — lines the senders wrote during the fault window (from the poll before the
 fault to the poll at which traffic was back to its rate); **delivered** — deliveries of those
-lines (Broadcast: per receiver; AnyOne: lines received by any pod); **lost** — deliveries
-expected and not made; **counted as dropped** — ` + "`podipc_dropped_lines_total`" + ` increments on
+lines (Broadcast: per receiver; AnyOne: lines received by any pod); **not addressed** —
+Broadcast lines written while the receiver was not Ready (so not a member the Channel sends to;
+the window is widened by 3 s either way for readiness to reach the sidecars), and AnyOne lines
+that may have reached a deleted pod after its last poll; **lost** — deliveries expected and not
+made; **counted as dropped** — ` + "`podipc_dropped_lines_total`" + ` increments on
 that channel during the fault, by reason (a sidecar that was killed takes what it counted since
 the last poll with it); **back to rate** — from the fault's end until every receiver had every
 sender's line numbered as at the fault's end (polled once a second); **membership** — from the fault's end until both

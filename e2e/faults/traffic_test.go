@@ -65,6 +65,10 @@ type snapshot struct {
 	// silent are pods that exist and did not answer (their network is down, their app
 	// restarts): a snapshot with one is never caught up.
 	silent []string
+	// unready are pods that exist and are not Ready: not members the Channels send to.
+	unready map[string]bool
+	// restarts counts each pod's sidecar restarts (the kubelet's restart count).
+	restarts map[string]int32
 }
 
 func (s *snapshot) report(pod string) *appReport {
@@ -81,9 +85,16 @@ func poll(ctx context.Context, ns string) (*snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &snapshot{at: time.Now(), pods: map[string]*podState{}}
+	s := &snapshot{at: time.Now(), pods: map[string]*podState{}, unready: map[string]bool{}, restarts: map[string]int32{}}
 	for _, p := range pods.Items {
-		if p.Status.PodIP == "" || p.DeletionTimestamp != nil {
+		if p.DeletionTimestamp != nil {
+			continue
+		}
+		s.restarts[p.Name] = sidecarRestarts(&p)
+		if !podReady(&p) {
+			s.unready[p.Name] = true
+		}
+		if p.Status.PodIP == "" {
 			continue
 		}
 		st := &podState{restarts: sidecarRestarts(&p)}
@@ -153,18 +164,79 @@ type tally struct {
 	first   *snapshot
 	latest  map[string]*podState
 	dropped map[string]float64 // "channel/reason" -> lines counted during the fault
+	// unready holds, per "receiver|sender", the windows of the sender's SEQs written while
+	// the receiver was not Ready, so not a member a Broadcast line is sent to.
+	unready map[string][]window
+	// wasUnready: the receiver was not Ready at the previous poll (its window is open).
+	wasUnready map[string]bool
+	// restarts is the highest sidecar restart count seen per pod.
+	restarts map[string]int32
+	// heardAt is, per "receiver|sender", what the sender had written at the receiver's last
+	// poll: a receiver deleted since may have had lines after that, which no poll saw.
+	heardAt map[string]int
 }
 
 func newTally(first *snapshot) *tally {
-	t := &tally{first: first, latest: map[string]*podState{}, dropped: map[string]float64{}}
+	t := &tally{first: first, latest: map[string]*podState{}, dropped: map[string]float64{},
+		unready: map[string][]window{}, wasUnready: map[string]bool{}, restarts: map[string]int32{}, heardAt: map[string]int{}}
 	maps.Copy(t.latest, first.pods)
+	maps.Copy(t.restarts, first.restarts)
 	return t
+}
+
+// restartsOf is how often pod's sidecar restarted since the first poll.
+func (t *tally) restartsOf(pod string) int {
+	return int(t.restarts[pod] - t.first.restarts[pod])
+}
+
+// noteUnready records, for every receiver not Ready in s, what each sender had written then.
+func (t *tally) noteUnready(s *snapshot) {
+	for to := range t.latest {
+		if !s.unready[to] {
+			t.wasUnready[to] = false
+			continue
+		}
+		for from, st := range s.pods {
+			for _, sent := range st.report.Sent {
+				key := to + "|" + from
+				ws := t.unready[key]
+				if t.wasUnready[to] && len(ws) > 0 {
+					ws[len(ws)-1].to = sent
+				} else {
+					t.unready[key] = append(ws, window{sent, sent})
+				}
+			}
+		}
+		t.wasUnready[to] = true
+	}
+}
+
+// whileUnready reports whether SEQ n of from was written while to was not Ready, give or
+// take slack lines (readiness reaches the sidecars through the API server a moment later).
+func (t *tally) whileUnready(to, from string, n, slack int) bool {
+	for _, w := range t.unready[to+"|"+from] {
+		if n > w.from-slack && n <= w.to+slack {
+			return true
+		}
+	}
+	return false
 }
 
 // add takes a later poll into account. A sidecar that restarted since the pod's last poll
 // starts its counters from zero: what its new incarnation counted is added whole (what the
 // old one counted after the last poll died with it: case (c) of docs/guarantees.md).
 func (t *tally) add(s *snapshot) {
+	for name, r := range s.restarts {
+		t.restarts[name] = max(t.restarts[name], r)
+	}
+	t.noteUnready(s)
+	for to := range s.pods {
+		for from, st := range s.pods {
+			for _, sent := range st.report.Sent {
+				t.heardAt[to+"|"+from] = sent
+			}
+		}
+	}
 	for name, now := range s.pods {
 		before := t.latest[name]
 		if now.dropped != nil {
