@@ -584,27 +584,38 @@ func stopDaemon(name string, d time.Duration) func(*testing.T, *suite, []*corev1
 	}
 }
 
-// killController SIGKILLs the controller's container; the kubelet restarts it.
+// killController SIGKILLs the controller's container; the kubelet restarts it. The controller
+// may just have restarted by itself (it exits when it loses its leader lease, e.g. while the
+// API server was down), so it is first waited for to be ready, and the kill retried on a
+// container that is already gone.
 func killController(t *testing.T, _ *suite, _ []*corev1.Pod) {
-	pods, err := clientset.CoreV1().Pods(releaseNS).List(t.Context(), metav1.ListOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range pods.Items {
-		if !strings.HasPrefix(p.Name, "podipc-controller-") {
-			continue
+	var pod *corev1.Pod
+	var before int32
+	waitFor(t, "controller ready and killed", func(ctx context.Context) (bool, string) {
+		pods, err := clientset.CoreV1().Pods(releaseNS).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return false, err.Error()
 		}
-		before := p.Status.ContainerStatuses[0].RestartCount
-		mustFault(t, "kill", containerID(&p, p.Status.ContainerStatuses[0].Name))
-		waitFor(t, "controller restarted and ready", func(ctx context.Context) (bool, string) {
-			q, err := clientset.CoreV1().Pods(releaseNS).Get(ctx, p.Name, metav1.GetOptions{})
-			if err != nil {
+		for i := range pods.Items {
+			p := &pods.Items[i]
+			if !strings.HasPrefix(p.Name, "podipc-controller-") || !podReady(p) || len(p.Status.ContainerStatuses) == 0 {
+				continue
+			}
+			c := p.Status.ContainerStatuses[0]
+			if err := fault("kill", containerID(p, c.Name)); err != nil {
 				return false, err.Error()
 			}
-			return q.Status.ContainerStatuses[0].RestartCount > before && podReady(q), "not yet"
-		})
-		time.Sleep(5 * time.Second)
-		return
-	}
-	t.Fatal("no controller pod")
+			pod, before = p, c.RestartCount
+			return true, ""
+		}
+		return false, "no ready controller pod"
+	})
+	waitFor(t, "controller restarted and ready", func(ctx context.Context) (bool, string) {
+		q, err := clientset.CoreV1().Pods(releaseNS).Get(ctx, pod.Name, metav1.GetOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		return q.Status.ContainerStatuses[0].RestartCount > before && podReady(q), "not yet"
+	})
+	time.Sleep(5 * time.Second)
 }
