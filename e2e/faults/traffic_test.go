@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -86,6 +87,10 @@ func poll(ctx context.Context, ns string) (*snapshot, error) {
 		return nil, err
 	}
 	s := &snapshot{at: time.Now(), pods: map[string]*podState{}, unready: map[string]bool{}, restarts: map[string]int32{}}
+	var (
+		wg sync.WaitGroup
+		mu sync.Mutex
+	)
 	for _, p := range pods.Items {
 		if p.DeletionTimestamp != nil {
 			continue
@@ -97,27 +102,41 @@ func poll(ctx context.Context, ns string) (*snapshot, error) {
 		if p.Status.PodIP == "" {
 			continue
 		}
-		st := &podState{restarts: sidecarRestarts(&p)}
-		if b, err := proxyGet(ctx, ns, p.Name, reportPort, "report"); err == nil {
-			var r appReport
-			if json.Unmarshal(b, &r) == nil {
-				st.report = &r
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st := readPod(ctx, ns, &p)
+			mu.Lock()
+			defer mu.Unlock()
+			if st.report != nil {
+				s.pods[p.Name] = st
+			} else {
+				s.silent = append(s.silent, p.Name)
 			}
-		}
-		if b, err := proxyGet(ctx, ns, p.Name, "7702", "metrics"); err == nil {
-			st.dropped = droppedLines(string(b))
-		}
-		if st.report != nil {
-			s.pods[p.Name] = st
-		} else {
-			s.silent = append(s.silent, p.Name)
-		}
+		}()
 	}
+	wg.Wait()
 	return s, nil
 }
 
+// readPod reads one pod's report and drop counters; a pod cut off (its veth down) times out
+// quickly, so that one poll sees every pod at nearly the same moment.
+func readPod(ctx context.Context, ns string, p *corev1.Pod) *podState {
+	st := &podState{restarts: sidecarRestarts(p)}
+	if b, err := proxyGet(ctx, ns, p.Name, reportPort, "report"); err == nil {
+		var r appReport
+		if json.Unmarshal(b, &r) == nil {
+			st.report = &r
+		}
+	}
+	if b, err := proxyGet(ctx, ns, p.Name, "7702", "metrics"); err == nil {
+		st.dropped = droppedLines(string(b))
+	}
+	return st
+}
+
 func proxyGet(ctx context.Context, ns, pod, port, path string) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	return clientset.CoreV1().RESTClient().Get().
 		AbsPath("/api/v1/namespaces", ns, "pods", pod+":"+port, "proxy", path).DoRaw(ctx)
