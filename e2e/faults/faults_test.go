@@ -311,7 +311,7 @@ func (s *suite) run(t *testing.T, fc faultCase) []result {
 		}
 		t.Logf("%s on %s: sent %d delivered %d not addressed (receiver not Ready) %d lost %d (of which unacknowledged at a dead sender %d) dropped %v duplicated %d reordered %d; back to rate %s, membership %s; %v",
 			fc.name, ch, r.sent, r.delivered, r.unaddressed, r.lost, r.uncountedOK, r.dropped, r.duplicated, r.reordered,
-			catchUp.Round(100*time.Millisecond), membership.Round(time.Second), notes)
+			catchUp.Round(100*time.Millisecond), membership.Round(time.Second), r.notes)
 		out = append(out, r)
 	}
 	if t.Failed() {

@@ -70,6 +70,9 @@ type snapshot struct {
 	unready map[string]bool
 	// restarts counts each pod's sidecar restarts (the kubelet's restart count).
 	restarts map[string]int32
+	// terminating are deleted pods still running: only their sidecars' counters are read (a
+	// draining sidecar counts what it drops until it exits).
+	terminating map[string]map[string]float64
 }
 
 func (s *snapshot) report(pod string) *appReport {
@@ -86,13 +89,19 @@ func poll(ctx context.Context, ns string) (*snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &snapshot{at: time.Now(), pods: map[string]*podState{}, unready: map[string]bool{}, restarts: map[string]int32{}}
+	s := &snapshot{at: time.Now(), pods: map[string]*podState{}, unready: map[string]bool{}, restarts: map[string]int32{},
+		terminating: map[string]map[string]float64{}}
 	var (
 		wg sync.WaitGroup
 		mu sync.Mutex
 	)
 	for _, p := range pods.Items {
 		if p.DeletionTimestamp != nil {
+			if p.Status.PodIP != "" {
+				if b, err := proxyGet(ctx, ns, p.Name, "7702", "metrics"); err == nil {
+					s.terminating[p.Name] = droppedLines(string(b))
+				}
+			}
 			continue
 		}
 		s.restarts[p.Name] = sidecarRestarts(&p)
@@ -256,7 +265,19 @@ func (t *tally) add(s *snapshot) {
 			}
 		}
 	}
+	for name, dropped := range s.terminating {
+		if before := t.latest[name]; before != nil {
+			t.add1(name, &podState{report: before.report, dropped: dropped, restarts: before.restarts})
+		}
+	}
 	for name, now := range s.pods {
+		t.add1(name, now)
+	}
+}
+
+// add1 takes one pod's later state into account.
+func (t *tally) add1(name string, now *podState) {
+	{
 		before := t.latest[name]
 		if now.dropped != nil {
 			for k, v := range now.dropped {
