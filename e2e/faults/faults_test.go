@@ -90,9 +90,11 @@ var faultCases = []faultCase{
 	{name: "sidecar SIGKILL ×3", kind: sidecarKill, kills: 3, inject: killSidecars(3)},
 	{name: "pod deleted (graceful)", kind: podDelete, inject: deletePods(nil)},
 	{name: "pod force-deleted (grace 0)", kind: podForceDelete, inject: deletePods(ptr.To[int64](0))},
-	{name: "kube-apiserver stopped 60 s", kind: controlPlane, inject: stopDaemon("kube-apiserver", 60*time.Second)},
+	// The controller exits when it loses its leader lease (the API server gone for 60 s), and
+	// the kubelet's restart back-off then grows: the API server comes last.
 	{name: "controller SIGKILL", kind: controlPlane, inject: killController},
 	{name: "etcd restarted", kind: controlPlane, inject: stopDaemon("etcd", 0)},
+	{name: "kube-apiserver stopped 60 s", kind: controlPlane, inject: stopDaemon("kube-apiserver", 60*time.Second)},
 }
 
 // TestFaults streams numbered lines on a Broadcast and an AnyOne channel, makes each fault in
