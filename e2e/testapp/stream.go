@@ -36,10 +36,6 @@ func stream(ctx context.Context, args []string) error {
 	rec := &record{Me: me, Sent: map[string]int{}, Connects: map[string]int{}, recv: map[string]map[string]*flow{}}
 	srv := &http.Server{Addr: args[3], Handler: rec, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
-		<-ctx.Done()
-		_ = srv.Close()
-	}()
-	go func() {
 		if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			fmt.Fprintln(os.Stderr, "testapp: report server:", err)
 			os.Exit(1)
@@ -57,6 +53,10 @@ func stream(ctx context.Context, args []string) error {
 		}()
 	}
 	wg.Wait()
+	// The connections are drained (see send); keep the report up a little longer so
+	// that the suite's last poll sees what arrived while draining.
+	time.Sleep(2 * time.Second)
+	_ = srv.Close()
 	return nil
 }
 
@@ -116,6 +116,7 @@ func (r *record) send(ctx context.Context, name string, conn net.Conn, seq int, 
 	for {
 		select {
 		case <-ctx.Done():
+			drain(conn, ended)
 			return seq
 		case <-ended:
 			return seq
@@ -204,4 +205,22 @@ func (r *record) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_, _ = w.Write(b)
+}
+
+// drainTimeout bounds how long a stopping app reads what its sidecar still writes.
+const drainTimeout = 5 * time.Second
+
+// drain is how an app leaves a channel without losing a line: it closes its sending side,
+// so the sidecar ends the connection (counting what was still queued for it
+// receiver_closed), and reads until that end, so that every line the sidecar wrote
+// (and so acknowledged) is read. Closing at once would discard what the kernel holds
+// unread, which no sidecar can count. docs/guarantees.md, "app leaves".
+func drain(conn net.Conn, ended <-chan struct{}) {
+	if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+	select {
+	case <-ended:
+	case <-time.After(drainTimeout):
+	}
 }
