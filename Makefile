@@ -173,6 +173,14 @@ $(BIN)/%: $(TOOLS_MOD)
 e2e: ## Bring up a real single-node cluster, run the e2e suite, tear it down (needs root).
 	hack/node/e2e.sh
 
+.PHONY: e2e-faults
+e2e-faults: ## Bring up the e2e node, run the fault-injection suite (e2e/faults), tear it down (needs root).
+	E2E_SUITES=faults hack/node/e2e.sh
+
+.PHONY: e2e-all
+e2e-all: ## The journey and the fault suite on one bring-up of the e2e node, as CI runs them.
+	E2E_SUITES="journey faults" hack/node/e2e.sh
+
 .PHONY: node-up
 node-up: ## Bring up the e2e node and leave it running (KUBECONFIG in /var/tmp/podipc-e2e/e2e.env).
 	hack/node/up.sh

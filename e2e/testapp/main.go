@@ -1,5 +1,6 @@
 // Command testapp is the workload of the e2e suite: a tiny static program, packed into an image
-// by hack/image, whose behaviour the suite checks through pod logs and exit codes only (no exec):
+// by hack/image, whose behaviour the suites check through pod logs, exit codes and (stream) an
+// HTTP report read through the API server, never exec:
 //
 //	testapp print LINE       print LINE, then run until SIGTERM
 //	testapp exit LINE        print LINE and exit 0 (a Job)
@@ -10,6 +11,9 @@
 //	                         with the pod's service account token, print it, run until SIGTERM
 //	testapp talk BCAST ANY PEERS N
 //	                         a podipc member app; see talk.go
+//	testapp stream BCAST ANY RATE REPORT
+//	                         the fault suite's member app: numbered lines at a fixed rate,
+//	                         what arrived served on REPORT; see stream.go
 package main
 
 import (
@@ -44,7 +48,7 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: testapp print|exit|serve|dial|talk|apiserver …")
+		return errors.New("usage: testapp print|exit|serve|dial|talk|stream|apiserver …")
 	}
 	switch cmd, rest := args[0], args[1:]; {
 	case cmd == "print" && len(rest) == 1:
@@ -62,6 +66,8 @@ func run(ctx context.Context, args []string) error {
 		if err := talk(ctx, rest); err != nil {
 			return err
 		}
+	case cmd == "stream" && len(rest) == 4:
+		return stream(ctx, rest)
 	case cmd == "apiserver" && len(rest) == 0:
 		if err := apiserverVersion(ctx); err != nil {
 			return err

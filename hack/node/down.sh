@@ -80,6 +80,8 @@ mounts() {
 }
 
 network() {
+  # The e2e/faults suite's impairments (hack/node/fault.sh), if a run was cut short.
+  nft delete table netdev podipc_fault 2>/dev/null || true
   if ip link show "$BRIDGE" >/dev/null 2>&1; then
     ip link delete "$BRIDGE"
   fi
@@ -103,6 +105,11 @@ netfilter() {
     [ "$ipt" = ip6tables ] && family=ip6
     for table in filter nat mangle raw security; do
       nft list table "$family" "$table" >/dev/null 2>&1 || continue
+      # The fault suite's NFQUEUE rules (hack/node/fault.sh delay), if a run was cut short.
+      $ipt -t "$table" -S 2>/dev/null | grep -E '^-A FORWARD .*-j NFQUEUE --queue-num 100 ' | while read -r _ rule; do
+        # shellcheck disable=SC2086
+        $ipt -t "$table" -D $rule 2>/dev/null
+      done
       # Rules jumping to our chains first, then the chains themselves.
       $ipt -t "$table" -S 2>/dev/null | grep -E '^-A .* -j (KUBE|CNI)-' | while read -r _ rule; do
         # shellcheck disable=SC2086
@@ -160,6 +167,12 @@ check() {
     diff <(nft list ruleset) "$STATE/baseline/nft-ruleset" | head -40 >&2
     bad=1
   fi
+  # Queueing disciplines (tc): the pods' veths are gone with theirs; any other must be as before.
+  if [ -f "$STATE/baseline/tc-qdiscs" ] && ! diff -q <(tc_qdiscs) "$STATE/baseline/tc-qdiscs" >/dev/null; then
+    log "LEFT: tc qdiscs differ from before up.sh:"
+    diff <(tc_qdiscs) "$STATE/baseline/tc-qdiscs" | head -20 >&2
+    bad=1
+  fi
   if [ -f "$STATE/baseline/sysctl" ]; then
     while read -r x; do
       [ "$(sysctl -n "${x%%=*}" 2>/dev/null)" = "${x#*=}" ] || { log "LEFT: sysctl ${x%%=*}=$(sysctl -n "${x%%=*}") (was ${x#*=})"; bad=1; }
@@ -174,7 +187,8 @@ check() {
 start=$SECONDS
 log "=== teardown"
 # Stop the kubelet and kube-proxy first so nothing restarts containers or rewrites rules.
-stop kube-proxy kubelet
+# netdelay: the fault suite's packet delayer (hack/node/fault.sh), if a run was cut short.
+stop netdelay kube-proxy kubelet
 containers
 stop containerd
 shims

@@ -161,3 +161,6 @@ our_cgroups() {
 }
 
 nft_tables() { nft list tables 2>/dev/null | sort; }
+
+# tc_qdiscs lists the machine's queueing disciplines (fault injection may add some on veths).
+tc_qdiscs() { tc qdisc show 2>/dev/null | sort; }

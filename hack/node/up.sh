@@ -66,6 +66,7 @@ baseline() {
   done >"$STATE/baseline/absent-paths"
   nft_tables >"$STATE/baseline/nft-tables"
   nft list ruleset >"$STATE/baseline/nft-ruleset"
+  tc_qdiscs >"$STATE/baseline/tc-qdiscs"
   ls /run/netns 2>/dev/null >"$STATE/baseline/netns" || true
 }
 
