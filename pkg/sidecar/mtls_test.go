@@ -454,8 +454,8 @@ func TestMTLSPermissive(t *testing.T) {
 
 // TestPeerTLSConfig: the sidecar refuses to start, with a clear error, in static mode
 // without certificates unless plaintext is asked for, with Required or Permissive and
-// no certificate, with only some of the files, with files that do not load, and with
-// another pod's certificate.
+// no certificate, with only some of the files, with files that do not load, with
+// another pod's certificate, and with two certificate sources (files and identity).
 func TestPeerTLSConfig(t *testing.T) {
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "static.yaml")
@@ -481,6 +481,8 @@ func TestPeerTLSConfig(t *testing.T) {
 		{[]string{"--tls-cert=" + cfg}, "--tls-cert, --tls-key and --tls-ca go together"},
 		{[]string{"--tls-cert=" + cfg, "--tls-key=" + cfg, "--tls-ca=" + cfg}, "--tls-cert " + cfg},
 		{other.Args(), "is not this pod's: certificate names pod UID u2 in namespace demo, expected demo/p (UID u)"},
+		{append([]string{"--discovery=kubernetes", "--identity-url=https://127.0.0.1:1", "--trust-domain=td", "--trust-bundle=a/b"}, other.Args()...),
+			"--tls-cert, --tls-key and --tls-ca and --identity-url are two certificate sources for peer links: set one"},
 	} {
 		// A sidecar that starts anyway is killed after a while, and the test fails.
 		ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
