@@ -31,7 +31,7 @@ const mtlsPort = 7431
 // TestSidecarsOverMTLS runs real podipc-sidecar processes in Kubernetes mode with
 // --peer-tls=Required and an identity URL: each obtains its workload certificate from
 // the real issuer (TokenReview against the real API server) and presents it on its peer
-// port. Two members exchange lines over mutual TLS. Then an EndpointSlice says member D
+// port. Two members exchange lines over mutual TLS, and a plaintext peer is refused. Then an EndpointSlice says member D
 // lives where pod C's sidecar listens (a recycled IP): C's sidecar holds a valid
 // certificate from the same root, for C, so the members refuse the link to "D" — counted
 // as podipc_peer_outbound_refused_total{reason="identity"} — and keep exchanging lines.
@@ -83,6 +83,24 @@ func TestSidecarsOverMTLS(t *testing.T) {
 			t.Fatalf("the sidecar of %s does not say its peer links use the workload certificate", sc.pod.Name)
 		}
 	}
+
+	// Required means TLS only: a plaintext peer is refused, and counted.
+	conn, err := net.Dial("tcp", net.JoinHostPort(a.ip, strconv.Itoa(a.peerPort)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = conn.Write([]byte{0, 0, 0, 8})
+	_ = conn.Close()
+	testenv.Eventually(t, "A refuses a plaintext peer", func() error {
+		v, err := a.metric(`podipc_peer_refused_total{reason="plaintext"}`)
+		if err != nil {
+			return err
+		}
+		if v < 1 {
+			return fmt.Errorf("refused %v times", v)
+		}
+		return nil
+	})
 
 	// C's sidecar, with C's own certificate, is published as member D.
 	c := startMTLSSidecar(t, bin, kubeconfig, dir, podC, ip(3))
