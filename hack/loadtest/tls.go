@@ -29,9 +29,12 @@ var benchCA struct {
 	err  error
 }
 
-// mtlsArgs writes a certificate for the pod (namespace bench), in the identity format
-// of pkg/peertls (docs/security.md), and returns the flags that require mutual TLS
-// with it. The tool imports nothing from podipc, hence this copy of the format.
+// mtlsArgs writes a certificate for the pod (namespace bench), in podipc's identity
+// format, and returns the flags that require mutual TLS with it. The tool imports
+// nothing from podipc (its own module), hence this copy of the format: pkg/identity
+// (Stamp, ParsePeer) is its source of truth — one SPIFFE ID
+// spiffe://<trustDomain>/ns/<ns>/sa/<sa> as the only URI SAN, the pod UID as the
+// subject's common name.
 func mtlsArgs(dir, pod, uid string) ([]string, error) {
 	benchCA.once.Do(func() { benchCA.cert, benchCA.key, benchCA.pem, benchCA.err = newBenchCA() })
 	if benchCA.err != nil {
@@ -43,12 +46,9 @@ func mtlsArgs(dir, pod, uid string) ([]string, error) {
 	}
 	now := time.Now()
 	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(now.UnixNano()), Subject: pkix.Name{CommonName: pod},
+		SerialNumber: big.NewInt(now.UnixNano()), Subject: pkix.Name{CommonName: uid},
 		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(24 * time.Hour),
-		URIs: []*url.URL{
-			{Scheme: "spiffe", Host: "cluster.local", Path: "/ns/bench/sa/default"},
-			{Scheme: "spiffe", Host: "cluster.local", Path: "/ns/bench/pod/" + pod + "/uid/" + uid},
-		},
+		URIs:        []*url.URL{{Scheme: "spiffe", Host: "cluster.local", Path: "/ns/bench/sa/default"}},
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
 	}

@@ -1,5 +1,6 @@
-// Package pki issues throwaway peer certificates, in the identity format of
-// pkg/peertls, for tests and the demo: a root in memory and leaf certificates for pods.
+// Package pki issues throwaway peer certificates, in podipc's one identity format
+// (written by identity.Stamp, as the controller's issuer writes it), for tests and the
+// demo: a root in memory and leaf certificates for pods.
 // It is not a certificate authority for clusters (the controller's identity endpoint
 // is).
 package pki
@@ -16,6 +17,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/podipc/podipc/pkg/identity"
 	"github.com/podipc/podipc/pkg/peertls"
 )
 
@@ -51,18 +53,28 @@ func NewCA(name string) (*CA, error) {
 }
 
 // Issue returns a leaf certificate for pod, valid from notBefore to notAfter, for both
-// ends of a peer link (client and server authentication), and its key, PEM-encoded.
+// ends of a peer link (client and server authentication), and its key, PEM-encoded. A
+// pod without a trust domain or service account gets identity.DefaultTrustDomain and
+// "default", as the issuer would.
 func (ca *CA) Issue(pod peertls.Pod, notBefore, notAfter time.Time) (certPEM, keyPEM []byte, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, err
 	}
 	tmpl := &x509.Certificate{
-		SerialNumber: serial(), Subject: pkix.Name{CommonName: pod.Name},
-		NotBefore: notBefore, NotAfter: notAfter, URIs: pod.URIs(),
+		SerialNumber: serial(),
+		NotBefore:    notBefore, NotAfter: notAfter,
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
 	}
+	td, sa := pod.TrustDomain, pod.ServiceAccount
+	if td == "" {
+		td = identity.DefaultTrustDomain
+	}
+	if sa == "" {
+		sa = "default"
+	}
+	identity.Stamp(tmpl, td, pod.Namespace, sa, pod.UID)
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
 	if err != nil {
 		return nil, nil, err

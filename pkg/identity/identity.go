@@ -60,12 +60,22 @@ func SPIFFEID(trustDomain, namespace, serviceAccount string) *url.URL {
 	return &url.URL{Scheme: "spiffe", Host: trustDomain, Path: "/ns/" + namespace + "/sa/" + serviceAccount}
 }
 
+// Stamp writes the identity of a workload certificate for the pod of UID uid, running as
+// serviceAccount in namespace, into tmpl: the SPIFFE ID as its one URI SAN and the UID as
+// its subject's common name. With ParsePeer it is the one place that knows the format;
+// the issuer, the test and demo certificate makers and the peer-link check all go
+// through the two.
+func Stamp(tmpl *x509.Certificate, trustDomain, namespace, serviceAccount, uid string) {
+	tmpl.URIs = []*url.URL{SPIFFEID(trustDomain, namespace, serviceAccount)}
+	tmpl.Subject.CommonName = uid
+}
+
 // Peer is what a verified workload certificate says.
 type Peer struct {
 	// SPIFFEID is the certificate's URI SAN.
 	SPIFFEID string
-	// Namespace and ServiceAccount are parsed from the SPIFFE ID.
-	Namespace, ServiceAccount string
+	// TrustDomain, Namespace and ServiceAccount are parsed from the SPIFFE ID.
+	TrustDomain, Namespace, ServiceAccount string
 	// UID is the pod UID (the subject's common name).
 	UID string
 	// NotAfter is when the certificate expires.
@@ -73,13 +83,14 @@ type Peer struct {
 }
 
 // ParsePeer reads the identity out of a workload certificate of trustDomain, without
-// checking its chain (Verify does both).
+// checking its chain (Verify does both). An empty trustDomain accepts any (static
+// discovery, with certificates from files, knows none).
 func ParsePeer(cert *x509.Certificate, trustDomain string) (Peer, error) {
 	if len(cert.URIs) != 1 {
 		return Peer{}, fmt.Errorf("identity: the certificate has %d URI SANs, want exactly one SPIFFE ID", len(cert.URIs))
 	}
 	u := cert.URIs[0]
-	if u.Scheme != "spiffe" || u.Host != trustDomain {
+	if u.Scheme != "spiffe" || u.Host == "" || (trustDomain != "" && u.Host != trustDomain) {
 		return Peer{}, fmt.Errorf("identity: %s is not a SPIFFE ID of trust domain %q", u, trustDomain)
 	}
 	parts := strings.Split(strings.TrimPrefix(u.Path, "/"), "/")
@@ -89,7 +100,7 @@ func ParsePeer(cert *x509.Certificate, trustDomain string) (Peer, error) {
 	if cert.Subject.CommonName == "" {
 		return Peer{}, errors.New("identity: the certificate names no pod UID (empty common name)")
 	}
-	return Peer{SPIFFEID: u.String(), Namespace: parts[1], ServiceAccount: parts[3], UID: cert.Subject.CommonName, NotAfter: cert.NotAfter}, nil
+	return Peer{SPIFFEID: u.String(), TrustDomain: u.Host, Namespace: parts[1], ServiceAccount: parts[3], UID: cert.Subject.CommonName, NotAfter: cert.NotAfter}, nil
 }
 
 // Verify checks a peer's certificate chain (leaf first, as a TLS handshake delivers it)

@@ -39,11 +39,11 @@ func (ca testCA) leaf(t *testing.T, ns, sa, uid string, edit func(*x509.Certific
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: uid},
-		URIs:      []*url.URL{SPIFFEID("td", ns, sa)},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		SerialNumber: big.NewInt(2),
+		NotBefore:    time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}
+	Stamp(tmpl, "td", ns, sa, uid)
 	if edit != nil {
 		edit(tmpl)
 	}
@@ -98,6 +98,24 @@ func TestVerify(t *testing.T) {
 				t.Fatalf("error %v, want one containing %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestParsePeerAnyTrustDomain: without a trust domain to hold it to (static mode),
+// ParsePeer reads any SPIFFE ID's, and reports it; one without a trust domain is refused.
+func TestParsePeerAnyTrustDomain(t *testing.T) {
+	c := &x509.Certificate{}
+	Stamp(c, "elsewhere", "shop", "app", "uid-a")
+	p, err := ParsePeer(c, "")
+	if err != nil || p.TrustDomain != "elsewhere" || p.Namespace != "shop" || p.ServiceAccount != "app" || p.UID != "uid-a" {
+		t.Fatalf("ParsePeer = %+v, %v", p, err)
+	}
+	if _, err := ParsePeer(c, "td"); err == nil || !strings.Contains(err.Error(), `trust domain "td"`) {
+		t.Fatalf("ParsePeer held to td: %v", err)
+	}
+	c.URIs = []*url.URL{{Scheme: "spiffe", Path: "/ns/shop/sa/app"}}
+	if _, err := ParsePeer(c, ""); err == nil {
+		t.Fatal("ParsePeer accepted a SPIFFE ID without a trust domain")
 	}
 }
 

@@ -21,7 +21,7 @@ import (
 // its key yet) keep the current material in force until they load.
 type Files struct {
 	CertFile, KeyFile, CAFile string
-	// Pod, if its name is set, is the pod the certificate must name (Verify): files
+	// Pod, if its UID is set, is the pod the certificate must name (Verify): files
 	// of another pod's certificate are refused at Load and not swapped in on reload.
 	Pod Pod
 	Log logr.Logger
@@ -117,7 +117,7 @@ func (f *Files) load(raw []byte) error {
 	if cert.Leaf == nil {
 		return errors.New("certificate has no leaf")
 	}
-	if f.Pod.Name != "" {
+	if f.Pod.UID != "" {
 		if err := Verify(cert.Leaf, f.Pod); err != nil {
 			return fmt.Errorf("--tls-cert %s is not this pod's: %w", f.CertFile, err)
 		}

@@ -6,11 +6,21 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/podipc/podipc/pkg/identity"
 	"github.com/podipc/podipc/pkg/peertls"
 )
 
-func certWith(uris ...string) *x509.Certificate {
+// certFor is a certificate written by identity.Stamp, the one writer of the format.
+func certFor(td, ns, sa, uid string) *x509.Certificate {
 	c := &x509.Certificate{}
+	identity.Stamp(c, td, ns, sa, uid)
+	return c
+}
+
+// certWith is a certificate with the URI SANs and common name given, for malformed ones.
+func certWith(cn string, uris ...string) *x509.Certificate {
+	c := &x509.Certificate{}
+	c.Subject.CommonName = cn
 	for _, u := range uris {
 		parsed, err := url.Parse(u)
 		if err != nil {
@@ -21,22 +31,14 @@ func certWith(uris ...string) *x509.Certificate {
 	return c
 }
 
-// TestVerify: a certificate is accepted for exactly the pod its pod URI names, and
-// refused, with the reason, for any other or when its SANs are ambiguous.
+// TestVerify: a certificate is accepted for exactly the pod (namespace, UID) it names,
+// with the service account and trust domain compared when known, and refused, with the
+// reason, for any other or when its SANs are not one SPIFFE ID.
 func TestVerify(t *testing.T) {
 	pod := peertls.Pod{TrustDomain: "cluster.local", Namespace: "shop", ServiceAccount: "orders", Name: "web-0", UID: "u-1"}
-	good := certWith(func() []string {
-		var out []string
-		for _, u := range pod.URIs() {
-			out = append(out, u.String())
-		}
-		return out
-	}()...)
-	if got := good.URIs[1].String(); got != "spiffe://cluster.local/ns/shop/pod/web-0/uid/u-1" {
-		t.Fatalf("pod URI %s", got)
-	}
-	if got := good.URIs[0].String(); got != "spiffe://cluster.local/ns/shop/sa/orders" {
-		t.Fatalf("service-account URI %s", got)
+	good := certFor("cluster.local", "shop", "orders", "u-1")
+	if len(good.URIs) != 1 || good.URIs[0].String() != "spiffe://cluster.local/ns/shop/sa/orders" || good.Subject.CommonName != "u-1" {
+		t.Fatalf("format: URIs %v, CN %q", good.URIs, good.Subject.CommonName)
 	}
 	static := peertls.Pod{Namespace: "shop", Name: "web-0", UID: "u-1"} // what static discovery knows
 	for _, tc := range []struct {
@@ -47,19 +49,18 @@ func TestVerify(t *testing.T) {
 	}{
 		{"the pod itself", good, pod, ""},
 		{"as static discovery knows it", good, static, ""},
-		{"pod URI alone", certWith("spiffe://cluster.local/ns/shop/pod/web-0/uid/u-1"), static, ""},
-		{"another UID", good, peertls.Pod{Namespace: "shop", Name: "web-0", UID: "u-2"}, "certificate names pod shop/web-0 (UID u-1), expected shop/web-0 (UID u-2)"},
-		{"another name", good, peertls.Pod{Namespace: "shop", Name: "web-1", UID: "u-1"}, "expected shop/web-1"},
+		{"any trust domain when none is known", certFor("elsewhere", "shop", "orders", "u-1"), static, ""},
+		{"another UID", good, peertls.Pod{Namespace: "shop", Name: "web-0", UID: "u-2"}, "certificate names pod UID u-1 in namespace shop, expected shop/web-0 (UID u-2)"},
 		{"another namespace", good, peertls.Pod{Namespace: "dev", Name: "web-0", UID: "u-1"}, "expected dev/web-0"},
 		{"another service account", good, peertls.Pod{Namespace: "shop", Name: "web-0", UID: "u-1", ServiceAccount: "admin"}, `service account "orders", expected "admin"`},
-		{"another trust domain", good, peertls.Pod{TrustDomain: "other", Namespace: "shop", Name: "web-0", UID: "u-1"}, `trust domain "cluster.local", expected "other"`},
-		{"no pod URI", certWith("spiffe://cluster.local/ns/shop/sa/orders"), static, "names no pod"},
-		{"no URI", certWith(), static, "names no pod"},
-		{"not spiffe", certWith("https://cluster.local/ns/shop/pod/web-0/uid/u-1"), static, "names no pod"},
-		{"two pod URIs", certWith("spiffe://cluster.local/ns/shop/pod/web-0/uid/u-1", "spiffe://cluster.local/ns/shop/pod/web-9/uid/u-9"), static, "more than one pod"},
-		{"empty UID", certWith("spiffe://cluster.local/ns/shop/pod/web-0/uid/"), peertls.Pod{Namespace: "shop", Name: "web-0"}, "empty"},
-		{"service account of another namespace", certWith("spiffe://cluster.local/ns/dev/sa/orders", "spiffe://cluster.local/ns/shop/pod/web-0/uid/u-1"), static, "not of the pod's trust domain and namespace"},
-		{"extra path segments", certWith("spiffe://cluster.local/ns/shop/pod/web-0/uid/u-1/x"), static, "names no pod"},
+		{"another trust domain", good, peertls.Pod{TrustDomain: "other", Namespace: "shop", Name: "web-0", UID: "u-1"}, `not a SPIFFE ID of trust domain "other"`},
+		{"no UID", certWith("", "spiffe://cluster.local/ns/shop/sa/orders"), static, "names no pod UID"},
+		{"no URI", certWith("u-1"), static, "0 URI SANs"},
+		{"not spiffe", certWith("u-1", "https://cluster.local/ns/shop/sa/orders"), static, "not a SPIFFE ID"},
+		{"no trust domain", certWith("u-1", "spiffe:///ns/shop/sa/orders"), static, "not a SPIFFE ID"},
+		{"two URIs", certWith("u-1", "spiffe://cluster.local/ns/shop/sa/orders", "spiffe://cluster.local/ns/shop/sa/admin"), static, "2 URI SANs"},
+		{"the former two-SAN pod URI", certWith("web-0", "spiffe://cluster.local/ns/shop/pod/web-0/uid/u-1"), static, "not of the form"},
+		{"extra path segments", certWith("u-1", "spiffe://cluster.local/ns/shop/sa/orders/x"), static, "not of the form"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := peertls.Verify(tc.cert, tc.want)

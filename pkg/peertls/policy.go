@@ -24,7 +24,7 @@ import (
 // Source supplies this sidecar's certificate and the trust bundle. Both are read for
 // every handshake, so a renewed certificate or a rotated bundle is in force for the
 // next link at once, and links already up are left alone. A file source (Files) and the
-// identity client implement it.
+// identity client (through Workload) implement it.
 type Source interface {
 	// Certificate returns the current certificate chain and key.
 	Certificate() (*tls.Certificate, error)
@@ -75,10 +75,13 @@ const recordHandshake = 0x16
 
 // Policy secures peer links in one Mode with certificates from one Source.
 type Policy struct {
-	Mode    Mode
-	Source  Source
-	Log     logr.Logger
-	Metrics *Metrics
+	Mode   Mode
+	Source Source
+	// TrustDomain, if set, is the trust domain a peer's SPIFFE ID must be of (Kubernetes
+	// mode knows it; static mode accepts any from a certificate chaining to its bundle).
+	TrustDomain string
+	Log         logr.Logger
+	Metrics     *Metrics
 }
 
 var _ peer.Secure = (*Policy)(nil)
@@ -116,7 +119,7 @@ func (p *Policy) Accept(conn net.Conn) (net.Conn, func(peer.Identity) string, er
 	p.Log.V(1).Info("TLS peer link accepted", "remote", conn.RemoteAddr().String(),
 		"cipher", tls.CipherSuiteName(cs.CipherSuite), "curve", cs.CurveID.String())
 	check := func(id peer.Identity) string {
-		if err := Verify(leaf, Pod{Namespace: id.Namespace, Name: id.Name, UID: id.UID}); err != nil {
+		if err := Verify(leaf, Pod{TrustDomain: p.TrustDomain, Namespace: id.Namespace, Name: id.Name, UID: id.UID}); err != nil {
 			return fmt.Sprintf("HELLO claims pod %s/%s (UID %s): %v", id.Namespace, id.Name, id.UID, err)
 		}
 		return ""
@@ -190,7 +193,7 @@ func (p *Policy) serverConfig() *tls.Config {
 // bundle and its certificate must name member. Host names play no part (hence
 // InsecureSkipVerify, which only turns off crypto/tls's own check).
 func (p *Policy) clientConfig(member discovery.Member) *tls.Config {
-	want := Pod{Namespace: member.Namespace, Name: member.Name, UID: member.UID}
+	want := Pod{TrustDomain: p.TrustDomain, Namespace: member.Namespace, Name: member.Name, UID: member.UID}
 	return &tls.Config{
 		MinVersion:           tls.VersionTLS13,
 		InsecureSkipVerify:   true, //nolint:gosec // verified by VerifyConnection against the bundle and member

@@ -111,11 +111,12 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	return c, err
 }
 
-// peerTLS derives the peer links' mode from --peer-tls and the certificate files.
-// Without --peer-tls a sidecar with a certificate requires mutual TLS; one without is
-// refused in static mode, where the files are the only source, and runs plaintext in
-// Kubernetes mode, whose certificate source (the controller's identity endpoint) is not
-// built yet — that exception goes once it is.
+// peerTLS derives the peer links' mode from --peer-tls and the certificate source: the
+// files, or in Kubernetes mode the workload certificate of --identity-url. Without
+// --peer-tls a sidecar with certificate files requires mutual TLS; one without is refused
+// in static mode, where the files are the only source, and runs plaintext in Kubernetes
+// mode — even with an identity URL, until the workload certificate on peer links has been
+// proven on a real node; --peer-tls=Required or Permissive turns it on there.
 func (c Config) peerTLS() (peertls.Mode, error) {
 	files := 0
 	for _, f := range []string{c.TLSCert, c.TLSKey, c.TLSCA} {
@@ -125,6 +126,9 @@ func (c Config) peerTLS() (peertls.Mode, error) {
 	}
 	if files != 0 && files != 3 {
 		return "", errors.New("--tls-cert, --tls-key and --tls-ca go together: set all three or none")
+	}
+	if files == 3 && c.IdentityURL != "" {
+		return "", errors.New("--tls-cert, --tls-key and --tls-ca and --identity-url are two certificate sources for peer links: set one")
 	}
 	if c.peerTLSFlag == "" {
 		switch {
@@ -141,8 +145,8 @@ func (c Config) peerTLS() (peertls.Mode, error) {
 	if err != nil {
 		return "", fmt.Errorf("--peer-tls=%w", err)
 	}
-	if m != peertls.Disabled && files == 0 {
-		return "", fmt.Errorf("--peer-tls=%s needs a certificate: set --tls-cert, --tls-key and --tls-ca", m)
+	if m != peertls.Disabled && files == 0 && c.IdentityURL == "" {
+		return "", fmt.Errorf("--peer-tls=%s needs a certificate: set --tls-cert, --tls-key and --tls-ca, or --identity-url in Kubernetes mode", m)
 	}
 	return m, nil
 }

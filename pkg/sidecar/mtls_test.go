@@ -157,7 +157,7 @@ func TestMTLSImpostors(t *testing.T) {
 	}{
 		{"plaintext", peertls.ReasonPlaintext, "requires mutual TLS", attacker{from: b.ip}},
 		{"TLS without a certificate", peertls.ReasonNoCertificate, "presented no certificate", attacker{from: b.ip, tls: true}},
-		{"certificate of another pod", peertls.ReasonIdentity, "certificate names pod demo/pod-a",
+		{"certificate of another pod", peertls.ReasonIdentity, "certificate names pod UID " + a.uid + " in namespace demo",
 			attacker{from: b.ip, cert: issue(t, c.ca, a.identity(), now.Add(-time.Hour), now.Add(time.Hour))}},
 		{"certificate from another root", peertls.ReasonUntrusted, "certificate signed by unknown authority",
 			attacker{from: b.ip, cert: issue(t, other, b.identity(), now.Add(-time.Hour), now.Add(time.Hour))}},
@@ -238,7 +238,7 @@ func TestMTLSReceiverImpostor(t *testing.T) {
 	}{
 		{"certificate from another root", peertls.ReasonUntrusted, "certificate signed by unknown authority",
 			issue(t, other, b.identity(), now.Add(-time.Hour), now.Add(time.Hour))},
-		{"certificate of another pod", peertls.ReasonIdentity, "certificate names pod demo/pod-a",
+		{"certificate of another pod", peertls.ReasonIdentity, "certificate names pod UID " + a.uid + " in namespace demo",
 			issue(t, c.ca, a.identity(), now.Add(-time.Hour), now.Add(time.Hour))},
 		{"expired certificate", peertls.ReasonExpired, "certificate has expired",
 			issue(t, c.ca, b.identity(), now.Add(-2*time.Hour), now.Add(-time.Hour))},
@@ -454,8 +454,8 @@ func TestMTLSPermissive(t *testing.T) {
 
 // TestPeerTLSConfig: the sidecar refuses to start, with a clear error, in static mode
 // without certificates unless plaintext is asked for, with Required or Permissive and
-// no certificate, with only some of the files, with files that do not load, and with
-// another pod's certificate.
+// no certificate, with only some of the files, with files that do not load, with
+// another pod's certificate, and with two certificate sources (files and identity).
 func TestPeerTLSConfig(t *testing.T) {
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "static.yaml")
@@ -466,7 +466,7 @@ func TestPeerTLSConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	other, err := ca.WriteFiles(dir, peertls.Pod{Namespace: "demo", Name: "q", UID: "u"}, ca.PEM)
+	other, err := ca.WriteFiles(dir, peertls.Pod{Namespace: "demo", Name: "q", UID: "u2"}, ca.PEM)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -480,7 +480,9 @@ func TestPeerTLSConfig(t *testing.T) {
 		{[]string{"--peer-tls=Sometimes"}, `--peer-tls="Sometimes": want Required, Permissive or Disabled`},
 		{[]string{"--tls-cert=" + cfg}, "--tls-cert, --tls-key and --tls-ca go together"},
 		{[]string{"--tls-cert=" + cfg, "--tls-key=" + cfg, "--tls-ca=" + cfg}, "--tls-cert " + cfg},
-		{other.Args(), "is not this pod's: certificate names pod demo/q (UID u), expected demo/p (UID u)"},
+		{other.Args(), "is not this pod's: certificate names pod UID u2 in namespace demo, expected demo/p (UID u)"},
+		{append([]string{"--discovery=kubernetes", "--identity-url=https://127.0.0.1:1", "--trust-domain=td", "--trust-bundle=a/b"}, other.Args()...),
+			"--tls-cert, --tls-key and --tls-ca and --identity-url are two certificate sources for peer links: set one"},
 	} {
 		// A sidecar that starts anyway is killed after a while, and the test fails.
 		ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)

@@ -56,11 +56,13 @@ type Sidecar struct {
 	// --max-app-connections cap.
 	appRefused *prometheus.CounterVec
 	server     *peer.Server
-	// secure is the peer links' TLS (nil: plaintext); files feeds it certificates.
-	secure  peer.Secure
-	files   *peertls.Files
-	admin   *http.Server
-	adminLn net.Listener
+	// secure is the peer links' TLS (nil: plaintext); files or workload feeds it
+	// certificates.
+	secure   peer.Secure
+	files    *peertls.Files
+	workload *peertls.Workload
+	admin    *http.Server
+	adminLn  net.Listener
 
 	mu sync.Mutex
 	// state is the last snapshot applied. Links and the peer server read it (through
@@ -86,11 +88,16 @@ type Sidecar struct {
 }
 
 // WithIdentity makes Start run c, which obtains and renews the pod's workload
-// certificate, and exports its metrics. Call it before Start. Peer links do not present
-// the certificate yet; readiness does not wait for it.
+// certificate, and exports its metrics. Call it before Start. Under --peer-tls=Required
+// or Permissive (without certificate files) peer links present that certificate and check
+// peers against c's trust bundle; until the first certificate arrives their handshakes
+// fail and are retried. Readiness does not wait for it.
 func (s *Sidecar) WithIdentity(c *identity.Client) {
 	c.Metrics = identity.NewMetrics(s.reg)
 	s.identity = c
+	if s.workload != nil {
+		s.workload.Client = c
+	}
 }
 
 // served is a channel with its two endpoints. An endpoint that is nil could not be
@@ -175,28 +182,40 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 	return s, nil
 }
 
-// newSecure loads the certificate files and builds the peer links' TLS, unless the
-// mode is Disabled.
+// newSecure builds the peer links' TLS, unless the mode is Disabled, from the
+// certificate files (loaded now) or, with an identity URL, from the workload certificate
+// WithIdentity provides.
 func (s *Sidecar) newSecure() error {
 	var src peertls.Source
-	if s.cfg.TLSCert != "" && s.cfg.PeerTLS != peertls.Disabled {
+	var trustDomain string
+	switch {
+	case s.cfg.PeerTLS == peertls.Disabled:
+	case s.cfg.TLSCert != "":
 		s.files = &peertls.Files{CertFile: s.cfg.TLSCert, KeyFile: s.cfg.TLSKey, CAFile: s.cfg.TLSCA, Log: s.log.WithName("peertls"),
 			Pod: peertls.Pod{Namespace: s.cfg.Namespace, Name: s.cfg.Name, UID: s.cfg.UID}}
 		if err := s.files.Load(); err != nil {
 			return err
 		}
 		src = s.files
+	case s.cfg.IdentityURL != "":
+		s.workload = &peertls.Workload{}
+		src, trustDomain = s.workload, s.cfg.TrustDomain
 	}
 	m := peertls.NewMetrics(s.reg, src)
 	if s.cfg.PeerTLS == peertls.Disabled {
 		if s.cfg.peerTLSFlag == "" {
-			s.log.Info("Peer links are plaintext: Kubernetes mode has no certificate source yet (set --tls-cert, --tls-key and --tls-ca for mutual TLS)")
+			s.log.Info("Peer links are plaintext: the default in Kubernetes mode (set --peer-tls=Required with --identity-url, " +
+				"or --tls-cert, --tls-key and --tls-ca, for mutual TLS)")
 		} else {
 			s.log.Info("Peer links are plaintext (--peer-tls=Disabled)")
 		}
 		return nil
 	}
-	s.secure = &peertls.Policy{Mode: s.cfg.PeerTLS, Source: src, Log: s.log.WithName("peertls"), Metrics: m}
+	s.secure = &peertls.Policy{Mode: s.cfg.PeerTLS, Source: src, TrustDomain: trustDomain, Log: s.log.WithName("peertls"), Metrics: m}
+	if s.workload != nil {
+		s.log.Info("Peer links use mutual TLS with the workload certificate", "mode", s.cfg.PeerTLS, "trustDomain", trustDomain)
+		return nil
+	}
 	c, _ := src.Certificate()
 	s.log.Info("Peer links use mutual TLS", "mode", s.cfg.PeerTLS, "notAfter", c.Leaf.NotAfter, "uris", fmt.Sprint(c.Leaf.URIs))
 	return nil
@@ -212,6 +231,9 @@ func (s *Sidecar) AdminAddr() net.Addr { return s.adminLn.Addr() }
 func (s *Sidecar) Start(ctx context.Context) error {
 	s.log.Info("Starting sidecar", "pod", s.cfg.Namespace+"/"+s.cfg.Name, "uid", s.cfg.UID,
 		"incarnation", s.self.Incarnation, "channels", s.cfg.Channels, "version", Version)
+	if s.workload != nil && s.workload.Client == nil {
+		return errors.New("peer links use the workload certificate (--identity-url), but WithIdentity was not called")
+	}
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	defer cancelRun()
 	s.linkCtx = runCtx

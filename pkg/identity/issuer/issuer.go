@@ -35,7 +35,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -44,7 +43,6 @@ import (
 	"math/big"
 	"net"
 	"net/http"
-	"net/url"
 	"slices"
 	"strings"
 	"time"
@@ -392,13 +390,12 @@ func (s *Server) sign(signer *certs.Signer, pub *ecdsa.PublicKey, c caller, now 
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: sn,
-		Subject:      pkix.Name{CommonName: c.uid},
-		URIs:         []*url.URL{identity.SPIFFEID(s.TrustDomain, c.namespace, c.serviceAccount)},
 		NotBefore:    now.Add(-backdate),
 		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}
+	identity.Stamp(tmpl, s.TrustDomain, c.namespace, c.serviceAccount, c.uid)
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer.Cert, pub, signer.Key)
 	if err != nil {
 		return nil, fmt.Errorf("signing: %w", err)

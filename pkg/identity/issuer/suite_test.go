@@ -63,7 +63,12 @@ var (
 	logs logBuffer
 )
 
-func TestMain(m *testing.M) { testenv.Main(m, &env, startIssuer) }
+// TestMain runs in a private network namespace where testenv.PodCIDR is local, so that
+// real sidecars (TestSidecarsOverMTLS) run on pod addresses EndpointSlices accept.
+func TestMain(m *testing.M) {
+	testenv.EnterPodNetwork()
+	testenv.Main(m, &env, startIssuer)
+}
 
 // logBuffer is a concurrency-safe sink of log lines.
 type logBuffer struct {
