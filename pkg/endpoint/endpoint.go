@@ -119,7 +119,11 @@ func newEndpoint(ch *router.Channel, ln net.Listener, kind router.Kind, f ipc.Fr
 	if opts.MaxConnections <= 0 {
 		opts.MaxConnections = DefaultMaxConnections
 	}
-	return &Endpoint{ch: ch, ln: ln, kind: kind, framing: f, opts: opts, log: log, conns: map[net.Conn]struct{}{}}
+	e := &Endpoint{ch: ch, ln: ln, kind: kind, framing: f, opts: opts, log: log, conns: map[net.Conn]struct{}{}}
+	// ctx bounds what the readers wait for (routing under the overflow policy) and how
+	// long a drained connection stays open; Close ends it.
+	e.ctx, e.cancel = context.WithCancel(context.Background())
+	return e
 }
 
 // removeStale removes a Unix socket file nobody answers on.
@@ -145,24 +149,23 @@ func removeStale(path string) error {
 // Addr returns the listening address.
 func (e *Endpoint) Addr() net.Addr { return e.ln.Addr() }
 
-// Start accepts app connections until ctx ends or Close is called.
+// Start accepts app connections until ctx ends or Shutdown or Close is called, and
+// returns once the listener is closed. When ctx ends it closes the endpoint as Close
+// does, and returns after every connection's goroutines have ended. An endpoint that
+// was closed returns net.ErrClosed.
 func (e *Endpoint) Start(ctx context.Context) error {
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	if e.closed {
+		e.mu.Unlock()
 		return net.ErrClosed
 	}
-	e.ctx, e.cancel = context.WithCancel(ctx)
-	e.wg.Add(2)
-	go func() {
-		defer e.wg.Done()
-		<-e.ctx.Done()
-		_ = e.ln.Close()
-	}()
-	go func() {
-		defer e.wg.Done()
-		e.acceptLoop()
-	}()
+	e.mu.Unlock()
+	stop := context.AfterFunc(ctx, func() { _ = e.ln.Close() })
+	defer stop()
+	e.acceptLoop()
+	if ctx.Err() != nil {
+		return e.Close()
+	}
 	return nil
 }
 
@@ -407,19 +410,23 @@ func (e *Endpoint) write(w *ipc.Writer, it router.Item, scratch *bytes.Buffer) e
 	}
 }
 
-// StopAccepting closes the listener; existing connections continue.
-func (e *Endpoint) StopAccepting() { _ = e.ln.Close() }
-
-// Drain stops accepting and stops reading from the app connections (their lines read
-// so far are routed); the connections stay open for lines from peers until Close.
-func (e *Endpoint) Drain() {
-	e.StopAccepting()
+// Shutdown stops accepting and stops reading from the app connections (the lines read
+// so far are routed), keeps writing to them what still arrives from peers until ctx
+// ends, then closes the endpoint as Close does. An endpoint has no end of its own (a
+// peer may send at any time), so it returns when ctx ends or Close is called.
+func (e *Endpoint) Shutdown(ctx context.Context) error {
+	_ = e.ln.Close()
 	e.mu.Lock()
 	e.draining = true
 	for c := range e.conns {
 		_ = c.SetReadDeadline(time.Now())
 	}
 	e.mu.Unlock()
+	select {
+	case <-ctx.Done():
+	case <-e.ctx.Done():
+	}
+	return e.Close()
 }
 
 // Connections returns the number of open app connections.
@@ -429,24 +436,20 @@ func (e *Endpoint) Connections() int {
 	return len(e.conns)
 }
 
-// Close stops accepting, closes every app connection and joins every goroutine.
+// Close stops accepting, closes every app connection and joins their goroutines.
 // Idempotent.
-func (e *Endpoint) Close(reason string) {
+func (e *Endpoint) Close() error {
 	e.mu.Lock()
-	if !e.closed && len(e.conns) > 0 && reason != "" {
-		e.log.Info("Closing app connections", "reason", reason, "connections", len(e.conns))
-	}
 	e.closed = true
 	_ = e.ln.Close()
 	for c := range e.conns {
 		_ = c.Close()
 	}
-	if e.cancel != nil {
-		e.cancel()
-	}
+	e.cancel()
 	e.mu.Unlock()
 	e.wg.Wait()
 	if ul, ok := e.ln.(*net.UnixListener); ok {
 		_ = os.Remove(ul.Addr().String())
 	}
+	return nil
 }

@@ -49,7 +49,7 @@ func TestNodeIPCSocketMode(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			t.Cleanup(func() { ep.Close("") })
+			t.Cleanup(func() { _ = ep.Close() })
 			fi, err := os.Lstat(path)
 			if err != nil {
 				t.Fatal(err)

@@ -155,7 +155,10 @@ type Link struct {
 	presence map[string]int
 	up       bool
 	conn     net.Conn
-	closed   bool
+	// ended is closed when the current session ends (nil while none is up), so that
+	// Shutdown waits for the receiver to close the link after GOODBYE.
+	ended  chan struct{}
+	closed bool
 	// bye asks the writer to say GOODBYE once the queue is empty.
 	bye bool
 
@@ -341,12 +344,7 @@ func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, 
 }
 
 // kickLocked wakes the writer.
-func (l *Link) kickLocked() {
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
-}
+func (l *Link) kickLocked() { wake(l.wake) }
 
 // trimLocked removes the first k messages of q (acknowledged or settled).
 func (l *Link) trimLocked(k int) {
@@ -415,10 +413,15 @@ func (l *Link) settleLocked(upTo uint64, reason string) []router.Message {
 	return reroute
 }
 
-// Start runs the link until ctx ends or Close is called. It dials, resumes and redials
-// with backoff.
+// Start runs the link until ctx ends or Shutdown or Close is called: it dials, resumes
+// and redials with backoff. Lines still queued when ctx ends stay queued for Shutdown
+// or Close to settle. A link that was closed returns net.ErrClosed.
 func (l *Link) Start(ctx context.Context) error {
 	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return net.ErrClosed
+	}
 	if l.ctx != nil {
 		l.mu.Unlock()
 		return errors.New("peer: link already started")
@@ -426,10 +429,8 @@ func (l *Link) Start(ctx context.Context) error {
 	l.ctx, l.cancel = context.WithCancel(ctx)
 	l.wg.Add(1)
 	l.mu.Unlock()
-	go func() {
-		defer l.wg.Done()
-		l.run()
-	}()
+	defer l.wg.Done()
+	l.run()
 	return nil
 }
 
@@ -474,8 +475,8 @@ func (l *Link) guardedSession(ctx context.Context) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			l.mu.Lock()
-			conn, l.up, l.conn = l.conn, false, nil
-			l.stopEncodingLocked()
+			conn = l.conn
+			l.endSessionLocked()
 			l.mu.Unlock()
 			if conn != nil {
 				recovered(l.cfg.Metrics, l.log, "out", conn, r)
@@ -554,9 +555,7 @@ func (l *Link) session(ctx context.Context) error {
 	_ = conn.Close()
 	wErr := <-werr
 	l.mu.Lock()
-	l.up = false
-	l.conn = nil
-	l.stopEncodingLocked()
+	l.endSessionLocked()
 	var reroute []router.Message
 	if errors.Is(rerr, errGoodbye) {
 		// The receiver is going away and will not acknowledge more: AnyOne lines go to
@@ -670,6 +669,7 @@ func (l *Link) resume(conn net.Conn, w Welcome) error {
 	l.presence = w.Presence
 	l.up = true
 	l.conn = conn
+	l.ended = make(chan struct{})
 	l.kickLocked()
 	l.mu.Unlock()
 	l.log.V(1).Info("Peer link established", "version", w.Version, "incarnation", w.Pod.Incarnation)
@@ -821,9 +821,26 @@ func abort(c net.Conn) {
 	}
 }
 
-// Drain waits until every queued line is acknowledged or ctx ends, then says goodbye.
-// Lines still unacknowledged are counted dropped for reason shutdown by Close.
-func (l *Link) Drain(ctx context.Context) {
+// endSessionLocked records that the session has ended.
+func (l *Link) endSessionLocked() {
+	l.up, l.conn = false, nil
+	l.stopEncodingLocked()
+	if l.ended != nil {
+		close(l.ended)
+		l.ended = nil
+	}
+}
+
+// goodbyeGrace bounds how long Shutdown waits for the receiver to close the link after
+// GOODBYE.
+const goodbyeGrace = time.Second
+
+// Shutdown waits until every queued line is acknowledged or ctx ends; says GOODBYE
+// once the queue is empty, and waits (within ctx, and at most goodbyeGrace) for the
+// receiver to close the link; then closes the link. Lines still unacknowledged are
+// counted dropped for reason shutdown, AnyOne ones too: the pod is going away, and so
+// is the router that would reroute them. It returns ctx.Err() if lines were left.
+func (l *Link) Shutdown(ctx context.Context) error {
 	l.mu.Lock()
 	for l.q.len() > 0 && ctx.Err() == nil {
 		c := l.space.C()
@@ -834,39 +851,38 @@ func (l *Link) Drain(ctx context.Context) {
 		}
 		l.mu.Lock()
 	}
+	left := l.q.len() > 0
 	l.bye = true
-	up := l.up
+	ended := l.ended
 	l.mu.Unlock()
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
-	if !up {
-		return
-	}
-	// Give the writer a moment to send GOODBYE; the receiver then closes the link.
-	t := time.NewTimer(time.Second)
-	defer t.Stop()
-	for {
-		l.mu.Lock()
-		up = l.up
-		c := l.space.C()
-		l.mu.Unlock()
-		if !up {
-			return
-		}
+	wake(l.wake)
+	if ended != nil && !left {
+		t := time.NewTimer(goodbyeGrace)
 		select {
+		case <-ended:
 		case <-t.C:
-			return
-		case <-c:
-		case <-time.After(20 * time.Millisecond):
+		case <-ctx.Done():
 		}
+		t.Stop()
 	}
+	l.close(router.ReasonShutdown)
+	if left {
+		return ctx.Err()
+	}
+	return nil
 }
 
-// Close stops the link and joins its goroutines. Unacknowledged lines are settled:
-// Broadcast ones counted dropped for reason, AnyOne ones rerouted. Idempotent.
-func (l *Link) Close(reason string) {
+// Close ends the link at once, as when its member leaves the channel, and joins its
+// goroutines. Unacknowledged lines are settled: Broadcast ones counted dropped for
+// reason peer_removed, AnyOne ones rerouted to another candidate. Idempotent.
+func (l *Link) Close() error {
+	l.close(router.ReasonPeerRemoved)
+	return nil
+}
+
+// close stops the link, joins its goroutines and settles what is unacknowledged for
+// reason. Only the first call settles.
+func (l *Link) close(reason string) {
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()

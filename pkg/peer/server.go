@@ -91,8 +91,10 @@ type Server struct {
 	senders map[string]*sender
 	inbound map[*inbound]struct{}
 	// perIP counts the open connections per source address, for MaxConnectionsPerIP.
-	perIP  map[string]int
-	closed bool
+	perIP map[string]int
+	// started, closed and shutdown say Start, Close or Shutdown was called; shutdown
+	// also says every link was asked to say GOODBYE.
+	started, closed, shutdown bool
 	// logs samples the logs of refusals and protocol errors, per reason, so that a
 	// flood of bad connections cannot flood the log.
 	logs sampledLogs
@@ -195,29 +197,36 @@ func NewServer(ln net.Listener, cfg ServerConfig) *Server {
 	if cfg.Shared == nil {
 		cfg.Shared = func(string) []string { return nil }
 	}
-	return &Server{cfg: cfg, ln: ln, senders: map[string]*sender{}, inbound: map[*inbound]struct{}{},
+	s := &Server{cfg: cfg, ln: ln, senders: map[string]*sender{}, inbound: map[*inbound]struct{}{},
 		perIP: map[string]int{}}
+	// ctx bounds what the read loops wait for (delivery under the overflow policy);
+	// Close ends it.
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s
 }
 
-// Start accepts links until ctx ends or Close is called.
+// Start accepts links until ctx ends or Shutdown or Close is called, and returns once
+// the listener is closed. When ctx ends it closes the server as Close does, and returns
+// after every connection's goroutines have ended. A server that was closed returns
+// net.ErrClosed.
 func (s *Server) Start(ctx context.Context) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return net.ErrClosed
 	}
-	s.ctx, s.cancel = context.WithCancel(ctx)
-	s.wg.Add(2)
+	if s.started {
+		s.mu.Unlock()
+		return errors.New("peer: server already started")
+	}
+	s.started = true
 	s.mu.Unlock()
-	go func() {
-		defer s.wg.Done()
-		<-s.ctx.Done()
-		_ = s.ln.Close()
-	}()
-	go func() {
-		defer s.wg.Done()
-		s.acceptLoop()
-	}()
+	stop := context.AfterFunc(ctx, func() { _ = s.ln.Close() })
+	defer stop()
+	s.acceptLoop()
+	if ctx.Err() != nil {
+		return s.Close()
+	}
 	return nil
 }
 
@@ -918,36 +927,49 @@ func (s *Server) Reset() {
 // Addr returns the listening address.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
-// Close says goodbye on every inbound link (waiting at most timeout for the goodbyes
-// to be written), stops accepting, and joins every goroutine. Idempotent.
-func (s *Server) Close(timeout time.Duration) {
+// Shutdown stops accepting and says GOODBYE on every inbound link (senders then
+// reroute their AnyOne lines at once and forget this incarnation), waits until each
+// sender has closed its link or ctx ends, then closes what is left as Close does. One
+// deadline bounds every link: the links are asked at once and waited for together.
+// It returns ctx.Err() if a link was still open when ctx ended.
+func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		s.wg.Wait()
-		return
-	}
 	s.closed = true
 	_ = s.ln.Close()
 	ins := make([]*inbound, 0, len(s.inbound))
-	conns := make([]net.Conn, 0, len(s.inbound))
 	for in := range s.inbound {
 		ins = append(ins, in)
-		conns = append(conns, in.conn) // read under s.mu: secure replaces it
-		close(in.bye)
+		if !s.shutdown {
+			close(in.bye)
+		}
 	}
+	s.shutdown = true
 	s.mu.Unlock()
-	deadline := time.After(timeout)
-	for i, in := range ins {
+	var err error
+	for _, in := range ins {
 		select {
 		case <-in.done:
-		case <-deadline:
-		case <-time.After(50 * time.Millisecond):
+			continue
+		case <-ctx.Done():
+			err = ctx.Err()
 		}
-		_ = conns[i].Close()
+		break
 	}
-	if s.cancel != nil {
-		s.cancel()
+	return errors.Join(err, s.Close())
+}
+
+// Close stops accepting, closes every inbound connection at once (no GOODBYE: senders
+// learn of the end from the connection) and joins every connection's goroutines.
+// Idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	_ = s.ln.Close()
+	for in := range s.inbound {
+		_ = in.conn.Close() // read under s.mu: secure replaces it
 	}
+	s.mu.Unlock()
+	s.cancel()
 	s.wg.Wait()
+	return nil
 }

@@ -1,0 +1,124 @@
+package peer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/goleak"
+
+	"github.com/podipc/podipc/pkg/discovery"
+	"github.com/podipc/podipc/pkg/router"
+)
+
+// stallingSecure hands the server connections that, once stall is called, take no more
+// bytes: every write blocks until the connection is closed, as when the peer never
+// reads and its receive window is full.
+type stallingSecure struct {
+	stalled chan struct{}
+	once    sync.Once
+}
+
+func (s *stallingSecure) stall() { s.once.Do(func() { close(s.stalled) }) }
+
+func (s *stallingSecure) Accept(conn net.Conn) (net.Conn, func(Identity) string, error) {
+	return &stallingConn{Conn: conn, stalled: s.stalled, closed: make(chan struct{})}, nil, nil
+}
+
+func (s *stallingSecure) Dial(context.Context, func(context.Context) (net.Conn, error), discovery.Member) (net.Conn, error) {
+	return nil, errors.New("not for dialling")
+}
+
+type stallingConn struct {
+	net.Conn
+	stalled <-chan struct{}
+	closed  chan struct{}
+	once    sync.Once
+}
+
+func (c *stallingConn) Write(p []byte) (int, error) {
+	select {
+	case <-c.stalled:
+		<-c.closed
+		return 0, net.ErrClosed
+	default:
+		return c.Conn.Write(p)
+	}
+}
+
+func (c *stallingConn) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return c.Conn.Close()
+}
+
+// TestServerShutdownIsBoundedByItsContext: Shutdown asks every inbound link for GOODBYE
+// and waits for them within its one context, however many there are: with 50 senders
+// whose connections take no more bytes, so that no GOODBYE can be written, it returns
+// the context's error once the context ends, having closed every connection — not
+// after a wait per link. The bound is asserted loosely (the deadline plus a second), so
+// a loaded machine cannot fail it; a wait per link would take several seconds.
+func TestServerShutdownIsBoundedByItsContext(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	spec := discovery.Spec{}.WithDefaults()
+	r := router.New(logr.Discard(), nil)
+	defer r.Close()
+	r.Ensure("orders", spec)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	secure := &stallingSecure{stalled: make(chan struct{})}
+	metrics := NewMetrics(nil)
+	srv := NewServer(ln, ServerConfig{Self: Identity{"ns", "r", "uid-r", 1}, Router: r, Log: logr.Discard(), Metrics: metrics,
+		MaxConnectionsPerIP: 100, Shared: sharesOrders, Secure: secure,
+		Authorize: func(Identity, string) string { return "" }})
+	start(t.Context(), t, srv)
+	defer func() { _ = srv.Close() }()
+
+	const links = 50
+	for i := range links {
+		conn, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = conn.Close() }()
+		h := Hello{MinVersion: MinVersion, MaxVersion: Version, Pod: Identity{"ns", fmt.Sprint("s", i), fmt.Sprint("uid-", i), 1},
+			Channels: []string{"orders"}}
+		if _, err := conn.Write(h.Frame()); err != nil {
+			t.Fatal(err)
+		}
+		_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if typ, _, err := ReadHandshake(conn, maxHandshakeBytes); err != nil || typ != FrameWelcome {
+			t.Fatalf("link %d: handshake: type %d, %v", i, typ, err)
+		}
+		// From here on the sender never reads.
+	}
+	eventuallyTrue(t, "every link up", func() bool {
+		return testutil.ToFloat64(metrics.Links.WithLabelValues("in", "up")) == links
+	})
+	secure.stall()
+
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	deadline, _ := ctx.Deadline()
+	done := make(chan error, 1)
+	go func() { done <- srv.Shutdown(ctx) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Shutdown with every GOODBYE blocked returned %v, want the context's error", err)
+		}
+	case <-time.After(time.Until(deadline) + time.Second):
+		t.Errorf("Shutdown with %d blocked GOODBYEs was still running a second past its context's deadline", links)
+		t.Logf("Shutdown returned %v at last", <-done)
+	}
+	if n := testutil.ToFloat64(metrics.Links.WithLabelValues("in", "up")); n != 0 {
+		t.Errorf("%v inbound links still up after Shutdown returned", n)
+	}
+}
