@@ -70,7 +70,7 @@ func BenchmarkLinkSend(b *testing.B) {
 				}
 				if i%256 == 255 {
 					l.mu.Lock()
-					l.ackLocked(uint64(i + 1))
+					l.outbox.ack(uint64(i + 1))
 					l.mu.Unlock()
 				}
 			}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/go-logr/logr"
 
+	"github.com/podipc/podipc/internal/wake"
 	"github.com/podipc/podipc/pkg/router"
 )
 
@@ -753,10 +754,7 @@ func (b *batch) end() {
 		// The writer learns of a batch only from its completion: wake it so that it
 		// arms the grace timer for a batch a stalled reader holds up, which is then
 		// acknowledged at its deadline, not at the next keepalive tick.
-		select {
-		case b.st.notify <- struct{}{}:
-		default:
-		}
+		wake.Up(b.st.notify)
 	}
 	b.s.cfg.Metrics.Received.Add(float64(b.n))
 	b.c, b.n, b.grace = nil, 0, 0
@@ -909,10 +907,7 @@ func (s *Server) reshareLocked(in *inbound) {
 	if in.fr != nil {
 		in.fr.SetMax(ss.maxFrame)
 	}
-	select {
-	case in.presence <- struct{}{}:
-	default:
-	}
+	wake.Up(in.presence)
 }
 
 // Reset aborts every inbound connection with a TCP reset (for tests).

@@ -3,6 +3,8 @@ package router
 import (
 	"sync"
 	"sync/atomic"
+
+	"github.com/podipc/podipc/internal/wake"
 )
 
 // Kind says how a message was framed by the app that sent it. Only the receiving edge
@@ -70,10 +72,7 @@ func (c *Completion) DoneN(n int) bool {
 		return false
 	}
 	if c.remaining.Add(-int32(n)) == 0 {
-		select {
-		case c.notify <- struct{}{}:
-		default:
-		}
+		wake.Up(c.notify)
 		return true
 	}
 	return false

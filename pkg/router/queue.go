@@ -5,6 +5,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/podipc/podipc/internal/wake"
 	"github.com/podipc/podipc/pkg/discovery"
 )
 
@@ -211,10 +212,7 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 	q.items = append(q.items, it)
 	q.bytes += len(it.Data)
 	q.gauge(len(it.Data))
-	select {
-	case q.ready <- struct{}{}:
-	default:
-	}
+	wake.Up(q.ready)
 	return Queued, ""
 }
 
@@ -420,10 +418,7 @@ func (q *Queue) admitWaitingLocked(limit int) int {
 		q.timer = nil
 		q.episode++ // the episode ended in time
 	}
-	select {
-	case q.ready <- struct{}{}:
-	default:
-	}
+	wake.Up(q.ready)
 	return moved
 }
 
@@ -433,10 +428,7 @@ func (q *Queue) isClosed() bool { return q.closed }
 // publishLocked reports added bytes to the gauge and wakes the writer.
 func (q *Queue) publishLocked(added int) {
 	q.gauge(added)
-	select {
-	case q.ready <- struct{}{}:
-	default:
-	}
+	wake.Up(q.ready)
 }
 
 // Ready is signalled whenever items are pushed.

@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/podipc/podipc/internal/wake"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/endpoint"
 	"github.com/podipc/podipc/pkg/ipc"
@@ -399,10 +400,7 @@ func (s *Sidecar) serve(name string, spec discovery.Spec) {
 	}
 	sv.spec = spec
 	if !s.bindDue(name, ch, sv, time.Now()) {
-		select {
-		case s.rebind <- struct{}{}:
-		default:
-		}
+		wake.Up(s.rebind)
 	}
 }
 
