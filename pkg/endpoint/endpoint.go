@@ -23,6 +23,7 @@ import (
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/ipc"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -263,7 +264,7 @@ func (e *Endpoint) serve(conn net.Conn) {
 func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
 	src := &batchingReader{conn: conn}
 	r := ipc.NewReader(src, e.framing, e.ch.Spec().MaxMessageBytes)
-	var slab router.Slab
+	var slab buffer.Slab
 	defer slab.Close()
 	src.flush = func() {
 		e.ch.RouteBatch(e.ctx, c, e.kind, src.batch)
@@ -311,7 +312,7 @@ const maxBatch = 256
 // the socket, which may block, it routes the lines collected so far.
 type batchingReader struct {
 	conn  net.Conn
-	batch []router.Payload
+	batch []buffer.Payload
 	flush func()
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -385,7 +386,7 @@ func TestLinkDistrustsItsReceiver(t *testing.T) {
 	start(t.Context(), t, link)
 	defer func() { _ = link.Close() }()
 	for _, l := range []string{"one", "two", "three"} {
-		if res, reason := link.Send(t.Context(), "orders", router.Line, router.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
+		if res, reason := link.Send(t.Context(), "orders", router.Line, buffer.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
 			t.Fatalf("%s not queued: %s", l, reason)
 		}
 	}
@@ -468,7 +469,7 @@ func TestLinkContinuesAnEarlierLinksNumbering(t *testing.T) {
 		Member:   discovery.Member{Namespace: "ns", Name: "b", UID: "uid-b", IP: "127.0.0.1", PeerPort: ln.Addr().(*net.TCPAddr).Port, Ready: true, Serving: true},
 		Channels: func() []string { return []string{"orders"} }, Router: r, Log: logr.Discard(), Keepalive: time.Second})
 	for _, l := range []string{"one", "two"} {
-		if res, reason := link.Send(t.Context(), "orders", router.Line, router.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
+		if res, reason := link.Send(t.Context(), "orders", router.Line, buffer.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
 			t.Fatalf("%s not queued: %s", l, reason)
 		}
 	}
@@ -524,7 +525,7 @@ func TestLinkRecoversPanics(t *testing.T) {
 		}, Router: r, Log: logr.Discard(), Keepalive: time.Second})
 	start(t.Context(), t, link)
 	defer func() { _ = link.Close() }()
-	if res, reason := link.Send(t.Context(), "orders", router.Line, router.Payload{Data: []byte("after")}, false, spec.Overflow); res != router.Queued {
+	if res, reason := link.Send(t.Context(), "orders", router.Line, buffer.Payload{Data: []byte("after")}, false, spec.Overflow); res != router.Queued {
 		t.Fatalf("not queued: %s", reason)
 	}
 	select {

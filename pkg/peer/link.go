@@ -12,6 +12,7 @@ import (
 
 	"github.com/go-logr/logr"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/internal/wake"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
@@ -84,11 +85,13 @@ func NewLink(cfg LinkConfig) *Link {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(nil)
 	}
-	return &Link{
+	l := &Link{
 		cfg: cfg, log: cfg.Log.WithValues("peer", cfg.Member.Namespace+"/"+cfg.Member.Name, "peerUID", cfg.Member.UID),
-		outbox: newOutbox(cfg.Metrics.Unacked), presence: map[string]int{},
-		wake: make(chan struct{}, 1),
+		presence: map[string]int{},
+		wake:     make(chan struct{}, 1),
 	}
+	l.outbox.init(cfg.Metrics.Unacked, &l.mu, &l.closed)
+	return l
 }
 
 // ID returns the member's UID.
@@ -107,7 +110,7 @@ func (l *Link) Presence(channel string) (int, bool) {
 
 // Send queues a message under the channel's overflow policy, as the link applies it
 // (patience).
-func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line router.Payload, anyOne bool, ov discovery.Overflow) (router.Result, string) {
+func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line buffer.Payload, anyOne bool, ov discovery.Overflow) (router.Result, string) {
 	ov = l.patience(ov)
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -124,17 +127,17 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line 
 // SendBatch queues Broadcast lines of one channel in order, as Send does for each, with
 // one lock and one wakeup of the writer per batch. It stops at the first line that is
 // not queued and returns its index with the result and reason.
-func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, lines []router.Payload, ov discovery.Overflow) (n int, res router.Result, reason string) {
+func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, lines []buffer.Payload, ov discovery.Overflow) (n int, res router.Result, reason string) {
 	// Every line's chunk is retained before the writer can see it (one atomic
 	// operation per chunk), and what was not queued is released on the way out.
-	router.RetainLines(lines)
-	defer func() { router.ReleaseLines(lines[n:]) }()
+	buffer.RetainLines(lines)
+	defer func() { buffer.ReleaseLines(lines[n:]) }()
 	ov = l.patience(ov)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	st := l.outbox.channel(channel)
 	for i, line := range lines {
-		if i > 0 && st.bytes != 0 && st.bytes+len(line.Data) > ov.QueueBytes {
+		if i > 0 && st.bound.Bytes() != 0 && st.bound.Bytes()+len(line.Data) > ov.QueueBytes {
 			// Admission may wait for acknowledgements: let the writer send what is
 			// queued.
 			l.kickLocked()
@@ -170,11 +173,10 @@ func (l *Link) admitLocked(ctx context.Context, st *chanState, n int, ov discove
 	if l.closed {
 		return router.Dropped, router.ReasonPeerRemoved
 	}
-	if st.bound.Fits(st.bytes, n, ov.QueueBytes) {
+	if st.bound.Fits(n, ov.QueueBytes) {
 		return router.Queued, ""
 	}
-	res, reason := st.bound.Admit(ctx, &l.mu, n, func() int { return st.bytes }, &l.outbox.space,
-		func() bool { return l.closed }, ov)
+	res, reason := st.bound.Admit(ctx, n, ov)
 	if res == router.Queued && l.closed {
 		return router.Dropped, router.ReasonPeerRemoved
 	}

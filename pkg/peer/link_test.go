@@ -10,6 +10,7 @@ import (
 	"github.com/go-logr/logr"
 	"go.uber.org/goleak"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -58,7 +59,7 @@ func TestLinkResumesExactlyOnce(t *testing.T) {
 	go func() {
 		defer close(sendDone)
 		for i := range n {
-			if res, reason := link.Send(ctx, "orders", router.Line, router.Payload{Data: fmt.Appendf(nil, "m%06d", i)}, false, spec.Overflow); res != router.Queued {
+			if res, reason := link.Send(ctx, "orders", router.Line, buffer.Payload{Data: fmt.Appendf(nil, "m%06d", i)}, false, spec.Overflow); res != router.Queued {
 				t.Errorf("line %d not queued: %s", i, reason)
 				return
 			}

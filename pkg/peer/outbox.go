@@ -2,10 +2,12 @@ package peer
 
 import (
 	"sort"
+	"sync"
 	"unsafe"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/router"
 )
 
@@ -48,8 +50,11 @@ type outbox struct {
 	// was told, updated per written batch and per acknowledgement rather than per line.
 	unacked, reported int
 	gauge             prometheus.Gauge
-	// space is broadcast whenever the queue shrinks.
-	space router.Signal
+	// space is broadcast whenever the queue shrinks; the channels' bounds wait on it,
+	// under mu, and stop waiting once closed is set.
+	space  buffer.Signal
+	mu     *sync.Mutex
+	closed *bool
 }
 
 // outMsg is a sequenced message waiting for its acknowledgement. The outbox keeps them
@@ -61,7 +66,7 @@ type outMsg struct {
 	seq uint64
 	st  *chanState
 	// ref keeps the bytes' slab chunk; released when the message leaves the queue.
-	ref    *router.Chunk
+	ref    *buffer.Chunk
 	ptr    *byte
 	n      uint32
 	kind   router.Kind
@@ -71,14 +76,16 @@ type outMsg struct {
 // data returns the message's bytes.
 func (m *outMsg) data() []byte { return unsafe.Slice(m.ptr, m.n) }
 
+// msgRef is the key of buffer.Runs: one release per run of messages sharing a chunk.
+func msgRef(m *outMsg) *buffer.Chunk { return m.ref }
+
 // size returns the message's length.
 func (m *outMsg) size() int { return int(m.n) }
 
 // chanState is the outbox's bound on one channel: bytes queued and not yet
-// acknowledged.
+// acknowledged, under the channel's overflow policy.
 type chanState struct {
 	name  string
-	bytes int
 	bound router.Bound
 }
 
@@ -118,9 +125,10 @@ func (f *fifo[T]) pop(k int) {
 	}
 }
 
-// newOutbox returns an empty outbox that reports its unacknowledged bytes to gauge.
-func newOutbox(gauge prometheus.Gauge) outbox {
-	return outbox{nextSeq: 1, chans: map[string]*chanState{}, gauge: gauge}
+// init readies an empty outbox that reports its unacknowledged bytes to gauge. mu is
+// the lock that guards it, closed the flag (read under mu) that says its link has ended.
+func (o *outbox) init(gauge prometheus.Gauge, mu *sync.Mutex, closed *bool) {
+	o.nextSeq, o.chans, o.gauge, o.mu, o.closed = 1, map[string]*chanState{}, gauge, mu, closed
 }
 
 // len returns the number of messages queued.
@@ -134,6 +142,7 @@ func (o *outbox) channel(name string) *chanState {
 	st := o.chans[name]
 	if st == nil {
 		st = &chanState{name: name}
+		st.bound.Init(o.mu, &o.space, o.closed)
 		o.chans[name] = st
 	}
 	o.lastName, o.last = name, st
@@ -144,13 +153,13 @@ func (o *outbox) channel(name string) *chanState {
 // session is up. The caller has retained ref for the message. The queue entry is
 // filled in place, field by field: it is written once per line, into memory that has
 // usually left the cache since its last use.
-func (o *outbox) push(st *chanState, ref *router.Chunk, data []byte, kind router.Kind, anyOne bool) {
+func (o *outbox) push(st *chanState, ref *buffer.Chunk, data []byte, kind router.Kind, anyOne bool) {
 	m := o.q.add()
 	m.seq, m.st, m.ref = o.nextSeq, st, ref
 	m.ptr, m.n = unsafe.SliceData(data), uint32(len(data)) // lines are at most MaxFrameBytes
 	m.kind, m.anyOne = kind, anyOne
 	o.nextSeq++
-	st.bytes += len(data)
+	st.bound.Add(len(data))
 	o.unacked += len(data)
 	if o.encoding && o.next == o.q.len()-1 && len(o.out) < maxOutBytes {
 		o.encode(m)
@@ -230,18 +239,10 @@ func (o *outbox) trim(k int) {
 	}
 	q := o.q.items()[:k]
 	for i := range q {
-		q[i].st.bytes -= q[i].size()
+		q[i].st.bound.Add(-q[i].size())
 		o.unacked -= q[i].size()
 	}
-	for i := 0; i < k; {
-		// One release per run of messages sharing a chunk.
-		j := i + 1
-		for j < k && q[j].ref == q[i].ref {
-			j++
-		}
-		q[i].ref.Release(j - i)
-		i = j
-	}
+	buffer.Runs(q, msgRef, (*buffer.Chunk).Release)
 	o.q.pop(k)
 	o.next = max(o.next-k, 0)
 	o.report()
@@ -261,7 +262,7 @@ func (o *outbox) settle(pick func(*outMsg) bool) (reroute []router.Message, drop
 			keep.push(*m)
 			continue
 		}
-		m.st.bytes -= m.size()
+		m.st.bound.Add(-m.size())
 		o.unacked -= m.size()
 		if m.anyOne {
 			reroute = append(reroute, router.Message{Channel: m.st.name, Kind: m.kind, Data: append([]byte(nil), m.data()...)})

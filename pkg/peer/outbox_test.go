@@ -3,11 +3,13 @@ package peer
 import (
 	"bytes"
 	"fmt"
+	"sync"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/router"
 )
 
@@ -41,8 +43,11 @@ func frames(t *testing.T, buf []byte) []string {
 // chunk reference taken is released exactly once (a release too many panics).
 func TestOutbox(t *testing.T) {
 	gauge := prometheus.NewGauge(prometheus.GaugeOpts{Name: "unacked"})
-	o := newOutbox(gauge)
-	chunk := router.NewChunk() // the test's own reference
+	var mu sync.Mutex
+	closed := false
+	var o outbox
+	o.init(gauge, &mu, &closed)
+	chunk := buffer.NewChunk() // the test's own reference
 	push := func(channel, line string, anyOne bool) {
 		chunk.Retain(1)
 		o.push(o.channel(channel), chunk, []byte(line), router.Line, anyOne)
@@ -73,9 +78,9 @@ func TestOutbox(t *testing.T) {
 
 	// The receiver acknowledges 1: it leaves, and the bytes of orders with it.
 	o.ack(1)
-	if o.len() != 3 || o.channel("orders").bytes != 2 || o.channel("events").bytes != 4 {
+	if o.len() != 3 || o.channel("orders").bound.Bytes() != 2 || o.channel("events").bound.Bytes() != 4 {
 		t.Errorf("after ACK 1: %d queued, orders %d bytes, events %d bytes; want 3, 2, 4",
-			o.len(), o.channel("orders").bytes, o.channel("events").bytes)
+			o.len(), o.channel("orders").bound.Bytes(), o.channel("events").bound.Bytes())
 	}
 	o.stopEncoding()
 
@@ -107,6 +112,9 @@ func TestOutbox(t *testing.T) {
 	if o.len() != 0 || testutil.ToFloat64(gauge) != 0 {
 		t.Errorf("%d lines and %v bytes left after ACK 5", o.len(), testutil.ToFloat64(gauge))
 	}
+	if n := chunk.Refs(); n != 1 {
+		t.Fatalf("the chunk has %d references after every line left, want 1 (the test's)", n)
+	}
 	chunk.Release(1)
 }
 
@@ -114,7 +122,10 @@ func TestOutbox(t *testing.T) {
 // encoded ahead only up to maxOutBytes; the rest wait in the queue and are encoded, in
 // order, when the writer takes the batch.
 func TestOutboxEncodesAheadOnlySoFar(t *testing.T) {
-	o := newOutbox(prometheus.NewGauge(prometheus.GaugeOpts{Name: "unacked"}))
+	var mu sync.Mutex
+	closed := false
+	var o outbox
+	o.init(prometheus.NewGauge(prometheus.GaugeOpts{Name: "unacked"}), &mu, &closed)
 	o.startEncoding()
 	line := bytes.Repeat([]byte("x"), 60<<10)
 	const lines = 2 * maxOutBytes / (60 << 10)

@@ -8,11 +8,11 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/podipc/podipc/pkg/router"
+	"github.com/podipc/podipc/internal/buffer"
 )
 
 // Reader splits a stream into frames. It reads straight into reference-counted chunks
-// (router.Chunk) and returns every frame that fits one in place, so the receiving
+// (buffer.Chunk) and returns every frame that fits one in place, so the receiving
 // sidecar queues a line's bytes for its local readers without copying them: the caller
 // retains the frame's chunk (Chunk) for as long as it keeps the frame.
 type Reader struct {
@@ -24,12 +24,12 @@ type Reader struct {
 	// reference; buf[r:w] is read but not yet returned. A full chunk is never reused
 	// by the reader: it takes a new one, carrying over the partial frame at its end,
 	// and releases the old one, which lives on while queued lines alias it.
-	chunk *router.Chunk
+	chunk *buffer.Chunk
 	buf   []byte
 	r, w  int
 	// cur is the chunk of the frame returned last; nil for a frame too large for a
 	// chunk, which gets a buffer of its own.
-	cur *router.Chunk
+	cur *buffer.Chunk
 }
 
 // minRead is the least room a read is offered: a chunk with less left is replaced.
@@ -81,7 +81,7 @@ func (r *Reader) Next() (FrameType, []byte, error) {
 			if err := checkLength(n, int(r.max.Load())); err != nil {
 				return 0, nil, err
 			}
-			if 4+n > router.ChunkSize {
+			if 4+n > buffer.ChunkSize {
 				return r.large(n)
 			}
 			if r.w-r.r >= 4+n {
@@ -103,7 +103,7 @@ func (r *Reader) Next() (FrameType, []byte, error) {
 // fill reads more of the stream, into a new chunk if the current one is short of room.
 func (r *Reader) fill() error {
 	if r.chunk == nil || len(r.buf)-r.w < minRead {
-		next := router.NewChunk()
+		next := buffer.NewChunk()
 		buf := next.Bytes()
 		r.w = copy(buf, r.buf[r.r:r.w])
 		r.r = 0
@@ -191,7 +191,7 @@ func ReadHandshake(r io.Reader, maxFrame int) (FrameType, []byte, error) {
 
 // Chunk returns the chunk that the last frame's body lives in, or nil if it has a
 // buffer of its own. A caller keeping the body past the next Next retains the chunk.
-func (r *Reader) Chunk() *router.Chunk { return r.cur }
+func (r *Reader) Chunk() *buffer.Chunk { return r.cur }
 
 // Ready reports whether a whole frame is buffered, so that Next returns it without
 // reading from the stream (and so without blocking).

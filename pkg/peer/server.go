@@ -14,6 +14,7 @@ import (
 
 	"github.com/go-logr/logr"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/internal/wake"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -665,7 +666,7 @@ type batch struct {
 	c       *router.Completion
 	grace   time.Duration
 	// run holds consecutive lines of one channel and kind, not yet handed over.
-	run     []router.Payload
+	run     []buffer.Payload
 	runChan sharedChannel
 	runKind router.Kind
 	// notShared and tooLarge say a line for a channel not shared, or one over its
@@ -678,7 +679,7 @@ type batch struct {
 // channel the two pods share, and only if it fits the channel's maxMessageBytes. A line
 // that does not is counted dropped, and its sequence number acknowledged like any
 // other, so that the link goes on.
-func (b *batch) add(d Data, chunk *router.Chunk) {
+func (b *batch) add(d Data, chunk *buffer.Chunk) {
 	if b.c == nil {
 		b.c = router.NewCompletion(b.st.notify)
 		b.first = d.Seq
@@ -699,7 +700,7 @@ func (b *batch) add(d Data, chunk *router.Chunk) {
 		b.dropTooLarge(len(d.Payload))
 		return
 	}
-	b.run = append(b.run, router.Payload{Data: d.Payload, Ref: chunk})
+	b.run = append(b.run, buffer.Payload{Data: d.Payload, Ref: chunk})
 	b.n++
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/goleak"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -108,7 +109,7 @@ func TestServerForgetsDepartedSenders(t *testing.T) {
 	send := func(name string, n int) error {
 		ts := senders[name]
 		for range n {
-			line := router.Payload{Data: fmt.Appendf(nil, "%s%06d", name, ts.sent)}
+			line := buffer.Payload{Data: fmt.Appendf(nil, "%s%06d", name, ts.sent)}
 			if res, reason := ts.link.Send(ctx, "orders", router.Line, line, false, spec.Overflow); res != router.Queued {
 				return fmt.Errorf("line %d of %s not queued: %s", ts.sent, name, reason)
 			}

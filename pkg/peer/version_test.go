@@ -10,6 +10,7 @@ import (
 	"github.com/go-logr/logr"
 	"go.uber.org/goleak"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -131,7 +132,7 @@ func TestLinkSpeaksToANewerReceiver(t *testing.T) {
 	defer cancel()
 	start(ctx, t, link)
 	for _, l := range []string{"one", "two", "three"} {
-		if res, reason := link.Send(ctx, "orders", router.Line, router.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
+		if res, reason := link.Send(ctx, "orders", router.Line, buffer.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
 			t.Fatalf("%s not queued: %s", l, reason)
 		}
 	}
