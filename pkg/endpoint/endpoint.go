@@ -80,8 +80,8 @@ func ListenLines(ch *router.Channel, address string, opts Options, log logr.Logg
 // ListenNodeIPC binds the channel's node-ipc socket at path, removing a stale socket
 // file left by a previous sidecar, and gives it the mode SocketMode chooses.
 func ListenNodeIPC(ch *router.Channel, path string, opts Options, log logr.Logger) (*Endpoint, error) {
-	if err := removeStale(path); err != nil {
-		return nil, err
+	if err := ipc.RemoveStale(path); err != nil {
+		return nil, fmt.Errorf("node-ipc socket of channel %s: %w", ch.Name(), err)
 	}
 	var lc net.ListenConfig
 	ln, err := lc.Listen(context.Background(), "unix", path)
@@ -127,26 +127,6 @@ func newEndpoint(ch *router.Channel, ln net.Listener, kind router.Kind, f ipc.Fr
 	return e
 }
 
-// removeStale removes a Unix socket file nobody answers on.
-func removeStale(path string) error {
-	// Missing, unreadable or not a socket: never deleted; listen reports any problem.
-	if fi, statErr := os.Lstat(path); statErr != nil || fi.Mode().Type() != fs.ModeSocket {
-		return nil //nolint:nilerr // see above
-	}
-	d := net.Dialer{Timeout: time.Second}
-	c, err := d.Dial("unix", path)
-	if err == nil {
-		_ = c.Close()
-		return fmt.Errorf("node-ipc socket %s is served by another process", path)
-	}
-	if errors.Is(err, syscall.ECONNREFUSED) {
-		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("remove stale socket %s: %w", path, err)
-		}
-	}
-	return nil
-}
-
 // Addr returns the listening address.
 func (e *Endpoint) Addr() net.Addr { return e.ln.Addr() }
 
@@ -170,44 +150,34 @@ func (e *Endpoint) Start(ctx context.Context) error {
 	return nil
 }
 
+// acceptLoop accepts app connections until the listener is closed (ipc.AcceptLoop
+// backs off after errors such as running out of file descriptors).
 func (e *Endpoint) acceptLoop() {
-	var delay time.Duration
-	for {
-		conn, err := e.ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) || e.ctx.Err() != nil {
-				return
-			}
-			// Out of file descriptors and the like: back off and retry.
-			e.log.Error(err, "Accepting app connection failed")
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			select {
-			case <-time.After(delay):
-			case <-e.ctx.Done():
-				return
-			}
-			continue
-		}
-		delay = 0
-		e.mu.Lock()
-		if e.closed || e.draining {
-			e.mu.Unlock()
-			_ = conn.Close()
-			continue
-		}
-		if len(e.conns) >= e.opts.MaxConnections {
-			e.refuseLocked(conn)
-			e.mu.Unlock()
-			continue
-		}
-		e.conns[conn] = struct{}{}
-		e.wg.Add(1)
-		e.mu.Unlock()
-		go func() {
-			defer e.wg.Done()
-			e.serve(conn)
-		}()
+	ipc.AcceptLoop(e.ln, e.ctx.Done(), func(err error) { e.log.Error(err, "Accepting app connection failed") },
+		func(conn net.Conn) bool {
+			e.admit(conn)
+			return true
+		})
+}
+
+// admit serves conn, unless the endpoint is closing or at its connection cap.
+func (e *Endpoint) admit(conn net.Conn) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed || e.draining {
+		_ = conn.Close()
+		return
 	}
+	if len(e.conns) >= e.opts.MaxConnections {
+		e.refuseLocked(conn)
+		return
+	}
+	e.conns[conn] = struct{}{}
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		e.serve(conn)
+	}()
 }
 
 // refuseLocked closes conn, accepted over the connection cap, counts it and logs it

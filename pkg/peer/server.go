@@ -16,6 +16,7 @@ import (
 
 	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/internal/wake"
+	"github.com/podipc/podipc/pkg/ipc"
 	"github.com/podipc/podipc/pkg/router"
 )
 
@@ -233,35 +234,36 @@ func (s *Server) Start(ctx context.Context) error {
 }
 
 // acceptLoop accepts connections until the listener is closed, each served by a
-// goroutine of its own.
+// goroutine of its own. An accept error that does not end the listener (running out of
+// file descriptors) is logged and retried with backoff (ipc.AcceptLoop): giving up would
+// leave the pod unreachable to its peers while it stays ready.
 func (s *Server) acceptLoop() {
-	for {
-		conn, err := s.ln.Accept()
-		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				s.cfg.Log.Error(err, "Peer listener failed")
-			}
-			return
-		}
-		in := &inbound{conn: conn, ip: remoteIP(conn), bye: make(chan struct{}), done: make(chan struct{}),
-			presence: make(chan struct{}, 1)}
-		s.mu.Lock()
-		if s.closed {
-			s.mu.Unlock()
-			_ = conn.Close()
-			return
-		}
-		if reason := s.admitLocked(in.ip); reason != "" {
-			s.mu.Unlock()
-			s.refuseEarly(in, reason)
-			continue
-		}
-		s.inbound[in] = struct{}{}
-		s.perIP[in.ip]++
-		s.wg.Add(1)
+	ipc.AcceptLoop(s.ln, s.ctx.Done(), func(err error) { s.cfg.Log.Error(err, "Accepting peer connection failed; retrying") },
+		s.accept)
+}
+
+// accept admits conn under the connection caps and serves it; it returns false once the
+// server is closed.
+func (s *Server) accept(conn net.Conn) bool {
+	in := &inbound{conn: conn, ip: remoteIP(conn), bye: make(chan struct{}), done: make(chan struct{}),
+		presence: make(chan struct{}, 1)}
+	s.mu.Lock()
+	if s.closed {
 		s.mu.Unlock()
-		go s.run(in)
+		_ = conn.Close()
+		return false
 	}
+	if reason := s.admitLocked(in.ip); reason != "" {
+		s.mu.Unlock()
+		s.refuseEarly(in, reason)
+		return true
+	}
+	s.inbound[in] = struct{}{}
+	s.perIP[in.ip]++
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go s.run(in)
+	return true
 }
 
 // admitLocked returns why a new connection from ip is over a connection cap, or "".

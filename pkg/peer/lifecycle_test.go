@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -120,5 +122,52 @@ func TestServerShutdownIsBoundedByItsContext(t *testing.T) {
 	}
 	if n := testutil.ToFloat64(metrics.Links.WithLabelValues("in", "up")); n != 0 {
 		t.Errorf("%v inbound links still up after Shutdown returned", n)
+	}
+}
+
+// failingListener fails its first accepts with EMFILE, as a sidecar out of file
+// descriptors would, then accepts for real.
+type failingListener struct {
+	net.Listener
+	failures atomic.Int32
+}
+
+func (l *failingListener) Accept() (net.Conn, error) {
+	if l.failures.Add(-1) >= 0 {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: syscall.EMFILE}
+	}
+	return l.Listener.Accept()
+}
+
+// TestServerSurvivesAcceptErrors: the peer port goes on accepting after accept errors
+// that do not end the listener (out of file descriptors), with backoff: a sender that
+// dials after them is welcomed.
+func TestServerSurvivesAcceptErrors(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	r := router.New(logr.Discard(), nil)
+	defer r.Close()
+	r.Ensure("orders", discovery.Spec{}.WithDefaults())
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := &failingListener{Listener: inner}
+	ln.failures.Store(3)
+	srv := NewServer(ln, ServerConfig{Self: Identity{"ns", "r", "uid-r", 1}, Router: r, Log: logr.Discard(),
+		Shared: sharesOrders, Authorize: func(Identity, string) string { return "" }})
+	start(t.Context(), t, srv)
+	defer func() { _ = srv.Close() }()
+	conn, err := net.Dial("tcp", inner.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = conn.Close() }()
+	h := Hello{MinVersion: MinVersion, MaxVersion: Version, Pod: Identity{"ns", "s", "uid-s", 1}, Channels: []string{"orders"}}
+	if _, err := conn.Write(h.Frame()); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if typ, _, err := ReadHandshake(conn, maxHandshakeBytes); err != nil || typ != FrameWelcome {
+		t.Fatalf("after %d accept errors the peer port answered type %d, %v; want WELCOME", 3, typ, err)
 	}
 }
