@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/goleak"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -169,5 +170,85 @@ func TestServerSurvivesAcceptErrors(t *testing.T) {
 	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if typ, _, err := ReadHandshake(conn, maxHandshakeBytes); err != nil || typ != FrameWelcome {
 		t.Fatalf("after %d accept errors the peer port answered type %d, %v; want WELCOME", 3, typ, err)
+	}
+}
+
+// TestLinkShutdownIsBoundedByItsContext: a link whose receiver takes its lines but
+// never acknowledges them (it stopped reading its apps, or is wedged) cannot hold
+// Shutdown past its context: Shutdown returns the context's error, having closed the
+// link, and the lines are counted dropped for reason shutdown, none lost silently.
+func TestLinkShutdownIsBoundedByItsContext(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = ln.Close() }()
+	received := make(chan struct{}, 16)
+	go func() { // welcomes the link, reads its lines, acknowledges nothing
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer func() { _ = conn.Close() }()
+		fr := NewReader(conn, MaxFrameBytes)
+		defer fr.Close()
+		if typ, _, err := fr.Next(); err != nil || typ != FrameHello {
+			return
+		}
+		w := Welcome{Version: Version, Pod: Identity{"ns", "b", "uid-b", 2}, Presence: map[string]int{"orders": 1}}
+		if _, err := conn.Write(w.Frame()); err != nil {
+			return
+		}
+		for {
+			typ, _, err := fr.Next()
+			if err != nil {
+				return
+			}
+			if typ == FrameData {
+				received <- struct{}{}
+			}
+		}
+	}()
+
+	metrics := router.NewMetrics(nil)
+	r := router.New(logr.Discard(), metrics)
+	defer r.Close()
+	spec := discovery.Spec{}.WithDefaults()
+	r.Ensure("orders", spec)
+	link := NewLink(LinkConfig{Self: Identity{"ns", "a", "uid-a", 1}, LocalIP: "127.0.0.1",
+		Member: discovery.Member{Namespace: "ns", Name: "b", UID: "uid-b", IP: "127.0.0.1",
+			PeerPort: ln.Addr().(*net.TCPAddr).Port, Ready: true, Serving: true},
+		Channels: func() []string { return []string{"orders"} }, Router: r, Log: logr.Discard(), Keepalive: time.Second})
+	start(t.Context(), t, link)
+	for _, l := range []string{"one", "two", "three"} {
+		if res, reason := link.Send(t.Context(), "orders", router.Line, buffer.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
+			t.Fatalf("%s not queued: %s", l, reason)
+		}
+	}
+	for range 3 {
+		select {
+		case <-received:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the receiver never got the lines")
+		}
+	}
+
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	deadline, _ := ctx.Deadline()
+	done := make(chan error, 1)
+	go func() { done <- link.Shutdown(ctx) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Shutdown with nothing acknowledged returned %v, want the context's error", err)
+		}
+	case <-time.After(time.Until(deadline) + time.Second):
+		t.Errorf("Shutdown of a link nobody acknowledges was still running a second past its context's deadline")
+		t.Logf("Shutdown returned %v at last", <-done)
+	}
+	if n := testutil.ToFloat64(metrics.Dropped.WithLabelValues("orders", router.ReasonShutdown)); n != 3 {
+		t.Errorf("%v lines counted dropped shutdown, want the 3 unacknowledged", n)
 	}
 }
