@@ -77,27 +77,26 @@ func (c *Chunk) Release(n int) {
 // RetainLines takes one reference on the chunk of each of lines, one atomic operation
 // per run of lines sharing a chunk. A queue retains a whole batch before it can be
 // taken (and released) by the queue's writer, and releases what it did not keep.
-func RetainLines(lines []Payload) { Runs(lines, lineRef, (*Chunk).Retain) }
+func RetainLines(lines []Payload) { chunkRuns(lines, (*Chunk).Retain) }
 
 // ReleaseLines releases one reference on the chunk of each of lines, as RetainLines took.
-func ReleaseLines(lines []Payload) { Runs(lines, lineRef, (*Chunk).Release) }
+func ReleaseLines(lines []Payload) { chunkRuns(lines, (*Chunk).Release) }
 
-// Runs calls f once per run of consecutive xs with the same key, with the run's length:
-// the one loop by which chunk references (and completions) are taken and released a run
-// at a time, one atomic operation per run rather than per line.
-func Runs[T any, K comparable](xs []T, key func(*T) K, f func(K, int)) {
-	for i := 0; i < len(xs); {
-		k := key(&xs[i])
+// chunkRuns calls f once per run of lines sharing a chunk, with the run's length.
+//
+// The loop is written out again, for their own element types, by router.ReleaseItems,
+// router.DoneItems and the peer link's outbox: a generic form (a key function per
+// element) is not inlined and costs an indirect call per line on the hot path.
+func chunkRuns(lines []Payload, f func(c *Chunk, n int)) {
+	for i := 0; i < len(lines); {
 		j := i + 1
-		for j < len(xs) && key(&xs[j]) == k {
+		for j < len(lines) && lines[j].Ref == lines[i].Ref {
 			j++
 		}
-		f(k, j-i)
+		f(lines[i].Ref, j-i)
 		i = j
 	}
 }
-
-func lineRef(p *Payload) *Chunk { return p.Ref }
 
 // Slab copies message bytes into pooled chunks. It is not safe for concurrent use; each
 // reading goroutine owns one.

@@ -2,20 +2,8 @@ package buffer
 
 import (
 	"bytes"
-	"fmt"
 	"testing"
 )
-
-// TestRuns: one call per run of equal keys, in order, with the run's length.
-func TestRuns(t *testing.T) {
-	xs := []int{1, 1, 2, 2, 2, 1, 3}
-	var got []string
-	Runs(xs, func(x *int) int { return *x }, func(k, n int) { got = append(got, fmt.Sprintf("%d×%d", k, n)) })
-	if fmt.Sprint(got) != "[1×2 2×3 1×1 3×1]" {
-		t.Fatalf("runs %v", got)
-	}
-	Runs(nil, func(x *int) int { return *x }, func(int, int) { t.Fatal("a run of nothing") })
-}
 
 // TestSlabReferences: a slab's copies read back intact; each queue that keeps lines
 // takes one reference per run (RetainLines) and gives it back (ReleaseLines); after the

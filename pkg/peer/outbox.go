@@ -76,9 +76,6 @@ type outMsg struct {
 // data returns the message's bytes.
 func (m *outMsg) data() []byte { return unsafe.Slice(m.ptr, m.n) }
 
-// msgRef is the key of buffer.Runs: one release per run of messages sharing a chunk.
-func msgRef(m *outMsg) *buffer.Chunk { return m.ref }
-
 // size returns the message's length.
 func (m *outMsg) size() int { return int(m.n) }
 
@@ -242,7 +239,15 @@ func (o *outbox) trim(k int) {
 		q[i].st.bound.Add(-q[i].size())
 		o.unacked -= q[i].size()
 	}
-	buffer.Runs(q, msgRef, (*buffer.Chunk).Release)
+	for i := 0; i < k; {
+		// One release per run of messages sharing a chunk.
+		j := i + 1
+		for j < k && q[j].ref == q[i].ref {
+			j++
+		}
+		q[i].ref.Release(j - i)
+		i = j
+	}
 	o.q.pop(k)
 	o.next = max(o.next-k, 0)
 	o.report()

@@ -80,12 +80,16 @@ func (c *Completion) DoneN(n int) bool {
 
 // DoneItems releases the completion references of items, one atomic operation per run
 // of items sharing a completion.
-func DoneItems(items []Item) { buffer.Runs(items, itemDone, (*Completion).doneRun) }
-
-func itemDone(it *Item) *Completion { return it.Done }
-
-// doneRun is DoneN for buffer.Runs.
-func (c *Completion) doneRun(n int) { c.DoneN(n) }
+func DoneItems(items []Item) {
+	for i := 0; i < len(items); {
+		j := i + 1
+		for j < len(items) && items[j].Done == items[i].Done {
+			j++
+		}
+		items[i].Done.DoneN(j - i)
+		i = j
+	}
+}
 
 // Complete reports whether every reference has been released.
 func (c *Completion) Complete() bool { return c.remaining.Load() <= 0 }
@@ -106,6 +110,13 @@ type Item struct {
 
 // ReleaseItems releases the chunk references of items, one atomic operation per run
 // of items sharing a chunk.
-func ReleaseItems(items []Item) { buffer.Runs(items, itemRef, (*buffer.Chunk).Release) }
-
-func itemRef(it *Item) *buffer.Chunk { return it.Ref }
+func ReleaseItems(items []Item) {
+	for i := 0; i < len(items); {
+		j := i + 1
+		for j < len(items) && items[j].Ref == items[i].Ref {
+			j++
+		}
+		items[i].Ref.Release(j - i)
+		i = j
+	}
+}
