@@ -10,6 +10,8 @@ import (
 
 	"github.com/go-logr/logr"
 	"sigs.k8s.io/yaml"
+
+	"github.com/podipc/podipc/internal/wake"
 )
 
 // StaticFile is the format of the static configuration file (YAML or JSON).
@@ -73,10 +75,7 @@ func NewStatic(path string, channels []string, log logr.Logger) *Static {
 
 // Reload makes Run re-read the file now.
 func (s *Static) Reload() {
-	select {
-	case s.reload <- struct{}{}:
-	default:
-	}
+	wake.Up(s.reload)
 }
 
 // Run implements Source. The first snapshot is published once the file has been read

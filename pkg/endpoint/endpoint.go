@@ -23,6 +23,7 @@ import (
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/ipc"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -79,8 +80,8 @@ func ListenLines(ch *router.Channel, address string, opts Options, log logr.Logg
 // ListenNodeIPC binds the channel's node-ipc socket at path, removing a stale socket
 // file left by a previous sidecar, and gives it the mode SocketMode chooses.
 func ListenNodeIPC(ch *router.Channel, path string, opts Options, log logr.Logger) (*Endpoint, error) {
-	if err := removeStale(path); err != nil {
-		return nil, err
+	if err := ipc.RemoveStale(path); err != nil {
+		return nil, fmt.Errorf("node-ipc socket of channel %s: %w", ch.Name(), err)
 	}
 	var lc net.ListenConfig
 	ln, err := lc.Listen(context.Background(), "unix", path)
@@ -119,91 +120,64 @@ func newEndpoint(ch *router.Channel, ln net.Listener, kind router.Kind, f ipc.Fr
 	if opts.MaxConnections <= 0 {
 		opts.MaxConnections = DefaultMaxConnections
 	}
-	return &Endpoint{ch: ch, ln: ln, kind: kind, framing: f, opts: opts, log: log, conns: map[net.Conn]struct{}{}}
-}
-
-// removeStale removes a Unix socket file nobody answers on.
-func removeStale(path string) error {
-	// Missing, unreadable or not a socket: never deleted; listen reports any problem.
-	if fi, statErr := os.Lstat(path); statErr != nil || fi.Mode().Type() != fs.ModeSocket {
-		return nil //nolint:nilerr // see above
-	}
-	d := net.Dialer{Timeout: time.Second}
-	c, err := d.Dial("unix", path)
-	if err == nil {
-		_ = c.Close()
-		return fmt.Errorf("node-ipc socket %s is served by another process", path)
-	}
-	if errors.Is(err, syscall.ECONNREFUSED) {
-		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("remove stale socket %s: %w", path, err)
-		}
-	}
-	return nil
+	e := &Endpoint{ch: ch, ln: ln, kind: kind, framing: f, opts: opts, log: log, conns: map[net.Conn]struct{}{}}
+	// ctx bounds what the readers wait for (routing under the overflow policy) and how
+	// long a drained connection stays open; Close ends it.
+	e.ctx, e.cancel = context.WithCancel(context.Background())
+	return e
 }
 
 // Addr returns the listening address.
 func (e *Endpoint) Addr() net.Addr { return e.ln.Addr() }
 
-// Start accepts app connections until ctx ends or Close is called.
+// Start accepts app connections until ctx ends or Shutdown or Close is called, and
+// returns once the listener is closed. When ctx ends it closes the endpoint as Close
+// does, and returns after every connection's goroutines have ended. An endpoint that
+// was closed returns net.ErrClosed.
 func (e *Endpoint) Start(ctx context.Context) error {
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	if e.closed {
+		e.mu.Unlock()
 		return net.ErrClosed
 	}
-	e.ctx, e.cancel = context.WithCancel(ctx)
-	e.wg.Add(2)
-	go func() {
-		defer e.wg.Done()
-		<-e.ctx.Done()
-		_ = e.ln.Close()
-	}()
-	go func() {
-		defer e.wg.Done()
-		e.acceptLoop()
-	}()
+	e.mu.Unlock()
+	stop := context.AfterFunc(ctx, func() { _ = e.ln.Close() })
+	defer stop()
+	e.acceptLoop()
+	if ctx.Err() != nil {
+		return e.Close()
+	}
 	return nil
 }
 
+// acceptLoop accepts app connections until the listener is closed (ipc.AcceptLoop
+// backs off after errors such as running out of file descriptors).
 func (e *Endpoint) acceptLoop() {
-	var delay time.Duration
-	for {
-		conn, err := e.ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) || e.ctx.Err() != nil {
-				return
-			}
-			// Out of file descriptors and the like: back off and retry.
-			e.log.Error(err, "Accepting app connection failed")
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			select {
-			case <-time.After(delay):
-			case <-e.ctx.Done():
-				return
-			}
-			continue
-		}
-		delay = 0
-		e.mu.Lock()
-		if e.closed || e.draining {
-			e.mu.Unlock()
-			_ = conn.Close()
-			continue
-		}
-		if len(e.conns) >= e.opts.MaxConnections {
-			e.refuseLocked(conn)
-			e.mu.Unlock()
-			continue
-		}
-		e.conns[conn] = struct{}{}
-		e.wg.Add(1)
-		e.mu.Unlock()
-		go func() {
-			defer e.wg.Done()
-			e.serve(conn)
-		}()
+	ipc.AcceptLoop(e.ln, e.ctx.Done(), func(err error) { e.log.Error(err, "Accepting app connection failed") },
+		func(conn net.Conn) bool {
+			e.admit(conn)
+			return true
+		})
+}
+
+// admit serves conn, unless the endpoint is closing or at its connection cap.
+func (e *Endpoint) admit(conn net.Conn) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed || e.draining {
+		_ = conn.Close()
+		return
 	}
+	if len(e.conns) >= e.opts.MaxConnections {
+		e.refuseLocked(conn)
+		return
+	}
+	e.conns[conn] = struct{}{}
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		e.serve(conn)
+	}()
 }
 
 // refuseLocked closes conn, accepted over the connection cap, counts it and logs it
@@ -260,7 +234,7 @@ func (e *Endpoint) serve(conn net.Conn) {
 func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
 	src := &batchingReader{conn: conn}
 	r := ipc.NewReader(src, e.framing, e.ch.Spec().MaxMessageBytes)
-	var slab router.Slab
+	var slab buffer.Slab
 	defer slab.Close()
 	src.flush = func() {
 		e.ch.RouteBatch(e.ctx, c, e.kind, src.batch)
@@ -308,7 +282,7 @@ const maxBatch = 256
 // the socket, which may block, it routes the lines collected so far.
 type batchingReader struct {
 	conn  net.Conn
-	batch []router.Payload
+	batch []buffer.Payload
 	flush func()
 }
 
@@ -407,19 +381,23 @@ func (e *Endpoint) write(w *ipc.Writer, it router.Item, scratch *bytes.Buffer) e
 	}
 }
 
-// StopAccepting closes the listener; existing connections continue.
-func (e *Endpoint) StopAccepting() { _ = e.ln.Close() }
-
-// Drain stops accepting and stops reading from the app connections (their lines read
-// so far are routed); the connections stay open for lines from peers until Close.
-func (e *Endpoint) Drain() {
-	e.StopAccepting()
+// Shutdown stops accepting and stops reading from the app connections (the lines read
+// so far are routed), keeps writing to them what still arrives from peers until ctx
+// ends, then closes the endpoint as Close does. An endpoint has no end of its own (a
+// peer may send at any time), so it returns when ctx ends or Close is called.
+func (e *Endpoint) Shutdown(ctx context.Context) error {
+	_ = e.ln.Close()
 	e.mu.Lock()
 	e.draining = true
 	for c := range e.conns {
 		_ = c.SetReadDeadline(time.Now())
 	}
 	e.mu.Unlock()
+	select {
+	case <-ctx.Done():
+	case <-e.ctx.Done():
+	}
+	return e.Close()
 }
 
 // Connections returns the number of open app connections.
@@ -429,24 +407,20 @@ func (e *Endpoint) Connections() int {
 	return len(e.conns)
 }
 
-// Close stops accepting, closes every app connection and joins every goroutine.
+// Close stops accepting, closes every app connection and joins their goroutines.
 // Idempotent.
-func (e *Endpoint) Close(reason string) {
+func (e *Endpoint) Close() error {
 	e.mu.Lock()
-	if !e.closed && len(e.conns) > 0 && reason != "" {
-		e.log.Info("Closing app connections", "reason", reason, "connections", len(e.conns))
-	}
 	e.closed = true
 	_ = e.ln.Close()
 	for c := range e.conns {
 		_ = c.Close()
 	}
-	if e.cancel != nil {
-		e.cancel()
-	}
+	e.cancel()
 	e.mu.Unlock()
 	e.wg.Wait()
 	if ul, ok := e.ln.(*net.UnixListener); ok {
 		_ = os.Remove(ul.Addr().String())
 	}
+	return nil
 }

@@ -1,8 +1,10 @@
 package endpoint_test
 
 import (
+	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/go-logr/logr"
@@ -49,7 +51,7 @@ func TestNodeIPCSocketMode(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			t.Cleanup(func() { ep.Close("") })
+			t.Cleanup(func() { _ = ep.Close() })
 			fi, err := os.Lstat(path)
 			if err != nil {
 				t.Fatal(err)
@@ -59,4 +61,46 @@ func TestNodeIPCSocketMode(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestNodeIPCSocketLeftBehind: the socket file of a sidecar that died is replaced; one
+// that another endpoint still serves is not taken over, and the error names the channel.
+func TestNodeIPCSocketLeftBehind(t *testing.T) {
+	dir, err := os.MkdirTemp("", "pi") // short: socket paths are limited to 108 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	path := filepath.Join(dir, "app.orders")
+	var lc net.ListenConfig
+	dead, err := lc.Listen(t.Context(), "unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead.(*net.UnixListener).SetUnlinkOnClose(false)
+	_ = dead.Close() // the file stays, nobody answers on it
+
+	r := router.New(logr.Discard(), nil)
+	t.Cleanup(r.Close)
+	ch := r.Ensure("orders", discovery.Spec{})
+	ep, err := endpoint.ListenNodeIPC(ch, path, endpoint.Options{}, logr.Discard())
+	if err != nil {
+		t.Fatalf("listen over a dead sidecar's socket: %v", err)
+	}
+	t.Cleanup(func() { _ = ep.Close() })
+	go func() { _ = ep.Start(t.Context()) }()
+
+	other, err := endpoint.ListenNodeIPC(ch, path, endpoint.Options{}, logr.Discard())
+	if err == nil {
+		_ = other.Close()
+		t.Fatal("a second endpoint took over a socket that is being served")
+	}
+	if !strings.Contains(err.Error(), "orders") {
+		t.Errorf("error %q does not name the channel", err)
+	}
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatalf("the first endpoint no longer answers: %v", err)
+	}
+	_ = c.Close()
 }

@@ -29,7 +29,10 @@
 // reported to the WithErrorHandler function, and the connection stays up, as node-ipc
 // and clj-ipc behave. Raw does no framing: In() yields chunks as they arrive, like
 // node-ipc's rawBuffer mode. EncodeEvent, DecodeEvent and SocketPath help speak to
-// node-ipc; Listen removes a stale Unix socket file first, as node-ipc does.
+// node-ipc; Listen removes a stale Unix socket file first, as node-ipc does. A server
+// that frames raw connections itself (with Reader and Writer, as the podipc sidecar
+// does) uses the same two pieces Listen is built on: RemoveStale and AcceptLoop, which
+// retries accept errors such as running out of file descriptors with backoff.
 //
 // # Lifetimes
 //

@@ -49,7 +49,7 @@ func Listen(network, address string, opts ...Option) (*Server, error) {
 		return nil, err
 	}
 	if network == "unix" {
-		if err := removeStale(address); err != nil {
+		if err := RemoveStale(address); err != nil {
 			return nil, err
 		}
 	}
@@ -103,49 +103,68 @@ func (s *Server) Close() error {
 
 func (s *Server) acceptLoop() {
 	defer s.wg.Done()
+	AcceptLoop(s.ln, s.closing, func(err error) { s.opts.onError(nil, fmt.Errorf("ipc: accept: %w", err)) },
+		func(conn net.Conn) bool {
+			sock := newSocket(conn, s.opts)
+			select {
+			case s.conns <- sock:
+				return true
+			case <-s.closing:
+				_ = sock.Close() // Never handed out.
+				return false
+			}
+		})
+}
+
+// AcceptLoop accepts connections on ln and hands each to handle, until ln is closed,
+// stop is closed, or handle returns false. An error that does not end ln (running out of
+// file descriptors and the like) is reported to onError and retried after a backoff that
+// starts at 5 ms and doubles up to a second, as net/http does, rather than spin or give
+// up. It is the accept loop of Server, and of every listener of the module that serves
+// raw connections (the sidecar's endpoints and peer port).
+func AcceptLoop(ln net.Listener, stop <-chan struct{}, onError func(error), handle func(net.Conn) bool) {
 	var delay time.Duration
 	for {
-		conn, err := s.ln.Accept()
+		conn, err := ln.Accept()
 		if err != nil {
-			if s.stopping() || errors.Is(err, net.ErrClosed) {
+			if closed(stop) || errors.Is(err, net.ErrClosed) {
 				return
 			}
-			// Running out of file descriptors and the like: report, back off, retry,
-			// as net/http does, rather than spin or give up.
-			s.opts.onError(nil, fmt.Errorf("ipc: accept: %w", err))
+			onError(err)
 			delay = min(max(2*delay, firstAcceptBackoff), maxAcceptBackoff)
 			t := time.NewTimer(delay)
 			select {
 			case <-t.C:
-			case <-s.closing:
+			case <-stop:
 				t.Stop()
 				return
 			}
 			continue
 		}
 		delay = 0
-		sock := newSocket(conn, s.opts)
-		select {
-		case s.conns <- sock:
-		case <-s.closing:
-			_ = sock.Close() // Never handed out.
+		if !handle(conn) {
 			return
 		}
 	}
 }
 
-func (s *Server) stopping() bool {
+// closed reports whether c is closed.
+func closed(c <-chan struct{}) bool {
 	select {
-	case <-s.closing:
+	case <-c:
 		return true
 	default:
 		return false
 	}
 }
 
-// removeStale removes a Unix socket file that nobody answers on, as node-ipc does
-// before it listens, so a crashed server does not block its successor.
-func removeStale(path string) error {
+// RemoveStale removes the Unix socket file at path if nobody answers on it, as node-ipc
+// does before it listens, so that a crashed server does not block its successor. A
+// socket that still answers is an error (its server sees the probe as a connection that
+// closes at once); a missing file, an abstract socket ("@name") and a file that is not a
+// socket are left alone. Listen calls it for "unix"; so does every Unix listener of the
+// module.
+func RemoveStale(path string) error {
 	if path == "" || path[0] == '@' {
 		return nil // Abstract sockets leave no file.
 	}

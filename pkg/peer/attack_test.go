@@ -17,6 +17,7 @@ import (
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -65,11 +66,9 @@ func newTestServer(tb testing.TB, maxMessageBytes int) *testServer {
 			}
 			return ""
 		}})
-	if err := ts.srv.Start(ctx); err != nil {
-		tb.Fatal(err)
-	}
+	start(ctx, tb, ts.srv)
 	tb.Cleanup(func() {
-		ts.srv.Close(time.Second)
+		_ = ts.srv.Close()
 		cancel()
 		<-drained
 		r.Close()
@@ -258,10 +257,8 @@ func TestServerConnectionCaps(t *testing.T) {
 	srv := NewServer(ln, ServerConfig{Router: router.New(logr.Discard(), nil), Log: logr.Discard(), Metrics: m,
 		MaxConnections: 3, MaxConnectionsPerIP: 2, HandshakeTimeout: 200 * time.Millisecond,
 		Authorize: func(Identity, string) string { return "" }})
-	if err := srv.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close(time.Second)
+	start(t.Context(), t, srv)
+	defer func() { _ = srv.Close() }()
 	var conns []net.Conn
 	for range 4 {
 		conn, err := net.Dial("tcp", ln.Addr().String())
@@ -386,12 +383,10 @@ func TestLinkDistrustsItsReceiver(t *testing.T) {
 	link := NewLink(LinkConfig{Self: Identity{"ns", "a", "uid-a", 1}, LocalIP: "127.0.0.1", Metrics: m,
 		Member:   discovery.Member{Namespace: "ns", Name: "b", UID: "uid-b", IP: "127.0.0.1", PeerPort: ln.Addr().(*net.TCPAddr).Port, Ready: true, Serving: true},
 		Channels: func() []string { return []string{"orders"} }, Router: r, Log: logr.Discard(), Keepalive: time.Second})
-	if err := link.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	defer link.Close(router.ReasonShutdown)
+	start(t.Context(), t, link)
+	defer func() { _ = link.Close() }()
 	for _, l := range []string{"one", "two", "three"} {
-		if res, reason := link.Send(t.Context(), "orders", router.Line, router.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
+		if res, reason := link.Send(t.Context(), "orders", router.Line, buffer.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
 			t.Fatalf("%s not queued: %s", l, reason)
 		}
 	}
@@ -474,14 +469,12 @@ func TestLinkContinuesAnEarlierLinksNumbering(t *testing.T) {
 		Member:   discovery.Member{Namespace: "ns", Name: "b", UID: "uid-b", IP: "127.0.0.1", PeerPort: ln.Addr().(*net.TCPAddr).Port, Ready: true, Serving: true},
 		Channels: func() []string { return []string{"orders"} }, Router: r, Log: logr.Discard(), Keepalive: time.Second})
 	for _, l := range []string{"one", "two"} {
-		if res, reason := link.Send(t.Context(), "orders", router.Line, router.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
+		if res, reason := link.Send(t.Context(), "orders", router.Line, buffer.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
 			t.Fatalf("%s not queued: %s", l, reason)
 		}
 	}
-	if err := link.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	defer link.Close(router.ReasonShutdown)
+	start(t.Context(), t, link)
+	defer func() { _ = link.Close() }()
 	conn, err := ln.Accept()
 	if err != nil {
 		t.Fatal(err)
@@ -530,11 +523,9 @@ func TestLinkRecoversPanics(t *testing.T) {
 			}
 			return []string{"orders"}
 		}, Router: r, Log: logr.Discard(), Keepalive: time.Second})
-	if err := link.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	defer link.Close(router.ReasonShutdown)
-	if res, reason := link.Send(t.Context(), "orders", router.Line, router.Payload{Data: []byte("after")}, false, spec.Overflow); res != router.Queued {
+	start(t.Context(), t, link)
+	defer func() { _ = link.Close() }()
+	if res, reason := link.Send(t.Context(), "orders", router.Line, buffer.Payload{Data: []byte("after")}, false, spec.Overflow); res != router.Queued {
 		t.Fatalf("not queued: %s", reason)
 	}
 	select {

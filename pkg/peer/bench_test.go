@@ -7,6 +7,7 @@ import (
 
 	"github.com/go-logr/logr"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -65,12 +66,12 @@ func BenchmarkLinkSend(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := range b.N {
-				if res, _ := l.Send(ctx, "bench", router.Line, router.Payload{Data: data}, false, ov); res != router.Queued {
+				if res, _ := l.Send(ctx, "bench", router.Line, buffer.Payload{Data: data}, false, ov); res != router.Queued {
 					b.Fatal("not queued")
 				}
 				if i%256 == 255 {
 					l.mu.Lock()
-					l.ackLocked(uint64(i + 1))
+					l.outbox.ack(uint64(i + 1))
 					l.mu.Unlock()
 				}
 			}

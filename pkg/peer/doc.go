@@ -13,6 +13,14 @@
 // are a 4-byte length, a type byte and a body ([FrameType]); the Reader reads them into
 // pooled chunks so that lines are queued in place, without a copy or an allocation each.
 //
+// # Files
+//
+// frame.go is the codec (frame types, encoders, decoders, their bounds); reader.go reads a
+// stream into frames; outbox.go is a link's queue of unacknowledged lines (numbering,
+// encoding, acknowledgement, settling), which knows nothing of connections; link.go is the
+// outbound session around it (dial, handshake, resume, the read and write loops, the
+// lifecycle); server.go is the inbound side.
+//
 // # Invariants
 //
 //   - The link's queue is its retransmit queue. A line leaves it only when the receiver

@@ -2,6 +2,9 @@ package peer
 
 import (
 	"context"
+	"errors"
+	"net"
+	"testing"
 
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -34,3 +37,14 @@ func drainLocal(ctx context.Context, c *router.Conn, got func(data []byte)) <-ch
 
 // sharesOrders is the discovery of the tests' pods: they share one channel, orders.
 func sharesOrders(string) []string { return []string{"orders"} }
+
+// start runs r's blocking Start in a goroutine, as its owner does; an error other than
+// net.ErrClosed (closed before it started) fails the test.
+func start(ctx context.Context, tb testing.TB, r interface{ Start(context.Context) error }) {
+	tb.Helper()
+	go func() {
+		if err := r.Start(ctx); err != nil && !errors.Is(err, net.ErrClosed) {
+			tb.Error(err)
+		}
+	}()
+}

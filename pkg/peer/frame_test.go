@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/router"
 )
 
@@ -151,7 +152,7 @@ func TestReaderKeepsRetainedFrames(t *testing.T) {
 	for i := range 3000 {
 		size := 1 + (i*131)%700
 		if i%1000 == 999 {
-			size = router.ChunkSize + 1000 // a frame no chunk can hold
+			size = buffer.ChunkSize + 1000 // a frame no chunk can hold
 		}
 		p := bytes.Repeat([]byte{byte('a' + i%26)}, size)
 		stream = AppendDataHeader(stream, uint64(i+1), "bench", router.Line, len(p))
@@ -162,7 +163,7 @@ func TestReaderKeepsRetainedFrames(t *testing.T) {
 	defer r.Close()
 	type held struct {
 		payload []byte
-		chunk   *router.Chunk
+		chunk   *buffer.Chunk
 		i       int
 	}
 	var kept []held
@@ -176,7 +177,7 @@ func TestReaderKeepsRetainedFrames(t *testing.T) {
 			t.Fatalf("frame %d: seq %d, %d bytes, %v", i, d.Seq, len(d.Payload), err)
 		}
 		c := r.Chunk()
-		if large := len(want[i]) > router.ChunkSize; large != (c == nil) {
+		if large := len(want[i]) > buffer.ChunkSize; large != (c == nil) {
 			t.Fatalf("frame %d of %d bytes: chunk %p", i, len(want[i]), c)
 		}
 		if i%10 == 0 {

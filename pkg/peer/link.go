@@ -6,15 +6,15 @@ import (
 	"fmt"
 	"net"
 	"runtime/debug"
-	"sort"
 	"strconv"
 	"sync"
 	"time"
-	"unsafe"
 
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/podipc/podipc/internal/buffer"
+	"github.com/podipc/podipc/internal/wake"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -42,76 +42,12 @@ type LinkConfig struct {
 	Secure Secure
 }
 
-// outMsg is a sequenced message waiting for its acknowledgement. The link keeps them by
-// value in a fifo: queueing a line allocates nothing. A full queue of short lines holds
-// tens of thousands of them, written once and read back at acknowledgement long after,
-// so the struct is kept small (40 bytes): the channel name lives in st, and the
-// message's bytes are a pointer and a length rather than a slice.
-type outMsg struct {
-	seq uint64
-	st  *chanState
-	// ref keeps the bytes' slab chunk; released when the message leaves the queue.
-	ref    *router.Chunk
-	ptr    *byte
-	n      uint32
-	kind   router.Kind
-	anyOne bool
-}
-
-// data returns the message's bytes.
-func (m *outMsg) data() []byte { return unsafe.Slice(m.ptr, m.n) }
-
-// size returns the message's length.
-func (m *outMsg) size() int { return int(m.n) }
-
-// chanState is the link's bound on one channel: bytes queued and not yet acknowledged.
-type chanState struct {
-	name  string
-	bytes int
-	bound router.Bound
-}
-
-// fifo is a queue of values that reuses its backing array: popped slots at the front
-// are reclaimed by moving the live part down once they are at least half of it, so
-// pushes and pops cost amortised O(1) and allocate only while the queue grows.
-type fifo[T any] struct {
-	buf  []T
-	head int
-}
-
-func (f *fifo[T]) len() int { return len(f.buf) - f.head }
-
-// items returns the queued values, oldest first; valid until the next push or pop.
-func (f *fifo[T]) items() []T { return f.buf[f.head:] }
-
-func (f *fifo[T]) push(v T) { *f.add() = v }
-
-// add appends a zero value and returns it, for the caller to fill in place.
-func (f *fifo[T]) add() *T {
-	if len(f.buf) == cap(f.buf) && f.head > 0 && f.head >= f.len() {
-		n := copy(f.buf, f.buf[f.head:])
-		clear(f.buf[n:])
-		f.buf, f.head = f.buf[:n], 0
-	}
-	var zero T
-	f.buf = append(f.buf, zero)
-	return &f.buf[len(f.buf)-1]
-}
-
-// pop removes the k oldest values.
-func (f *fifo[T]) pop(k int) {
-	clear(f.buf[f.head : f.head+k])
-	f.head += k
-	if f.head == len(f.buf) {
-		f.buf, f.head = f.buf[:0], 0
-	}
-}
-
 // Link carries lines from this sidecar to one member pod. It implements router.Remote.
 //
-// The link keeps every line until the receiver acknowledges it, in a queue bounded in
-// bytes per channel; that queue is both the send queue and the retransmit queue. A
-// session (one TCP connection) starts with HELLO/WELCOME, after which the link resumes
+// The link keeps every line until the receiver acknowledges it, in its outbox
+// (outbox.go), bounded in bytes per channel: the send queue and the retransmit queue in
+// one. This file is the session around it: a session (one TCP connection) dials,
+// starts with HELLO/WELCOME, after which the link resumes
 // after the receiver's last sequence number if the receiver is the same incarnation, or
 // settles the lines the old incarnation may have seen (Broadcast: dropped
 // peer_restarted; AnyOne: rerouted) if it is not.
@@ -119,36 +55,9 @@ type Link struct {
 	cfg LinkConfig
 	log logr.Logger
 
-	mu sync.Mutex
-	// q holds unacknowledged messages in sequence order; q.items()[next:] are not yet
-	// handed to the current session's writer.
-	q    fifo[outMsg]
-	next int
-	// encoding says a session's writer is running. Messages are then encoded into out
-	// as they are queued, while out holds less than maxOutBytes, and the writer takes a
-	// whole batch by swapping buffers: no queue entry is copied, and a line is copied
-	// once, from its chunk into out. What does not fit waits in q[next:] until the
-	// writer has room again. Between sessions messages only wait in q; the next session
-	// encodes those its receiver has not acknowledged.
-	encoding bool
-	out      []byte
-	// outN counts the frames in out; outSeq is the last one's sequence number.
-	outN   int
-	outSeq uint64
-	// nextSeq is the sequence number of the next message queued.
-	nextSeq uint64
-	// sentSeq is the highest sequence number possibly seen by the current receiver
-	// incarnation: a message is marked sent before it is written.
-	sentSeq uint64
-	// chans holds the per-channel bounds; last caches the most recent lookup, since
-	// consecutive lines are mostly of one channel.
-	chans    map[string]*chanState
-	lastName string
-	last     *chanState
-	// unacked is the bytes queued; reported is what podipc_peer_unacked_bytes was told,
-	// updated per written batch and per acknowledgement rather than per line.
-	unacked, reported int
-	space             router.Signal
+	// mu guards the outbox and the session state below.
+	mu     sync.Mutex
+	outbox outbox
 	// peerInc is the receiver's incarnation from the last WELCOME (havePeer says there
 	// was one).
 	peerInc  uint64
@@ -156,7 +65,10 @@ type Link struct {
 	presence map[string]int
 	up       bool
 	conn     net.Conn
-	closed   bool
+	// ended is closed when the current session ends (nil while none is up), so that
+	// Shutdown waits for the receiver to close the link after GOODBYE.
+	ended  chan struct{}
+	closed bool
 	// bye asks the writer to say GOODBYE once the queue is empty.
 	bye bool
 	// upGauge, changedGauge and unackedGauge are this link's series of the per-peer
@@ -179,12 +91,13 @@ func NewLink(cfg LinkConfig) *Link {
 	}
 	l := &Link{
 		cfg: cfg, log: cfg.Log.WithValues("peer", cfg.Member.Namespace+"/"+cfg.Member.Name, "peerUID", cfg.Member.UID),
-		nextSeq: 1, chans: map[string]*chanState{}, presence: map[string]int{},
+		presence:     map[string]int{},
 		wake:         make(chan struct{}, 1),
 		upGauge:      cfg.Metrics.LinkUp.WithLabelValues(cfg.Member.Name),
 		changedGauge: cfg.Metrics.LinkChanged.WithLabelValues(cfg.Member.Name),
 		unackedGauge: cfg.Metrics.LinkUnacked.WithLabelValues(cfg.Member.Name),
 	}
+	l.outbox.init(cfg.Metrics.Unacked, l.unackedGauge, &l.mu, &l.closed)
 	l.reportUp(false)
 	return l
 }
@@ -213,236 +126,109 @@ func (l *Link) Presence(channel string) (int, bool) {
 	return l.presence[channel], l.up
 }
 
-// Send queues a message under the channel's overflow policy. Slow readers are
-// judged where they are, by the receiving sidecar, so a link is more patient than a
-// local queue: under WaitThenDrop and Disconnect it waits maxWait plus one keepalive
-// interval, because the receiver may hold a slow reader's lines unacknowledged for up
-// to maxWait (and pause its link that long while it judges a reader under
-// Disconnect), and a drop here would hit every reader over there, fast or slow.
-func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line router.Payload, anyOne bool, ov discovery.Overflow) (router.Result, string) {
-	data := line.Data
-	if ov.Policy != discovery.Block {
-		ov.Policy = discovery.WaitThenDrop
-		ov.MaxWait += l.cfg.Keepalive
-	}
+// Send queues a message under the channel's overflow policy, as the link applies it
+// (patience).
+func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line buffer.Payload, anyOne bool, ov discovery.Overflow) (router.Result, string) {
+	ov = l.patience(ov)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.closed {
-		return router.Dropped, router.ReasonPeerRemoved
-	}
-	st := l.chanLocked(channel)
-	res, reason := st.bound.Admit(ctx, &l.mu, len(data), func() int { return st.bytes }, &l.space,
-		func() bool { return l.closed }, ov)
-	if res != router.Queued {
+	st := l.outbox.channel(channel)
+	if res, reason := l.admitLocked(ctx, st, len(line.Data), ov); res != router.Queued {
 		return res, reason
 	}
-	if l.closed {
-		return router.Dropped, router.ReasonPeerRemoved
-	}
 	line.Ref.Retain(1)
-	l.pushLocked(st, line.Ref, data, kind, anyOne)
+	l.outbox.push(st, line.Ref, line.Data, kind, anyOne)
 	l.kickLocked()
 	return router.Queued, ""
-}
-
-// pushLocked queues data as the next message in sequence, and encodes it for the writer
-// if a session is up. The queue entry is filled in place, field by field: it is written
-// once per line, into memory that has usually left the cache since its last use.
-func (l *Link) pushLocked(st *chanState, ref *router.Chunk, data []byte, kind router.Kind, anyOne bool) {
-	m := l.q.add()
-	m.seq, m.st, m.ref = l.nextSeq, st, ref
-	m.ptr, m.n = unsafe.SliceData(data), uint32(len(data)) // lines are at most MaxFrameBytes
-	m.kind, m.anyOne = kind, anyOne
-	l.nextSeq++
-	st.bytes += len(data)
-	l.unacked += len(data)
-	if l.encoding && l.next == l.q.len()-1 && len(l.out) < maxOutBytes {
-		l.encodeLocked(m)
-		l.next++
-	}
-	if !l.encoding {
-		// No writer reports for a link that is down: the queue's growth shows at once.
-		l.reportLocked()
-	}
-}
-
-// fillLocked encodes waiting messages into out while it holds less than maxOutBytes.
-func (l *Link) fillLocked() {
-	q := l.q.items()
-	for l.next < len(q) && len(l.out) < maxOutBytes {
-		l.encodeLocked(&q[l.next])
-		l.next++
-	}
-}
-
-// encodeLocked appends m's DATA frame to out.
-func (l *Link) encodeLocked(m *outMsg) {
-	l.out = AppendDataHeader(l.out, m.seq, m.st.name, m.kind, m.size())
-	l.out = append(l.out, m.data()...)
-	l.outN++
-	l.outSeq = m.seq
-}
-
-// startEncodingLocked encodes the messages not yet handed to the writer, and later ones
-// as they are queued, for a session whose writer is about to run.
-func (l *Link) startEncodingLocked() {
-	l.out, l.outN = l.out[:0], 0
-	l.encoding = true
-	l.fillLocked()
-}
-
-// stopEncodingLocked discards what the ended session's writer did not take.
-func (l *Link) stopEncodingLocked() {
-	l.encoding = false
-	l.out, l.outN = l.out[:0], 0
-}
-
-// chanLocked returns the bound of channel.
-func (l *Link) chanLocked(channel string) *chanState {
-	if l.last != nil && channel == l.lastName {
-		return l.last
-	}
-	st := l.chans[channel]
-	if st == nil {
-		st = &chanState{name: channel}
-		l.chans[channel] = st
-	}
-	l.lastName, l.last = channel, st
-	return st
-}
-
-// reportLocked brings podipc_peer_unacked_bytes up to date.
-func (l *Link) reportLocked() {
-	if d := l.unacked - l.reported; d != 0 {
-		l.cfg.Metrics.Unacked.Add(float64(d))
-		l.unackedGauge.Set(float64(l.unacked))
-		l.reported = l.unacked
-	}
 }
 
 // SendBatch queues Broadcast lines of one channel in order, as Send does for each, with
 // one lock and one wakeup of the writer per batch. It stops at the first line that is
 // not queued and returns its index with the result and reason.
-func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, lines []router.Payload, ov discovery.Overflow) (n int, res router.Result, reason string) {
+func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, lines []buffer.Payload, ov discovery.Overflow) (n int, res router.Result, reason string) {
 	// Every line's chunk is retained before the writer can see it (one atomic
 	// operation per chunk), and what was not queued is released on the way out.
-	router.RetainLines(lines)
-	defer func() { router.ReleaseLines(lines[n:]) }()
-	if ov.Policy != discovery.Block {
-		ov.Policy = discovery.WaitThenDrop
-		ov.MaxWait += l.cfg.Keepalive
-	}
+	buffer.RetainLines(lines)
+	defer func() { buffer.ReleaseLines(lines[n:]) }()
+	ov = l.patience(ov)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	st := l.chanLocked(channel)
-	used := func() int { return st.bytes }
-	closed := func() bool { return l.closed }
-	added := false
+	st := l.outbox.channel(channel)
 	for i, line := range lines {
-		d := line.Data
-		if l.closed {
-			return i, router.Dropped, router.ReasonPeerRemoved
-		}
-		if added && st.bytes != 0 && st.bytes+len(d) > ov.QueueBytes {
-			// Admit may wait for acknowledgements: let the writer send what is queued.
+		if i > 0 && st.bound.Bytes() != 0 && st.bound.Bytes()+len(line.Data) > ov.QueueBytes {
+			// Admission may wait for acknowledgements: let the writer send what is
+			// queued.
 			l.kickLocked()
 		}
-		if !st.bound.Fits(st.bytes, len(d), ov.QueueBytes) {
-			res, reason = st.bound.Admit(ctx, &l.mu, len(d), used, &l.space, closed, ov)
-			if res != router.Queued {
-				l.kickLocked()
-				return i, res, reason
-			}
-			if l.closed {
-				return i, router.Dropped, router.ReasonPeerRemoved
-			}
+		if res, reason := l.admitLocked(ctx, st, len(line.Data), ov); res != router.Queued {
+			l.kickLocked()
+			return i, res, reason
 		}
-		l.pushLocked(st, line.Ref, d, kind, false)
-		added = true
+		l.outbox.push(st, line.Ref, line.Data, kind, false)
 	}
 	l.kickLocked()
 	return len(lines), router.Queued, ""
 }
 
+// patience returns the overflow policy a link applies for ov. Slow readers are judged
+// where they are, by the receiving sidecar, so a link is more patient than a local
+// queue: under WaitThenDrop and Disconnect it waits maxWait plus one keepalive
+// interval, because the receiver may hold a slow reader's lines unacknowledged for up
+// to maxWait (and pause its link that long while it judges a reader under Disconnect),
+// and a drop here would hit every reader over there, fast or slow.
+func (l *Link) patience(ov discovery.Overflow) discovery.Overflow {
+	if ov.Policy != discovery.Block {
+		ov.Policy = discovery.WaitThenDrop
+		ov.MaxWait += l.cfg.Keepalive
+	}
+	return ov
+}
+
+// admitLocked admits a message of n bytes on st under ov, waiting for acknowledgements
+// as the policy says, and returns Queued or why not. A closed link drops for reason
+// peer_removed, before and after a wait.
+func (l *Link) admitLocked(ctx context.Context, st *chanState, n int, ov discovery.Overflow) (router.Result, string) {
+	if l.closed {
+		return router.Dropped, router.ReasonPeerRemoved
+	}
+	if st.bound.Fits(n, ov.QueueBytes) {
+		return router.Queued, ""
+	}
+	res, reason := st.bound.Admit(ctx, n, ov)
+	if res == router.Queued && l.closed {
+		return router.Dropped, router.ReasonPeerRemoved
+	}
+	return res, reason
+}
+
 // kickLocked wakes the writer.
-func (l *Link) kickLocked() {
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
-}
+func (l *Link) kickLocked() { wake.Up(l.wake) }
 
-// trimLocked removes the first k messages of q (acknowledged or settled).
-func (l *Link) trimLocked(k int) {
-	if k == 0 {
-		return
-	}
-	q := l.q.items()[:k]
-	for i := range q {
-		q[i].st.bytes -= q[i].size()
-		l.unacked -= q[i].size()
-	}
-	for i := 0; i < k; {
-		// One release per run of messages sharing a chunk.
-		j := i + 1
-		for j < k && q[j].ref == q[i].ref {
-			j++
-		}
-		q[i].ref.Release(j - i)
-		i = j
-	}
-	l.q.pop(k)
-	l.next = max(l.next-k, 0)
-	l.reportLocked()
-	l.space.Broadcast()
-}
-
-// ackLocked removes messages up to and including seq.
-func (l *Link) ackLocked(seq uint64) {
-	q := l.q.items()
-	// A search, not a subtraction: settling AnyOne lines on GOODBYE leaves gaps in q.
-	k := sort.Search(len(q), func(i int) bool { return q[i].seq > seq })
-	l.trimLocked(k)
-}
-
-// settleLocked removes the messages with seq ≤ upTo (all of them if upTo is max) that a
-// receiver may have seen but will never acknowledge: Broadcast ones are counted dropped
-// for reason, AnyOne ones are returned for rerouting. Messages that no receiver has seen
-// stay queued. It is called only between sessions, when nothing is being encoded.
-func (l *Link) settleLocked(upTo uint64, reason string) []router.Message {
-	var reroute []router.Message
-	drops := map[string]int{}
-	var keep fifo[outMsg]
-	for _, m := range l.q.items() {
-		if m.seq > upTo {
-			keep.push(m)
-			continue
-		}
-		m.st.bytes -= m.size()
-		l.unacked -= m.size()
-		if m.anyOne {
-			// Rerouted lines leave the chunk, which is released below.
-			reroute = append(reroute, router.Message{Channel: m.st.name, Kind: m.kind, Data: append([]byte(nil), m.data()...)})
-		} else {
-			drops[m.st.name]++
-		}
-		m.ref.Release(1)
-	}
-	l.q = keep
-	l.next = 0
-	l.reportLocked()
+// settleLocked settles the messages pick selects (outbox.settle): Broadcast ones are
+// counted dropped for reason and logged here, AnyOne ones returned for rerouting.
+func (l *Link) settleLocked(pick func(*outMsg) bool, reason string) []router.Message {
+	reroute, drops := l.outbox.settle(pick)
 	for ch, c := range drops {
 		l.cfg.Router.Drop(ch, reason, c)
 		l.log.Info("Dropped unacknowledged lines", "channel", ch, "reason", reason, "count", c)
 	}
-	l.space.Broadcast()
 	return reroute
 }
 
-// Start runs the link until ctx ends or Close is called. It dials, resumes and redials
-// with backoff.
+// Predicates of settleLocked.
+func anyMsg(*outMsg) bool                    { return true }
+func anyOneMsg(m *outMsg) bool               { return m.anyOne }
+func sentUpTo(seq uint64) func(*outMsg) bool { return func(m *outMsg) bool { return m.seq <= seq } }
+
+// Start runs the link until ctx ends or Shutdown or Close is called: it dials, resumes
+// and redials with backoff. Lines still queued when ctx ends stay queued for Shutdown
+// or Close to settle. A link that was closed returns net.ErrClosed.
 func (l *Link) Start(ctx context.Context) error {
 	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return net.ErrClosed
+	}
 	if l.ctx != nil {
 		l.mu.Unlock()
 		return errors.New("peer: link already started")
@@ -450,10 +236,8 @@ func (l *Link) Start(ctx context.Context) error {
 	l.ctx, l.cancel = context.WithCancel(ctx)
 	l.wg.Add(1)
 	l.mu.Unlock()
-	go func() {
-		defer l.wg.Done()
-		l.run()
-	}()
+	defer l.wg.Done()
+	l.run()
 	return nil
 }
 
@@ -498,8 +282,8 @@ func (l *Link) guardedSession(ctx context.Context) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			l.mu.Lock()
-			conn, l.up, l.conn = l.conn, false, nil
-			l.stopEncodingLocked()
+			conn = l.conn
+			l.endSessionLocked()
 			l.mu.Unlock()
 			if conn != nil {
 				recovered(l.cfg.Metrics, l.log, "out", conn, r)
@@ -578,15 +362,12 @@ func (l *Link) session(ctx context.Context) error {
 	_ = conn.Close()
 	wErr := <-werr
 	l.mu.Lock()
-	l.up = false
-	l.reportUp(false)
-	l.conn = nil
-	l.stopEncodingLocked()
+	l.endSessionLocked()
 	var reroute []router.Message
 	if errors.Is(rerr, errGoodbye) {
 		// The receiver is going away and will not acknowledge more: AnyOne lines go to
 		// another candidate now rather than wait for it.
-		reroute = l.settleAnyOneLocked()
+		reroute = l.settleLocked(anyOneMsg, "")
 	}
 	l.mu.Unlock()
 	l.cfg.Router.Reroute(reroute)
@@ -595,27 +376,6 @@ func (l *Link) session(ctx context.Context) error {
 		rerr = wErr
 	}
 	return errors.Join(errEstablished, rerr)
-}
-
-// settleAnyOneLocked removes every unacknowledged AnyOne line for rerouting.
-func (l *Link) settleAnyOneLocked() []router.Message {
-	var out []router.Message
-	var keep fifo[outMsg]
-	for _, m := range l.q.items() {
-		if m.anyOne {
-			out = append(out, router.Message{Channel: m.st.name, Kind: m.kind, Data: append([]byte(nil), m.data()...)})
-			m.st.bytes -= m.size()
-			l.unacked -= m.size()
-			m.ref.Release(1)
-		} else {
-			keep.push(m)
-		}
-	}
-	l.q = keep
-	l.next = 0
-	l.reportLocked()
-	l.space.Broadcast()
-	return out
 }
 
 // handshake sends HELLO and reads WELCOME.
@@ -664,17 +424,17 @@ func (l *Link) resume(conn net.Conn, w Welcome) error {
 	var reroute []router.Message
 	switch {
 	case w.Known && l.havePeer && l.peerInc == w.Pod.Incarnation:
-		if w.LastSeq > l.sentSeq {
+		if w.LastSeq > l.outbox.sentSeq {
 			l.mu.Unlock()
-			return protocolError(ReasonLastSeq, "WELCOME lastSeq %d, but the highest sequence number sent is %d", w.LastSeq, l.sentSeq)
+			return protocolError(ReasonLastSeq, "WELCOME lastSeq %d, but the highest sequence number sent is %d", w.LastSeq, l.outbox.sentSeq)
 		}
-		l.ackLocked(w.LastSeq)
+		l.outbox.ack(w.LastSeq)
 	case w.Known && !l.havePeer:
 		// First contact of this link, and the receiver remembers this sidecar's
 		// incarnation from an earlier link (the member left and came back): nothing it
 		// saw is in this queue, so the queue continues its numbering rather than be
 		// acknowledged by it.
-		if err := l.renumberLocked(w.LastSeq); err != nil {
+		if err := l.outbox.renumber(w.LastSeq); err != nil {
 			l.mu.Unlock()
 			return err
 		}
@@ -687,39 +447,20 @@ func (l *Link) resume(conn net.Conn, w Welcome) error {
 		} else {
 			l.log.Info("Peer restarted", "oldIncarnation", l.peerInc, "incarnation", w.Pod.Incarnation)
 		}
-		reroute = l.settleLocked(l.sentSeq, router.ReasonPeerRestarted)
+		reroute = l.settleLocked(sentUpTo(l.outbox.sentSeq), router.ReasonPeerRestarted)
 	}
-	l.next = 0
-	l.startEncodingLocked()
+	l.outbox.startEncoding()
 	l.havePeer, l.peerInc = true, w.Pod.Incarnation
 	l.presence = w.Presence
 	l.up = true
 	l.reportUp(true)
 	l.conn = conn
+	l.ended = make(chan struct{})
 	l.kickLocked()
 	l.mu.Unlock()
 	l.log.V(1).Info("Peer link established", "version", w.Version, "incarnation", w.Pod.Incarnation)
 	l.cfg.Router.Reroute(reroute)
 	l.cfg.Router.Notify()
-	return nil
-}
-
-// maxResumeSeq bounds the lastSeq a link continues after, far beyond any real stream,
-// so that sequence numbers cannot wrap.
-const maxResumeSeq = 1 << 62
-
-// renumberLocked makes the queue continue after last. It is called before the link's
-// first session, so no receiver has seen any of it (sentSeq is 0).
-func (l *Link) renumberLocked(last uint64) error {
-	if last > maxResumeSeq {
-		return protocolError(ReasonLastSeq, "WELCOME lastSeq %d is beyond %d", last, uint64(maxResumeSeq))
-	}
-	q := l.q.items()
-	for i := range q {
-		q[i].seq = last + 1 + uint64(i)
-	}
-	l.nextSeq = last + 1 + uint64(len(q))
-	l.sentSeq = last
 	return nil
 }
 
@@ -734,15 +475,8 @@ func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
 	wrote := false
 	for {
 		l.mu.Lock()
-		l.fillLocked()
-		buf, n := l.out, l.outN
-		if n > 0 {
-			l.out, l.outN = spare[:0], 0
-			// Marked before the write: a failed write may still have reached the receiver.
-			l.sentSeq = max(l.sentSeq, l.outSeq)
-		}
-		bye := l.bye && l.q.len() == 0
-		l.reportLocked()
+		buf, n := l.outbox.take(spare)
+		bye := l.bye && l.outbox.len() == 0
 		l.mu.Unlock()
 		if n > 0 {
 			_ = conn.SetWriteDeadline(time.Now().Add(3 * l.cfg.Keepalive))
@@ -779,10 +513,6 @@ func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
 	}
 }
 
-// maxOutBytes is how many bytes of frames are encoded ahead of the writer: enough for
-// thousands of short lines per system call, while the link's two buffers stay small.
-const maxOutBytes = 256 << 10
-
 // readLoop reads ACK, PRESENCE, PING and GOODBYE until the connection fails.
 func (l *Link) readLoop(fr *Reader) error {
 	for {
@@ -797,9 +527,9 @@ func (l *Link) readLoop(fr *Reader) error {
 				return err
 			}
 			l.mu.Lock()
-			sent := l.sentSeq
+			sent := l.outbox.sentSeq
 			if seq <= sent {
-				l.ackLocked(seq)
+				l.outbox.ack(seq)
 			}
 			l.mu.Unlock()
 			if seq > sent {
@@ -847,12 +577,30 @@ func abort(c net.Conn) {
 	}
 }
 
-// Drain waits until every queued line is acknowledged or ctx ends, then says goodbye.
-// Lines still unacknowledged are counted dropped for reason shutdown by Close.
-func (l *Link) Drain(ctx context.Context) {
+// endSessionLocked records that the session has ended.
+func (l *Link) endSessionLocked() {
+	l.up, l.conn = false, nil
+	l.reportUp(false)
+	l.outbox.stopEncoding()
+	if l.ended != nil {
+		close(l.ended)
+		l.ended = nil
+	}
+}
+
+// goodbyeGrace bounds how long Shutdown waits for the receiver to close the link after
+// GOODBYE.
+const goodbyeGrace = time.Second
+
+// Shutdown waits until every queued line is acknowledged or ctx ends; says GOODBYE
+// once the queue is empty, and waits (within ctx, and at most goodbyeGrace) for the
+// receiver to close the link; then closes the link. Lines still unacknowledged are
+// counted dropped for reason shutdown, AnyOne ones too: the pod is going away, and so
+// is the router that would reroute them. It returns ctx.Err() if lines were left.
+func (l *Link) Shutdown(ctx context.Context) error {
 	l.mu.Lock()
-	for l.q.len() > 0 && ctx.Err() == nil {
-		c := l.space.C()
+	for l.outbox.len() > 0 && ctx.Err() == nil {
+		c := l.outbox.space.C()
 		l.mu.Unlock()
 		select {
 		case <-c:
@@ -860,34 +608,25 @@ func (l *Link) Drain(ctx context.Context) {
 		}
 		l.mu.Lock()
 	}
+	left := l.outbox.len() > 0
 	l.bye = true
-	up := l.up
+	ended := l.ended
 	l.mu.Unlock()
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
-	if !up {
-		return
-	}
-	// Give the writer a moment to send GOODBYE; the receiver then closes the link.
-	t := time.NewTimer(time.Second)
-	defer t.Stop()
-	for {
-		l.mu.Lock()
-		up = l.up
-		c := l.space.C()
-		l.mu.Unlock()
-		if !up {
-			return
-		}
+	wake.Up(l.wake)
+	if ended != nil && !left {
+		t := time.NewTimer(goodbyeGrace)
 		select {
+		case <-ended:
 		case <-t.C:
-			return
-		case <-c:
-		case <-time.After(20 * time.Millisecond):
+		case <-ctx.Done():
 		}
+		t.Stop()
 	}
+	l.close(router.ReasonShutdown)
+	if left {
+		return ctx.Err()
+	}
+	return nil
 }
 
 // deleteSeries removes the link's per-peer series: the peer is no longer a member.
@@ -898,9 +637,17 @@ func (l *Link) deleteSeries() {
 	l.cfg.Metrics.LinkUnacked.DeleteLabelValues(p)
 }
 
-// Close stops the link and joins its goroutines. Unacknowledged lines are settled:
-// Broadcast ones counted dropped for reason, AnyOne ones rerouted. Idempotent.
-func (l *Link) Close(reason string) {
+// Close ends the link at once, as when its member leaves the channel, and joins its
+// goroutines. Unacknowledged lines are settled: Broadcast ones counted dropped for
+// reason peer_removed, AnyOne ones rerouted to another candidate. Idempotent.
+func (l *Link) Close() error {
+	l.close(router.ReasonPeerRemoved)
+	return nil
+}
+
+// close stops the link, joins its goroutines and settles what is unacknowledged for
+// reason. Only the first call settles.
+func (l *Link) close(reason string) {
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
@@ -917,7 +664,7 @@ func (l *Link) Close(reason string) {
 	l.mu.Unlock()
 	l.wg.Wait()
 	l.mu.Lock()
-	reroute := l.settleLocked(^uint64(0), reason)
+	reroute := l.settleLocked(anyMsg, reason)
 	l.mu.Unlock()
 	l.deleteSeries()
 	if reason != router.ReasonShutdown {

@@ -10,6 +10,7 @@ import (
 	"github.com/go-logr/logr"
 	"go.uber.org/goleak"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -39,9 +40,7 @@ func TestLinkResumesExactlyOnce(t *testing.T) {
 		}})
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	if err := srv.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	start(ctx, t, srv)
 
 	sendRouter := router.New(logr.Discard(), nil)
 	sendRouter.Ensure("orders", spec)
@@ -49,9 +48,7 @@ func TestLinkResumesExactlyOnce(t *testing.T) {
 	link := NewLink(LinkConfig{Self: Identity{"ns", "a", "uid-a", 1}, LocalIP: "127.0.0.1",
 		Member:   discovery.Member{Namespace: "ns", Name: "b", UID: "uid-b", IP: "127.0.0.1", PeerPort: port, Ready: true, Serving: true},
 		Channels: func() []string { return []string{"orders"} }, Router: sendRouter, Log: logr.Discard(), Keepalive: time.Second})
-	if err := link.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	start(ctx, t, link)
 
 	// The receiving "app": drain the local queue as an endpoint writer would.
 	const n = 20000
@@ -62,7 +59,7 @@ func TestLinkResumesExactlyOnce(t *testing.T) {
 	go func() {
 		defer close(sendDone)
 		for i := range n {
-			if res, reason := link.Send(ctx, "orders", router.Line, router.Payload{Data: fmt.Appendf(nil, "m%06d", i)}, false, spec.Overflow); res != router.Queued {
+			if res, reason := link.Send(ctx, "orders", router.Line, buffer.Payload{Data: fmt.Appendf(nil, "m%06d", i)}, false, spec.Overflow); res != router.Queued {
 				t.Errorf("line %d not queued: %s", i, reason)
 				return
 			}
@@ -89,10 +86,11 @@ func TestLinkResumesExactlyOnce(t *testing.T) {
 	}
 
 	drainCtx, drainCancel := context.WithTimeout(t.Context(), 10*time.Second)
-	link.Drain(drainCtx)
+	if err := link.Shutdown(drainCtx); err != nil {
+		t.Errorf("lines left unacknowledged at shutdown: %v", err)
+	}
 	drainCancel()
-	link.Close(router.ReasonShutdown)
-	srv.Close(time.Second)
+	_ = srv.Close()
 	cancel()
 	<-readerDone
 	local.Detach()

@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/goleak"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -28,12 +29,10 @@ func TestLinkMetricsPerPeer(t *testing.T) {
 	recvRouter := router.New(logr.Discard(), nil)
 	recvRouter.Ensure("orders", spec)
 	srv := NewServer(ln, ServerConfig{Self: Identity{"ns", "b", "uid-b", 2}, Router: recvRouter, Log: logr.Discard(),
-		Authorize: func(Identity, string) string { return "" }})
+		Authorize: func(Identity, string) string { return "" }, Shared: sharesOrders})
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	if err := srv.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	start(ctx, t, srv)
 
 	reg := prometheus.NewRegistry()
 	sendRouter := router.New(logr.Discard(), nil)
@@ -45,18 +44,16 @@ func TestLinkMetricsPerPeer(t *testing.T) {
 		t.Fatalf("a link not yet started reports up=%v", up)
 	}
 	created, _ := peerGauge(t, reg, "podipc_peer_link_last_change_timestamp_seconds", "b")
-	if err := link.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	start(ctx, t, link)
 	eventuallyTrue(t, "link reported up", func() bool { v, _ := peerGauge(t, reg, "podipc_peer_link_up", "b"); return v == 1 })
 
-	srv.Close(time.Second)
+	_ = srv.Close()
 	eventuallyTrue(t, "link reported down", func() bool { v, _ := peerGauge(t, reg, "podipc_peer_link_up", "b"); return v == 0 })
 	if changed, _ := peerGauge(t, reg, "podipc_peer_link_last_change_timestamp_seconds", "b"); changed < created {
 		t.Fatalf("last change %v earlier than creation %v", changed, created)
 	}
 	for range 3 {
-		if res, reason := link.Send(ctx, "orders", router.Line, router.Payload{Data: []byte("0123456789")}, false, spec.Overflow); res != router.Queued {
+		if res, reason := link.Send(ctx, "orders", router.Line, buffer.Payload{Data: []byte("0123456789")}, false, spec.Overflow); res != router.Queued {
 			t.Fatalf("not queued: %s", reason)
 		}
 	}
@@ -64,7 +61,7 @@ func TestLinkMetricsPerPeer(t *testing.T) {
 		t.Fatalf("unacked bytes to b = %v, want 30 (three 10-byte lines queued while the link is down)", v)
 	}
 
-	link.Close(router.ReasonShutdown)
+	_ = link.Close()
 	for _, name := range []string{"podipc_peer_link_up", "podipc_peer_link_last_change_timestamp_seconds", "podipc_peer_link_unacked_bytes"} {
 		if _, ok := peerGauge(t, reg, name, "b"); ok {
 			t.Fatalf("%s{peer=\"b\"} still exported after the link closed", name)

@@ -14,6 +14,9 @@ import (
 
 	"github.com/go-logr/logr"
 
+	"github.com/podipc/podipc/internal/buffer"
+	"github.com/podipc/podipc/internal/wake"
+	"github.com/podipc/podipc/pkg/ipc"
 	"github.com/podipc/podipc/pkg/router"
 )
 
@@ -91,8 +94,10 @@ type Server struct {
 	senders map[string]*sender
 	inbound map[*inbound]struct{}
 	// perIP counts the open connections per source address, for MaxConnectionsPerIP.
-	perIP  map[string]int
-	closed bool
+	perIP map[string]int
+	// started, closed and shutdown say Start, Close or Shutdown was called; shutdown
+	// also says every link was asked to say GOODBYE.
+	started, closed, shutdown bool
 	// logs samples the logs of refusals and protocol errors, per reason, so that a
 	// flood of bad connections cannot flood the log.
 	logs sampledLogs
@@ -195,62 +200,70 @@ func NewServer(ln net.Listener, cfg ServerConfig) *Server {
 	if cfg.Shared == nil {
 		cfg.Shared = func(string) []string { return nil }
 	}
-	return &Server{cfg: cfg, ln: ln, senders: map[string]*sender{}, inbound: map[*inbound]struct{}{},
+	s := &Server{cfg: cfg, ln: ln, senders: map[string]*sender{}, inbound: map[*inbound]struct{}{},
 		perIP: map[string]int{}}
+	// ctx bounds what the read loops wait for (delivery under the overflow policy);
+	// Close ends it.
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s
 }
 
-// Start accepts links until ctx ends or Close is called.
+// Start accepts links until ctx ends or Shutdown or Close is called, and returns once
+// the listener is closed. When ctx ends it closes the server as Close does, and returns
+// after every connection's goroutines have ended. A server that was closed returns
+// net.ErrClosed.
 func (s *Server) Start(ctx context.Context) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return net.ErrClosed
 	}
-	s.ctx, s.cancel = context.WithCancel(ctx)
-	s.wg.Add(2)
+	if s.started {
+		s.mu.Unlock()
+		return errors.New("peer: server already started")
+	}
+	s.started = true
 	s.mu.Unlock()
-	go func() {
-		defer s.wg.Done()
-		<-s.ctx.Done()
-		_ = s.ln.Close()
-	}()
-	go func() {
-		defer s.wg.Done()
-		s.acceptLoop()
-	}()
+	stop := context.AfterFunc(ctx, func() { _ = s.ln.Close() })
+	defer stop()
+	s.acceptLoop()
+	if ctx.Err() != nil {
+		return s.Close()
+	}
 	return nil
 }
 
 // acceptLoop accepts connections until the listener is closed, each served by a
-// goroutine of its own.
+// goroutine of its own. An accept error that does not end the listener (running out of
+// file descriptors) is logged and retried with backoff (ipc.AcceptLoop): giving up would
+// leave the pod unreachable to its peers while it stays ready.
 func (s *Server) acceptLoop() {
-	for {
-		conn, err := s.ln.Accept()
-		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				s.cfg.Log.Error(err, "Peer listener failed")
-			}
-			return
-		}
-		in := &inbound{conn: conn, ip: remoteIP(conn), bye: make(chan struct{}), done: make(chan struct{}),
-			presence: make(chan struct{}, 1)}
-		s.mu.Lock()
-		if s.closed {
-			s.mu.Unlock()
-			_ = conn.Close()
-			return
-		}
-		if reason := s.admitLocked(in.ip); reason != "" {
-			s.mu.Unlock()
-			s.refuseEarly(in, reason)
-			continue
-		}
-		s.inbound[in] = struct{}{}
-		s.perIP[in.ip]++
-		s.wg.Add(1)
+	ipc.AcceptLoop(s.ln, s.ctx.Done(), func(err error) { s.cfg.Log.Error(err, "Accepting peer connection failed; retrying") },
+		s.accept)
+}
+
+// accept admits conn under the connection caps and serves it; it returns false once the
+// server is closed.
+func (s *Server) accept(conn net.Conn) bool {
+	in := &inbound{conn: conn, ip: remoteIP(conn), bye: make(chan struct{}), done: make(chan struct{}),
+		presence: make(chan struct{}, 1)}
+	s.mu.Lock()
+	if s.closed {
 		s.mu.Unlock()
-		go s.run(in)
+		_ = conn.Close()
+		return false
 	}
+	if reason := s.admitLocked(in.ip); reason != "" {
+		s.mu.Unlock()
+		s.refuseEarly(in, reason)
+		return true
+	}
+	s.inbound[in] = struct{}{}
+	s.perIP[in.ip]++
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go s.run(in)
+	return true
 }
 
 // admitLocked returns why a new connection from ip is over a connection cap, or "".
@@ -655,7 +668,7 @@ type batch struct {
 	c       *router.Completion
 	grace   time.Duration
 	// run holds consecutive lines of one channel and kind, not yet handed over.
-	run     []router.Payload
+	run     []buffer.Payload
 	runChan sharedChannel
 	runKind router.Kind
 	// notShared and tooLarge say a line for a channel not shared, or one over its
@@ -668,7 +681,7 @@ type batch struct {
 // channel the two pods share, and only if it fits the channel's maxMessageBytes. A line
 // that does not is counted dropped, and its sequence number acknowledged like any
 // other, so that the link goes on.
-func (b *batch) add(d Data, chunk *router.Chunk) {
+func (b *batch) add(d Data, chunk *buffer.Chunk) {
 	if b.c == nil {
 		b.c = router.NewCompletion(b.st.notify)
 		b.first = d.Seq
@@ -689,7 +702,7 @@ func (b *batch) add(d Data, chunk *router.Chunk) {
 		b.dropTooLarge(len(d.Payload))
 		return
 	}
-	b.run = append(b.run, router.Payload{Data: d.Payload, Ref: chunk})
+	b.run = append(b.run, buffer.Payload{Data: d.Payload, Ref: chunk})
 	b.n++
 }
 
@@ -744,10 +757,7 @@ func (b *batch) end() {
 		// The writer learns of a batch only from its completion: wake it so that it
 		// arms the grace timer for a batch a stalled reader holds up, which is then
 		// acknowledged at its deadline, not at the next keepalive tick.
-		select {
-		case b.st.notify <- struct{}{}:
-		default:
-		}
+		wake.Up(b.st.notify)
 	}
 	b.s.cfg.Metrics.Received.Add(float64(b.n))
 	b.c, b.n, b.grace = nil, 0, 0
@@ -900,10 +910,7 @@ func (s *Server) reshareLocked(in *inbound) {
 	if in.fr != nil {
 		in.fr.SetMax(ss.maxFrame)
 	}
-	select {
-	case in.presence <- struct{}{}:
-	default:
-	}
+	wake.Up(in.presence)
 }
 
 // Reset aborts every inbound connection with a TCP reset (for tests).
@@ -918,36 +925,49 @@ func (s *Server) Reset() {
 // Addr returns the listening address.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
-// Close says goodbye on every inbound link (waiting at most timeout for the goodbyes
-// to be written), stops accepting, and joins every goroutine. Idempotent.
-func (s *Server) Close(timeout time.Duration) {
+// Shutdown stops accepting and says GOODBYE on every inbound link (senders then
+// reroute their AnyOne lines at once and forget this incarnation), waits until each
+// sender has closed its link or ctx ends, then closes what is left as Close does. One
+// deadline bounds every link: the links are asked at once and waited for together.
+// It returns ctx.Err() if a link was still open when ctx ended.
+func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		s.wg.Wait()
-		return
-	}
 	s.closed = true
 	_ = s.ln.Close()
 	ins := make([]*inbound, 0, len(s.inbound))
-	conns := make([]net.Conn, 0, len(s.inbound))
 	for in := range s.inbound {
 		ins = append(ins, in)
-		conns = append(conns, in.conn) // read under s.mu: secure replaces it
-		close(in.bye)
+		if !s.shutdown {
+			close(in.bye)
+		}
 	}
+	s.shutdown = true
 	s.mu.Unlock()
-	deadline := time.After(timeout)
-	for i, in := range ins {
+	var err error
+	for _, in := range ins {
 		select {
 		case <-in.done:
-		case <-deadline:
-		case <-time.After(50 * time.Millisecond):
+			continue
+		case <-ctx.Done():
+			err = ctx.Err()
 		}
-		_ = conns[i].Close()
+		break
 	}
-	if s.cancel != nil {
-		s.cancel()
+	return errors.Join(err, s.Close())
+}
+
+// Close stops accepting, closes every inbound connection at once (no GOODBYE: senders
+// learn of the end from the connection) and joins every connection's goroutines.
+// Idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	_ = s.ln.Close()
+	for in := range s.inbound {
+		_ = in.conn.Close() // read under s.mu: secure replaces it
 	}
+	s.mu.Unlock()
+	s.cancel()
 	s.wg.Wait()
+	return nil
 }

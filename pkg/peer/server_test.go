@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/goleak"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -64,9 +65,7 @@ func TestServerForgetsDepartedSenders(t *testing.T) {
 	inboundUp := func() int { return int(testutil.ToFloat64(metrics.Links.WithLabelValues("in", "up"))) }
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	if err := srv.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	start(ctx, t, srv)
 
 	// The receiving "app" records the lines of each sender.
 	var gotMu sync.Mutex
@@ -91,16 +90,14 @@ func TestServerForgetsDepartedSenders(t *testing.T) {
 		ts.link = NewLink(LinkConfig{Self: Identity{"ns", name, "uid-" + name, uint64(i + 1)}, LocalIP: "127.0.0.1",
 			Member:   discovery.Member{Namespace: "ns", Name: "r", UID: "uid-r", IP: "127.0.0.1", PeerPort: port, Ready: true, Serving: true},
 			Channels: func() []string { return []string{"orders"} }, Router: ts.router, Log: logr.Discard(), Keepalive: time.Second})
-		if err := ts.link.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
+		start(ctx, t, ts.link)
 		senders[name] = ts
 	}
 	defer func() {
 		for _, ts := range senders {
-			ts.link.Close(router.ReasonShutdown)
+			_ = ts.link.Close()
 		}
-		srv.Close(time.Second)
+		_ = srv.Close()
 		cancel()
 		<-readerDone
 		local.Detach()
@@ -112,7 +109,7 @@ func TestServerForgetsDepartedSenders(t *testing.T) {
 	send := func(name string, n int) error {
 		ts := senders[name]
 		for range n {
-			line := router.Payload{Data: fmt.Appendf(nil, "%s%06d", name, ts.sent)}
+			line := buffer.Payload{Data: fmt.Appendf(nil, "%s%06d", name, ts.sent)}
 			if res, reason := ts.link.Send(ctx, "orders", router.Line, line, false, spec.Overflow); res != router.Queued {
 				return fmt.Errorf("line %d of %s not queued: %s", ts.sent, name, reason)
 			}
@@ -133,7 +130,7 @@ func TestServerForgetsDepartedSenders(t *testing.T) {
 	}
 
 	// a dies without GOODBYE (kill -9, node loss): its connection just ends.
-	senders["a"].link.Close(router.ReasonShutdown)
+	_ = senders["a"].link.Close()
 	eventuallyTrue(t, "a's connection to end", func() bool { return inboundUp() == 2 })
 	srv.Revalidate() // a membership change that keeps a
 	if n := senderStates(); n != 3 {

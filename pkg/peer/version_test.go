@@ -10,6 +10,7 @@ import (
 	"github.com/go-logr/logr"
 	"go.uber.org/goleak"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -52,10 +53,8 @@ func TestServerSpeaksToANewerSender(t *testing.T) {
 	}
 	srv := NewServer(ln, ServerConfig{Self: Identity{"ns", "b", "uid-b", 2}, Router: r, Log: logr.Discard(),
 		Authorize: func(Identity, string) string { return "" }, Shared: sharesOrders})
-	if err := srv.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close(time.Second)
+	start(t.Context(), t, srv)
+	defer func() { _ = srv.Close() }()
 
 	hello := func(minV, maxV uint16) []byte {
 		h := Hello{MinVersion: minV, MaxVersion: maxV, Pod: Identity{"ns", "a", "uid-a", 1}, Channels: []string{"orders"}}
@@ -131,11 +130,9 @@ func TestLinkSpeaksToANewerReceiver(t *testing.T) {
 		Channels: func() []string { return []string{"orders"} }, Router: r, Log: logr.Discard(), Keepalive: time.Second})
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	if err := link.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	start(ctx, t, link)
 	for _, l := range []string{"one", "two", "three"} {
-		if res, reason := link.Send(ctx, "orders", router.Line, router.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
+		if res, reason := link.Send(ctx, "orders", router.Line, buffer.Payload{Data: []byte(l)}, false, spec.Overflow); res != router.Queued {
 			t.Fatalf("%s not queued: %s", l, reason)
 		}
 	}
@@ -153,13 +150,11 @@ func TestLinkSpeaksToANewerReceiver(t *testing.T) {
 		t.Fatalf("presence %d, up %v; want 1 connection advertised by the newer receiver", n, up)
 	}
 	drainCtx, drainCancel := context.WithTimeout(ctx, 5*time.Second)
-	link.Drain(drainCtx) // every line acknowledged, then GOODBYE
-	timedOut := drainCtx.Err() != nil
+	err = link.Shutdown(drainCtx) // every line acknowledged, then GOODBYE
 	drainCancel()
-	if timedOut {
+	if err != nil {
 		t.Fatal("the lines were never all acknowledged")
 	}
-	link.Close(router.ReasonShutdown)
 	if err := <-receiverDone; err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,7 @@ import (
 
 	"github.com/go-logr/logr"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 )
 
@@ -13,10 +14,10 @@ import (
 type nullRemote struct{}
 
 func (nullRemote) ID() string { return "null" }
-func (nullRemote) Send(context.Context, string, Kind, Payload, bool, discovery.Overflow) (Result, string) {
+func (nullRemote) Send(context.Context, string, Kind, buffer.Payload, bool, discovery.Overflow) (Result, string) {
 	return Queued, ""
 }
-func (nullRemote) SendBatch(_ context.Context, _ string, _ Kind, data []Payload, _ discovery.Overflow) (int, Result, string) {
+func (nullRemote) SendBatch(_ context.Context, _ string, _ Kind, data []buffer.Payload, _ discovery.Overflow) (int, Result, string) {
 	return len(data), Queued, ""
 }
 func (nullRemote) Presence(string) (int, bool) { return 1, true }
@@ -31,7 +32,7 @@ func drain(c *Conn, items []Item) []Item {
 
 // benchLines routes b.N lines of size bytes in batches of 64, as a reader that found
 // 64 lines in its buffer does.
-func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, batch []Payload)) {
+func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, batch []buffer.Payload)) {
 	r := New(logr.Discard(), nil)
 	defer r.Close()
 	ch := r.Ensure("bench", discovery.Spec{})
@@ -39,9 +40,9 @@ func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, 
 	from := ch.Attach(Line, "", func() {})
 	to := ch.Attach(Line, "", func() {})
 	line := make([]byte, size)
-	var slab Slab
+	var slab buffer.Slab
 	var items []Item
-	batch := make([]Payload, 0, 64)
+	batch := make([]buffer.Payload, 0, 64)
 	b.SetBytes(int64(size))
 	b.ReportAllocs()
 	b.ResetTimer()
@@ -62,7 +63,7 @@ func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, 
 func BenchmarkRoute(b *testing.B) {
 	for _, size := range []int{64, 1024} {
 		b.Run(itoa(size), func(b *testing.B) {
-			benchLines(b, size, func(ch *Channel, from, _ *Conn, batch []Payload) {
+			benchLines(b, size, func(ch *Channel, from, _ *Conn, batch []buffer.Payload) {
 				ch.RouteBatch(context.Background(), from, Line, batch)
 			})
 		})
@@ -75,7 +76,7 @@ func BenchmarkDeliver(b *testing.B) {
 	notify := make(chan struct{}, 1)
 	for _, size := range []int{64, 1024} {
 		b.Run(itoa(size), func(b *testing.B) {
-			benchLines(b, size, func(ch *Channel, _, _ *Conn, batch []Payload) {
+			benchLines(b, size, func(ch *Channel, _, _ *Conn, batch []buffer.Payload) {
 				c := NewCompletion(notify)
 				ch.r.DeliverBatch(context.Background(), "bench", Line, batch, c)
 				c.Done()

@@ -19,7 +19,8 @@
 //     sent: a batch is pushed to each receiver in order, and every receiver has one FIFO
 //     queue drained by one writer.
 //   - Bounded memory. Every queue is bounded in bytes (the channel's overflow.queueBytes).
-//     [Bound] is the one overflow rule, shared by local queues and peer link queues: under
+//     [Bound] is the one overflow rule, shared by local queues and peer link queues; it
+//     owns the queue's byte count and waits on the queue's lock and space signal. Under
 //     WaitThenDrop a full queue waits maxWait once per episode and then drops until it is
 //     below half; Block waits; Disconnect ends the slow reader.
 //   - Nothing lost without a trace. A line that is not queued is counted in
@@ -31,8 +32,9 @@
 //   - Acknowledgement means written. A [Completion] holds one reference per queue entry of
 //     a line from a peer; it completes when every connection has written the line or
 //     counted it dropped, and only then may the peer link acknowledge it.
-//   - No allocation per line. Line bytes live in reference-counted 64 KiB [Chunk]s, filled
-//     by a [Slab] (lines from apps) or by the peer reader (lines from peers). The filler
+//   - No allocation per line. Line bytes live in reference-counted 64 KiB chunks of
+//     internal/buffer, filled by a slab (lines from apps) or by the peer reader (lines from
+//     peers); the queues keep them by reference (Item.Ref). The filler
 //     holds one reference while it fills a chunk, and each queue holds one per run of lines
 //     it keeps; the last release returns the chunk to a pool. Only the fillers and the
 //     queues take and release references; one release too many would hand bytes still

@@ -1,8 +1,10 @@
 package router
 
 import (
-	"sync"
 	"sync/atomic"
+
+	"github.com/podipc/podipc/internal/buffer"
+	"github.com/podipc/podipc/internal/wake"
 )
 
 // Kind says how a message was framed by the app that sent it. Only the receiving edge
@@ -70,10 +72,7 @@ func (c *Completion) DoneN(n int) bool {
 		return false
 	}
 	if c.remaining.Add(-int32(n)) == 0 {
-		select {
-		case c.notify <- struct{}{}:
-		default:
-		}
+		wake.Up(c.notify)
 		return true
 	}
 	return false
@@ -101,70 +100,12 @@ type Item struct {
 	Data []byte
 	// Ref keeps the chunk Data lives in from being reused; the queue's owner releases
 	// it once the item is written or dropped.
-	Ref *Chunk
+	Ref *buffer.Chunk
 	// Done is released once the item has been written or dropped; nil for lines that
 	// came from a local app (they need no acknowledgement).
 	Done *Completion
 	// pins says the queue charged the item for its whole chunk (see Queue.pinLocked).
 	pins bool
-}
-
-// Payload is a message copied into a slab chunk, with the reference that keeps the chunk.
-type Payload struct {
-	Data []byte
-	// Ref is nil for messages that were not copied into a chunk.
-	Ref *Chunk
-}
-
-// ChunkSize is the size of the chunks message bytes are copied (or read) into, so the
-// hot path neither allocates nor leaves garbage per line.
-const ChunkSize = 64 << 10
-
-// Chunk is a reference-counted buffer that lines live in: filled by a Slab (lines from
-// local apps) or read into by the peer Reader (lines from peers). Its filler holds one
-// reference while it fills it, and every queue entry whose bytes live in it holds one;
-// the last release returns it to a pool, so a steady stream of lines reuses a few
-// chunks instead of allocating (and collecting) 64 KiB per 64 KiB carried. A release
-// too many would hand bytes still queued to a new owner (and panics when it goes below
-// zero), so references are taken and released only by the fillers and the queues
-// (Queue, peer links), a run of lines at a time.
-type Chunk struct {
-	buf  []byte
-	refs atomic.Int32
-}
-
-var chunkPool = sync.Pool{New: func() any { return &Chunk{buf: make([]byte, 0, ChunkSize)} }}
-
-// NewChunk returns an empty pooled chunk holding one reference, for a reader that reads
-// straight into chunks (Bytes) rather than copying messages into a Slab.
-func NewChunk() *Chunk {
-	c := chunkPool.Get().(*Chunk)
-	c.refs.Store(1)
-	return c
-}
-
-// Bytes returns the chunk's whole buffer (ChunkSize bytes), for a reader to fill.
-func (c *Chunk) Bytes() []byte { return c.buf[:cap(c.buf)] }
-
-// Retain takes n references.
-func (c *Chunk) Retain(n int) {
-	if c != nil {
-		c.refs.Add(int32(n))
-	}
-}
-
-// Release drops n references.
-func (c *Chunk) Release(n int) {
-	if c == nil {
-		return
-	}
-	switch r := c.refs.Add(-int32(n)); {
-	case r == 0:
-		c.buf = c.buf[:0]
-		chunkPool.Put(c)
-	case r < 0:
-		panic("router: chunk released more often than retained")
-	}
 }
 
 // ReleaseItems releases the chunk references of items, one atomic operation per run
@@ -178,99 +119,4 @@ func ReleaseItems(items []Item) {
 		items[i].Ref.Release(j - i)
 		i = j
 	}
-}
-
-// RetainLines takes one reference on the chunk of each of lines, one atomic operation
-// per run of lines sharing a chunk. A queue retains a whole batch before it can be
-// taken (and released) by the queue's writer, and releases what it did not keep.
-func RetainLines(lines []Payload) { chunkRuns(lines, (*Chunk).Retain) }
-
-// ReleaseLines releases one reference on the chunk of each of lines, as RetainLines took.
-func ReleaseLines(lines []Payload) { chunkRuns(lines, (*Chunk).Release) }
-
-// chunkRuns calls f once per run of lines sharing a chunk, with the run's length.
-func chunkRuns(lines []Payload, f func(c *Chunk, n int)) {
-	for i := 0; i < len(lines); {
-		j := i + 1
-		for j < len(lines) && lines[j].Ref == lines[i].Ref {
-			j++
-		}
-		f(lines[i].Ref, j-i)
-		i = j
-	}
-}
-
-// Slab copies message bytes into pooled chunks. It is not safe for concurrent use; each
-// reading goroutine owns one.
-//
-// A copy is valid until the next Recycle: the slab keeps its reference on every chunk
-// it filled since then, so the reader hands a batch of lines to the queues without
-// taking a reference per line (each queue takes one per run of lines it keeps).
-type Slab struct {
-	// cur is the chunk being filled; the slab holds a reference on it until it moves on.
-	cur *Chunk
-	// full are the chunks filled since the last Recycle, each still referenced by the
-	// slab because lines of the current batch may live in them.
-	full []*Chunk
-}
-
-// Copy returns a copy of b that stays valid until the next Recycle (or Close).
-func (s *Slab) Copy(b []byte) Payload {
-	if len(b) > ChunkSize/4 {
-		return Payload{Data: append([]byte(nil), b...)}
-	}
-	if s.cur == nil || cap(s.cur.buf)-len(s.cur.buf) < len(b) {
-		if s.cur != nil {
-			s.full = append(s.full, s.cur)
-		}
-		s.cur = chunkPool.Get().(*Chunk)
-		s.cur.refs.Store(1)
-	}
-	c := s.cur
-	start := len(c.buf)
-	c.buf = append(c.buf, b...)
-	return Payload{Data: c.buf[start:len(c.buf):len(c.buf)], Ref: c}
-}
-
-// Recycle ends the validity of the copies made so far: the slab drops its references on
-// the chunks it has filled (the queues hold their own on what they kept).
-func (s *Slab) Recycle() {
-	for i, c := range s.full {
-		c.Release(1)
-		s.full[i] = nil
-	}
-	s.full = s.full[:0]
-}
-
-// Close recycles and releases the slab's current chunk.
-func (s *Slab) Close() {
-	s.Recycle()
-	s.cur.Release(1)
-	s.cur = nil
-}
-
-// Signal is a broadcast condition: waiters take C() and the notifier closes it.
-type Signal struct {
-	mu sync.Mutex
-	ch chan struct{}
-}
-
-// C returns a channel closed at the next Broadcast.
-func (s *Signal) C() <-chan struct{} {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.ch == nil {
-		s.ch = make(chan struct{})
-	}
-	return s.ch
-}
-
-// Broadcast wakes every waiter.
-func (s *Signal) Broadcast() {
-	s.mu.Lock()
-	if s.ch != nil {
-		close(s.ch)
-		s.ch = nil
-	}
-	s.mu.Unlock()
 }

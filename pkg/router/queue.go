@@ -5,6 +5,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/podipc/podipc/internal/buffer"
+	"github.com/podipc/podipc/internal/wake"
 	"github.com/podipc/podipc/pkg/discovery"
 )
 
@@ -21,9 +23,17 @@ const (
 	Disconnect
 )
 
-// Bound is the overflow state of one receiver's queue, shared by local connection queues
-// and peer link queues. Its methods are called with the queue's mutex held.
+// Bound is the overflow rule of one receiver's queue, shared by local connection queues
+// and peer link queues: the bytes the queue holds, counted against its limit, and the
+// policy that decides what a message does when they would exceed it. It is set up once
+// (Init) with what it waits on, the queue's lock, the signal the queue broadcasts when it
+// shrinks and the queue's closed flag; its methods are called with that lock held.
 type Bound struct {
+	mu     *sync.Mutex
+	space  *buffer.Signal
+	closed *bool
+	// bytes is what the queue holds (Add).
+	bytes int
 	// overflowing is true from the moment WaitThenDrop (or Block, after MaxBlock) gave
 	// up waiting until the queue drains below half: within one overflow episode lines
 	// are dropped without waiting, counted with reason.
@@ -37,27 +47,38 @@ func (b *Bound) giveUp(reason string) (Result, string) {
 	return Dropped, reason
 }
 
-// Fits reports whether a message of n bytes enters a queue holding used bytes under
-// limit without applying any policy: the fast path, which Admit would also take.
-func (b *Bound) Fits(used, n, limit int) bool {
-	return !b.overflowing && (used == 0 || used+n <= limit)
+// Init gives the bound the queue's lock mu, the signal space the queue broadcasts
+// whenever it shrinks, and the queue's closed flag (read under mu).
+func (b *Bound) Init(mu *sync.Mutex, space *buffer.Signal, closed *bool) {
+	b.mu, b.space, b.closed = mu, space, closed
 }
 
-// Admit applies the overflow policy ov to a message of n bytes entering a queue that
-// holds used bytes. mu must be held; Admit may release and re-acquire it while waiting,
-// calling used again each time. space is broadcast whenever the queue shrinks; closed
-// reports whether the queue has ended.
-func (b *Bound) Admit(ctx context.Context, mu *sync.Mutex, n int, used func() int, space *Signal,
-	closed func() bool, ov discovery.Overflow) (Result, string) {
+// Bytes returns the bytes the queue holds.
+func (b *Bound) Bytes() int { return b.bytes }
+
+// Add counts n more bytes held by the queue (n < 0: fewer).
+func (b *Bound) Add(n int) { b.bytes += n }
+
+// Fits reports whether a message of n bytes enters the queue under limit without
+// applying any policy: the fast path, which Admit would also take.
+func (b *Bound) Fits(n, limit int) bool {
+	return !b.overflowing && b.fits(n, limit)
+}
+
+// fits reports whether n more bytes stay within limit; an empty queue takes any message.
+func (b *Bound) fits(n, limit int) bool { return b.bytes == 0 || b.bytes+n <= limit }
+
+// Admit applies the overflow policy ov to a message of n bytes entering the queue. The
+// lock must be held; Admit releases and re-acquires it while it waits for space.
+func (b *Bound) Admit(ctx context.Context, n int, ov discovery.Overflow) (Result, string) {
 	limit := ov.QueueBytes
-	fits := func() bool { u := used(); return u == 0 || u+n <= limit }
 	if b.overflowing {
-		if used() >= limit/2 {
+		if b.bytes >= limit/2 {
 			return Dropped, b.reason
 		}
 		b.overflowing = false
 	}
-	if fits() {
+	if b.fits(n, limit) {
 		return Queued, ""
 	}
 	wait, reason := ov.MaxWait, ReasonQueueFull
@@ -76,25 +97,25 @@ func (b *Bound) Admit(ctx context.Context, mu *sync.Mutex, n int, used func() in
 	defer t.Stop()
 	deadline := t.C
 	for {
-		c := space.C()
-		mu.Unlock()
+		c := b.space.C()
+		b.mu.Unlock()
 		select {
 		case <-c:
-			mu.Lock()
+			b.mu.Lock()
 		case <-deadline:
-			mu.Lock()
-			if fits() && !closed() {
+			b.mu.Lock()
+			if b.fits(n, limit) && !*b.closed {
 				return Queued, ""
 			}
 			return b.giveUp(reason)
 		case <-ctx.Done():
-			mu.Lock()
+			b.mu.Lock()
 			return Dropped, ReasonShutdown
 		}
-		if closed() {
+		if *b.closed {
 			return Dropped, ReasonClosed
 		}
-		if fits() {
+		if b.fits(n, limit) {
 			return Queued, ""
 		}
 	}
@@ -106,13 +127,12 @@ func (b *Bound) Admit(ctx context.Context, mu *sync.Mutex, n int, used func() in
 type Queue struct {
 	mu    sync.Mutex
 	items []Item
-	bytes int
 	// released counts bytes ever written or dropped: the writer's progress, which the
 	// Disconnect policy checks before judging a reader slow.
 	released uint64
 	closed   bool
 	bound    Bound
-	space    Signal
+	space    buffer.Signal
 	ready    chan struct{}
 	// gauge receives every change of the queued bytes, for podipc_queue_bytes.
 	gauge func(delta int)
@@ -143,8 +163,8 @@ type Queue struct {
 	// hot path copies nothing; one that does not holds at most its bound in chunks
 	// plus its lines' own bytes, and real memory stays within twice queueBytes.
 	pinned  int
-	lastRef *Chunk
-	compact Slab
+	lastRef *buffer.Chunk
+	compact buffer.Slab
 }
 
 // pinLocked charges it, about to enter the queue under limit, for the chunk it pins,
@@ -154,9 +174,9 @@ func (q *Queue) pinLocked(it *Item, limit int) {
 	if it.Ref == nil || it.Ref == q.lastRef {
 		return
 	}
-	if q.pinned+ChunkSize <= limit {
+	if q.pinned+buffer.ChunkSize <= limit {
 		it.pins = true
-		q.pinned += ChunkSize
+		q.pinned += buffer.ChunkSize
 		q.lastRef = it.Ref
 		return
 	}
@@ -178,13 +198,15 @@ func NewQueue(gauge func(delta int), dropped func(reason string, n int)) *Queue 
 	if dropped == nil {
 		dropped = func(string, int) {}
 	}
-	return &Queue{ready: make(chan struct{}, 1), gauge: gauge, dropped: dropped}
+	q := &Queue{ready: make(chan struct{}, 1), gauge: gauge, dropped: dropped}
+	q.bound.Init(&q.mu, &q.space, &q.closed)
+	return q
 }
 
 // Push offers it to the queue under policy ov, waiting as the policy says.
 func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Result, string) {
 	if ov.Policy == discovery.WaitThenDrop {
-		p := [1]Payload{{Data: it.Data, Ref: it.Ref}}
+		p := [1]buffer.Payload{{Data: it.Data, Ref: it.Ref}}
 		_, res, reason := q.PushBatch(ctx, it.Kind, p[:], it.Done, ov)
 		return res, reason
 	}
@@ -198,7 +220,7 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 	if ov.Policy == discovery.Disconnect {
 		res, reason = q.admitDisconnect(ctx, len(it.Data), ov)
 	} else {
-		res, reason = q.bound.Admit(ctx, &q.mu, len(it.Data), q.used, &q.space, q.isClosed, ov)
+		res, reason = q.bound.Admit(ctx, len(it.Data), ov)
 	}
 	if res != Queued {
 		return res, reason
@@ -209,12 +231,9 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 	it.Ref.Retain(1)
 	q.pinLocked(&it, ov.QueueBytes)
 	q.items = append(q.items, it)
-	q.bytes += len(it.Data)
+	q.bound.bytes += len(it.Data)
 	q.gauge(len(it.Data))
-	select {
-	case q.ready <- struct{}{}:
-	default:
-	}
+	wake.Up(q.ready)
 	return Queued, ""
 }
 
@@ -225,11 +244,11 @@ func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Resul
 //
 // Under WaitThenDrop it never waits: a message that finds the queue full waits in the
 // queue's overflow episode (and counts as queued), or is dropped.
-func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *Completion, ov discovery.Overflow) (n int, res Result, reason string) {
+func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []buffer.Payload, done *Completion, ov discovery.Overflow) (n int, res Result, reason string) {
 	// Every line's chunk is retained before the writer can see it, and what was not
 	// queued is released on the way out.
-	RetainLines(data)
-	defer func() { ReleaseLines(data[n:]) }()
+	buffer.RetainLines(data)
+	defer func() { buffer.ReleaseLines(data[n:]) }()
 	if ov.Policy == discovery.WaitThenDrop {
 		return q.pushNoWait(ctx, kind, data, done, ov)
 	}
@@ -243,18 +262,18 @@ func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *
 	res = Queued
 	for n = 0; n < len(data); n++ {
 		d := data[n].Data
-		if q.bytes != 0 && (q.bytes+len(d) > ov.QueueBytes || q.bound.overflowing) && added > 0 {
+		if q.bound.bytes != 0 && (q.bound.bytes+len(d) > ov.QueueBytes || q.bound.overflowing) && added > 0 {
 			// Admit may wait for the writer: let it see what this batch queued.
 			q.publishLocked(added)
 			added = 0
 		}
-		if !q.closed && q.bound.Fits(q.bytes, len(d), ov.QueueBytes) {
+		if !q.closed && q.bound.Fits(len(d), ov.QueueBytes) {
 			res = Queued
 		} else if !q.closed {
 			if ov.Policy == discovery.Disconnect {
 				res, reason = q.admitDisconnect(ctx, len(d), ov)
 			} else {
-				res, reason = q.bound.Admit(ctx, &q.mu, len(d), q.used, &q.space, q.isClosed, ov)
+				res, reason = q.bound.Admit(ctx, len(d), ov)
 			}
 		}
 		if q.closed {
@@ -266,7 +285,7 @@ func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []Payload, done *
 		it := Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done}
 		q.pinLocked(&it, ov.QueueBytes)
 		q.items = append(q.items, it)
-		q.bytes += len(d)
+		q.bound.bytes += len(d)
 		added += len(d)
 	}
 	if added > 0 {
@@ -285,7 +304,7 @@ func (q *Queue) admitDisconnect(ctx context.Context, n int, ov discovery.Overflo
 	wait.Policy = discovery.WaitThenDrop
 	for {
 		before := q.released
-		res, reason := q.bound.Admit(ctx, &q.mu, n, q.used, &q.space, q.isClosed, wait)
+		res, reason := q.bound.Admit(ctx, n, wait)
 		if res != Dropped || reason != ReasonQueueFull {
 			return res, reason
 		}
@@ -300,7 +319,7 @@ func (q *Queue) admitDisconnect(ctx context.Context, n int, ov discovery.Overflo
 // peers (done != nil) never wait; a local sender whose lines find the episode's waiting
 // list full too waits for room there, at most until the episode ends, as it would have
 // for the queue.
-func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done *Completion, ov discovery.Overflow) (int, Result, string) {
+func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []buffer.Payload, done *Completion, ov discovery.Overflow) (int, Result, string) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	added := 0
@@ -347,15 +366,15 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []Payload, done 
 			continue
 		}
 		if q.bound.overflowing {
-			if q.bytes >= limit/2 {
+			if q.bound.bytes >= limit/2 {
 				return n, Dropped, q.bound.reason
 			}
 			q.bound.overflowing = false
 		}
-		if q.bytes == 0 || q.bytes+len(d) <= limit {
+		if q.bound.bytes == 0 || q.bound.bytes+len(d) <= limit {
 			q.pinLocked(&it, limit)
 			q.items = append(q.items, it)
-			q.bytes += len(d)
+			q.bound.bytes += len(d)
 			added += len(d)
 			n++
 			continue
@@ -401,11 +420,11 @@ func (q *Queue) admitWaitingLocked(limit int) int {
 	k := 0
 	for k < len(q.waiting) {
 		d := len(q.waiting[k].Data)
-		if q.bytes != 0 && q.bytes+d > limit {
+		if q.bound.bytes != 0 && q.bound.bytes+d > limit {
 			break
 		}
 		q.items = append(q.items, q.waiting[k])
-		q.bytes += d
+		q.bound.bytes += d
 		moved += d
 		k++
 	}
@@ -420,23 +439,14 @@ func (q *Queue) admitWaitingLocked(limit int) int {
 		q.timer = nil
 		q.episode++ // the episode ended in time
 	}
-	select {
-	case q.ready <- struct{}{}:
-	default:
-	}
+	wake.Up(q.ready)
 	return moved
 }
-
-func (q *Queue) used() int      { return q.bytes }
-func (q *Queue) isClosed() bool { return q.closed }
 
 // publishLocked reports added bytes to the gauge and wakes the writer.
 func (q *Queue) publishLocked(added int) {
 	q.gauge(added)
-	select {
-	case q.ready <- struct{}{}:
-	default:
-	}
+	wake.Up(q.ready)
 }
 
 // Ready is signalled whenever items are pushed.
@@ -467,7 +477,7 @@ func (q *Queue) Release(n int) { q.release(n, nil) }
 func (q *Queue) unpinLocked(items []Item) {
 	for i := range items {
 		if items[i].pins {
-			q.pinned -= ChunkSize
+			q.pinned -= buffer.ChunkSize
 		}
 	}
 }
@@ -479,7 +489,7 @@ func (q *Queue) release(n int, items []Item) {
 	}
 	q.mu.Lock()
 	q.unpinLocked(items)
-	q.bytes -= n
+	q.bound.bytes -= n
 	q.released += uint64(n)
 	if len(q.waiting) > 0 && !q.closed {
 		q.admitWaitingLocked(q.limit)
@@ -506,7 +516,7 @@ func (q *Queue) Close() []Item {
 	q.closed = true
 	items := append(q.items, q.waiting...)
 	// The caller releases the bytes of everything returned.
-	q.bytes += q.waitBytes
+	q.bound.bytes += q.waitBytes
 	q.items, q.waiting, q.waitBytes = nil, nil, 0
 	if q.timer != nil {
 		q.timer.Stop()
@@ -523,5 +533,5 @@ func (q *Queue) Close() []Item {
 func (q *Queue) Bytes() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return q.bytes
+	return q.bound.bytes
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 )
 
@@ -20,11 +21,11 @@ type Remote interface {
 	// Send queues one message for the remote pod under the channel's overflow policy.
 	// anyOne marks lines that must be rerouted, not dropped, if the remote restarts.
 	// The remote takes its own reference on data's chunk.
-	Send(ctx context.Context, channel string, kind Kind, data Payload, anyOne bool, ov discovery.Overflow) (Result, string)
+	Send(ctx context.Context, channel string, kind Kind, data buffer.Payload, anyOne bool, ov discovery.Overflow) (Result, string)
 	// SendBatch queues Broadcast messages in order, like Send for each, and stops at
 	// the first that is not queued: it returns that message's index n (len(data) if all
 	// were queued) with the result and reason.
-	SendBatch(ctx context.Context, channel string, kind Kind, data []Payload, ov discovery.Overflow) (n int, res Result, reason string)
+	SendBatch(ctx context.Context, channel string, kind Kind, data []buffer.Payload, ov discovery.Overflow) (n int, res Result, reason string)
 	// Presence reports how many connections the remote advertised on channel, and
 	// whether its link is established (presence is only trusted while it is).
 	Presence(channel string) (conns int, up bool)
@@ -40,10 +41,10 @@ type Router struct {
 
 	// presence is broadcast when the local connection count of any channel changes;
 	// peer links subscribe to advertise it.
-	presence Signal
+	presence buffer.Signal
 	// changed is broadcast when candidates may have appeared (a remote's presence or
 	// link state changed); AnyOne lines waiting for a receiver re-check on it.
-	changed Signal
+	changed buffer.Signal
 
 	// wg joins the reroute goroutines.
 	wg     sync.WaitGroup
@@ -291,7 +292,7 @@ func (ch *Channel) pushLocal(ctx context.Context, c *Conn, it Item, ov discovery
 // rerouted lines) to its receivers. data must stay valid while it is queued (it is not
 // in a chunk). Route blocks as the overflow policy says; ctx ends any wait.
 func (ch *Channel) Route(ctx context.Context, from *Conn, kind Kind, data []byte) {
-	ch.RouteBatch(ctx, from, kind, []Payload{{Data: data}})
+	ch.RouteBatch(ctx, from, kind, []buffer.Payload{{Data: data}})
 }
 
 // RouteBatch routes lines accepted from from, in order, as Route does for each; it
@@ -300,7 +301,7 @@ func (ch *Channel) Route(ctx context.Context, from *Conn, kind Kind, data []byte
 //
 // Every queue that keeps a line takes its own reference on the line's chunk; the
 // caller releases its references afterwards.
-func (ch *Channel) RouteBatch(ctx context.Context, from *Conn, kind Kind, lines []Payload) {
+func (ch *Channel) RouteBatch(ctx context.Context, from *Conn, kind Kind, lines []buffer.Payload) {
 	spec := ch.spec.Load()
 	if from != nil {
 		ch.linesIn.Add(float64(len(lines)))
@@ -349,7 +350,7 @@ func (ch *Channel) dropFor(receiver, reason string, ov discovery.Overflow) {
 
 // pushBatch queues data for c and counts what is not queued. Queued lines take a
 // reference on done (nil for lines of local apps). It returns how many were dropped.
-func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []Payload, done *Completion, ov discovery.Overflow) int {
+func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []buffer.Payload, done *Completion, ov discovery.Overflow) int {
 	dropped := 0
 	for rest := data; len(rest) > 0; {
 		n, res, reason := c.Queue.PushBatch(ctx, kind, rest, done, ov)
@@ -373,7 +374,7 @@ func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []Pay
 
 // routeAnyOne picks the next candidate pod round robin and hands it the line, waiting
 // up to maxWait for a candidate to appear.
-func (ch *Channel) routeAnyOne(ctx context.Context, from *Conn, kind Kind, data Payload, ov discovery.Overflow) {
+func (ch *Channel) routeAnyOne(ctx context.Context, from *Conn, kind Kind, data buffer.Payload, ov discovery.Overflow) {
 	var deadline <-chan time.Time
 	for {
 		wake := ch.r.changed.C()
@@ -398,7 +399,7 @@ func (ch *Channel) routeAnyOne(ctx context.Context, from *Conn, kind Kind, data 
 }
 
 // tryAnyOne reports whether it found a candidate (the line is then queued or counted).
-func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data Payload, ov discovery.Overflow) bool {
+func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data buffer.Payload, ov discovery.Overflow) bool {
 	conns := *ch.conns.Load()
 	local := false
 	for _, c := range conns {
@@ -448,12 +449,12 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data Pa
 // It returns the channel's maxWait: how long the peer link may hold the line's
 // acknowledgement for a slow local reader before acknowledging it anyway.
 func (r *Router) Deliver(ctx context.Context, channel string, kind Kind, data []byte, done *Completion) time.Duration {
-	return r.DeliverBatch(ctx, channel, kind, []Payload{{Data: data}}, done)
+	return r.DeliverBatch(ctx, channel, kind, []buffer.Payload{{Data: data}}, done)
 }
 
 // DeliverBatch is Deliver for consecutive lines of one channel and kind: the channel is
 // looked up, and each connection's queue locked, once per batch. done covers them all.
-func (r *Router) DeliverBatch(ctx context.Context, channel string, kind Kind, data []Payload, done *Completion) time.Duration {
+func (r *Router) DeliverBatch(ctx context.Context, channel string, kind Kind, data []buffer.Payload, done *Completion) time.Duration {
 	ch := r.Channel(channel)
 	if ch == nil {
 		r.Drop(channel, ReasonNoChannel, len(data))
@@ -499,7 +500,7 @@ func (r *Router) Reroute(msgs []Message) {
 				r.Drop(m.Channel, ReasonNoChannel, 1)
 				continue
 			}
-			ch.routeAnyOne(r.ctx, nil, m.Kind, Payload{Data: m.Data}, ch.spec.Load().Overflow)
+			ch.routeAnyOne(r.ctx, nil, m.Kind, buffer.Payload{Data: m.Data}, ch.spec.Load().Overflow)
 		}
 	}()
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/go-logr/logr"
 	"go.uber.org/goleak"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
 )
 
@@ -103,11 +104,11 @@ type fakeRemote struct {
 }
 
 func (f *fakeRemote) ID() string { return f.id }
-func (f *fakeRemote) Send(_ context.Context, _ string, _ Kind, data Payload, _ bool, _ discovery.Overflow) (Result, string) {
+func (f *fakeRemote) Send(_ context.Context, _ string, _ Kind, data buffer.Payload, _ bool, _ discovery.Overflow) (Result, string) {
 	f.got = append(f.got, string(data.Data))
 	return Queued, ""
 }
-func (f *fakeRemote) SendBatch(_ context.Context, _ string, _ Kind, data []Payload, _ discovery.Overflow) (int, Result, string) {
+func (f *fakeRemote) SendBatch(_ context.Context, _ string, _ Kind, data []buffer.Payload, _ discovery.Overflow) (int, Result, string) {
 	for _, d := range data {
 		f.got = append(f.got, string(d.Data))
 	}
@@ -147,30 +148,30 @@ func TestAnyOneRoundRobin(t *testing.T) {
 // queue's own chunks, its original chunk is released at once, and every line reads
 // back intact and in order. A queue that drains copies nothing.
 func TestQueueCompactsSparseLines(t *testing.T) {
-	const limit = 4 * ChunkSize
+	const limit = 4 * buffer.ChunkSize
 	spec := ov(discovery.WaitThenDrop, limit)
 	q := NewQueue(nil, nil)
-	var originals []*Chunk
+	var originals []*buffer.Chunk
 	for i := range 100 {
-		c := NewChunk() // a read chunk holding one line of this queue among others' bytes
+		c := buffer.NewChunk() // a read chunk holding one line of this queue among others' bytes
 		line := append(c.Bytes()[:0], byte('a'+i%26), byte(i))
 		originals = append(originals, c)
-		if n, res, _ := q.PushBatch(t.Context(), Line, []Payload{{Data: line, Ref: c}}, nil, spec); res != Queued || n != 1 {
+		if n, res, _ := q.PushBatch(t.Context(), Line, []buffer.Payload{{Data: line, Ref: c}}, nil, spec); res != Queued || n != 1 {
 			t.Fatalf("line %d not queued", i)
 		}
 		c.Release(1) // the reader moves on to its next chunk
 	}
 	kept := 0
 	for _, c := range originals {
-		if c.refs.Load() > 0 {
+		if c.Refs() > 0 {
 			kept++
 		}
 	}
-	if kept != limit/ChunkSize {
-		t.Fatalf("the queue keeps %d read chunks alive, want %d (its bound)", kept, limit/ChunkSize)
+	if kept != limit/buffer.ChunkSize {
+		t.Fatalf("the queue keeps %d read chunks alive, want %d (its bound)", kept, limit/buffer.ChunkSize)
 	}
 	items := q.Take(nil)
-	own := map[*Chunk]bool{}
+	own := map[*buffer.Chunk]bool{}
 	for i, it := range items {
 		if len(it.Data) != 2 || it.Data[0] != byte('a'+i%26) || it.Data[1] != byte(i) {
 			t.Fatalf("line %d reads %q", i, it.Data)
@@ -184,16 +185,16 @@ func TestQueueCompactsSparseLines(t *testing.T) {
 	ReleaseItems(items)
 	q.release(2*len(items), items) // as Conn.Written does
 	for i, c := range originals {
-		if r := c.refs.Load(); r != 0 {
+		if r := c.Refs(); r != 0 {
 			t.Fatalf("read chunk %d still has %d references", i, r)
 		}
 	}
 
 	// Draining: each line is taken before the next arrives, nothing is copied.
 	for i := range 100 {
-		c := NewChunk()
+		c := buffer.NewChunk()
 		line := append(c.Bytes()[:0], 'x')
-		q.PushBatch(t.Context(), Line, []Payload{{Data: line, Ref: c}}, nil, spec)
+		q.PushBatch(t.Context(), Line, []buffer.Payload{{Data: line, Ref: c}}, nil, spec)
 		c.Release(1)
 		items = q.Take(items[:0])
 		if len(items) != 1 || items[0].Ref != c {

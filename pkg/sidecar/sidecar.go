@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/podipc/podipc/internal/wake"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/endpoint"
 	"github.com/podipc/podipc/pkg/identity"
@@ -237,9 +238,11 @@ func (s *Sidecar) Start(ctx context.Context) error {
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	defer cancelRun()
 	s.linkCtx = runCtx
-	if err := s.server.Start(runCtx); err != nil {
-		return err
-	}
+	s.run(func() {
+		if err := s.server.Start(runCtx); err != nil {
+			s.log.Error(err, "Peer server stopped")
+		}
+	})
 	if s.files != nil {
 		s.wg.Add(1)
 		go func() {
@@ -293,6 +296,15 @@ func (s *Sidecar) Start(ctx context.Context) error {
 	return err
 }
 
+// run runs f in a goroutine that Start joins before it returns.
+func (s *Sidecar) run(f func()) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		f()
+	}()
+}
+
 // drain is the SIGTERM sequence: not ready, stop accepting and reading apps, let the
 // peers acknowledge what is queued (bounded by the drain timeout), say goodbye, close.
 func (s *Sidecar) drain() {
@@ -305,8 +317,18 @@ func (s *Sidecar) drain() {
 	servedChannels := s.served
 	s.links, s.served = map[string]*peer.Link{}, map[string]*served{}
 	s.mu.Unlock()
+	// The endpoints stop reading apps now and keep writing lines from peers until
+	// the links and the server are done.
+	endpointsCtx, endEndpoints := context.WithCancel(context.Background())
+	var endpoints sync.WaitGroup
 	for _, sv := range servedChannels {
-		sv.drain()
+		for _, ep := range sv.endpoints() {
+			endpoints.Add(1)
+			go func() {
+				defer endpoints.Done()
+				_ = ep.Shutdown(endpointsCtx)
+			}()
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DrainTimeout)
 	var wg sync.WaitGroup
@@ -314,40 +336,57 @@ func (s *Sidecar) drain() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			l.Drain(ctx)
+			_ = l.Shutdown(ctx) // what is left is counted dropped shutdown
 		}()
 	}
 	wg.Wait()
 	cancel()
-	s.server.Close(time.Second)
-	for _, l := range links {
-		l.Close(router.ReasonShutdown)
-	}
-	for _, sv := range servedChannels {
-		sv.close("sidecar shutting down")
-	}
+	sctx, scancel := context.WithTimeout(context.Background(), goodbyeTimeout)
+	_ = s.server.Shutdown(sctx)
+	scancel()
+	s.logClosing(servedChannels, "sidecar shutting down")
+	endEndpoints()
+	endpoints.Wait()
 	s.router.Close()
-	sctx, scancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer scancel()
-	_ = s.admin.Shutdown(sctx)
+	actx, acancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer acancel()
+	_ = s.admin.Shutdown(actx)
 	s.log.Info("Drained")
 }
 
-func (sv *served) drain() {
-	if sv.lines != nil {
-		sv.lines.Drain()
+// goodbyeTimeout bounds how long the drain waits for senders to close their links
+// after the peer server's GOODBYE.
+const goodbyeTimeout = time.Second
+
+// endpoints returns the endpoints of sv that are bound.
+func (sv *served) endpoints() []*endpoint.Endpoint {
+	var eps []*endpoint.Endpoint
+	for _, ep := range []*endpoint.Endpoint{sv.lines, sv.nodeipc} {
+		if ep != nil {
+			eps = append(eps, ep)
+		}
 	}
-	if sv.nodeipc != nil {
-		sv.nodeipc.Drain()
+	return eps
+}
+
+// logClosing logs, for each channel that has app connections, that they are closed
+// and why.
+func (s *Sidecar) logClosing(svs map[string]*served, reason string) {
+	for name, sv := range svs {
+		n := 0
+		for _, ep := range sv.endpoints() {
+			n += ep.Connections()
+		}
+		if n > 0 {
+			s.log.Info("Closing app connections", "channel", name, "reason", reason, "connections", n)
+		}
 	}
 }
 
-func (sv *served) close(reason string) {
-	if sv.lines != nil {
-		sv.lines.Close(reason)
-	}
-	if sv.nodeipc != nil {
-		sv.nodeipc.Close(reason)
+// close closes sv's endpoints.
+func (sv *served) close() {
+	for _, ep := range sv.endpoints() {
+		_ = ep.Close()
 	}
 }
 
@@ -361,7 +400,8 @@ func (s *Sidecar) apply(st discovery.State) {
 	s.state.Store(&st)
 	for name, sv := range s.served {
 		if _, ok := st.Channels[name]; !ok {
-			sv.close("channel deleted")
+			s.logClosing(map[string]*served{name: sv}, "channel deleted")
+			sv.close()
 			s.router.Remove(name)
 			delete(s.served, name)
 			s.log.Info("Stopped serving channel", "channel", name, "reason", "channel deleted")
@@ -389,7 +429,8 @@ func (s *Sidecar) serve(name string, spec discovery.Spec) {
 	sv := s.served[name]
 	if sv != nil && sv.spec.LocalPort != spec.LocalPort {
 		if sv.lines != nil {
-			sv.lines.Close("localPort changed")
+			s.logClosing(map[string]*served{name: {lines: sv.lines}}, "localPort changed")
+			_ = sv.lines.Close()
 			sv.lines = nil
 		}
 		sv.linesRetry = retry{} // a new port is tried at once
@@ -401,10 +442,7 @@ func (s *Sidecar) serve(name string, spec discovery.Spec) {
 	}
 	sv.spec = spec
 	if !s.bindDue(name, ch, sv, time.Now()) {
-		select {
-		case s.rebind <- struct{}{}:
-		default:
-		}
+		wake.Up(s.rebind)
 	}
 }
 
@@ -449,7 +487,12 @@ func (s *Sidecar) started(ep *endpoint.Endpoint, err error, r *retry, channel, k
 		s.log.Info("Bound channel endpoint after retrying", "channel", channel, "endpoint", kind, "attempts", r.failures+1)
 	}
 	*r = retry{}
-	_ = ep.Start(s.linkCtx)
+	ctx := s.linkCtx
+	s.run(func() {
+		if err := ep.Start(ctx); err != nil && !errors.Is(err, net.ErrClosed) {
+			s.log.Error(err, "Channel endpoint stopped", "channel", channel, "endpoint", kind)
+		}
+	})
 	return ep
 }
 
@@ -535,7 +578,7 @@ func (s *Sidecar) applyLinks(st discovery.State) {
 			continue
 		}
 		s.log.Info("Closing peer link", "peer", old.Namespace+"/"+old.Name, "reason", "no longer a member or moved")
-		l.Close(router.ReasonPeerRemoved)
+		_ = l.Close() // Broadcast lines counted dropped peer_removed, AnyOne rerouted
 		delete(s.links, uid)
 	}
 	for uid, m := range want {
@@ -545,7 +588,8 @@ func (s *Sidecar) applyLinks(st discovery.State) {
 		l := peer.NewLink(peer.LinkConfig{Self: s.self, Member: m, LocalIP: host(withPort(s.cfg.PeerAddress, PeerPort)),
 			Channels: func() []string { return s.sharedChannels(uid) }, Router: s.router,
 			Log: s.log.WithName("peer"), Metrics: s.pmetrics, Keepalive: s.cfg.Keepalive, Secure: s.secure})
-		_ = l.Start(s.linkCtx)
+		ctx := s.linkCtx
+		s.run(func() { _ = l.Start(ctx) })
 		s.links[uid] = l
 	}
 	s.members.Reset() // channels no longer in the snapshot lose their samples

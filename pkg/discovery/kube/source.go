@@ -34,6 +34,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/internal/wake"
 	"github.com/podipc/podipc/pkg/discovery"
 )
 
@@ -153,7 +154,7 @@ func (s *Source) newWatched(what string, res dynamic.ResourceInterface, tweak fu
 	refused := func(ctx context.Context, err error) bool {
 		if !w.forbidden.Swap(true) {
 			s.Log.V(1).Info("Access refused, retrying", "what", what, "every", forbiddenRetry, "err", err.Error())
-			poke(dirty)
+			wake.Up(dirty)
 		}
 		select {
 		case <-ctx.Done():
@@ -187,12 +188,12 @@ func (s *Source) newWatched(what string, res dynamic.ResourceInterface, tweak fu
 	return w
 }
 
-// watch pokes dirty on every change and remembers access errors.
+// watch signals dirty on every change and remembers access errors.
 func (w *watchedInformer) watch(log logr.Logger, dirty chan struct{}) error {
 	notify := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { poke(dirty) },
-		UpdateFunc: func(any, any) { poke(dirty) },
-		DeleteFunc: func(any) { poke(dirty) },
+		AddFunc:    func(any) { wake.Up(dirty) },
+		UpdateFunc: func(any, any) { wake.Up(dirty) },
+		DeleteFunc: func(any) { wake.Up(dirty) },
 	}
 	if _, err := w.AddEventHandler(notify); err != nil {
 		return err
@@ -200,7 +201,7 @@ func (w *watchedInformer) watch(log logr.Logger, dirty chan struct{}) error {
 	return w.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) {
 		if apierrors.IsForbidden(err) {
 			w.forbidden.Store(true)
-			poke(dirty)
+			wake.Up(dirty)
 		}
 		log.V(1).Info("Watch failed, retrying", "what", w.what, "err", err.Error())
 	})
@@ -226,13 +227,6 @@ func waitForSync(ctx context.Context, watched []*watchedInformer) bool {
 			return false
 		case <-tick.C:
 		}
-	}
-}
-
-func poke(dirty chan struct{}) {
-	select {
-	case dirty <- struct{}{}:
-	default:
 	}
 }
 

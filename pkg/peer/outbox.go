@@ -1,0 +1,320 @@
+package peer
+
+import (
+	"sort"
+	"sync"
+	"unsafe"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/podipc/podipc/internal/buffer"
+	"github.com/podipc/podipc/pkg/router"
+)
+
+// outbox is a link's queue of lines waiting for their acknowledgement: the send queue
+// and the retransmit queue in one. It numbers lines, bounds them in bytes per channel,
+// encodes them as DATA frames for the session's writer, drops them from the front when
+// acknowledged and settles them when no receiver will acknowledge them. It knows
+// nothing of connections, so it is tested without a socket (outbox_test.go).
+//
+// It has no lock of its own: the link's mutex guards it, because the overflow policy
+// waits for space on that mutex while the link's state (closed, up) decides what a
+// waiting sender does next.
+type outbox struct {
+	// q holds unacknowledged messages in sequence order; q.items()[next:] are not yet
+	// handed to the current session's writer.
+	q    fifo[outMsg]
+	next int
+	// encoding says a session's writer is running. Messages are then encoded into out
+	// as they are queued, while out holds less than maxOutBytes, and the writer takes a
+	// whole batch by swapping buffers: no queue entry is copied, and a line is copied
+	// once, from its chunk into out. What does not fit waits in q[next:] until the
+	// writer has room again. Between sessions messages only wait in q; the next session
+	// encodes those its receiver has not acknowledged.
+	encoding bool
+	out      []byte
+	// outN counts the frames in out; outSeq is the last one's sequence number.
+	outN   int
+	outSeq uint64
+	// nextSeq is the sequence number of the next message queued.
+	nextSeq uint64
+	// sentSeq is the highest sequence number possibly seen by the current receiver
+	// incarnation: a message is marked sent before it is written.
+	sentSeq uint64
+	// chans holds the per-channel bounds; last caches the most recent lookup, since
+	// consecutive lines are mostly of one channel.
+	chans    map[string]*chanState
+	lastName string
+	last     *chanState
+	// unacked is the bytes queued; reported is what the gauge (podipc_peer_unacked_bytes)
+	// was told, updated per written batch and per acknowledgement rather than per line.
+	unacked, reported int
+	gauge             prometheus.Gauge
+	// peerGauge is the link's own series of podipc_peer_link_unacked_bytes (nil: none).
+	peerGauge prometheus.Gauge
+	// space is broadcast whenever the queue shrinks; the channels' bounds wait on it,
+	// under mu, and stop waiting once closed is set.
+	space  buffer.Signal
+	mu     *sync.Mutex
+	closed *bool
+}
+
+// outMsg is a sequenced message waiting for its acknowledgement. The outbox keeps them
+// by value in a fifo: queueing a line allocates nothing. A full queue of short lines
+// holds tens of thousands of them, written once and read back at acknowledgement long
+// after, so the struct is kept small (40 bytes): the channel name lives in st, and the
+// message's bytes are a pointer and a length rather than a slice.
+type outMsg struct {
+	seq uint64
+	st  *chanState
+	// ref keeps the bytes' slab chunk; released when the message leaves the queue.
+	ref    *buffer.Chunk
+	ptr    *byte
+	n      uint32
+	kind   router.Kind
+	anyOne bool
+}
+
+// data returns the message's bytes.
+func (m *outMsg) data() []byte { return unsafe.Slice(m.ptr, m.n) }
+
+// size returns the message's length.
+func (m *outMsg) size() int { return int(m.n) }
+
+// chanState is the outbox's bound on one channel: bytes queued and not yet
+// acknowledged, under the channel's overflow policy.
+type chanState struct {
+	name  string
+	bound router.Bound
+}
+
+// fifo is a queue of values that reuses its backing array: popped slots at the front
+// are reclaimed by moving the live part down once they are at least half of it, so
+// pushes and pops cost amortised O(1) and allocate only while the queue grows.
+type fifo[T any] struct {
+	buf  []T
+	head int
+}
+
+func (f *fifo[T]) len() int { return len(f.buf) - f.head }
+
+// items returns the queued values, oldest first; valid until the next push or pop.
+func (f *fifo[T]) items() []T { return f.buf[f.head:] }
+
+func (f *fifo[T]) push(v T) { *f.add() = v }
+
+// add appends a zero value and returns it, for the caller to fill in place.
+func (f *fifo[T]) add() *T {
+	if len(f.buf) == cap(f.buf) && f.head > 0 && f.head >= f.len() {
+		n := copy(f.buf, f.buf[f.head:])
+		clear(f.buf[n:])
+		f.buf, f.head = f.buf[:n], 0
+	}
+	var zero T
+	f.buf = append(f.buf, zero)
+	return &f.buf[len(f.buf)-1]
+}
+
+// pop removes the k oldest values.
+func (f *fifo[T]) pop(k int) {
+	clear(f.buf[f.head : f.head+k])
+	f.head += k
+	if f.head == len(f.buf) {
+		f.buf, f.head = f.buf[:0], 0
+	}
+}
+
+// init readies an empty outbox that reports its unacknowledged bytes to gauge (the sum
+// over links) and peerGauge (this link's series, nil for none). mu is
+// the lock that guards it, closed the flag (read under mu) that says its link has ended.
+func (o *outbox) init(gauge, peerGauge prometheus.Gauge, mu *sync.Mutex, closed *bool) {
+	o.nextSeq, o.chans, o.gauge, o.peerGauge, o.mu, o.closed = 1, map[string]*chanState{}, gauge, peerGauge, mu, closed
+}
+
+// len returns the number of messages queued.
+func (o *outbox) len() int { return o.q.len() }
+
+// channel returns the bound of channel.
+func (o *outbox) channel(name string) *chanState {
+	if o.last != nil && name == o.lastName {
+		return o.last
+	}
+	st := o.chans[name]
+	if st == nil {
+		st = &chanState{name: name}
+		st.bound.Init(o.mu, &o.space, o.closed)
+		o.chans[name] = st
+	}
+	o.lastName, o.last = name, st
+	return st
+}
+
+// push queues data as the next message in sequence, and encodes it for the writer if a
+// session is up. The caller has retained ref for the message. The queue entry is
+// filled in place, field by field: it is written once per line, into memory that has
+// usually left the cache since its last use.
+func (o *outbox) push(st *chanState, ref *buffer.Chunk, data []byte, kind router.Kind, anyOne bool) {
+	m := o.q.add()
+	m.seq, m.st, m.ref = o.nextSeq, st, ref
+	m.ptr, m.n = unsafe.SliceData(data), uint32(len(data)) // lines are at most MaxFrameBytes
+	m.kind, m.anyOne = kind, anyOne
+	o.nextSeq++
+	st.bound.Add(len(data))
+	o.unacked += len(data)
+	if o.encoding && o.next == o.q.len()-1 && len(o.out) < maxOutBytes {
+		o.encode(m)
+		o.next++
+	}
+	if !o.encoding {
+		// No writer reports for a link that is down: the queue's growth shows at once.
+		o.report()
+	}
+}
+
+// fill encodes waiting messages into out while it holds less than maxOutBytes, if a
+// session's writer is running.
+func (o *outbox) fill() {
+	if !o.encoding {
+		return
+	}
+	q := o.q.items()
+	for o.next < len(q) && len(o.out) < maxOutBytes {
+		o.encode(&q[o.next])
+		o.next++
+	}
+}
+
+// encode appends m's DATA frame to out.
+func (o *outbox) encode(m *outMsg) {
+	o.out = AppendDataHeader(o.out, m.seq, m.st.name, m.kind, m.size())
+	o.out = append(o.out, m.data()...)
+	o.outN++
+	o.outSeq = m.seq
+}
+
+// startEncoding encodes, from the oldest, the messages queued, and later ones as they
+// are queued, for a session whose writer is about to run.
+func (o *outbox) startEncoding() {
+	o.next = 0
+	o.out, o.outN = o.out[:0], 0
+	o.encoding = true
+	o.fill()
+}
+
+// stopEncoding discards what the ended session's writer did not take.
+func (o *outbox) stopEncoding() {
+	o.encoding = false
+	o.out, o.outN = o.out[:0], 0
+}
+
+// take hands the writer the frames encoded so far and their count, and gives the
+// encoders spare to fill next. The frames are marked sent before they are written: a
+// failed write may still have reached the receiver.
+func (o *outbox) take(spare []byte) ([]byte, int) {
+	o.fill()
+	buf, n := o.out, o.outN
+	if n > 0 {
+		o.out, o.outN = spare[:0], 0
+		o.sentSeq = max(o.sentSeq, o.outSeq)
+	}
+	o.report()
+	return buf, n
+}
+
+// report brings the gauge up to date.
+func (o *outbox) report() {
+	if d := o.unacked - o.reported; d != 0 {
+		o.gauge.Add(float64(d))
+		if o.peerGauge != nil {
+			o.peerGauge.Set(float64(o.unacked))
+		}
+		o.reported = o.unacked
+	}
+}
+
+// ack removes the messages up to and including seq.
+func (o *outbox) ack(seq uint64) {
+	q := o.q.items()
+	// A search, not a subtraction: settling AnyOne lines on GOODBYE leaves gaps in q.
+	o.trim(sort.Search(len(q), func(i int) bool { return q[i].seq > seq }))
+}
+
+// trim removes the first k messages (acknowledged).
+func (o *outbox) trim(k int) {
+	if k == 0 {
+		return
+	}
+	q := o.q.items()[:k]
+	for i := range q {
+		q[i].st.bound.Add(-q[i].size())
+		o.unacked -= q[i].size()
+	}
+	for i := 0; i < k; {
+		// One release per run of messages sharing a chunk.
+		j := i + 1
+		for j < k && q[j].ref == q[i].ref {
+			j++
+		}
+		q[i].ref.Release(j - i)
+		i = j
+	}
+	o.q.pop(k)
+	o.next = max(o.next-k, 0)
+	o.report()
+	o.space.Broadcast()
+}
+
+// settle removes the messages that pick selects, which a receiver may have seen but
+// will never acknowledge: AnyOne ones are returned for rerouting (copied out of their
+// chunks), Broadcast ones are counted per channel in drops. The rest stay queued, in
+// order. It is called only when nothing is being encoded.
+func (o *outbox) settle(pick func(*outMsg) bool) (reroute []router.Message, drops map[string]int) {
+	var keep fifo[outMsg]
+	q := o.q.items()
+	for i := range q {
+		m := &q[i]
+		if !pick(m) {
+			keep.push(*m)
+			continue
+		}
+		m.st.bound.Add(-m.size())
+		o.unacked -= m.size()
+		if m.anyOne {
+			reroute = append(reroute, router.Message{Channel: m.st.name, Kind: m.kind, Data: append([]byte(nil), m.data()...)})
+		} else {
+			if drops == nil {
+				drops = map[string]int{}
+			}
+			drops[m.st.name]++
+		}
+		m.ref.Release(1)
+	}
+	o.q = keep
+	o.next = 0
+	o.report()
+	o.space.Broadcast()
+	return reroute, drops
+}
+
+// maxResumeSeq bounds the lastSeq a link continues after, far beyond any real stream,
+// so that sequence numbers cannot wrap.
+const maxResumeSeq = 1 << 62
+
+// renumber makes the queue continue after last. It is called before the link's first
+// session, so no receiver has seen any of it (sentSeq is 0).
+func (o *outbox) renumber(last uint64) error {
+	if last > maxResumeSeq {
+		return protocolError(ReasonLastSeq, "WELCOME lastSeq %d is beyond %d", last, uint64(maxResumeSeq))
+	}
+	q := o.q.items()
+	for i := range q {
+		q[i].seq = last + 1 + uint64(i)
+	}
+	o.nextSeq = last + 1 + uint64(len(q))
+	o.sentSeq = last
+	return nil
+}
+
+// maxOutBytes is how many bytes of frames are encoded ahead of the writer: enough for
+// thousands of short lines per system call, while the link's two buffers stay small.
+const maxOutBytes = 256 << 10

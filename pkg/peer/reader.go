@@ -1,0 +1,209 @@
+package peer
+
+import (
+	"encoding/binary"
+	"errors"
+	"io"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/podipc/podipc/internal/buffer"
+)
+
+// Reader splits a stream into frames. It reads straight into reference-counted chunks
+// (buffer.Chunk) and returns every frame that fits one in place, so the receiving
+// sidecar queues a line's bytes for its local readers without copying them: the caller
+// retains the frame's chunk (Chunk) for as long as it keeps the frame.
+type Reader struct {
+	src *source
+	// max is the frame bound; atomic so that the server can lower or raise it when the
+	// channels a link carries change, while the link's goroutine reads.
+	max atomic.Int32
+	// chunk is the buffer being filled (buf is its bytes), holding the reader's own
+	// reference; buf[r:w] is read but not yet returned. A full chunk is never reused
+	// by the reader: it takes a new one, carrying over the partial frame at its end,
+	// and releases the old one, which lives on while queued lines alias it.
+	chunk *buffer.Chunk
+	buf   []byte
+	r, w  int
+	// cur is the chunk of the frame returned last; nil for a frame too large for a
+	// chunk, which gets a buffer of its own.
+	cur *buffer.Chunk
+}
+
+// minRead is the least room a read is offered: a chunk with less left is replaced.
+const minRead = 4 << 10
+
+// source is what the Reader reads from. With a timeout set it pushes the connection's
+// read deadline forward before each read from the socket, that is once per buffer
+// refill (hundreds of small frames) rather than once per frame, which cost a clock read
+// and a runtime timer update per line.
+type source struct {
+	r       io.Reader
+	conn    interface{ SetReadDeadline(time.Time) error }
+	timeout time.Duration
+}
+
+func (s *source) Read(p []byte) (int, error) {
+	if s.conn != nil {
+		_ = s.conn.SetReadDeadline(time.Now().Add(s.timeout))
+	}
+	return s.r.Read(p)
+}
+
+// NewReader reads frames of at most maxFrame bytes from r. Close releases its buffer.
+func NewReader(r io.Reader, maxFrame int) *Reader {
+	fr := &Reader{src: &source{r: r}}
+	fr.SetMax(maxFrame)
+	return fr
+}
+
+// SetReadTimeout makes every read from the stream fail if conn (the stream's
+// connection) delivers nothing for d: the deadline is refreshed before each read from
+// the socket. d = 0 stops refreshing it.
+func (r *Reader) SetReadTimeout(conn interface{ SetReadDeadline(time.Time) error }, d time.Duration) {
+	r.src.conn, r.src.timeout = conn, d
+	if d == 0 {
+		r.src.conn = nil
+	}
+}
+
+// SetMax changes the frame bound; it may be called while another goroutine reads.
+func (r *Reader) SetMax(n int) { r.max.Store(int32(min(n, MaxFrameBytes))) }
+
+// Next returns the next frame's type and body. The body is valid until the next call,
+// or for as long as the caller holds a reference on Chunk().
+func (r *Reader) Next() (FrameType, []byte, error) {
+	for {
+		if r.w-r.r >= 4 {
+			n := int(binary.BigEndian.Uint32(r.buf[r.r:]))
+			if err := checkLength(n, int(r.max.Load())); err != nil {
+				return 0, nil, err
+			}
+			if 4+n > buffer.ChunkSize {
+				return r.large(n)
+			}
+			if r.w-r.r >= 4+n {
+				f := r.buf[r.r : r.r+4+n : r.r+4+n]
+				r.r += 4 + n
+				r.cur = r.chunk
+				return FrameType(f[4]), f[headerLen:], nil
+			}
+		}
+		if err := r.fill(); err != nil {
+			if errors.Is(err, io.EOF) && r.w > r.r {
+				err = io.ErrUnexpectedEOF
+			}
+			return 0, nil, err
+		}
+	}
+}
+
+// fill reads more of the stream, into a new chunk if the current one is short of room.
+func (r *Reader) fill() error {
+	if r.chunk == nil || len(r.buf)-r.w < minRead {
+		next := buffer.NewChunk()
+		buf := next.Bytes()
+		r.w = copy(buf, r.buf[r.r:r.w])
+		r.r = 0
+		r.chunk.Release(1)
+		r.chunk, r.buf = next, buf
+	}
+	n, err := r.src.Read(r.buf[r.w:])
+	r.w += n
+	if n > 0 {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrNoProgress
+	}
+	return err
+}
+
+// checkLength checks a frame's declared length against the bound.
+func checkLength(n, bound int) error {
+	if n < 1 {
+		return protocolError(ReasonMalformed, "empty frame")
+	}
+	if n > bound {
+		return protocolError(ReasonFrameSize, "frame of %d bytes, the bound is %d", n, bound)
+	}
+	return nil
+}
+
+// large reads a frame of n bytes after its length, too large for a chunk, into a buffer
+// of its own.
+func (r *Reader) large(n int) (FrameType, []byte, error) {
+	head := r.buf[r.r+4 : min(r.w, r.r+4+n)]
+	r.r += 4 + len(head)
+	f, err := readBody(r.src, head, n)
+	if err != nil {
+		return 0, nil, err
+	}
+	r.cur = nil
+	return FrameType(f[0]), f[1:], nil
+}
+
+// readBody returns the n bytes of a frame after its length, of which head were read
+// already. The buffer starts small and doubles with what arrives, never allocated to
+// the declared length up front: a peer that announces a large frame (or a 64 KiB
+// HELLO) and sends little costs little.
+func readBody(src io.Reader, head []byte, n int) ([]byte, error) {
+	const first = 4 << 10
+	f := make([]byte, len(head), max(min(n, first), len(head)))
+	copy(f, head)
+	for len(f) < n {
+		if len(f) == cap(f) {
+			f = slices.Grow(f, min(n, 2*cap(f))-len(f))
+		}
+		m, err := src.Read(f[len(f):min(cap(f), n)])
+		f = f[:len(f)+m]
+		if err != nil && len(f) < n {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+	}
+	return f, nil
+}
+
+// ReadHandshake reads one frame of at most maxFrame bytes straight from r, with no
+// read-ahead and no buffer before its length has arrived: HELLO and WELCOME are read
+// this way, before the peer is authenticated, so an idle connection holds no read
+// buffer. The Reader takes over after the handshake.
+func ReadHandshake(r io.Reader, maxFrame int) (FrameType, []byte, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return 0, nil, err
+	}
+	n := int(binary.BigEndian.Uint32(hdr[:]))
+	if err := checkLength(n, maxFrame); err != nil {
+		return 0, nil, err
+	}
+	f, err := readBody(r, nil, n)
+	if err != nil {
+		return 0, nil, err
+	}
+	return FrameType(f[0]), f[1:], nil
+}
+
+// Chunk returns the chunk that the last frame's body lives in, or nil if it has a
+// buffer of its own. A caller keeping the body past the next Next retains the chunk.
+func (r *Reader) Chunk() *buffer.Chunk { return r.cur }
+
+// Ready reports whether a whole frame is buffered, so that Next returns it without
+// reading from the stream (and so without blocking).
+func (r *Reader) Ready() bool {
+	if r.w-r.r < 4 {
+		return false
+	}
+	return r.w-r.r-4 >= int(binary.BigEndian.Uint32(r.buf[r.r:]))
+}
+
+// Close releases the reader's chunk; Next must not be called afterwards.
+func (r *Reader) Close() {
+	r.chunk.Release(1)
+	r.chunk, r.buf, r.r, r.w, r.cur = nil, nil, 0, 0, nil
+}
