@@ -195,7 +195,7 @@ func sidecarSeries(t *testing.T) map[string]map[string]bool {
 	writeStatic(true)
 	cmd := exec.Command(bin, "--discovery=static", "--static-config="+config, "--app-address=127.0.0.1",
 		"--peer-address=127.0.0.1:"+strconv.Itoa(peerPort), "--admin-address=127.0.0.1:"+strconv.Itoa(adminPort),
-		"--socket-dir="+t.TempDir())
+		"--socket-dir="+t.TempDir(), "--peer-tls=Disabled") // the test plays a plaintext peer
 	cmd.Env = append(os.Environ(), "PODIPC_POD_NAME=pod-a", "PODIPC_POD_NAMESPACE=demo", "PODIPC_POD_UID=uid-a",
 		"PODIPC_POD_IP=127.0.0.1", "PODIPC_CHANNELS=orders")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
