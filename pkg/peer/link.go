@@ -202,7 +202,14 @@ func (l *Link) admitLocked(ctx context.Context, st *chanState, n int, ov discove
 }
 
 // kickLocked wakes the writer.
-func (l *Link) kickLocked() { wake.Up(l.wake) }
+func (l *Link) kickLocked() {
+	if !l.outbox.encoding {
+		// No writer reports for a link that is down: the queue's growth shows at once,
+		// once per batch rather than per line.
+		l.outbox.report()
+	}
+	wake.Up(l.wake)
+}
 
 // settleLocked settles the messages pick selects (outbox.settle): Broadcast ones are
 // counted dropped for reason and logged here, AnyOne ones returned for rerouting.

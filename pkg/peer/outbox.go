@@ -165,10 +165,6 @@ func (o *outbox) push(st *chanState, ref *buffer.Chunk, data []byte, kind router
 		o.encode(m)
 		o.next++
 	}
-	if !o.encoding {
-		// No writer reports for a link that is down: the queue's growth shows at once.
-		o.report()
-	}
 }
 
 // fill encodes waiting messages into out while it holds less than maxOutBytes, if a

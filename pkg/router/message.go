@@ -97,6 +97,10 @@ func (c *Completion) Complete() bool { return c.remaining.Load() <= 0 }
 // Item is one message in a receiver's queue.
 type Item struct {
 	Kind Kind
+	// pins says the queue charged the item for its whole chunk (see Queue.pinLocked).
+	// It sits beside Kind, in what would be padding, to keep an Item at 48 bytes: queues
+	// write and read one per line.
+	pins bool
 	Data []byte
 	// Ref keeps the chunk Data lives in from being reused; the queue's owner releases
 	// it once the item is written or dropped.
@@ -104,8 +108,6 @@ type Item struct {
 	// Done is released once the item has been written or dropped; nil for lines that
 	// came from a local app (they need no acknowledgement).
 	Done *Completion
-	// pins says the queue charged the item for its whole chunk (see Queue.pinLocked).
-	pins bool
 }
 
 // ReleaseItems releases the chunk references of items, one atomic operation per run
