@@ -114,10 +114,11 @@ const reportTail = `
   and a line routed to the victim before its PRESENCE update reaches the senders finds no
   connection there and is counted ` + "`no_connection`" + ` by a sidecar that exits before the
   suite's next poll; AnyOne would rather send such a line back for another member. Until that
-  is fixed, ` + "`.ci/run`" + ` runs this suite without the two pod-deletion faults
-  (` + "`-skip TestFaults/pod_`" + `); ` + "`make e2e-faults`" + ` runs them all.
+  is fixed, ` + "`.ci/run`" + ` does not run this suite; ` + "`make e2e-faults`" + ` does.
 * **A partition longer than about 30 s restarts the sidecar.** Its liveness probe (every
   10 s, 3 failures) crosses the pod network, so the kubelet kills a cut-off sidecar, and the
   lines its apps had sent and it had not had acknowledged are lost with it (guarantee (c)).
-  The suite judges such a fault by the sidecar-restart rules and says so in the verdict.
+  The suite judges such a fault by the sidecar-restart rules and says so in the verdict, but
+  the restart's accounting is not exact: in one of four full runs "veth down 30 s" lost 6
+  Broadcast lines more than were counted (186 lost, 180 counted ` + "`peer_restarted`" + `).
 `
