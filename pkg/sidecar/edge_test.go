@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -51,13 +50,7 @@ func TestLineAndNodeIPC(t *testing.T) {
 	c := newCluster(t, 2, chanCfg{name: "orders"})
 	a, b := c.pods[0], c.pods[1]
 	line := c.dialApp(a, 0, false)
-	var nc net.Conn
-	eventually(t, "dial node-ipc socket", func() bool {
-		var err error
-		nc, err = net.Dial("unix", filepath.Join(b.sockDir, "app.orders"))
-		return err == nil
-	})
-	defer func() { _ = nc.Close() }()
+	nc := dialNodeIPC(t, b, "orders")
 	c.waitConns(b, "orders", 1)
 	c.waitConns(a, "orders", 1)
 	line.send(t, "hello-", 0, 1)

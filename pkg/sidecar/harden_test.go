@@ -9,7 +9,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -70,13 +69,7 @@ func TestMalformedNodeIPCFrame(t *testing.T) {
 	c := newCluster(t, 2, chanCfg{name: "orders"})
 	a, b := c.pods[0], c.pods[1]
 	reader := c.dialApp(b, 0, false)
-	var nc net.Conn
-	eventually(t, "dial node-ipc socket", func() bool {
-		var err error
-		nc, err = net.Dial("unix", filepath.Join(a.sockDir, "app.orders"))
-		return err == nil
-	})
-	defer func() { _ = nc.Close() }()
+	nc := dialNodeIPC(t, a, "orders")
 	c.waitConns(a, "orders", 1)
 	c.waitConns(b, "orders", 1)
 	eventually(t, "a to see b's connection", func() bool { return c.metric(a, `podipc_peer_links{direction="out",state="up"}`) == 1 })
@@ -167,7 +160,7 @@ func TestSparseLinesDoNotPinChunks(t *testing.T) {
 	for i := range rounds / 5 { // warm up: the same busy traffic, no sparse lines
 		round(false, i)
 	}
-	base := processRSS(t, b)
+	base := rss(t, b)
 	before := queued()
 	for i := range rounds {
 		round(true, i)
@@ -176,32 +169,13 @@ func TestSparseLinesDoNotPinChunks(t *testing.T) {
 	if d := c.metric(b, `podipc_dropped_lines_total{channel="sparse",reason="queue_full"}`); d != 0 {
 		t.Fatalf("b dropped %v sparse lines: the test proved nothing", d)
 	}
-	grown := processRSS(t, b) - base
+	grown := rss(t, b) - base
 	t.Logf("b's RSS grew by %d KiB with %d sparse lines queued (queue %v bytes)", grown>>10, rounds, queued())
 	// Only a large excess fails: twice the bound, plus room for the heap's own noise.
 	if limit := 2*queueBytes + 16<<20; grown > limit {
 		t.Fatalf("b's RSS grew by %d MiB with %d one-line chunks queued, want at most %d MiB (2 x queueBytes + 16 MiB)",
 			grown>>20, rounds, limit>>20)
 	}
-}
-
-// processRSS returns the resident set size of p's process, from /proc.
-func processRSS(t *testing.T, p *pod) int {
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range strings.Split(string(raw), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
-			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return kb << 10
-		}
-	}
-	t.Fatal("no VmRSS in /proc status")
-	return 0
 }
 
 // TestAppConnectionCap: an app that opens more connections than --max-app-connections
@@ -318,13 +292,7 @@ func TestUnframeablePeerLines(t *testing.T) {
 	c.start(b)
 	c.waitReady(b)
 	line := c.dialApp(b, 0, false)
-	var nc net.Conn
-	eventually(t, "dial node-ipc socket", func() bool {
-		var err error
-		nc, err = net.Dial("unix", filepath.Join(b.sockDir, "app.orders"))
-		return err == nil
-	})
-	defer func() { _ = nc.Close() }()
+	nc := dialNodeIPC(t, b, "orders")
 	c.waitConns(b, "orders", 2)
 
 	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(m.ip)}}

@@ -494,3 +494,17 @@ func seqOf(t *testing.T, line, prefix string) int {
 
 var _ = io.EOF
 var _ = context.Background
+
+// dialNodeIPC connects to p's node-ipc socket of channel, waiting for the sidecar to bind
+// it; the connection is closed when the test ends.
+func dialNodeIPC(t *testing.T, p *pod, channel string) net.Conn {
+	t.Helper()
+	var nc net.Conn
+	eventually(t, "dial node-ipc socket", func() bool {
+		var err error
+		nc, err = net.Dial("unix", filepath.Join(p.sockDir, "app."+channel))
+		return err == nil
+	})
+	t.Cleanup(func() { _ = nc.Close() })
+	return nc
+}
