@@ -166,14 +166,8 @@ type overloadFigures struct {
 }
 
 func run(ctx context.Context, cfg config) error {
-	dir := cfg.workDir
-	if dir == "" {
-		d, err := os.MkdirTemp("", "podipc-loadtest-")
-		if err != nil {
-			return err
-		}
-		dir = d
-	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+	dir, err := workDir(cfg.workDir, "podipc-loadtest-")
+	if err != nil {
 		return err
 	}
 	self, err := os.Executable()
@@ -413,4 +407,13 @@ func startPerf(ctx context.Context, dir string, t *target, size int, warmup, dur
 	}
 	fmt.Fprintf(os.Stderr, "perf: recording the sidecars into %s (perf report -i %s)\n", out, out)
 	return p
+}
+
+// workDir returns dir, created if need be, or a new temporary directory named after
+// pattern when dir is empty: where the processes of a run keep their files and logs.
+func workDir(dir, pattern string) (string, error) {
+	if dir == "" {
+		return os.MkdirTemp("", pattern)
+	}
+	return dir, os.MkdirAll(dir, 0o755)
 }

@@ -120,14 +120,8 @@ type a2aFigures struct {
 }
 
 func runScale(ctx context.Context, cfg scaleConfig) error {
-	dir := cfg.workDir
-	if dir == "" {
-		d, err := os.MkdirTemp("", "podipc-loadtest-scale-")
-		if err != nil {
-			return err
-		}
-		dir = d
-	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+	dir, err := workDir(cfg.workDir, "podipc-loadtest-scale-")
+	if err != nil {
 		return err
 	}
 	m := describeMachine()
