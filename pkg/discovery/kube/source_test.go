@@ -15,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/rand"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/util/retry"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -197,14 +198,18 @@ func TestSourceFollowsTheChannel(t *testing.T) {
 	}
 	got.waitFor(t, "c-peer leaves", hasMembers("feed", "a-self", "b-peer"))
 
-	// A Channel edit is applied live.
-	if err := env.Client.Get(t.Context(), client.ObjectKeyFromObject(feed), feed); err != nil {
-		t.Fatal(err)
-	}
-	feed.Spec.Delivery = podipcv1alpha1.DeliveryAnyOne
-	feed.Spec.Overflow.MaxWait = &metav1.Duration{Duration: 2 * time.Second}
-	feed.Spec.Overflow.MaxBlock = &metav1.Duration{Duration: 5 * time.Second}
-	if err := env.Client.Update(t.Context(), feed); err != nil {
+	// A Channel edit is applied live. The controller running beside the test writes the
+	// Channel's status, so an edit may meet a conflict: read again and retry, as kubectl
+	// edit would.
+	if err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		if err := env.Client.Get(t.Context(), client.ObjectKeyFromObject(feed), feed); err != nil {
+			return err
+		}
+		feed.Spec.Delivery = podipcv1alpha1.DeliveryAnyOne
+		feed.Spec.Overflow.MaxWait = &metav1.Duration{Duration: 2 * time.Second}
+		feed.Spec.Overflow.MaxBlock = &metav1.Duration{Duration: 5 * time.Second}
+		return env.Client.Update(t.Context(), feed)
+	}); err != nil {
 		t.Fatal(err)
 	}
 	got.waitFor(t, "edited spec", func(st discovery.State) error {
