@@ -8,6 +8,7 @@ package main
 // image or chart ships a profiling endpoint and the binary stays small (deps_test.go).
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/http"
@@ -19,7 +20,7 @@ func init() {
 	if os.Getenv("PODIPC_PPROF") != "1" {
 		return
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := new(net.ListenConfig).Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "pprof:", err)
 		return
