@@ -279,6 +279,27 @@ func AppendDataHeader(dst []byte, seq uint64, channel string, kind router.Kind, 
 	return append(dst, byte(kind))
 }
 
+// appendData appends a whole DATA frame to dst: the frame header, seq, tail (the
+// channel name and kind as chanState encodes them once) and payload. It is the
+// sending sidecar's per-line and per-link work, so it grows dst once and writes the
+// fields in place rather than appending them one by one (AppendDataHeader's output,
+// with the payload after it; TestAppendDataMatchesHeader).
+func appendData(dst []byte, seq uint64, tail, payload []byte) []byte {
+	var hdr [headerLen + binary.MaxVarintLen64]byte
+	i := headerLen
+	for ; seq >= 0x80; seq >>= 7 {
+		hdr[i] = byte(seq) | 0x80
+		i++
+	}
+	hdr[i] = byte(seq)
+	i++
+	binary.BigEndian.PutUint32(hdr[:], uint32(i-headerLen+len(tail)+len(payload)+1))
+	hdr[4] = byte(FrameData)
+	dst = append(dst, hdr[:i]...)
+	dst = append(dst, tail...)
+	return append(dst, payload...)
+}
+
 // decoder reads fields from a frame body, remembering the first error.
 type decoder struct {
 	b   []byte

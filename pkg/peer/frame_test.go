@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/podipc/podipc/internal/buffer"
@@ -193,5 +194,40 @@ func TestReaderKeepsRetainedFrames(t *testing.T) {
 	}
 	if _, _, err := r.Next(); !errors.Is(err, io.EOF) {
 		t.Fatalf("end of stream: %v", err)
+	}
+}
+
+// TestAppendDataMatchesHeader: the frames a link's outbox encodes (appendData, with the
+// channel's tail encoded once) are byte for byte the DATA frames of the protocol
+// (AppendDataHeader and the payload), at every sequence number length, for both kinds
+// and for a channel name of the longest length, and a reader decodes them back.
+func TestAppendDataMatchesHeader(t *testing.T) {
+	long := strings.Repeat("c", maxLabelBytes)
+	var got, want []byte
+	var msgs []Data
+	for _, name := range []string{"orders", long} {
+		st := newChanState(name)
+		for _, kind := range []router.Kind{router.Line, router.NodeIPC} {
+			for _, seq := range []uint64{1, 127, 128, 16383, 16384, 1<<35 + 3, maxResumeSeq + 99} {
+				payload := []byte(fmt.Sprintf("line %d of %s", seq, kind))
+				got = appendData(got, seq, st.tail[kind], payload)
+				want = append(AppendDataHeader(want, seq, name, kind, len(payload)), payload...)
+				msgs = append(msgs, Data{Seq: seq, Channel: []byte(name), Kind: kind, Payload: payload})
+			}
+		}
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("appendData encoded\n%x\nwant\n%x", got, want)
+	}
+	r := NewReader(bytes.NewReader(got), MaxFrameBytes)
+	for _, m := range msgs {
+		typ, body, err := r.Next()
+		if err != nil || typ != FrameData {
+			t.Fatalf("Next = %d, %v", typ, err)
+		}
+		d, err := ParseData(body)
+		if err != nil || !reflect.DeepEqual(d, m) {
+			t.Fatalf("ParseData = %+v, %v; want %+v", d, err, m)
+		}
 	}
 }

@@ -1,6 +1,7 @@
 package peer
 
 import (
+	"encoding/binary"
 	"sort"
 	"sync"
 	"unsafe"
@@ -86,6 +87,20 @@ func (m *outMsg) size() int { return int(m.n) }
 type chanState struct {
 	name  string
 	bound router.Bound
+	// tail is the part of a DATA body between the sequence number and the payload
+	// for each kind (the channel name with its length, then the kind), encoded once
+	// per channel rather than once per line and link (appendData).
+	tail [2][]byte
+}
+
+// newChanState returns the bound of channel name, its DATA tails encoded.
+func newChanState(name string) *chanState {
+	st := &chanState{name: name}
+	for k := range st.tail {
+		t := binary.AppendUvarint(nil, uint64(len(name)))
+		st.tail[k] = append(append(t, name...), byte(k))
+	}
+	return st
 }
 
 // fifo is a queue of values that reuses its backing array: popped slots at the front
@@ -141,7 +156,7 @@ func (o *outbox) channel(name string) *chanState {
 	}
 	st := o.chans[name]
 	if st == nil {
-		st = &chanState{name: name}
+		st = newChanState(name)
 		st.bound.Init(o.mu, &o.space, o.closed)
 		o.chans[name] = st
 	}
@@ -182,8 +197,7 @@ func (o *outbox) fill() {
 
 // encode appends m's DATA frame to out.
 func (o *outbox) encode(m *outMsg) {
-	o.out = AppendDataHeader(o.out, m.seq, m.st.name, m.kind, m.size())
-	o.out = append(o.out, m.data()...)
+	o.out = appendData(o.out, m.seq, m.st.tail[m.kind], m.data())
 	o.outN++
 	o.outSeq = m.seq
 }

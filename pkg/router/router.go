@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"math/bits"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -410,21 +411,28 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data bu
 	}
 	remotes := *ch.remotes.Load()
 	// Candidate 0 is the own pod, then the remotes in UID order, so every sender
-	// walks the same ring.
-	var cands [17]int
-	list := cands[:0]
+	// walks the same ring. The candidates are a bit set, on the stack for channels of
+	// up to 4,095 members, so that a line allocates nothing however many members the
+	// channel has.
+	var words [64]uint64
+	set := words[:]
+	if n := (len(remotes) + 64) / 64; n > len(set) {
+		set = make([]uint64, n)
+	}
+	count := 0
 	if local {
-		list = append(list, -1)
+		set[0], count = 1, 1
 	}
 	for i, m := range remotes {
 		if n, up := m.Presence(ch.name); m.ready && up && n > 0 {
-			list = append(list, i)
+			set[(i+1)/64] |= 1 << ((i + 1) % 64)
+			count++
 		}
 	}
-	if len(list) == 0 {
+	if count == 0 {
 		return false
 	}
-	pick := list[int(ch.rr.Add(1)-1)%len(list)]
+	pick := nthBit(set, int(ch.rr.Add(1)-1)%count) - 1
 	if pick < 0 {
 		it := Item{Kind: kind, Data: data.Data, Ref: data.Ref}
 		for _, c := range conns {
@@ -438,6 +446,21 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data bu
 		ch.dropFor(remotes[pick].ID(), reason, ov)
 	}
 	return true
+}
+
+// nthBit returns the index of the k-th (from 0) bit set in set, which has more than k.
+func nthBit(set []uint64, k int) int {
+	for w, word := range set {
+		if n := bits.OnesCount64(word); k >= n {
+			k -= n
+			continue
+		}
+		for range k {
+			word &= word - 1 // clear the lowest bit set
+		}
+		return w*64 + bits.TrailingZeros64(word)
+	}
+	panic("router: fewer candidates than counted")
 }
 
 // Deliver hands a line received from a peer to every local connection of channel.

@@ -2,6 +2,10 @@ package router
 
 import (
 	"context"
+	"fmt"
+	"math"
+	"strconv"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -202,5 +206,82 @@ func TestQueueCompactsSparseLines(t *testing.T) {
 		}
 		ReleaseItems(items)
 		q.release(1, items)
+	}
+}
+
+// countRemote counts the lines it is sent, from any number of senders.
+type countRemote struct {
+	id string
+	n  atomic.Int64
+}
+
+func (f *countRemote) ID() string { return f.id }
+func (f *countRemote) Send(context.Context, string, Kind, buffer.Payload, bool, discovery.Overflow) (Result, string) {
+	f.n.Add(1)
+	return Queued, ""
+}
+func (f *countRemote) SendBatch(_ context.Context, _ string, _ Kind, data []buffer.Payload, _ discovery.Overflow) (int, Result, string) {
+	f.n.Add(int64(len(data)))
+	return len(data), Queued, ""
+}
+func (f *countRemote) Presence(string) (int, bool) { return 1, true }
+
+// TestAnyOneFairOverManyMembers: AnyOne lines from 4 concurrent senders over 16
+// and 64 candidate members (and 4,100, beyond what the candidate set holds on the
+// stack) are spread evenly (every member within one line of the
+// others, since each line takes the next turn of one shared ring), the members that
+// are not ready get none, and routing a line allocates nothing however many members
+// the channel has.
+func TestAnyOneFairOverManyMembers(t *testing.T) {
+	for _, n := range []int{16, 64, 4100} {
+		t.Run(strconv.Itoa(n), func(t *testing.T) {
+			r := New(logr.Discard(), nil)
+			defer r.Close()
+			ch := r.Ensure("jobs", discovery.Spec{Delivery: discovery.AnyOne})
+			remotes := make([]Remote, n+4)
+			ready := make([]bool, n+4)
+			for i := range remotes {
+				remotes[i], ready[i] = &countRemote{id: fmt.Sprintf("m%03d", i)}, i < n
+			}
+			ch.SetMembers(remotes, ready, ready)
+			senders, perSender := 4, 1000
+			if n > perSender {
+				perSender = 2 * n
+			}
+			var wg sync.WaitGroup
+			for range senders {
+				// No local connection: the own pod is no candidate, as in a pod that
+				// only sends.
+				wg.Go(func() {
+					for range perSender {
+						ch.Route(t.Context(), nil, Line, []byte("job"))
+					}
+				})
+			}
+			wg.Wait()
+			lo, hi, total := int64(math.MaxInt64), int64(0), int64(0)
+			for i, rem := range remotes {
+				got := rem.(*countRemote).n.Load()
+				total += got
+				if i >= n {
+					if got != 0 {
+						t.Errorf("member %d is not ready and got %d lines", i, got)
+					}
+					continue
+				}
+				lo, hi = min(lo, got), max(hi, got)
+			}
+			t.Logf("N=%d: %d lines, per member min %d max %d (max/min %.3f)", n, total, lo, hi, float64(hi)/float64(lo))
+			if total != int64(senders*perSender) || hi-lo > 1 {
+				t.Fatalf("%d lines over %d members: min %d, max %d; want %d, spread ≤ 1", total, n, lo, hi, senders*perSender)
+			}
+			if n > 4095 {
+				return // beyond what the candidate set holds on the stack
+			}
+			line := []buffer.Payload{{Data: []byte("job")}}
+			if a := testing.AllocsPerRun(1000, func() { ch.RouteBatch(t.Context(), nil, Line, line) }); a != 0 {
+				t.Errorf("an AnyOne line over %d members allocates %.1f times", n, a)
+			}
+		})
 	}
 }
