@@ -36,6 +36,9 @@ type image struct {
 	Entrypoint string
 	// Files are more files for the image, as hack/image arguments SOURCE=/path.
 	Files []string
+	// Src is the module directory the packages are built in; empty means this module's
+	// root (the upgrade test builds the previous release from an exported tree).
+	Src string
 }
 
 // testappImage runs e2e/testapp; see its package comment for the commands.
@@ -126,9 +129,12 @@ func loadImages(list []image) error {
 		if len(img.Packages) > 0 {
 			steps = append([][]string{build}, steps...)
 		}
-		for _, argv := range steps {
+		for i, argv := range steps {
 			cmd := exec.Command(argv[0], argv[1:]...)
 			cmd.Dir = root
+			if i == 0 && len(img.Packages) > 0 && img.Src != "" {
+				cmd.Dir = img.Src
+			}
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH)
 			if out, err := cmd.CombinedOutput(); err != nil {
 				return fmt.Errorf("image %s: %s: %w\n%s", img.Tag, strings.Join(argv, " "), err, out)

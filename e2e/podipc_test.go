@@ -68,6 +68,7 @@ func TestPodipcJourney(t *testing.T) {
 		{"BroadcastReachesEveryReplicaInOrder", j.broadcast},
 		{"AnyOneSpreadsLinesExactlyOnce", j.anyOne},
 		{"SidecarMetricsCountTraffic", j.metrics},
+		{"PeerLinksRequireMutualTLS", j.mtls},
 		{"MembershipFollowsScale", j.scale},
 		{"NodeIPCAppTalksWithLineApps", j.nodeIPC},
 		{"InjectedJobCompletes", j.job},

@@ -19,6 +19,7 @@ import (
 
 	"github.com/podipc/podipc/pkg/certs"
 	"github.com/podipc/podipc/pkg/inject"
+	"github.com/podipc/podipc/pkg/peertls"
 	"github.com/podipc/podipc/pkg/seal"
 )
 
@@ -30,6 +31,7 @@ type webhookOptions struct {
 	namespace, configName, serviceName, secret    string
 	image, pullPolicy                             string
 	cpuRequest, cpuLimit, memoryRequest, memLimit string
+	peerTLS                                       string
 }
 
 func (o *webhookOptions) bindFlags(fs *flag.FlagSet) {
@@ -48,6 +50,7 @@ func (o *webhookOptions) bindFlags(fs *flag.FlagSet) {
 	fs.StringVar(&o.cpuLimit, "sidecar-cpu-limit", "", "Default CPU limit of the sidecar; empty for none.")
 	fs.StringVar(&o.memoryRequest, "sidecar-memory-request", "32Mi", "Default memory request of the sidecar; empty for none.")
 	fs.StringVar(&o.memLimit, "sidecar-memory-limit", "128Mi", "Default memory limit of the sidecar; empty for none.")
+	fs.StringVar(&o.peerTLS, "peer-tls", string(peertls.Required), "Peer TLS mode of every injected sidecar (its $PODIPC_PEER_TLS): Required, Permissive (also plaintext peers, while a cluster upgrades) or Disabled. Required and Permissive need workload identity; a pod may only make it stricter (podipc.dev/peer-tls).")
 }
 
 // webhookServer builds the manager's webhook server; in self mode its certificate comes from
@@ -81,6 +84,9 @@ func setupWebhooks(mgr ctrl.Manager, o webhookOptions, id *inject.Identity, key 
 		return err
 	}
 	cfg.Identity, cfg.Seal = id, key
+	if cfg.PeerTLS, err = peerTLSMode(o.peerTLS, id != nil); err != nil {
+		return err
+	}
 	hook := &inject.Webhook{Reader: mgr.GetCache(), APIReader: mgr.GetAPIReader(), Config: cfg}
 	if err := hook.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("setting up the injection webhook: %w", err)
@@ -153,4 +159,19 @@ func (o webhookOptions) injectConfig() (inject.Config, error) {
 		(*q.list)[q.name] = v
 	}
 	return cfg, nil
+}
+
+// peerTLSMode parses --peer-tls, which needs workload identity unless it is Disabled: an
+// injected sidecar without a certificate cannot speak TLS.
+func peerTLSMode(flag string, identity bool) (peertls.Mode, error) {
+	m, err := peertls.ParseMode(flag)
+	if err != nil {
+		return "", fmt.Errorf("--peer-tls=%w", err)
+	}
+	if m != peertls.Disabled && !identity {
+		return "", fmt.Errorf("--peer-tls=%s needs workload identity, which --identity-bind-address=0 turns off: "+
+			"set --peer-tls=Disabled for plaintext peer links", m)
+	}
+	ctrl.Log.Info("Injected sidecars' peer links", "peerTLS", m)
+	return m, nil
 }

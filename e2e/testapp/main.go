@@ -11,6 +11,9 @@
 //	                         with the pod's service account token, print it, run until SIGTERM
 //	testapp talk BCAST ANY PEERS N
 //	                         a podipc member app; see talk.go
+//	testapp hello ADDR NS NAME UID CHANNELS
+//	                         dial a sidecar's peer port in plaintext, replay a member's HELLO,
+//	                         print the answer (refused: REASON), then run until SIGTERM; see hello.go
 //	testapp stream BCAST ANY RATE REPORT
 //	                         the fault suite's member app: numbered lines at a fixed rate,
 //	                         what arrived served on REPORT; see stream.go
@@ -64,6 +67,10 @@ func run(ctx context.Context, args []string) error {
 		}
 	case cmd == "talk" && len(rest) == 4:
 		if err := talk(ctx, rest); err != nil {
+			return err
+		}
+	case cmd == "hello" && len(rest) == 5:
+		if err := hello(ctx, rest); err != nil {
 			return err
 		}
 	case cmd == "stream" && len(rest) == 4:

@@ -107,7 +107,11 @@ func startController(ctx context.Context, c *cluster, binDir, dir string, webhoo
 		"--webhook-port="+strconv.Itoa(webhookPort),
 		"--webhook-cert-extra-hosts=127.0.0.1",
 		// The demo's sidecars run outside a cluster and have no projected identity token.
+		// Without identity the controller injects plaintext (its --peer-tls=Required needs
+		// identity); the demo's kubelet hands each sidecar certificate files and
+		// --peer-tls=Required in place of the identity endpoint (startMember).
 		"--identity-bind-address=0",
+		"--peer-tls=Disabled",
 		"--webhook-config-name="+webhookConfigName,
 	)
 	if err != nil {

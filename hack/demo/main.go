@@ -247,7 +247,8 @@ func (d *demo) startMembers(ctx context.Context, pods []*corev1.Pod, node string
 	if err != nil {
 		return err
 	}
-	d.out.printf("  peer links: mutual TLS required (--peer-tls=Required); each pod's certificate is issued by a throwaway root the demo made\n")
+	d.out.printf("  peer links: mutual TLS 1.3 required (--peer-tls=Required, the default in a cluster); each pod's certificate is issued by\n" +
+		"  a throwaway root the demo made, standing in for the controller's identity endpoint\n")
 	for i, pod := range pods {
 		m, err := startMember(ctx, d.cluster, ca, d.bin, d.dir, pod, node, ips[i])
 		if err != nil {

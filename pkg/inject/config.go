@@ -12,6 +12,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/podipc/podipc/pkg/identity"
+	"github.com/podipc/podipc/pkg/peertls"
 	"github.com/podipc/podipc/pkg/seal"
 )
 
@@ -29,6 +30,10 @@ type Config struct {
 	// Identity, if set, gives the sidecar a workload certificate: the webhook projects an
 	// identity token and tells the sidecar where to ask.
 	Identity *Identity
+	// PeerTLS is every injected sidecar's peer TLS mode (PODIPC_PEER_TLS); a pod may make
+	// it stricter with podipc.dev/peer-tls. Empty means Disabled. Required and Permissive
+	// need Identity.
+	PeerTLS peertls.Mode
 	// Seal, if set, seals every injected pod (podipc.dev/seal), which the controller and
 	// the identity endpoint require of members.
 	Seal *seal.Key
@@ -60,6 +65,10 @@ func (c Config) Inject(pod *corev1.Pod) error {
 	if err != nil {
 		return err
 	}
+	mode, err := c.peerTLS(pod.Annotations)
+	if err != nil {
+		return err
+	}
 	for _, v := range pod.Spec.Volumes {
 		if v.Name == SocketsVolume || v.Name == TokenVolume {
 			return fmt.Errorf("the pod already has a volume named %q, which podipc injects", v.Name)
@@ -83,7 +92,7 @@ func (c Config) Inject(pod *corev1.Pod) error {
 	if pod.Spec.ServiceAccountName == "" {
 		pod.Spec.ServiceAccountName = "default"
 	}
-	pod.Spec.InitContainers = append([]corev1.Container{c.sidecar(channels, resources)}, pod.Spec.InitContainers...)
+	pod.Spec.InitContainers = append([]corev1.Container{c.sidecar(channels, mode, resources)}, pod.Spec.InitContainers...)
 	if pod.Labels == nil {
 		pod.Labels = map[string]string{}
 	}
@@ -141,7 +150,7 @@ func (c Config) resources(annotations map[string]string) (corev1.ResourceRequire
 
 // sidecar is the podipc-sidecar container: a native sidecar (an init container that keeps
 // running) whose startup probe holds the app containers back until the sidecar is ready.
-func (c Config) sidecar(channels []string, resources corev1.ResourceRequirements) corev1.Container {
+func (c Config) sidecar(channels []string, mode peertls.Mode, resources corev1.ResourceRequirements) corev1.Container {
 	field := func(name, path string) corev1.EnvVar {
 		return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{
 			FieldRef: &corev1.ObjectFieldSelector{APIVersion: "v1", FieldPath: path},
@@ -169,7 +178,7 @@ func (c Config) sidecar(channels []string, resources corev1.ResourceRequirements
 			{Name: PeerPortName, ContainerPort: PeerPort, Protocol: corev1.ProtocolTCP},
 			{Name: AdminPortName, ContainerPort: AdminPort, Protocol: corev1.ProtocolTCP},
 		},
-		Env:       c.env(channels, field),
+		Env:       c.env(channels, mode, field),
 		Resources: resources,
 		VolumeMounts: []corev1.VolumeMount{
 			{Name: SocketsVolume, MountPath: SocketDir},
@@ -192,15 +201,17 @@ func (c Config) sidecar(channels []string, resources corev1.ResourceRequirements
 	}
 }
 
-// env is the sidecar's environment: the pod from the downward API, its channels and, with
-// identity on, where to get its certificate.
-func (c Config) env(channels []string, field func(name, path string) corev1.EnvVar) []corev1.EnvVar {
+// env is the sidecar's environment: the pod from the downward API, its channels, its peer
+// TLS mode (always said, so the sidecar never guesses) and, with identity on, where to get
+// its certificate.
+func (c Config) env(channels []string, mode peertls.Mode, field func(name, path string) corev1.EnvVar) []corev1.EnvVar {
 	env := []corev1.EnvVar{
 		field(EnvPodName, "metadata.name"),
 		field(EnvPodNamespace, "metadata.namespace"),
 		field(EnvPodUID, "metadata.uid"),
 		field(EnvPodIP, "status.podIP"),
 		{Name: EnvChannels, Value: strings.Join(channels, ",")},
+		{Name: EnvPeerTLS, Value: string(mode)},
 	}
 	if c.Identity != nil {
 		env = append(env,

@@ -91,7 +91,7 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.DurationVar(&c.Keepalive, "peer-keepalive", peer.DefaultKeepalive, "Idle interval between peer keepalives; three missed intervals end a link.")
 	fs.IntVar(&c.PeerMaxConnections, "peer-max-connections", peer.DefaultMaxConnections, "Most connections open on the peer port (7701), authenticated or not; more are closed at once and counted.")
 	fs.IntVar(&c.PeerMaxConnectionsPerIP, "peer-max-connections-per-ip", peer.DefaultMaxConnectionsPerIP, "Most connections open on the peer port from one source address.")
-	fs.StringVar(&c.peerTLSFlag, "peer-tls", "", "Mutual TLS on peer links: Required, Permissive (also accept and dial plaintext peers, while a cluster upgrades) or Disabled. Default Required when a certificate source is configured (--tls-cert, --tls-key, --tls-ca); see the README for the default without one.")
+	fs.StringVar(&c.peerTLSFlag, "peer-tls", getenv(EnvPeerTLS), "Mutual TLS on peer links: Required, Permissive (also accept and dial plaintext peers, while a cluster upgrades) or Disabled (default $PODIPC_PEER_TLS, which the webhook sets from the chart's peerTLS; unset: Required with a certificate source, --tls-cert, --tls-key and --tls-ca or --identity-url, and see the README without one).")
 	fs.StringVar(&c.TLSCert, "tls-cert", "", "PEM file of this pod's peer certificate (chain), re-read every second.")
 	fs.StringVar(&c.TLSKey, "tls-key", "", "PEM file of the peer certificate's private key, re-read every second.")
 	fs.StringVar(&c.TLSCA, "tls-ca", "", "PEM file of the trust bundle peer certificates must chain to (old and new roots during a rotation), re-read every second.")
@@ -111,12 +111,16 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	return c, err
 }
 
+// EnvPeerTLS is the default of --peer-tls: the webhook sets it on every injected sidecar
+// from the controller's --peer-tls (the chart's peerTLS value).
+const EnvPeerTLS = "PODIPC_PEER_TLS"
+
 // peerTLS derives the peer links' mode from --peer-tls and the certificate source: the
 // files, or in Kubernetes mode the workload certificate of --identity-url. Without
-// --peer-tls a sidecar with certificate files requires mutual TLS; one without is refused
-// in static mode, where the files are the only source, and runs plaintext in Kubernetes
-// mode — even with an identity URL, until the workload certificate on peer links has been
-// proven on a real node; --peer-tls=Required or Permissive turns it on there.
+// --peer-tls a sidecar with a certificate source requires mutual TLS, as Linkerd and
+// Istio do; one without is refused in static mode, where the files are the only source,
+// and runs plaintext in Kubernetes mode, where no source means the controller runs with
+// workload identity off (the chart refuses peerTLS=Required then).
 func (c Config) peerTLS() (peertls.Mode, error) {
 	files := 0
 	for _, f := range []string{c.TLSCert, c.TLSKey, c.TLSCA} {
@@ -132,7 +136,7 @@ func (c Config) peerTLS() (peertls.Mode, error) {
 	}
 	if c.peerTLSFlag == "" {
 		switch {
-		case files == 3:
+		case files == 3 || c.IdentityURL != "":
 			return peertls.Required, nil
 		case c.Discovery == "static":
 			return "", errors.New("peer links require mutual TLS by default: set --tls-cert, --tls-key and --tls-ca, " +

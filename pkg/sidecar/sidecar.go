@@ -205,8 +205,8 @@ func (s *Sidecar) newSecure() error {
 	m := peertls.NewMetrics(s.reg, src)
 	if s.cfg.PeerTLS == peertls.Disabled {
 		if s.cfg.peerTLSFlag == "" {
-			s.log.Info("Peer links are plaintext: the default in Kubernetes mode (set --peer-tls=Required with --identity-url, " +
-				"or --tls-cert, --tls-key and --tls-ca, for mutual TLS)")
+			s.log.Info("Peer links are plaintext: Kubernetes mode without a certificate source (no --identity-url: " +
+				"the controller runs with workload identity off; or set --tls-cert, --tls-key and --tls-ca)")
 		} else {
 			s.log.Info("Peer links are plaintext (--peer-tls=Disabled)")
 		}

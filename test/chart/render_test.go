@@ -33,7 +33,8 @@ var valueSets = map[string]map[string]string{
 	},
 	"one replica, excluded namespaces": {"controller.replicas": "1", "webhook.excludeNamespaces": `["monitoring","kube-system"]`},
 	"dashboard and alerts":             monitoringValues,
-	"identity off":                     {"identity.enabled": "false", "metrics.secure": "false"},
+	"identity off":                     {"identity.enabled": "false", "metrics.secure": "false", "peerTLS": `"Disabled"`},
+	"peer TLS permissive":              {"peerTLS": `"Permissive"`},
 }
 
 func TestLint(t *testing.T) {
@@ -303,6 +304,14 @@ func TestSchemaRejects(t *testing.T) {
 		"zero replicas":          {map[string]string{"controller.replicas": "0"}, "replicas"},
 		"bad digest":             {map[string]string{"image.digest": `"latest"`}, "digest"},
 		"bad excluded namespace": {map[string]string{"webhook.excludeNamespaces": `["Not_A_Namespace"]`}, "excludeNamespaces"},
+		"bad peer TLS mode":      {map[string]string{"peerTLS": `"Strict"`}, "peerTLS"},
+		"peer TLS Required without identity": {
+			map[string]string{"identity.enabled": "false"},
+			"peerTLS=Required needs identity.enabled=true: sidecars present their workload certificates on peer links",
+		},
+		"peer TLS Permissive without identity": {
+			map[string]string{"identity.enabled": "false", "peerTLS": `"Permissive"`}, "peerTLS=Permissive needs identity.enabled=true",
+		},
 		"leader election off with two replicas": {
 			map[string]string{"controller.extraArgs": `["--leader-elect=false"]`}, "needs leader election",
 		},
@@ -491,4 +500,33 @@ func TestRenderIdentity(t *testing.T) {
 	if !slices.Contains(offArgs, "--identity-bind-address=0") {
 		t.Errorf("identity off: args %q lack --identity-bind-address=0", offArgs)
 	}
+}
+
+// TestRenderPeerTLS: mutual TLS Required is the default, the value reaches the controller,
+// whose webhook passes it to every injected sidecar (pkg/inject), and plaintext renders only
+// when asked for.
+func TestRenderPeerTLS(t *testing.T) {
+	for _, tc := range []struct {
+		values map[string]string
+		want   string
+	}{
+		{nil, "--peer-tls=Required"},
+		{valueSets["peer TLS permissive"], "--peer-tls=Permissive"},
+		{valueSets["identity off"], "--peer-tls=Disabled"},
+	} {
+		args := into[appsv1.Deployment](t, render(t, tc.values).get(t, "Deployment", "podipc-controller")).Spec.Template.Spec.Containers[0].Args
+		if n := countPrefix(args, "--peer-tls="); n != 1 || !slices.Contains(args, tc.want) {
+			t.Errorf("values %v: controller args %q, want %s once", tc.values, args, tc.want)
+		}
+	}
+}
+
+func countPrefix(args []string, prefix string) int {
+	n := 0
+	for _, a := range args {
+		if strings.HasPrefix(a, prefix) {
+			n++
+		}
+	}
+	return n
 }

@@ -28,8 +28,8 @@ import (
 // mtlsPort is the line port (Channel localPort) of TestSidecarsOverMTLS's channel.
 const mtlsPort = 7431
 
-// TestSidecarsOverMTLS runs real podipc-sidecar processes in Kubernetes mode with
-// --peer-tls=Required and an identity URL: each obtains its workload certificate from
+// TestSidecarsOverMTLS runs real podipc-sidecar processes in Kubernetes mode with an
+// identity URL and no --peer-tls, so mutual TLS Required by default: each obtains its workload certificate from
 // the real issuer (TokenReview against the real API server) and presents it on its peer
 // port. Two members exchange lines over mutual TLS, and a plaintext peer is refused. Then an EndpointSlice says member D
 // lives where pod C's sidecar listens (a recycled IP): C's sidecar holds a valid
@@ -137,7 +137,7 @@ type mtlsSidecar struct {
 }
 
 // startMTLSSidecar runs the sidecar of pod on ip as the webhook would configure it, with
-// a projected identity token, and --peer-tls=Required.
+// a projected identity token and no --peer-tls: Required is the default with an identity URL.
 func startMTLSSidecar(t *testing.T, bin, kubeconfig, dir string, pod *corev1.Pod, ip string) *mtlsSidecar {
 	t.Helper()
 	sc := &mtlsSidecar{pod: pod, ip: ip, peerPort: freePortOn(t, ip), admin: freePortOn(t, ip),
@@ -151,7 +151,7 @@ func startMTLSSidecar(t *testing.T, bin, kubeconfig, dir string, pod *corev1.Pod
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(sock) })
-	cmd := exec.Command(bin, "--discovery=kubernetes", "--kubeconfig="+kubeconfig, "--peer-tls=Required",
+	cmd := exec.Command(bin, "--discovery=kubernetes", "--kubeconfig="+kubeconfig,
 		"--peer-address="+net.JoinHostPort(ip, strconv.Itoa(sc.peerPort)), "--admin-address="+net.JoinHostPort(ip, strconv.Itoa(sc.admin)),
 		"--app-address="+ip, "--socket-dir="+sock, "--drain-timeout=1s", "--identity-token-file="+tokenFile, "--log-level=debug")
 	cmd.Env = append(os.Environ(), "PODIPC_POD_NAMESPACE="+pod.Namespace, "PODIPC_POD_NAME="+pod.Name,
