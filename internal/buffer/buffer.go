@@ -84,8 +84,8 @@ func ReleaseLines(lines []Payload) { chunkRuns(lines, (*Chunk).Release) }
 
 // chunkRuns calls f once per run of lines sharing a chunk, with the run's length.
 //
-// The loop is written out again, for their own element types, by router.ReleaseItems,
-// router.DoneItems and the peer link's outbox: a generic form (a key function per
+// The loop is written out again, for their own element types, by router.settleItems
+// and the peer link's outbox: a generic form (a key function per
 // element) is not inlined and costs an indirect call per line on the hot path.
 func chunkRuns(lines []Payload, f func(c *Chunk, n int)) {
 	for i := 0; i < len(lines); {

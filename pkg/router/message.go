@@ -78,19 +78,6 @@ func (c *Completion) DoneN(n int) bool {
 	return false
 }
 
-// DoneItems releases the completion references of items, one atomic operation per run
-// of items sharing a completion.
-func DoneItems(items []Item) {
-	for i := 0; i < len(items); {
-		j := i + 1
-		for j < len(items) && items[j].Done == items[i].Done {
-			j++
-		}
-		items[i].Done.DoneN(j - i)
-		i = j
-	}
-}
-
 // Complete reports whether every reference has been released.
 func (c *Completion) Complete() bool { return c.remaining.Load() <= 0 }
 
@@ -110,15 +97,35 @@ type Item struct {
 	Done *Completion
 }
 
-// ReleaseItems releases the chunk references of items, one atomic operation per run
-// of items sharing a chunk.
-func ReleaseItems(items []Item) {
-	for i := 0; i < len(items); {
-		j := i + 1
-		for j < len(items) && items[j].Ref == items[i].Ref {
-			j++
-		}
-		items[i].Ref.Release(j - i)
-		i = j
+// settleItems ends the hold of items that leave a queue, written or dropped: it
+// releases their completion references and chunk references, one atomic operation per
+// run of items sharing a completion or a chunk, and returns their bytes and how many of
+// them the queue charged a chunk for (Item.pins). It is one pass over the items: the
+// writer settles every line it writes, and a loop per job cost a pass per job.
+func settleItems(items []Item) (bytes, pins int) {
+	if len(items) == 0 {
+		return 0, 0
 	}
+	ref, refs := items[0].Ref, 0
+	done, dones := items[0].Done, 0
+	for i := range items {
+		it := &items[i]
+		bytes += len(it.Data)
+		if it.pins {
+			pins++
+		}
+		if it.Ref != ref {
+			ref.Release(refs)
+			ref, refs = it.Ref, 0
+		}
+		refs++
+		if it.Done != done {
+			done.DoneN(dones)
+			done, dones = it.Done, 0
+		}
+		dones++
+	}
+	ref.Release(refs)
+	done.DoneN(dones)
+	return bytes, pins
 }

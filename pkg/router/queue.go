@@ -171,9 +171,15 @@ type Queue struct {
 // or copies it out of that chunk when the chunks pinned already reach limit. The caller
 // holds a reference on it.Ref for the queue; a copy holds one on its new chunk instead.
 func (q *Queue) pinLocked(it *Item, limit int) {
-	if it.Ref == nil || it.Ref == q.lastRef {
-		return
+	// The test is apart from the work so that it is inlined: most lines share the
+	// chunk of the line queued before them, and the call cost more than the test.
+	if it.Ref != nil && it.Ref != q.lastRef {
+		q.pinChunkLocked(it, limit)
 	}
+}
+
+// pinChunkLocked is pinLocked for a line in another chunk than the last one queued.
+func (q *Queue) pinChunkLocked(it *Item, limit int) {
 	if q.pinned+buffer.ChunkSize <= limit {
 		it.pins = true
 		q.pinned += buffer.ChunkSize
@@ -404,12 +410,11 @@ func (q *Queue) expire(ep uint64) {
 	n := q.waitBytes
 	q.waiting, q.waitBytes, q.timer = nil, 0, nil
 	q.bound.giveUp(ReasonQueueFull)
-	q.unpinLocked(left)
 	q.mu.Unlock()
 	q.gauge(-n)
 	q.space.Broadcast() // local senders waiting for room in the episode
-	DoneItems(left)
-	ReleaseItems(left)
+	_, pins := settleItems(left)
+	q.unpin(pins)
 	q.dropped(ReasonQueueFull, len(left))
 }
 
@@ -471,24 +476,26 @@ func (q *Queue) Take(dst []Item) []Item {
 
 // Release returns n bytes of taken items to the bound, for items that pin no chunk
 // (Conn.Written and Conn.Failed return the chunks' charges too).
-func (q *Queue) Release(n int) { q.release(n, nil) }
+func (q *Queue) Release(n int) { q.release(n, 0) }
 
-// unpinLocked returns the chunk charges of items leaving the queue.
-func (q *Queue) unpinLocked(items []Item) {
-	for i := range items {
-		if items[i].pins {
-			q.pinned -= buffer.ChunkSize
-		}
-	}
-}
-
-// release returns n bytes of taken items, and the chunks items were charged for.
-func (q *Queue) release(n int, items []Item) {
-	if n == 0 && len(items) == 0 {
+// unpin returns the charges of pins chunks, for dropped items that were waiting.
+func (q *Queue) unpin(pins int) {
+	if pins == 0 {
 		return
 	}
 	q.mu.Lock()
-	q.unpinLocked(items)
+	q.pinned -= pins * buffer.ChunkSize
+	q.mu.Unlock()
+}
+
+// release returns n bytes of taken items, and the charges of the pins chunks they
+// were charged for.
+func (q *Queue) release(n, pins int) {
+	if n == 0 && pins == 0 {
+		return
+	}
+	q.mu.Lock()
+	q.pinned -= pins * buffer.ChunkSize
 	q.bound.bytes -= n
 	q.released += uint64(n)
 	if len(q.waiting) > 0 && !q.closed {

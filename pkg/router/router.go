@@ -238,13 +238,8 @@ func (c *Conn) Failed(items []Item, reason string) {
 // settle ends the queue's hold on items, written or not: their completions and chunk
 // references are released, and their bytes returned to the queue's bound.
 func (c *Conn) settle(items []Item) {
-	n := 0
-	for i := range items {
-		n += len(items[i].Data)
-	}
-	DoneItems(items)
-	ReleaseItems(items)
-	c.Queue.release(n, items)
+	n, pins := settleItems(items)
+	c.Queue.release(n, pins)
 }
 
 // Channel returns the channel c is attached to.

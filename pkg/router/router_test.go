@@ -73,7 +73,7 @@ func TestQueueOverflow(t *testing.T) {
 		if res, _ := push(); res != Queued {
 			t.Fatal("the episode did not end below half")
 		}
-		ReleaseItems(q.Close())
+		settleItems(q.Close())
 	})
 	t.Run("Block waits for space", func(t *testing.T) {
 		q := NewQueue(nil, nil)
@@ -185,9 +185,8 @@ func TestQueueCompactsSparseLines(t *testing.T) {
 	if len(own) != kept+1 {
 		t.Fatalf("the lines live in %d chunks, want %d read chunks and one of the queue's", len(own), kept+1)
 	}
-	DoneItems(items)
-	ReleaseItems(items)
-	q.release(2*len(items), items) // as Conn.Written does
+	n, pins := settleItems(items)
+	q.release(n, pins) // as Conn.Written does
 	for i, c := range originals {
 		if r := c.Refs(); r != 0 {
 			t.Fatalf("read chunk %d still has %d references", i, r)
@@ -204,8 +203,8 @@ func TestQueueCompactsSparseLines(t *testing.T) {
 		if len(items) != 1 || items[0].Ref != c {
 			t.Fatalf("line %d of a draining queue was copied", i)
 		}
-		ReleaseItems(items)
-		q.release(1, items)
+		n, pins := settleItems(items)
+		q.release(n, pins)
 	}
 }
 
