@@ -71,7 +71,11 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), ctrl.Options{
+	cfg := ctrl.GetConfigOrDie()
+	if err := waitForAPIServer(ctx, cfg); err != nil {
+		return err
+	}
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		WebhookServer:           webhookServer,
 		Scheme:                  scheme,
 		Cache:                   cache.Options{ByObject: channel.CacheByObject()},
@@ -80,7 +84,10 @@ func run(ctx context.Context, o options) error {
 		LeaderElection:          o.leaderElect,
 		LeaderElectionID:        "controller.podipc.dev",
 		LeaderElectionNamespace: o.leaderElectionNamespace,
-		// The manager exits right after losing the lease, so a new leader starts sooner.
+		// The manager releases the lease when it is stopped, so a new leader starts at once.
+		// It exits when it loses the lease (the API server gone past the renew deadline):
+		// the kubelet restarts it at once, and waitForAPIServer holds it until the API
+		// server is back instead of exiting again into a growing restart back-off.
 		LeaderElectionReleaseOnCancel: true,
 	})
 	if err != nil {

@@ -184,9 +184,12 @@ func (c Config) sidecar(channels []string, mode peertls.Mode, resources corev1.R
 			{Name: SocketsVolume, MountPath: SocketDir},
 			{Name: TokenVolume, MountPath: TokenDir, ReadOnly: true},
 		},
-		// Up to two minutes to become ready once, then the usual liveness and readiness.
+		// Up to two minutes to become ready once, then readiness. No liveness probe: the
+		// kubelet dials the pod IP, so a liveness probe tests the pod network, not the
+		// process, and a partition longer than its failures would have the kubelet kill
+		// the sidecar and the lines it had not had acknowledged (docs/design.md §6.2).
+		// Readiness takes a cut-off pod out of the membership instead.
 		StartupProbe:   probe("/readyz", 1, 120),
-		LivenessProbe:  probe("/healthz", 10, 3),
 		ReadinessProbe: probe("/readyz", 5, 3),
 		SecurityContext: &corev1.SecurityContext{
 			RunAsNonRoot:             ptr.To(true),

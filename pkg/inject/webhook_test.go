@@ -121,6 +121,11 @@ func requireInjected(t *testing.T, pod *corev1.Pod) {
 	if sc.StartupProbe == nil || sc.StartupProbe.HTTPGet.Path != "/readyz" || sc.StartupProbe.HTTPGet.Port.StrVal != AdminPortName {
 		t.Errorf("sidecar startup probe: %+v", sc.StartupProbe)
 	}
+	// A liveness probe would cross the pod network: a partition must not get the
+	// sidecar killed (docs/design.md §6.2).
+	if sc.LivenessProbe != nil || sc.ReadinessProbe == nil || sc.ReadinessProbe.HTTPGet.Path != "/readyz" {
+		t.Errorf("sidecar probes: liveness %+v (want none), readiness %+v", sc.LivenessProbe, sc.ReadinessProbe)
+	}
 	for _, c := range append(slices.Clone(pod.Spec.InitContainers), pod.Spec.Containers...) {
 		if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool {
 			return m.Name == SocketsVolume && m.MountPath == SocketDir

@@ -1,6 +1,9 @@
 package router
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+)
 
 // OtherChannel is the channel label of lines counted for a channel this sidecar does
 // not serve: a channel name is a label value only once the sidecar serves it, so the
@@ -41,3 +44,35 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	}
 	return m
 }
+
+// DroppedTotals returns podipc_dropped_lines_total as "channel/reason" → lines, for the
+// sidecar's last log line: what a sidecar counted after its last scrape would otherwise
+// leave with the process (docs/reliability.md reads it there).
+func (m *Metrics) DroppedTotals() map[string]float64 {
+	out := map[string]float64{}
+	ch := make(chan prometheus.Metric)
+	go func() {
+		m.Dropped.Collect(ch)
+		close(ch)
+	}()
+	for s := range ch {
+		var pb dto.Metric
+		if s.Write(&pb) != nil || pb.GetCounter().GetValue() == 0 {
+			continue
+		}
+		var channel, reason string
+		for _, l := range pb.GetLabel() {
+			switch l.GetName() {
+			case "channel":
+				channel = l.GetValue()
+			case "reason":
+				reason = l.GetValue()
+			}
+		}
+		out[channel+"/"+reason] = pb.GetCounter().GetValue()
+	}
+	return out
+}
+
+// DroppedTotals is the router's Metrics.DroppedTotals.
+func (r *Router) DroppedTotals() map[string]float64 { return r.metrics.DroppedTotals() }

@@ -62,10 +62,20 @@ func New(log logr.Logger, m *Metrics) *Router {
 	return &Router{log: log, metrics: m, channels: map[string]*Channel{}, ctx: ctx, cancel: cancel}
 }
 
-// Close cancels waits of rerouted lines and joins their goroutines. Idempotent.
+// Close cancels waits of rerouted lines and joins their goroutines, and releases the
+// parked AnyOne lines unacknowledged (their senders reroute them). Idempotent.
 func (r *Router) Close() {
 	r.cancel()
 	r.wg.Wait()
+	r.mu.RLock()
+	chans := make([]*Channel, 0, len(r.channels))
+	for _, ch := range r.channels {
+		chans = append(chans, ch)
+	}
+	r.mu.RUnlock()
+	for _, ch := range chans {
+		ch.releaseParked()
+	}
 }
 
 // Channel is one served channel: its spec, its local connections and its remote members.
@@ -82,6 +92,10 @@ type Channel struct {
 	// blockLogged is when a block_timeout drop was last logged (Unix nanoseconds), so
 	// that a receiver dropping every line logs once a second, not once a line.
 	blockLogged atomic.Int64
+	// parked holds AnyOne lines from peers that arrived while the channel had no local
+	// connection, for the next one (park.go); parkedBytes bounds them. Guarded by mu.
+	parked      []*parkedBatch
+	parkedBytes int
 
 	linesIn  prometheus.Counter
 	linesOut prometheus.Counter
@@ -192,6 +206,7 @@ func (ch *Channel) Attach(kind Kind, name string, kick func()) *Conn {
 	c := &Conn{ch: ch, Kind: kind, name: name, kick: kick}
 	c.Queue = NewQueue(func(d int) { ch.bytes.Add(float64(d)) }, ch.drop)
 	ch.mu.Lock()
+	ch.unparkLocked(c)
 	next := append(slices.Clone(*ch.conns.Load()), c)
 	ch.conns.Store(&next)
 	ch.mu.Unlock()
@@ -480,6 +495,13 @@ func (r *Router) DeliverBatch(ctx context.Context, channel string, kind Kind, da
 	}
 	spec := ch.spec.Load()
 	conns := *ch.conns.Load()
+	if len(conns) == 0 && spec.Delivery == discovery.AnyOne && done != nil {
+		// An AnyOne line is for any one member: keep it unacknowledged for the next
+		// connection, or for its sender to reroute (park.go).
+		if conns = ch.park(kind, data, done, spec.Overflow); len(conns) == 0 {
+			return spec.Overflow.MaxWait
+		}
+	}
 	if len(conns) == 0 {
 		// Counted so that a line a peer carried here never vanishes without a trace,
 		// although for Broadcast no connection means nobody to deliver to.
