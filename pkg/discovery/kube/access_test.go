@@ -70,8 +70,10 @@ func TestAccessInKubernetesMode(t *testing.T) {
 	if err := env.Client.Get(t.Context(), client.ObjectKeyFromObject(ch), ch); err != nil {
 		t.Fatal(err)
 	}
+	before := ch.DeepCopy()
 	ch.Spec.Access = &podipcv1alpha1.Access{ServiceAccounts: []string{"default"}}
-	if err := env.Client.Update(t.Context(), ch); err != nil {
+	// A patch, not an update: the controller writes the status meanwhile.
+	if err := env.Client.Patch(t.Context(), ch, client.MergeFrom(before)); err != nil {
 		t.Fatal(err)
 	}
 	testenv.Eventually(t, "pod-r no longer receives", func() error {
