@@ -1,6 +1,8 @@
 package v1alpha1
 
 import (
+	"slices"
+
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -23,6 +25,12 @@ const (
 	// ManagedBy is the value of the endpointslice.kubernetes.io/managed-by label on the
 	// EndpointSlices the podipc controller publishes.
 	ManagedBy = "controller.podipc.dev"
+	// MembersAnnotation, on each EndpointSlice of a channel, holds what the controller
+	// decided about each endpoint's pod beyond its address: its service account and
+	// whether it may only receive (the format is pkg/discovery's PublishedMembers). An
+	// EndpointSlice is written by the controller alone (members may only read), so a
+	// sidecar trusts it as it trusts the endpoints themselves (docs/security.md).
+	MembersAnnotation = "podipc.dev/members"
 )
 
 // Delivery says how a line is spread over a channel's members.
@@ -137,6 +145,12 @@ func (a *Access) Allows(serviceAccount string) bool {
 		}
 	}
 	return false
+}
+
+// MayOnlyReceive reports whether pods of serviceAccount may only receive under a (nil:
+// open, where every member may send).
+func (a *Access) MayOnlyReceive(serviceAccount string) bool {
+	return a != nil && slices.Contains(a.ReceiveOnly, serviceAccount)
 }
 
 // Values of ChannelStatus.Access.

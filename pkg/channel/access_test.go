@@ -1,7 +1,9 @@
 package channel_test
 
 import (
+	"encoding/json"
 	"fmt"
+	"maps"
 	"slices"
 	"sort"
 	"testing"
@@ -16,6 +18,7 @@ import (
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 	"github.com/podipc/podipc/internal/testenv"
 	"github.com/podipc/podipc/pkg/channel"
+	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/seal"
 )
 
@@ -202,4 +205,62 @@ func bindingSubjects(t *testing.T, ns, name string) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// publishedOf returns the podipc.dev/members entries of a channel's slices, by pod name.
+func publishedOf(t *testing.T, ns, name string) map[string]discovery.PublishedMember {
+	t.Helper()
+	out := map[string]discovery.PublishedMember{}
+	for _, es := range slicesOf(t, ns, name) {
+		var pm discovery.PublishedMembers
+		if raw, ok := es.Annotations[podipcv1alpha1.MembersAnnotation]; ok {
+			if err := json.Unmarshal([]byte(raw), &pm); err != nil {
+				t.Fatalf("slice %s: annotation %q: %v", es.Name, raw, err)
+			}
+		}
+		for _, ep := range es.Endpoints {
+			if e, ok := pm[string(ep.TargetRef.UID)]; ok {
+				out[ep.TargetRef.Name] = e
+			}
+		}
+	}
+	return out
+}
+
+// TestPublishedAccess: the controller publishes, next to each endpoint, the pod's service
+// account and whether spec.access makes it receive-only; an edit of receiveOnly rewrites
+// what is published at the next sync, and an open channel publishes every member free to
+// send.
+func TestPublishedAccess(t *testing.T) {
+	ns := newNamespace(t)
+	ch := &podipcv1alpha1.Channel{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "feed"}}
+	ch.Spec.Access = &podipcv1alpha1.Access{ServiceAccounts: []string{"writer", "reader"}, ReceiveOnly: []string{"reader"}}
+	if err := env.Client.Create(t.Context(), ch); err != nil {
+		t.Fatal(err)
+	}
+	newChannel(t, ns, "open")
+	createPod(t, sidecarPod(ns, "w", "writer", "feed,open"), "10.6.1.1", true)
+	createPod(t, sidecarPod(ns, "r", "reader", "feed,open"), "10.6.1.2", true)
+	wait := func(channel string, want map[string]discovery.PublishedMember) {
+		t.Helper()
+		testenv.Eventually(t, "published members of "+channel, func() error {
+			if got := publishedOf(t, ns, channel); !maps.Equal(got, want) {
+				return fmt.Errorf("published %v, want %v", got, want)
+			}
+			return nil
+		})
+	}
+	wait("feed", map[string]discovery.PublishedMember{"w": {ServiceAccount: "writer"}, "r": {ServiceAccount: "reader", ReceiveOnly: true}})
+	wait("open", map[string]discovery.PublishedMember{"w": {ServiceAccount: "writer"}, "r": {ServiceAccount: "reader"}})
+
+	cur := &podipcv1alpha1.Channel{}
+	if err := env.Client.Get(t.Context(), client.ObjectKeyFromObject(ch), cur); err != nil {
+		t.Fatal(err)
+	}
+	before := cur.DeepCopy()
+	cur.Spec.Access.ReceiveOnly = []string{"writer"}
+	if err := env.Client.Patch(t.Context(), cur, client.MergeFrom(before)); err != nil {
+		t.Fatal(err)
+	}
+	wait("feed", map[string]discovery.PublishedMember{"w": {ServiceAccount: "writer", ReceiveOnly: true}, "r": {ServiceAccount: "reader"}})
 }

@@ -37,6 +37,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/seal"
 )
 
@@ -90,10 +91,13 @@ type Reconciler struct {
 
 // scope is what one reconcile computed for one channel.
 type scope struct {
-	channel  *podipcv1alpha1.Channel
-	owner    metav1.OwnerReference
-	members  []discoveryv1.Endpoint
-	accounts []string // service accounts of the members, sorted and unique
+	channel *podipcv1alpha1.Channel
+	owner   metav1.OwnerReference
+	members []discoveryv1.Endpoint
+	// published is what the slices say of each member beyond its endpoint: its service
+	// account and whether it may only receive.
+	published discovery.PublishedMembers
+	accounts  []string // service accounts of the members, sorted and unique
 	// notPermitted counts the pods refused by the Channel's spec.access.
 	notPermitted int32
 }
@@ -167,6 +171,7 @@ func (r *Reconciler) newScope(ctx context.Context, ch *podipcv1alpha1.Channel) (
 			Controller:         ptr.To(true),
 			BlockOwnerDeletion: ptr.To(true),
 		},
+		published: discovery.PublishedMembers{},
 	}
 	seen := map[string]bool{}
 	for i := range pods.Items {
@@ -187,6 +192,8 @@ func (r *Reconciler) newScope(ctx context.Context, ch *podipcv1alpha1.Channel) (
 		}
 		if ep, ok := endpointFor(pod); ok {
 			s.members = append(s.members, ep)
+			sa := serviceAccountOf(pod)
+			s.published[string(pod.UID)] = discovery.PublishedMember{ServiceAccount: sa, ReceiveOnly: ch.Spec.Access.MayOnlyReceive(sa)}
 		}
 	}
 	slices.Sort(s.accounts)
@@ -207,7 +214,7 @@ func (r *Reconciler) applySlices(ctx context.Context, s *scope) error {
 			own = append(own, es)
 		}
 	}
-	return r.writeSlices(ctx, planSlices(s.channel, own, s.members, s.owner))
+	return r.writeSlices(ctx, planSlices(s.channel, own, s.members, s.owner, s.published))
 }
 
 // patchStatus writes the status once, and only if it changed. ObservedGeneration moves

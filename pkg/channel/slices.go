@@ -3,6 +3,7 @@ package channel
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+	"github.com/podipc/podipc/pkg/discovery"
 )
 
 const (
@@ -48,9 +50,12 @@ type slicePlan struct {
 // multiple of 100 members from moving endpoints back and forth on every change; moving the
 // members of the emptiest slices moves the fewest endpoints.
 //
+// Each slice carries, in its podipc.dev/members annotation, the entries of published
+// for its own endpoints (see annotate); a change there alone rewrites that slice.
+//
 // existing must be the channel's slices (from the cache; they are not modified). The
 // returned objects are fresh copies, ready to write.
-func planSlices(ch *podipcv1alpha1.Channel, existing []discoveryv1.EndpointSlice, desired []discoveryv1.Endpoint, owner metav1.OwnerReference) slicePlan {
+func planSlices(ch *podipcv1alpha1.Channel, existing []discoveryv1.EndpointSlice, desired []discoveryv1.Endpoint, owner metav1.OwnerReference, published discovery.PublishedMembers) slicePlan {
 	want := make(map[types.UID]discoveryv1.Endpoint, len(desired))
 	for _, ep := range desired {
 		want[ep.TargetRef.UID] = ep
@@ -61,6 +66,7 @@ func planSlices(ch *podipcv1alpha1.Channel, existing []discoveryv1.EndpointSlice
 	var plan slicePlan
 	var kept []*discoveryv1.EndpointSlice // every slice that stays, with its new endpoints
 	changed := map[*discoveryv1.EndpointSlice]bool{}
+	origin := map[*discoveryv1.EndpointSlice]*discoveryv1.EndpointSlice{} // kept slice → as it is now
 	placed := make(map[types.UID]bool, len(desired))
 	for i := range existing {
 		s := desiredSlice(ch, &existing[i], owner)
@@ -79,6 +85,8 @@ func planSlices(ch *podipcv1alpha1.Channel, existing []discoveryv1.EndpointSlice
 			continue
 		}
 		kept = append(kept, s)
+		origin[s] = &existing[i]
+		annotate(s, published)
 		changed[s] = !equality.Semantic.DeepEqual(&existing[i], s)
 	}
 
@@ -115,6 +123,10 @@ func planSlices(ch *podipcv1alpha1.Channel, existing []discoveryv1.EndpointSlice
 	}
 	for _, s := range kept {
 		if changed[s] {
+			annotate(s, published)
+			if equality.Semantic.DeepEqual(origin[s], s) {
+				continue // back as it was
+			}
 			plan.update = append(plan.update, s)
 		}
 	}
@@ -129,9 +141,38 @@ func planSlices(ch *podipcv1alpha1.Channel, existing []discoveryv1.EndpointSlice
 		s.Name = freeSliceName(ch.Name, names)
 		s.Endpoints = slices.Clone(fresh[:n])
 		fresh = fresh[n:]
+		annotate(s, published)
 		plan.create = append(plan.create, s)
 	}
 	return plan
+}
+
+// annotate sets the slice's podipc.dev/members annotation to the entries of published
+// for the slice's endpoints, and removes it if there are none. Each slice carries only
+// its own endpoints' entries, so that a member's change rewrites the one slice holding it
+// and a reader takes an entry only from the slice that lists the endpoint.
+func annotate(s *discoveryv1.EndpointSlice, published discovery.PublishedMembers) {
+	own := discovery.PublishedMembers{}
+	for _, ep := range s.Endpoints {
+		if pm, ok := published[string(ep.TargetRef.UID)]; ok {
+			own[string(ep.TargetRef.UID)] = pm
+		}
+	}
+	if len(own) == 0 {
+		delete(s.Annotations, podipcv1alpha1.MembersAnnotation)
+		if len(s.Annotations) == 0 {
+			s.Annotations = nil
+		}
+		return
+	}
+	raw, err := json.Marshal(own)
+	if err != nil {
+		panic(err) // a map of strings and bools always encodes
+	}
+	if s.Annotations == nil {
+		s.Annotations = map[string]string{}
+	}
+	s.Annotations[podipcv1alpha1.MembersAnnotation] = string(raw)
 }
 
 // compact keeps the fullest ⌈members/100⌉ of kept if there are more than ⌈members/100⌉ + 1

@@ -55,7 +55,7 @@ func TestPlanSlicesIsStable(t *testing.T) {
 		}
 		return out
 	}
-	base := applyPlan(nil, planSlices(ch, nil, members(250, nil), owner))
+	base := applyPlan(nil, planSlices(ch, nil, members(250, nil), owner, nil))
 	if len(base) != 3 {
 		t.Fatalf("250 members in %d slices, want 3", len(base))
 	}
@@ -83,7 +83,7 @@ func TestPlanSlicesIsStable(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			plan := planSlices(ch, base, tc.members, owner)
+			plan := planSlices(ch, base, tc.members, owner, nil)
 			if len(plan.create) != tc.creates || len(plan.update) != tc.updates || len(plan.delete) != tc.drops {
 				t.Errorf("plan: %d creates, %d updates, %d deletes; want %d, %d, %d",
 					len(plan.create), len(plan.update), len(plan.delete), tc.creates, tc.updates, tc.drops)
@@ -107,7 +107,7 @@ func TestPlanSlicesIsStable(t *testing.T) {
 			if len(seen) != len(tc.members) {
 				t.Errorf("%d endpoints published, want %d", len(seen), len(tc.members))
 			}
-			if again := planSlices(ch, after, tc.members, owner); len(again.create)+len(again.update)+len(again.delete) != 0 {
+			if again := planSlices(ch, after, tc.members, owner, nil); len(again.create)+len(again.update)+len(again.delete) != 0 {
 				t.Errorf("planning again after the writes is not a no-op: %+v", again)
 			}
 		})

@@ -100,6 +100,15 @@ type Member struct {
 	Ready       bool
 	Serving     bool
 	Terminating bool
+	// ServiceAccount is the service account the pod runs as, as the controller publishes
+	// it (docs/security.md "Who may join and send"): a peer's workload certificate must
+	// name this one. Empty means unknown (a controller of an earlier release, or a static
+	// file that does not say): then it is not compared.
+	ServiceAccount string
+	// ReceiveOnly says the member may only receive on this channel (its account is in the
+	// Channel's spec.access.receiveOnly, as the controller publishes it): receivers drop
+	// every line it sends here, counted as not_permitted.
+	ReceiveOnly bool
 }
 
 // Channel is one channel the pod belongs to: its spec and all of its members. Members
@@ -123,3 +132,16 @@ type Source interface {
 	// When the backing store is unreachable, Run keeps the last snapshot and retries.
 	Run(ctx context.Context, update func(State)) error
 }
+
+// PublishedMember is what the controller publishes about one member pod next to its
+// EndpointSlice endpoint (the slice's podipc.dev/members annotation, keyed by pod UID):
+// what a sidecar checks a peer's certificate against and what it lets the peer send.
+type PublishedMember struct {
+	ServiceAccount string `json:"serviceAccount"`
+	ReceiveOnly    bool   `json:"receiveOnly,omitempty"`
+}
+
+// PublishedMembers is the podipc.dev/members annotation: the published members of one
+// EndpointSlice by pod UID. It is JSON, whose object keys encoding/json writes sorted,
+// so an unchanged membership encodes to the same bytes and the slice is not rewritten.
+type PublishedMembers map[string]PublishedMember

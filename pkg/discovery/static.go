@@ -46,6 +46,10 @@ type StaticMember struct {
 	Ready       bool   `json:"ready"`
 	Serving     bool   `json:"serving"`
 	Terminating bool   `json:"terminating,omitempty"`
+	// ServiceAccount, if set, is the account a peer's certificate must name.
+	ServiceAccount string `json:"serviceAccount,omitempty"`
+	// ReceiveOnly says receivers drop the member's lines on this channel (not_permitted).
+	ReceiveOnly bool `json:"receiveOnly,omitempty"`
 }
 
 // DefaultPeerPort is the sidecar's peer port.

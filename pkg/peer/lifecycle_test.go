@@ -30,7 +30,7 @@ type stallingSecure struct {
 
 func (s *stallingSecure) stall() { s.once.Do(func() { close(s.stalled) }) }
 
-func (s *stallingSecure) Accept(conn net.Conn) (net.Conn, func(Identity) string, error) {
+func (s *stallingSecure) Accept(conn net.Conn) (net.Conn, func(Identity) error, error) {
 	return &stallingConn{Conn: conn, stalled: s.stalled, closed: make(chan struct{})}, nil, nil
 }
 

@@ -13,10 +13,12 @@ import (
 type Secure interface {
 	// Accept runs first on an accepted connection, under the handshake deadline. It
 	// returns the connection to speak the protocol over, and check, which returns why
-	// the identity HELLO then claims is not the one the connection proved ("" if it
-	// is); check is nil if the connection proved none (a plaintext peer admitted while
-	// a cluster upgrades). An error refuses the link; a *Refusal is counted and logged.
-	Accept(conn net.Conn) (secured net.Conn, check func(Identity) string, err error)
+	// the identity HELLO then claims is not the one the connection proved (nil if it
+	// is; a *Refusal names the reason it is counted under, any other error counts as
+	// RefusedIdentity); check is nil if the connection proved none (a plaintext peer
+	// admitted while a cluster upgrades). An error refuses the link; a *Refusal is
+	// counted and logged.
+	Accept(conn net.Conn) (secured net.Conn, check func(Identity) error, err error)
 	// Dial connects to member through dial and returns the connection to speak the
 	// protocol over, once it has proved to be member's.
 	Dial(ctx context.Context, dial func(context.Context) (net.Conn, error), member discovery.Member) (net.Conn, error)

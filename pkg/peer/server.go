@@ -8,6 +8,7 @@ import (
 	"maps"
 	"net"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,6 +49,13 @@ type ServerConfig struct {
 	// Secure, if set, secures every accepted connection before HELLO is read (mutual
 	// TLS), and HELLO must then claim the identity the connection proved.
 	Secure Secure
+	// ReceiveOnly returns those of Shared(uid) on which the member uid may only
+	// receive, as the controller publishes them: its lines there are dropped, counted
+	// as ReasonNotPermitted. Nil: every member may send. The link's identity (uid) is
+	// the one its certificate proved under mutual TLS (Secure's check), so the decision
+	// follows the certificate, not the HELLO's claim; it is taken once per link and again
+	// on every Revalidate, never per line.
+	ReceiveOnly func(uid string) []string
 }
 
 // Defaults of the peer port's connection bounds (docs/protocol.md, Bounds). A sidecar
@@ -74,6 +82,11 @@ const (
 // ReasonNotShared counts DATA for a channel the two pods do not share (per this
 // sidecar's discovery), as podipc_dropped_lines_total{reason}; the link goes on.
 const ReasonNotShared = "not_shared"
+
+// ReasonNotPermitted counts a line from a member that may only receive on its channel
+// (Channel.spec.access.receiveOnly), as podipc_dropped_lines_total{reason}; the link goes
+// on, and carries lines to that member as before.
+const ReasonNotPermitted = "not_permitted"
 
 // ReasonTooLarge counts a peer line longer than its channel's maxMessageBytes, as
 // podipc_dropped_lines_total{reason}; the link goes on.
@@ -166,6 +179,8 @@ type sharedSet struct {
 type sharedChannel struct {
 	name            string
 	maxMessageBytes int
+	// receiveOnly says the peer may only receive here: its lines are dropped.
+	receiveOnly bool
 }
 
 // presence returns the entries of all for the shared channels.
@@ -397,7 +412,7 @@ func (s *Server) refuse(in *inbound, label, reason string) error {
 
 // secure runs cfg.Secure on in and makes in speak over the secured connection. It
 // returns the check of the identity HELLO claims (nil if none was proved).
-func (s *Server) secure(in *inbound) (func(Identity) string, error) {
+func (s *Server) secure(in *inbound) (func(Identity) error, error) {
 	conn, check, err := s.cfg.Secure.Accept(in.conn)
 	var r *Refusal
 	if errors.As(err, &r) {
@@ -421,7 +436,7 @@ func (s *Server) serve(in *inbound) error {
 	// One deadline bounds everything before authorization: the TLS handshake (if any)
 	// and HELLO.
 	_ = in.conn.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-	var check func(Identity) string
+	var check func(Identity) error
 	if s.cfg.Secure != nil {
 		var err error
 		if check, err = s.secure(in); err != nil {
@@ -444,8 +459,13 @@ func (s *Server) serve(in *inbound) error {
 			h.MinVersion, h.MaxVersion, MinVersion, Version))
 	}
 	if check != nil {
-		if reason := check(h.Pod); reason != "" {
-			return s.refuse(in, RefusedIdentity, reason)
+		if err := check(h.Pod); err != nil {
+			label := RefusedIdentity
+			var r *Refusal
+			if errors.As(err, &r) {
+				label, err = r.Reason, r.Err
+			}
+			return s.refuse(in, label, err.Error())
 		}
 	}
 	if reason := s.cfg.Authorize(h.Pod, in.ip); reason != "" {
@@ -550,13 +570,17 @@ func (s *Server) hello(in *inbound) (Hello, error) {
 func (s *Server) sharedFor(id Identity) *sharedSet {
 	ss := &sharedSet{channels: map[string]sharedChannel{}}
 	biggest := 0
+	var receiveOnly []string
+	if s.cfg.ReceiveOnly != nil {
+		receiveOnly = s.cfg.ReceiveOnly(id.UID)
+	}
 	for _, name := range s.cfg.Shared(id.UID) {
 		ch := s.cfg.Router.Channel(name)
 		if ch == nil {
 			continue
 		}
 		n := ch.Spec().MaxMessageBytes
-		ss.channels[name] = sharedChannel{name: name, maxMessageBytes: n}
+		ss.channels[name] = sharedChannel{name: name, maxMessageBytes: n, receiveOnly: slices.Contains(receiveOnly, name)}
 		biggest = max(biggest, n)
 	}
 	ss.maxFrame = biggest + DataOverhead
@@ -671,10 +695,10 @@ type batch struct {
 	run     []buffer.Payload
 	runChan sharedChannel
 	runKind router.Kind
-	// notShared and tooLarge say a line for a channel not shared, or one over its
-	// channel's maxMessageBytes, was dropped on this link: the first of each is logged,
-	// every one counted.
-	notShared, tooLarge bool
+	// notShared, tooLarge and notPermitted say a line for a channel not shared, one over
+	// its channel's maxMessageBytes, or one from a member that may only receive, was
+	// dropped on this link: the first of each is logged, every one counted.
+	notShared, tooLarge, notPermitted bool
 }
 
 // add dispatches d, whose payload lives in chunk, as part of the batch: only for a
@@ -694,6 +718,10 @@ func (b *batch) add(d Data, chunk *buffer.Chunk) {
 		sc, ok := b.in.shared.Load().channels[string(d.Channel)]
 		if !ok {
 			b.dropNotShared(d)
+			return
+		}
+		if sc.receiveOnly { // decided per link: one test per run of lines, not per line
+			b.dropNotPermitted(sc.name)
 			return
 		}
 		b.runChan, b.runKind = sc, d.Kind
@@ -728,6 +756,22 @@ func (b *batch) dropNotShared(d Data) {
 		id := b.in.id
 		b.s.cfg.Log.Info("Dropped a peer's line for a channel the two pods do not share", "pod", id.Namespace+"/"+id.Name,
 			"uid", id.UID, "channel", string(d.Channel), "reason", ReasonNotShared)
+	}
+}
+
+// dropNotPermitted counts a line from a member that may only receive on channel, logging
+// the first of the link.
+func (b *batch) dropNotPermitted(channel string) {
+	b.s.cfg.Router.Drop(channel, ReasonNotPermitted, 1)
+	if b.notPermitted {
+		return
+	}
+	b.notPermitted = true
+	// Sampled across links too: a member that reconnects in a loop cannot flood the log.
+	if held, ok := b.s.logs.allow("drop/" + ReasonNotPermitted); ok {
+		id := b.in.id
+		b.s.cfg.Log.Info("Dropped a peer's line: the member may only receive on this channel", "pod", id.Namespace+"/"+id.Name,
+			"uid", id.UID, "channel", channel, "reason", ReasonNotPermitted, "alsoLoggedLinksHeld", held)
 	}
 }
 

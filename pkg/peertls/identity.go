@@ -2,6 +2,7 @@ package peertls
 
 import (
 	"crypto/x509"
+	"errors"
 	"fmt"
 
 	"github.com/podipc/podipc/pkg/identity"
@@ -26,6 +27,18 @@ type Pod struct {
 // String names the pod for logs.
 func (p Pod) String() string { return p.Namespace + "/" + p.Name + " (UID " + p.UID + ")" }
 
+// ErrServiceAccount marks a certificate of the right pod (namespace and UID) that names
+// another service account than the one the controller publishes for that member.
+var ErrServiceAccount = errors.New("service account mismatch")
+
+// reasonOfVerify is the refusal reason of a failed Verify.
+func reasonOfVerify(err error) string {
+	if errors.Is(err, ErrServiceAccount) {
+		return ReasonServiceAccount
+	}
+	return ReasonIdentity
+}
+
 // Verify checks that cert names the pod want: its namespace and UID must be want's,
 // and, for each of want's trust domain and service account that is set, its SPIFFE ID
 // must carry that one too. Static discovery knows neither, so an empty one is not
@@ -39,7 +52,8 @@ func Verify(cert *x509.Certificate, want Pod) error {
 	case got.Namespace != want.Namespace || got.UID != want.UID:
 		return fmt.Errorf("certificate names pod UID %s in namespace %s, expected %s", got.UID, got.Namespace, want)
 	case want.ServiceAccount != "" && got.ServiceAccount != want.ServiceAccount:
-		return fmt.Errorf("certificate names service account %q, expected %q", got.ServiceAccount, want.ServiceAccount)
+		return fmt.Errorf("%w: certificate names service account %q, but the controller publishes member %s as running as %q",
+			ErrServiceAccount, got.ServiceAccount, want, want.ServiceAccount)
 	}
 	return nil
 }

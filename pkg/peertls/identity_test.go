@@ -52,7 +52,7 @@ func TestVerify(t *testing.T) {
 		{"any trust domain when none is known", certFor("elsewhere", "shop", "orders", "u-1"), static, ""},
 		{"another UID", good, peertls.Pod{Namespace: "shop", Name: "web-0", UID: "u-2"}, "certificate names pod UID u-1 in namespace shop, expected shop/web-0 (UID u-2)"},
 		{"another namespace", good, peertls.Pod{Namespace: "dev", Name: "web-0", UID: "u-1"}, "expected dev/web-0"},
-		{"another service account", good, peertls.Pod{Namespace: "shop", Name: "web-0", UID: "u-1", ServiceAccount: "admin"}, `service account "orders", expected "admin"`},
+		{"another service account", good, peertls.Pod{Namespace: "shop", Name: "web-0", UID: "u-1", ServiceAccount: "admin"}, `certificate names service account "orders", but the controller publishes member shop/web-0 (UID u-1) as running as "admin"`},
 		{"another trust domain", good, peertls.Pod{TrustDomain: "other", Namespace: "shop", Name: "web-0", UID: "u-1"}, `not a SPIFFE ID of trust domain "other"`},
 		{"no UID", certWith("", "spiffe://cluster.local/ns/shop/sa/orders"), static, "names no pod UID"},
 		{"no URI", certWith("u-1"), static, "0 URI SANs"},

@@ -66,7 +66,10 @@ const (
 	ReasonExpired       = "expired"        // its certificate is expired or not yet valid
 	ReasonUntrusted     = "untrusted"      // its certificate does not chain to the bundle
 	ReasonIdentity      = "identity"       // its certificate names another pod
-	ReasonHandshake     = "tls_handshake"  // the TLS handshake failed otherwise
+	// ReasonServiceAccount: its certificate names the member's pod but another service
+	// account than the controller publishes for it.
+	ReasonServiceAccount = "service_account"
+	ReasonHandshake      = "tls_handshake" // the TLS handshake failed otherwise
 )
 
 // recordHandshake is the first byte of every TLS connection (a handshake record). A
@@ -82,6 +85,11 @@ type Policy struct {
 	TrustDomain string
 	Log         logr.Logger
 	Metrics     *Metrics
+	// ServiceAccountOf returns the service account discovery publishes for the member
+	// pod uid ("" if unknown: then it is not compared). A sender's certificate must name
+	// it; a receiver's is checked against discovery.Member.ServiceAccount. Nil: never
+	// compared.
+	ServiceAccountOf func(uid string) string
 }
 
 var _ peer.Secure = (*Policy)(nil)
@@ -89,7 +97,7 @@ var _ peer.Secure = (*Policy)(nil)
 // Accept implements peer.Secure: it reads the first byte to tell TLS from plaintext,
 // runs the TLS handshake under HandshakeTimeout, and returns a check that the identity
 // HELLO claims is the certificate's.
-func (p *Policy) Accept(conn net.Conn) (net.Conn, func(peer.Identity) string, error) {
+func (p *Policy) Accept(conn net.Conn) (net.Conn, func(peer.Identity) error, error) {
 	if p.Mode == Disabled {
 		return conn, nil, nil
 	}
@@ -118,11 +126,16 @@ func (p *Policy) Accept(conn net.Conn) (net.Conn, func(peer.Identity) string, er
 	leaf := cs.PeerCertificates[0]
 	p.Log.V(1).Info("TLS peer link accepted", "remote", conn.RemoteAddr().String(),
 		"cipher", tls.CipherSuiteName(cs.CipherSuite), "curve", cs.CurveID.String())
-	check := func(id peer.Identity) string {
-		if err := Verify(leaf, Pod{TrustDomain: p.TrustDomain, Namespace: id.Namespace, Name: id.Name, UID: id.UID}); err != nil {
-			return fmt.Sprintf("HELLO claims pod %s/%s (UID %s): %v", id.Namespace, id.Name, id.UID, err)
+	check := func(id peer.Identity) error {
+		want := Pod{TrustDomain: p.TrustDomain, Namespace: id.Namespace, Name: id.Name, UID: id.UID}
+		if p.ServiceAccountOf != nil {
+			want.ServiceAccount = p.ServiceAccountOf(id.UID)
 		}
-		return ""
+		if err := Verify(leaf, want); err != nil {
+			return &peer.Refusal{Reason: reasonOfVerify(err), Tell: true,
+				Err: fmt.Errorf("HELLO claims pod %s/%s (UID %s): %w", id.Namespace, id.Name, id.UID, err)}
+		}
+		return nil
 	}
 	return newSession(tc, raw), check, nil
 }
@@ -193,7 +206,8 @@ func (p *Policy) serverConfig() *tls.Config {
 // bundle and its certificate must name member. Host names play no part (hence
 // InsecureSkipVerify, which only turns off crypto/tls's own check).
 func (p *Policy) clientConfig(member discovery.Member) *tls.Config {
-	want := Pod{TrustDomain: p.TrustDomain, Namespace: member.Namespace, Name: member.Name, UID: member.UID}
+	want := Pod{TrustDomain: p.TrustDomain, Namespace: member.Namespace, Name: member.Name, UID: member.UID,
+		ServiceAccount: member.ServiceAccount}
 	return &tls.Config{
 		MinVersion:           tls.VersionTLS13,
 		InsecureSkipVerify:   true, //nolint:gosec // verified by VerifyConnection against the bundle and member
@@ -203,7 +217,7 @@ func (p *Policy) clientConfig(member discovery.Member) *tls.Config {
 				return err
 			}
 			if err := Verify(cs.PeerCertificates[0], want); err != nil {
-				return &verifyError{reason: ReasonIdentity, err: err}
+				return &verifyError{reason: reasonOfVerify(err), err: err}
 			}
 			return nil
 		},

@@ -42,7 +42,7 @@ func source(t *testing.T, ca *pki.CA, pod peertls.Pod, roots *x509.CertPool) fix
 
 // handshake runs receiver.Accept and sender.Dial against each other over loopback TCP
 // and returns the receiver's result.
-func handshake(t *testing.T, receiver, sender *peertls.Policy, member discovery.Member) (func(peer.Identity) string, error, error) {
+func handshake(t *testing.T, receiver, sender *peertls.Policy, member discovery.Member) (func(peer.Identity) error, error, error) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -50,7 +50,7 @@ func handshake(t *testing.T, receiver, sender *peertls.Policy, member discovery.
 	}
 	defer func() { _ = ln.Close() }()
 	type result struct {
-		check func(peer.Identity) string
+		check func(peer.Identity) error
 		err   error
 	}
 	accepted := make(chan result, 1)
@@ -96,10 +96,10 @@ func TestHandshake(t *testing.T) {
 	if acceptErr != nil || dialErr != nil {
 		t.Fatalf("handshake: accept %v, dial %v", acceptErr, dialErr)
 	}
-	if reason := check(peer.Identity{Namespace: "ns", Name: "a", UID: "ua"}); reason != "" {
-		t.Fatalf("the sender's own identity was refused: %s", reason)
+	if err := check(peer.Identity{Namespace: "ns", Name: "a", UID: "ua"}); err != nil {
+		t.Fatalf("the sender's own identity was refused: %v", err)
 	}
-	if reason := check(peer.Identity{Namespace: "ns", Name: "b", UID: "ub"}); reason == "" {
+	if err := check(peer.Identity{Namespace: "ns", Name: "b", UID: "ub"}); err == nil {
 		t.Fatal("a HELLO claiming another pod than the certificate was accepted")
 	}
 

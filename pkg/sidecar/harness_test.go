@@ -56,6 +56,8 @@ type chanCfg struct {
 	queueBytes, maxMessageBytes               int
 	// members names the pods of the channel (pod.name); nil: every pod.
 	members []string
+	// receiveOnly names the members (pod.name) that may only receive.
+	receiveOnly []string
 }
 
 // pod is one sidecar process and its identity.
@@ -192,7 +194,8 @@ func (c *cluster) writeConfig(members []*pod) {
 			if ch.members != nil && !slices.Contains(ch.members, p.name) {
 				continue
 			}
-			fmt.Fprintf(&b, "      - {namespace: demo, name: %s, uid: %s, ip: %s, peerPort: 7701, ready: true, serving: true}\n", p.name, p.uid, p.ip)
+			fmt.Fprintf(&b, "      - {namespace: demo, name: %s, uid: %s, ip: %s, peerPort: 7701, ready: true, serving: true, serviceAccount: %s, receiveOnly: %t}\n",
+				p.name, p.uid, p.ip, p.identity().ServiceAccount, slices.Contains(ch.receiveOnly, p.name))
 		}
 	}
 	tmp := c.config + ".tmp"

@@ -171,7 +171,7 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 		return nil, fmt.Errorf("listen on peer port: %w", err)
 	}
 	s.server = peer.NewServer(peerLn, peer.ServerConfig{Self: s.self, Router: s.router, Authorize: s.authorize,
-		Shared: s.sharedChannels, Log: log.WithName("peer"), Metrics: s.pmetrics, Keepalive: cfg.Keepalive,
+		Shared: s.sharedChannels, ReceiveOnly: s.receiveOnlyChannels, Log: log.WithName("peer"), Metrics: s.pmetrics, Keepalive: cfg.Keepalive,
 		MaxConnections: cfg.PeerMaxConnections, MaxConnectionsPerIP: cfg.PeerMaxConnectionsPerIP, Secure: s.secure})
 	s.adminLn, err = lc.Listen(context.Background(), "tcp", withPort(cfg.AdminAddress, AdminPort))
 	if err != nil {
@@ -212,7 +212,8 @@ func (s *Sidecar) newSecure() error {
 		}
 		return nil
 	}
-	s.secure = &peertls.Policy{Mode: s.cfg.PeerTLS, Source: src, TrustDomain: trustDomain, Log: s.log.WithName("peertls"), Metrics: m}
+	s.secure = &peertls.Policy{Mode: s.cfg.PeerTLS, Source: src, TrustDomain: trustDomain, Log: s.log.WithName("peertls"), Metrics: m,
+		ServiceAccountOf: s.serviceAccountOf}
 	if s.workload != nil {
 		s.log.Info("Peer links use mutual TLS with the workload certificate", "mode", s.cfg.PeerTLS, "trustDomain", trustDomain)
 		return nil
@@ -636,6 +637,39 @@ func (s *Sidecar) sharedChannels(uid string) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// receiveOnlyChannels lists the channels on which the member uid may only receive, as
+// discovery publishes them (the controller's EndpointSlices, or the static file).
+func (s *Sidecar) receiveOnlyChannels(uid string) []string {
+	var out []string
+	st := s.state.Load()
+	if st == nil {
+		return nil
+	}
+	for name, ch := range st.Channels {
+		if slices.ContainsFunc(ch.Members, func(m discovery.Member) bool { return m.UID == uid && m.ReceiveOnly }) {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+// serviceAccountOf returns the service account discovery publishes for the member uid,
+// "" if it publishes none (then a certificate's account is not compared).
+func (s *Sidecar) serviceAccountOf(uid string) string {
+	st := s.state.Load()
+	if st == nil {
+		return ""
+	}
+	for _, ch := range st.Channels {
+		for _, m := range ch.Members {
+			if m.UID == uid && m.ServiceAccount != "" {
+				return m.ServiceAccount
+			}
+		}
+	}
+	return ""
 }
 
 // authorize accepts a peer only if it is a current member of a channel this pod serves

@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"encoding/json"
 	"slices"
 	"strings"
 
@@ -57,6 +58,7 @@ type endpointSlice struct {
 type sliceMeta struct {
 	Namespace       string                  `json:"namespace"`
 	Labels          map[string]string       `json:"labels"`
+	Annotations     map[string]string       `json:"annotations"`
 	OwnerReferences []metav1.OwnerReference `json:"ownerReferences"`
 }
 
@@ -110,6 +112,7 @@ func membersFromSlices(owner *podipcv1alpha1.Channel, eps []*endpointSlice) []di
 			continue
 		}
 		port := peerPort(es)
+		published := publishedMembers(es)
 		for _, ep := range es.Endpoints {
 			if ep.TargetRef == nil || ep.TargetRef.Kind != "Pod" || len(ep.Addresses) == 0 || seen[string(ep.TargetRef.UID)] {
 				continue
@@ -122,6 +125,7 @@ func membersFromSlices(owner *podipcv1alpha1.Channel, eps []*endpointSlice) []di
 			if ep.Conditions.Serving != nil {
 				serving = *ep.Conditions.Serving
 			}
+			pm := published[string(ep.TargetRef.UID)]
 			out = append(out, discovery.Member{
 				Namespace:   es.Metadata.Namespace,
 				Name:        ep.TargetRef.Name,
@@ -131,11 +135,31 @@ func membersFromSlices(owner *podipcv1alpha1.Channel, eps []*endpointSlice) []di
 				Ready:       ready,
 				Serving:     serving,
 				Terminating: ep.Conditions.Terminating != nil && *ep.Conditions.Terminating,
+				// A slice of a controller that publishes no annotation leaves the account
+				// unknown (not compared) and the member free to send.
+				ServiceAccount: pm.ServiceAccount,
+				ReceiveOnly:    pm.ReceiveOnly,
 			})
 		}
 	}
 	slices.SortFunc(out, func(a, b discovery.Member) int { return strings.Compare(a.Name, b.Name) })
 	return out
+}
+
+// publishedMembers decodes the slice's podipc.dev/members annotation. One that cannot
+// be decoded is treated as absent (the controller writes it; only a hand edit breaks it),
+// which leaves every member's account unknown and lets it send: the members are still
+// checked by UID and, under mutual TLS, by certificate.
+func publishedMembers(es *endpointSlice) discovery.PublishedMembers {
+	raw, ok := es.Metadata.Annotations[podipcv1alpha1.MembersAnnotation]
+	if !ok {
+		return nil
+	}
+	var pm discovery.PublishedMembers
+	if err := json.Unmarshal([]byte(raw), &pm); err != nil {
+		return nil
+	}
+	return pm
 }
 
 // peerPort returns the slice's podipc-peer port, or the well-known one.
