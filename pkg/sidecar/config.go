@@ -254,7 +254,7 @@ func (c *Config) parseMemory() error {
 		return err
 	}
 	if c.memoryBudgetFlag == "" {
-		c.MemoryBudget = c.MemoryLimit / 100 * MemoryBudgetPercent
+		c.MemoryBudget = c.MemoryLimit * MemoryBudgetPercent / 100
 	}
 	switch {
 	case c.MemoryBudget > 0 && c.MemoryBudget < MinMemoryBudget:
@@ -266,4 +266,4 @@ func (c *Config) parseMemory() error {
 }
 
 // SoftMemoryLimit returns the Go runtime soft limit for the memory limit (0: none).
-func (c Config) SoftMemoryLimit() int64 { return c.MemoryLimit / 100 * SoftLimitPercent }
+func (c Config) SoftMemoryLimit() int64 { return c.MemoryLimit * SoftLimitPercent / 100 }
