@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
@@ -39,6 +40,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	setMemoryLimit(cfg, log)
 	source, reload, err := newSource(cfg, log)
 	if err != nil {
 		return err
@@ -56,6 +58,17 @@ func run() error {
 		sc.WithIdentity(c)
 	}
 	return sc.Start(ctx)
+}
+
+// setMemoryLimit sets the Go runtime's soft memory limit below the container's limit
+// (docs/design.md §8.7), unless GOMEMLIMIT says otherwise.
+func setMemoryLimit(cfg sidecar.Config, log logr.Logger) {
+	soft := cfg.SoftMemoryLimit()
+	if os.Getenv("GOMEMLIMIT") != "" || soft <= 0 {
+		return
+	}
+	debug.SetMemoryLimit(soft)
+	log.Info("Memory limit", "limitBytes", cfg.MemoryLimit, "softLimitBytes", soft, "budgetBytes", cfg.MemoryBudget)
 }
 
 // newIdentity builds the workload certificate client: the trust bundle is read through

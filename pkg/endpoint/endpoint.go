@@ -236,6 +236,10 @@ func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
 	r := ipc.NewReader(src, e.framing, e.ch.Spec().MaxMessageBytes)
 	var slab buffer.Slab
 	defer slab.Close()
+	// The reader's buffer and the slab's chunk count against the memory budget.
+	budget := e.ch.Budget()
+	budget.Add(readBufferBytes)
+	defer budget.Add(-readBufferBytes)
 	src.flush = func() {
 		e.ch.RouteBatch(e.ctx, c, e.kind, src.batch)
 		slab.Recycle() // the queues took their own references
@@ -277,6 +281,10 @@ func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
 // maxBatch bounds the lines routed at once, so that the first lines of a large buffer
 // are not held back for long.
 const maxBatch = 256
+
+// readBufferBytes is what one app connection's reading side holds while it is open,
+// charged to the memory budget: the ipc.Reader's buffer and the slab's current chunk.
+const readBufferBytes = 2 * buffer.ChunkSize
 
 // batchingReader is an app connection as its reader sees it: before every read from
 // the socket, which may block, it routes the lines collected so far.

@@ -216,6 +216,10 @@ func (c Config) env(channels []string, mode peertls.Mode, field func(name, path 
 		{Name: EnvChannels, Value: strings.Join(channels, ",")},
 		{Name: EnvPeerTLS, Value: string(mode)},
 	}
+	// The sidecar sizes its Go soft limit and memory budget from its own memory limit.
+	env = append(env, corev1.EnvVar{Name: EnvMemoryLimit, ValueFrom: &corev1.EnvVarSource{
+		ResourceFieldRef: &corev1.ResourceFieldSelector{ContainerName: SidecarName, Resource: "limits.memory"},
+	}})
 	if c.Identity != nil {
 		env = append(env,
 			corev1.EnvVar{Name: EnvIdentityURL, Value: c.Identity.URL},

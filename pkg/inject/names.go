@@ -50,6 +50,9 @@ const (
 	EnvPodUID       = "PODIPC_POD_UID"
 	EnvPodIP        = "PODIPC_POD_IP"
 	EnvChannels     = "PODIPC_CHANNELS"
+	// EnvMemoryLimit is the sidecar container's limits.memory in bytes (downward API),
+	// which sets its Go soft limit and memory budget (docs/design.md §8.7).
+	EnvMemoryLimit = "PODIPC_MEMORY_LIMIT"
 
 	// Env names of the sidecar's workload identity, set when the controller issues one.
 	EnvIdentityURL = "PODIPC_IDENTITY_URL"

@@ -98,6 +98,7 @@ func NewLink(cfg LinkConfig) *Link {
 		unackedGauge: cfg.Metrics.LinkUnacked.WithLabelValues(cfg.Member.Name),
 	}
 	l.outbox.init(cfg.Metrics.Unacked, l.unackedGauge, &l.mu, &l.closed)
+	l.outbox.budget = cfg.Router.Budget()
 	l.reportUp(false)
 	return l
 }

@@ -58,6 +58,9 @@ type outbox struct {
 	space  buffer.Signal
 	mu     *sync.Mutex
 	closed *bool
+	// budget is the sidecar's memory budget (nil: none): every channel's bound charges
+	// it and admits only what fits it (docs/design.md §8.7).
+	budget *buffer.Budget
 }
 
 // outMsg is a sequenced message waiting for its acknowledgement. The outbox keeps them
@@ -158,6 +161,7 @@ func (o *outbox) channel(name string) *chanState {
 	if st == nil {
 		st = newChanState(name)
 		st.bound.Init(o.mu, &o.space, o.closed)
+		st.bound.UseBudget(o.budget)
 		o.chans[name] = st
 	}
 	o.lastName, o.last = name, st

@@ -505,6 +505,10 @@ func (s *Server) serve(in *inbound) error {
 	_ = conn.SetDeadline(time.Time{})
 	fr := NewReader(conn, in.shared.Load().maxFrame)
 	defer fr.Close()
+	// The read buffer counts against the memory budget while the link is up.
+	budget := s.cfg.Router.Budget()
+	budget.Add(buffer.ChunkSize)
+	defer budget.Add(-buffer.ChunkSize)
 	fr.SetReadTimeout(conn, 3*s.cfg.Keepalive)
 	s.mu.Lock()
 	in.fr = fr

@@ -39,6 +39,7 @@ const (
 	ReasonBlockTimeout  = "block_timeout"   // Block held the sender back for maxBlock (its receiver's queue stayed full)
 	ReasonUnframeable   = "unframeable"     // a line from a peer cannot be framed for a local connection's protocol
 	ReasonMalformed     = "malformed"       // a local node-ipc client sent a frame that is not a node-ipc event
+	ReasonMemoryBudget  = "memory_budget"   // the sidecar's memory budget stayed full (WaitThenDrop), docs/design.md §8.7
 )
 
 // Completion tracks one line received from a peer until every local connection it was

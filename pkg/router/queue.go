@@ -39,6 +39,9 @@ type Bound struct {
 	// are dropped without waiting, counted with reason.
 	overflowing bool
 	reason      string
+	// budget is the sidecar's memory budget (nil: none), which every message must fit
+	// beside the queue's own limit (docs/design.md §8.7).
+	budget *buffer.Budget
 }
 
 // giveUp starts an overflow episode that drops for reason.
@@ -53,11 +56,19 @@ func (b *Bound) Init(mu *sync.Mutex, space *buffer.Signal, closed *bool) {
 	b.mu, b.space, b.closed = mu, space, closed
 }
 
+// UseBudget makes the bound admit messages only while they also fit budget (nil: no
+// budget). Add then charges the budget too; a queue that counts its bytes itself
+// (Queue) charges it through its gauge instead.
+func (b *Bound) UseBudget(budget *buffer.Budget) { b.budget = budget }
+
 // Bytes returns the bytes the queue holds.
 func (b *Bound) Bytes() int { return b.bytes }
 
-// Add counts n more bytes held by the queue (n < 0: fewer).
-func (b *Bound) Add(n int) { b.bytes += n }
+// Add counts n more bytes held by the queue (n < 0: fewer), and charges the budget.
+func (b *Bound) Add(n int) {
+	b.bytes += n
+	b.budget.Add(n)
+}
 
 // Fits reports whether a message of n bytes enters the queue under limit without
 // applying any policy: the fast path, which Admit would also take.
@@ -65,15 +76,37 @@ func (b *Bound) Fits(n, limit int) bool {
 	return !b.overflowing && b.fits(n, limit)
 }
 
-// fits reports whether n more bytes stay within limit; an empty queue takes any message.
-func (b *Bound) fits(n, limit int) bool { return b.bytes == 0 || b.bytes+n <= limit }
+// fits reports whether n more bytes stay within limit and the budget. An empty queue
+// takes any message, even over the budget: so a sender that waits for its queue to
+// drain is always admitted at last (the budget's margin is one message per queue).
+func (b *Bound) fits(n, limit int) bool {
+	return b.bytes == 0 || (b.bytes+n <= limit && b.budget.Fits(n))
+}
+
+// fullReason is why a message of n bytes waited in vain: the queue's own bound, or,
+// when that had room, the memory budget.
+func (b *Bound) fullReason(n, limit int, reason string) string {
+	if reason == ReasonQueueFull && b.bytes+n <= limit {
+		return ReasonMemoryBudget
+	}
+	return reason
+}
+
+// recovered reports whether the overflow episode may end: the queue is below half its
+// limit, and, for an episode the budget began, the budget is below three quarters.
+func (b *Bound) recovered(limit int) bool {
+	if b.reason == ReasonMemoryBudget {
+		return b.budget.Recovered()
+	}
+	return b.bytes < limit/2
+}
 
 // Admit applies the overflow policy ov to a message of n bytes entering the queue. The
 // lock must be held; Admit releases and re-acquires it while it waits for space.
 func (b *Bound) Admit(ctx context.Context, n int, ov discovery.Overflow) (Result, string) {
 	limit := ov.QueueBytes
 	if b.overflowing {
-		if b.bytes >= limit/2 {
+		if !b.recovered(limit) {
 			return Dropped, b.reason
 		}
 		b.overflowing = false
@@ -107,7 +140,7 @@ func (b *Bound) Admit(ctx context.Context, n int, ov discovery.Overflow) (Result
 			if b.fits(n, limit) && !*b.closed {
 				return Queued, ""
 			}
-			return b.giveUp(reason)
+			return b.giveUp(b.fullReason(n, limit, reason))
 		case <-ctx.Done():
 			b.mu.Lock()
 			return Dropped, ReasonShutdown
@@ -148,9 +181,12 @@ type Queue struct {
 	// it is below half. waiting holds at most one queue bound of bytes.
 	waiting   []Item
 	waitBytes int
-	// episode numbers episodes, so that a late timer never ends a later one.
-	episode uint64
-	timer   *time.Timer
+	// episode numbers episodes, so that a late timer never ends a later one;
+	// episodeReason is what its deadline drops for: queue_full, or memory_budget when
+	// the queue had room but the sidecar's budget had not.
+	episode       uint64
+	episodeReason string
+	timer         *time.Timer
 	// limit is the bound the latest push applied, for moving waiting messages in.
 	limit int
 
@@ -208,6 +244,11 @@ func NewQueue(gauge func(delta int), dropped func(reason string, n int)) *Queue 
 	q.bound.Init(&q.mu, &q.space, &q.closed)
 	return q
 }
+
+// UseBudget makes the queue admit messages only while they fit the sidecar's memory
+// budget too (nil: none). The queue's gauge must charge the budget with every change
+// it reports (Router does so), which covers the waiting list as well.
+func (q *Queue) UseBudget(b *buffer.Budget) { q.bound.UseBudget(b) }
 
 // Push offers it to the queue under policy ov, waiting as the policy says.
 func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Result, string) {
@@ -311,7 +352,7 @@ func (q *Queue) admitDisconnect(ctx context.Context, n int, ov discovery.Overflo
 	for {
 		before := q.released
 		res, reason := q.bound.Admit(ctx, n, wait)
-		if res != Dropped || reason != ReasonQueueFull {
+		if res != Dropped || (reason != ReasonQueueFull && reason != ReasonMemoryBudget) {
 			return res, reason
 		}
 		q.bound.overflowing = false
@@ -343,11 +384,14 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []buffer.Payload
 		}
 		it := Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done}
 		if len(q.waiting) > 0 {
-			if q.waitBytes+len(d) > limit {
+			if full, budget := q.waitBytes+len(d) > limit, !q.bound.budget.Fits(added+len(d)); full || budget {
 				if done != nil {
-					// As many bytes wait as the queue holds: the sender would
-					// have had to wait for these.
-					return n, Dropped, ReasonQueueFull
+					// As many bytes wait as the queue holds, or as the budget has
+					// room for: the sender would have had to wait for these.
+					if full {
+						return n, Dropped, ReasonQueueFull
+					}
+					return n, Dropped, ReasonMemoryBudget
 				}
 				if added > 0 {
 					q.publishLocked(added)
@@ -372,12 +416,13 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []buffer.Payload
 			continue
 		}
 		if q.bound.overflowing {
-			if q.bound.bytes >= limit/2 {
+			if !q.bound.recovered(limit) {
 				return n, Dropped, q.bound.reason
 			}
 			q.bound.overflowing = false
 		}
-		if q.bound.bytes == 0 || q.bound.bytes+len(d) <= limit {
+		own := q.bound.bytes+len(d) <= limit
+		if q.bound.bytes == 0 || (own && q.bound.budget.Fits(added+len(d))) {
 			q.pinLocked(&it, limit)
 			q.items = append(q.items, it)
 			q.bound.bytes += len(d)
@@ -385,7 +430,11 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []buffer.Payload
 			n++
 			continue
 		}
-		// The queue is full: an overflow episode begins.
+		// The queue (or the budget) is full: an overflow episode begins.
+		q.episodeReason = ReasonQueueFull
+		if own {
+			q.episodeReason = ReasonMemoryBudget
+		}
 		q.pinLocked(&it, limit)
 		q.waiting = append(q.waiting, it)
 		q.waitBytes += len(d)
@@ -409,13 +458,14 @@ func (q *Queue) expire(ep uint64) {
 	left := q.waiting
 	n := q.waitBytes
 	q.waiting, q.waitBytes, q.timer = nil, 0, nil
-	q.bound.giveUp(ReasonQueueFull)
+	reason := q.episodeReason
+	q.bound.giveUp(reason)
 	q.mu.Unlock()
 	q.gauge(-n)
 	q.space.Broadcast() // local senders waiting for room in the episode
 	_, pins := settleItems(left)
 	q.unpin(pins)
-	q.dropped(ReasonQueueFull, len(left))
+	q.dropped(reason, len(left))
 }
 
 // admitWaitingLocked moves waiting messages that now fit into the queue, ending the

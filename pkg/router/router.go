@@ -47,6 +47,9 @@ type Router struct {
 	// link state changed); AnyOne lines waiting for a receiver re-check on it.
 	changed buffer.Signal
 
+	// budget is the sidecar's memory budget (nil: none), charged by every local queue.
+	budget *buffer.Budget
+
 	// wg joins the reroute goroutines.
 	wg     sync.WaitGroup
 	ctx    context.Context
@@ -61,6 +64,24 @@ func New(log logr.Logger, m *Metrics) *Router {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Router{log: log, metrics: m, channels: map[string]*Channel{}, ctx: ctx, cancel: cancel}
 }
+
+// UseBudget makes every local queue attached from now on count its bytes against
+// budget and admit lines only while they fit it (docs/design.md §8.7). Call it before
+// the first Attach.
+func (r *Router) UseBudget(budget *buffer.Budget) { r.budget = budget }
+
+// Budget returns the memory budget (nil: none), which the peer links and the read
+// buffers of connections charge too.
+func (r *Router) Budget() *buffer.Budget {
+	if r == nil {
+		return nil
+	}
+	return r.budget
+}
+
+// Budget returns the sidecar's memory budget (nil: none), for an endpoint to charge
+// the read buffers of its connections.
+func (ch *Channel) Budget() *buffer.Budget { return ch.r.budget }
 
 // Close cancels waits of rerouted lines and joins their goroutines, and releases the
 // parked AnyOne lines unacknowledged (their senders reroute them). Idempotent.
@@ -204,7 +225,12 @@ func (ch *Channel) SetMembers(remotes []Remote, ready, serving []bool) {
 // end the connection; it is called when the Disconnect policy finds it too slow.
 func (ch *Channel) Attach(kind Kind, name string, kick func()) *Conn {
 	c := &Conn{ch: ch, Kind: kind, name: name, kick: kick}
-	c.Queue = NewQueue(func(d int) { ch.bytes.Add(float64(d)) }, ch.drop)
+	budget := ch.r.budget
+	c.Queue = NewQueue(func(d int) {
+		ch.bytes.Add(float64(d))
+		budget.Add(d)
+	}, ch.drop)
+	c.Queue.UseBudget(budget)
 	ch.mu.Lock()
 	ch.unparkLocked(c)
 	next := append(slices.Clone(*ch.conns.Load()), c)

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/resource"
+
 	"github.com/podipc/podipc/pkg/endpoint"
 	"github.com/podipc/podipc/pkg/peer"
 	"github.com/podipc/podipc/pkg/peertls"
@@ -61,7 +63,27 @@ type Config struct {
 	TrustDomain string
 	// TrustBundle is the ConfigMap holding the trust bundle, as <namespace>/<name>.
 	TrustBundle string
+
+	// MemoryLimit is the container's memory limit in bytes (--memory-limit, default
+	// $PODIPC_MEMORY_LIMIT from the downward API; 0: none), and MemoryBudget the bytes
+	// all queues, retransmit windows and read buffers may hold together (--memory-budget,
+	// default MemoryBudgetShare of the limit; 0: unbounded). docs/design.md §8.7.
+	MemoryLimit, MemoryBudget         int64
+	memoryLimitFlag, memoryBudgetFlag string
 }
+
+// The shares of the memory limit (docs/design.md §8.7): the Go runtime's soft limit
+// (GOMEMLIMIT) is set to SoftLimitShare of it, so the collector works harder before the
+// kernel's OOM killer acts, and the queues' budget is MemoryBudgetShare, leaving the
+// other half for the runtime, goroutine stacks, per-link state and the encoding
+// buffers of links, and the garbage between two collections.
+const (
+	SoftLimitPercent    = 90
+	MemoryBudgetPercent = 50
+	// MinMemoryBudget is the smallest budget accepted: room for a few lines in flight
+	// on a few links.
+	MinMemoryBudget = 1 << 20
+)
 
 // ParseConfig reads the environment through getenv and parses args (without the
 // program name).
@@ -101,7 +123,12 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.StringVar(&c.IdentityTokenFile, "identity-token-file", DefaultIdentityTokenFile, "The projected service-account token (audience podipc.dev/identity) presented to the identity endpoint.")
 	fs.StringVar(&c.TrustDomain, "trust-domain", getenv("PODIPC_TRUST_DOMAIN"), "The SPIFFE trust domain of workload certificates (default $PODIPC_TRUST_DOMAIN).")
 	fs.StringVar(&c.TrustBundle, "trust-bundle", getenv("PODIPC_TRUST_BUNDLE"), "The ConfigMap holding the trust bundle, as <namespace>/<name> (default $PODIPC_TRUST_BUNDLE).")
+	fs.StringVar(&c.memoryLimitFlag, "memory-limit", getenv("PODIPC_MEMORY_LIMIT"), "The container's memory limit (bytes, or a quantity such as 48Mi; default $PODIPC_MEMORY_LIMIT, which the webhook sets from limits.memory). Sets the Go runtime's soft limit to 90% of it and the memory budget to 50%.")
+	fs.StringVar(&c.memoryBudgetFlag, "memory-budget", "", "The bytes all queues, retransmit windows and read buffers may hold together (a quantity such as 16Mi; default half of --memory-limit, unbounded without one). When it is reached each channel's overflow policy applies as for a full queue, drops counted memory_budget.")
 	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	if err := c.parseMemory(); err != nil {
 		return Config{}, err
 	}
 	err := c.validate()
@@ -210,3 +237,37 @@ func host(addr string) string {
 	}
 	return addr
 }
+
+// parseMemory reads --memory-limit and --memory-budget and derives the budget.
+func (c *Config) parseMemory() error {
+	parse := func(name, v string) (int64, error) {
+		if v == "" {
+			return 0, nil
+		}
+		q, err := resource.ParseQuantity(v)
+		if err != nil || q.Sign() < 0 {
+			return 0, fmt.Errorf("%s=%q: want a size in bytes or a quantity such as 64Mi", name, v)
+		}
+		return q.Value(), nil
+	}
+	var err error
+	if c.MemoryLimit, err = parse("--memory-limit", c.memoryLimitFlag); err != nil {
+		return err
+	}
+	if c.MemoryBudget, err = parse("--memory-budget", c.memoryBudgetFlag); err != nil {
+		return err
+	}
+	if c.memoryBudgetFlag == "" {
+		c.MemoryBudget = c.MemoryLimit * MemoryBudgetPercent / 100
+	}
+	switch {
+	case c.MemoryBudget > 0 && c.MemoryBudget < MinMemoryBudget:
+		return fmt.Errorf("memory budget %d bytes (--memory-budget, or half of --memory-limit): want at least %d", c.MemoryBudget, MinMemoryBudget)
+	case c.MemoryLimit > 0 && c.MemoryBudget > c.MemoryLimit:
+		return fmt.Errorf("--memory-budget=%s is more than --memory-limit=%s", c.memoryBudgetFlag, c.memoryLimitFlag)
+	}
+	return nil
+}
+
+// SoftMemoryLimit returns the Go runtime soft limit for the memory limit (0: none).
+func (c Config) SoftMemoryLimit() int64 { return c.MemoryLimit * SoftLimitPercent / 100 }

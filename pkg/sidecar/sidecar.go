@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"path/filepath"
@@ -24,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/internal/wake"
 	"github.com/podipc/podipc/pkg/discovery"
 	"github.com/podipc/podipc/pkg/endpoint"
@@ -151,6 +153,7 @@ func New(cfg Config, source discovery.Source, log logr.Logger) (*Sidecar, error)
 	build.WithLabelValues(Version).Set(1)
 	s.reg.MustRegister(build)
 	s.router = router.New(log.WithName("router"), router.NewMetrics(s.reg))
+	s.router.UseBudget(s.newBudget())
 	s.pmetrics = peer.NewMetrics(s.reg)
 	s.members = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "podipc_members",
 		Help: "Remote members of each channel, by state (ready, serving), as discovery reports them."}, []string{"channel", "state"})
@@ -740,4 +743,22 @@ func (s *Sidecar) adminHandler() http.Handler {
 		})
 	}
 	return mux
+}
+
+// newBudget creates the memory budget of the flags (nil: unbounded) and its gauges.
+func (s *Sidecar) newBudget() *buffer.Budget {
+	limit := s.cfg.MemoryBudget
+	if limit == 0 {
+		// Unbounded: still counted, for podipc_memory_used_bytes.
+		limit = math.MaxInt64 / 2
+	}
+	b := buffer.NewBudget(limit)
+	s.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "podipc_memory_budget_bytes",
+			Help: "The bytes all queues, retransmit windows and read buffers may hold together (0: unbounded)."},
+			func() float64 { return float64(s.cfg.MemoryBudget) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "podipc_memory_used_bytes",
+			Help: "The bytes queues, retransmit windows and read buffers hold now, counted against podipc_memory_budget_bytes."},
+			func() float64 { return float64(b.Used()) }))
+	return b
 }
