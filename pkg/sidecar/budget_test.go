@@ -74,6 +74,11 @@ func (c *cluster) dialCounter(p *pod) *counter {
 func budgetCluster(t *testing.T, policy string, queueBytes int) (*cluster, net.Conn, []*counter) {
 	c := prepareCluster(t, budgetMembers, chanCfg{name: "burst", policy: policy, maxWait: "200ms", maxBlock: "120s",
 		queueBytes: queueBytes})
+	bin, err := plainBin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.bin = bin
 	// The budget is the default share of the limit: half.
 	c.pods[0].args = []string{"--memory-limit=32Mi"}
 	for _, p := range c.pods {
@@ -189,10 +194,8 @@ func account(t *testing.T, c *cluster, recv []*counter, sent int, reasons ...str
 // hold far more; lines are dropped memory_budget at pod a (or queue_full at a
 // receiver's own queue), and every line is received or counted.
 func TestMemoryBudgetWaitThenDrop(t *testing.T) {
-	skipUnderRace(t)
 	c, sender, recv := budgetCluster(t, "WaitThenDrop", 8<<20)
-	// Under the race detector fewer lines, but still three budgets: the budget must bind.
-	n := max(10*budgetBytes/budgetLine/scale, 3*budgetBytes/budgetLine)
+	n := 10 * budgetBytes / budgetLine
 	stop := make(chan struct{})
 	watched := watchBudget(t, c, stop)
 	if err := <-writeBurst(sender, n); err != nil {
@@ -215,7 +218,6 @@ func TestMemoryBudgetWaitThenDrop(t *testing.T) {
 // sender back (it has not finished writing while the receivers do not read) until the
 // receivers read, and then every receiver gets every line.
 func TestMemoryBudgetBlock(t *testing.T) {
-	skipUnderRace(t)
 	c, sender, recv := budgetCluster(t, "Block", 2<<20)
 	// Not divided by scale: the burst must exceed the budget and what the receivers'
 	// own queues and sockets absorb.
@@ -246,16 +248,6 @@ func TestMemoryBudgetBlock(t *testing.T) {
 	close(stop)
 	<-watched
 	account(t, c, recv, n)
-}
-
-// skipUnderRace skips a burst test under the race detector. Open: there the sixteen
-// sidecars fill the budget and deliver the burst too slowly for the harness's minute
-// (Block never filled it; WaitThenDrop did not settle every receiver in time). Run these
-// tests without -race: go test -count=1 ./pkg/sidecar -run TestMemoryBudget.
-func skipUnderRace(t *testing.T) {
-	if scale > 1 {
-		t.Skip("too slow under the race detector; run without -race")
-	}
 }
 
 // rssOf is rss for a goroutine other than the test's (0 if it cannot be read).
