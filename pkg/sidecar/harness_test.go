@@ -100,7 +100,7 @@ var plainBin = sync.OnceValues(func() (string, error) {
 	bin := sidecarBin + "-norace"
 	out, err := exec.Command("go", "build", "-o", bin, "github.com/podipc/podipc/cmd/podipc-sidecar").CombinedOutput()
 	if err != nil {
-		return "", fmt.Errorf("building podipc-sidecar without -race: %v\n%s", err, out)
+		return "", fmt.Errorf("building podipc-sidecar without -race: %w\n%s", err, out)
 	}
 	return bin, nil
 })
