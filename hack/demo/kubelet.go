@@ -222,8 +222,11 @@ func envValue(pod *corev1.Pod, e corev1.EnvVar) (string, error) {
 	if e.ValueFrom == nil {
 		return e.Value, nil
 	}
+	if r := e.ValueFrom.ResourceFieldRef; r != nil {
+		return resourceValue(pod, e.Name, r)
+	}
 	if e.ValueFrom.FieldRef == nil {
-		return "", fmt.Errorf("env %s: only values and fieldRef are supported by the demo", e.Name)
+		return "", fmt.Errorf("env %s: only values, fieldRef and resourceFieldRef are supported by the demo", e.Name)
 	}
 	path := e.ValueFrom.FieldRef.FieldPath
 	switch path {
@@ -251,6 +254,25 @@ func envValue(pod *corev1.Pod, e corev1.EnvVar) (string, error) {
 	return "", fmt.Errorf("env %s: fieldRef %q is not supported by the demo", e.Name, path)
 }
 
+// resourceValue resolves a downward API resourceFieldRef to limits.memory as the kubelet
+// does, in bytes (divisor 1). Without a limit the kubelet gives the node's allocatable
+// memory; the demo's processes have no such bound, so it gives nothing and the sidecar
+// runs without a memory budget.
+func resourceValue(pod *corev1.Pod, name string, r *corev1.ResourceFieldSelector) (string, error) {
+	if r.Resource != "limits.memory" || (!r.Divisor.IsZero() && r.Divisor.Value() != 1) {
+		return "", fmt.Errorf("env %s: resourceFieldRef %q (divisor %s) is not supported by the demo", name, r.Resource, r.Divisor.String())
+	}
+	for _, c := range append(append([]corev1.Container{}, pod.Spec.InitContainers...), pod.Spec.Containers...) {
+		if c.Name == r.ContainerName {
+			if q, ok := c.Resources.Limits[corev1.ResourceMemory]; ok {
+				return strconv.FormatInt(q.Value(), 10), nil
+			}
+			return "", nil
+		}
+	}
+	return "", fmt.Errorf("env %s: resourceFieldRef names container %q, which the pod does not have", name, r.ContainerName)
+}
+
 // describeSidecar summarises the injected sidecar container of pod, in a few lines.
 func describeSidecar(pod *corev1.Pod) string {
 	c := sidecarOf(pod)
@@ -260,9 +282,12 @@ func describeSidecar(pod *corev1.Pod) string {
 	fmt.Fprintf(&b, "  command  %s\n", strings.Join(append(append([]string{}, c.Command...), c.Args...), " "))
 	var env []string
 	for _, e := range c.Env {
-		if e.ValueFrom != nil && e.ValueFrom.FieldRef != nil {
+		switch {
+		case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil:
 			env = append(env, e.Name+"=<"+e.ValueFrom.FieldRef.FieldPath+">")
-		} else {
+		case e.ValueFrom != nil && e.ValueFrom.ResourceFieldRef != nil:
+			env = append(env, e.Name+"=<"+e.ValueFrom.ResourceFieldRef.Resource+">")
+		default:
 			env = append(env, e.Name+"="+e.Value)
 		}
 	}

@@ -263,15 +263,19 @@ func TestInjectedPodThroughAPIServer(t *testing.T) {
 	sc := pod.Spec.InitContainers[0]
 	env := map[string]string{}
 	for _, e := range sc.Env {
-		if e.ValueFrom != nil {
+		switch {
+		case e.ValueFrom != nil && e.ValueFrom.ResourceFieldRef != nil:
+			env[e.Name] = e.ValueFrom.ResourceFieldRef.ContainerName + "/" + e.ValueFrom.ResourceFieldRef.Resource
+		case e.ValueFrom != nil:
 			env[e.Name] = e.ValueFrom.FieldRef.FieldPath
-		} else {
+		default:
 			env[e.Name] = e.Value
 		}
 	}
 	want := map[string]string{
 		EnvPodName: "metadata.name", EnvPodNamespace: "metadata.namespace", EnvPodUID: "metadata.uid",
-		EnvPodIP: "status.podIP", EnvChannels: "events,orders",
+		EnvPodIP: "status.podIP", EnvChannels: "events,orders", EnvMemoryLimit: SidecarName + "/limits.memory",
+		EnvPeerTLS: "Disabled",
 	}
 	if !mapsEqual(env, want) {
 		t.Errorf("sidecar env = %v, want %v", env, want)
