@@ -470,10 +470,16 @@ func TestAttackIdleConnections(t *testing.T) {
 		return refused("connection_limit")+refused("source_limit")+refused("handshake_timeout") >= n-1024
 	})
 	extra := rss(t, a) - base
-	t.Logf("RSS %d KiB before, +%d KiB with %d idle connections; refused: connection_limit %v, source_limit %v",
-		base>>10, extra>>10, n, refused("connection_limit"), refused("source_limit"))
-	if limit := 16 << 20 * raceMemory; extra > limit {
-		t.Fatalf("%d idle connections grew the sidecar's RSS by %d MiB, the bound is %d MiB", n, extra>>20, limit>>20)
+	// The bound is 16 MiB for each 1024 connections the sidecar held. On a loaded machine
+	// dialling 15,000 takes longer than the handshake deadline, which frees slots that
+	// later connections take: the sidecar then has held more than 1024 in turn (never
+	// more than 1024 at once), and what the ended ones used is not all returned to the
+	// OS yet. The connections refused at once must cost nothing.
+	held := n - int(refused("connection_limit")+refused("source_limit"))
+	t.Logf("RSS %d KiB before, +%d KiB with %d idle connections; held %d; refused: connection_limit %v, source_limit %v",
+		base>>10, extra>>10, n, held, refused("connection_limit"), refused("source_limit"))
+	if limit := 16 << 20 * raceMemory * max(1, (held+1023)/1024); extra > limit {
+		t.Fatalf("%d idle connections (%d held) grew the sidecar's RSS by %d MiB, the bound is %d MiB", n, held, extra>>20, limit>>20)
 	}
 	a.alive(t)
 	c.honest(a, b, 0, "p")
