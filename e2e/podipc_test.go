@@ -33,6 +33,8 @@ import (
 	ctrlclient "sigs.k8s.io/controller-runtime/pkg/client"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
+
+	"github.com/podipc/podipc/e2e/internal/nodedns"
 )
 
 // The journey of the README ("The user journey") on the real node, through what a user uses: helm, the API.
@@ -172,7 +174,7 @@ var chartValues = []string{
 
 func (j *journey) helmInstall(t *testing.T) {
 	args := append([]string{"install", release, "charts/podipc", "-n", releaseNS, "--create-namespace",
-		"--wait", "--timeout", journeyTimeout.String()}, chartValues...)
+		"--wait", "--timeout", journeyTimeout.String()}, slices.Concat(chartValues, nodedns.ChartValues(t.Context()))...)
 	mustHelm(t, args...)
 	j.waitControllerReady(t)
 	j.waitCABundle(t)
@@ -734,7 +736,7 @@ func (j *journey) waitPodRunning(t *testing.T, ns, name string) {
 
 func (j *journey) helmUpgrade(t *testing.T) {
 	args := append([]string{"upgrade", release, "charts/podipc", "-n", releaseNS,
-		"--wait", "--timeout", journeyTimeout.String()}, chartValues...)
+		"--wait", "--timeout", journeyTimeout.String()}, slices.Concat(chartValues, nodedns.ChartValues(t.Context()))...)
 	// A changed value rolls the controller: the new pod must serve injection too.
 	args = append(args, "--set", "controller.logLevel=1")
 	mustHelm(t, args...)
