@@ -20,7 +20,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -231,15 +230,11 @@ func run(ctx context.Context, cfg config) error {
 	}
 	r.loadEnd = loadAvg()
 
-	var w io.Writer = os.Stdout
-	if cfg.out != "" {
-		f, err := os.Create(cfg.out)
-		if err != nil {
-			return err
-		}
-		defer func() { _ = f.Close() }()
-		w = io.MultiWriter(os.Stdout, f)
+	w, closeOut, err := reportWriter(cfg.out)
+	if err != nil {
+		return err
 	}
+	defer closeOut()
 	writeReport(w, r)
 	if cfg.workDir == "" {
 		for _, t := range targets {

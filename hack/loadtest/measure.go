@@ -159,28 +159,42 @@ func firstErr(chks []*checker) error {
 // syncPath sends sync lines until every receiving app has seen one, proving the path is
 // connected end to end before anything is measured.
 func syncPath(p path, size int, chks []*checker, recvErr <-chan error) error {
+	err := syncUntil(p, size, func() (bool, error) {
+		if allSynced(chks) {
+			return true, nil
+		}
+		select {
+		case err := <-recvErr:
+			return false, fmt.Errorf("receiving app ended during sync: %w", err)
+		case <-time.After(syncInterval):
+			return allSynced(chks), nil
+		}
+	})
+	if errors.Is(err, errSyncTimeout) {
+		return fmt.Errorf("%w: no line reached every receiving app", err)
+	}
+	return err
+}
+
+// errSyncTimeout: no sync line came through within syncTimeout.
+var errSyncTimeout = errors.New("sync: nothing came through within " + syncTimeout.String())
+
+// syncUntil sends a sync line, then asks arrived whether the path is connected, until it is, it
+// fails, or syncTimeout has passed.
+func syncUntil(p path, size int, arrived func() (bool, error)) error {
 	s := newSyncLine(size)
-	deadline := time.Now().Add(syncTimeout)
-	for time.Now().Before(deadline) {
+	for deadline := time.Now().Add(syncTimeout); time.Now().Before(deadline); {
 		if err := p.Send(s); err != nil {
 			return fmt.Errorf("sync: %w", err)
 		}
 		if err := p.Flush(); err != nil {
 			return fmt.Errorf("sync: %w", err)
 		}
-		if allSynced(chks) {
-			return nil
-		}
-		select {
-		case err := <-recvErr:
-			return fmt.Errorf("receiving app ended during sync: %w", err)
-		case <-time.After(syncInterval):
+		if ok, err := arrived(); ok || err != nil {
+			return err
 		}
 	}
-	if allSynced(chks) {
-		return nil
-	}
-	return errors.New("sync: no line reached every receiving app within " + syncTimeout.String())
+	return errSyncTimeout
 }
 
 func allSynced(chks []*checker) bool {
@@ -281,20 +295,14 @@ func measureRTT(ctx context.Context, open opener, size, warmup, samples int, lim
 
 // syncEcho sends sync lines until one comes back, proving both directions are connected.
 func syncEcho(p path, size int) error {
-	s := newSyncLine(size)
-	deadline := time.Now().Add(syncTimeout)
-	for time.Now().Before(deadline) {
-		if err := p.Send(s); err != nil {
-			return fmt.Errorf("sync: %w", err)
-		}
-		if err := p.Flush(); err != nil {
-			return fmt.Errorf("sync: %w", err)
-		}
-		if r, err := p.ReadReply(syncInterval * 5); err == nil && len(r) > 0 && r[0] == syncByte {
-			return nil
-		}
+	err := syncUntil(p, size, func() (bool, error) {
+		r, err := p.ReadReply(syncInterval * 5)
+		return err == nil && len(r) > 0 && r[0] == syncByte, nil
+	})
+	if errors.Is(err, errSyncTimeout) {
+		return fmt.Errorf("%w: no echo", err)
 	}
-	return errors.New("sync: no echo within " + syncTimeout.String())
+	return err
 }
 
 // readDataReply returns the next echoed line that is not a late sync line.

@@ -292,3 +292,16 @@ func si(x float64) string {
 func us(d time.Duration) string { return fmt.Sprintf("%.0f µs", float64(d)/1e3) }
 
 func mb(b int64) string { return fmt.Sprintf("%.1f MB", float64(b)/1e6) }
+
+// reportWriter is where a report goes: standard output, and also the file named by -out when
+// one is given. The returned func closes that file.
+func reportWriter(out string) (io.Writer, func(), error) {
+	if out == "" {
+		return os.Stdout, func() {}, nil
+	}
+	f, err := os.Create(out)
+	if err != nil {
+		return nil, nil, err
+	}
+	return io.MultiWriter(os.Stdout, f), func() { _ = f.Close() }, nil
+}

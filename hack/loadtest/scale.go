@@ -4,7 +4,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -140,15 +139,11 @@ func runScale(ctx context.Context, cfg scaleConfig) error {
 	}
 	loadEnd := loadAvg()
 
-	var w io.Writer = os.Stdout
-	if cfg.out != "" {
-		f, err := os.Create(cfg.out)
-		if err != nil {
-			return err
-		}
-		defer func() { _ = f.Close() }()
-		w = io.MultiWriter(os.Stdout, f)
+	w, closeOut, err := reportWriter(cfg.out)
+	if err != nil {
+		return err
 	}
+	defer closeOut()
 	writeScaleReport(w, cfg, m, loadEnd, points)
 	if cfg.svgDir != "" {
 		if err := writeScalePlots(cfg.svgDir, cfg, points); err != nil {
