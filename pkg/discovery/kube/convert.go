@@ -2,6 +2,7 @@ package kube
 
 import (
 	"encoding/json"
+	"fmt"
 	"slices"
 	"strings"
 
@@ -54,6 +55,13 @@ type endpointSlice struct {
 	Ports     []port     `json:"ports"`
 }
 
+// memberSlice is a decoded EndpointSlice with its decoded podipc.dev/members annotation
+// (nil when the slice has none).
+type memberSlice struct {
+	*endpointSlice
+	published discovery.PublishedMembers
+}
+
 // sliceMeta is the part of an EndpointSlice's metadata that the sidecar reads.
 type sliceMeta struct {
 	Namespace       string                  `json:"namespace"`
@@ -104,15 +112,15 @@ func (m *sliceMeta) controlledBy(uid types.UID) bool {
 // once (while the controller moves an endpoint between slices it may briefly be in two),
 // sorted by pod name. Only slices controlled by the Channel with UID owner count, so a
 // leftover slice of an earlier Channel of the same name is ignored.
-func membersFromSlices(owner *podipcv1alpha1.Channel, eps []*endpointSlice) []discovery.Member {
+func membersFromSlices(owner *podipcv1alpha1.Channel, eps []memberSlice) []discovery.Member {
 	var out []discovery.Member
 	seen := map[string]bool{}
 	for _, es := range eps {
 		if !es.Metadata.controlledBy(owner.UID) {
 			continue
 		}
-		port := peerPort(es)
-		published := publishedMembers(es)
+		port := peerPort(es.endpointSlice)
+		published := es.published
 		for _, ep := range es.Endpoints {
 			if ep.TargetRef == nil || ep.TargetRef.Kind != "Pod" || len(ep.Addresses) == 0 || seen[string(ep.TargetRef.UID)] {
 				continue
@@ -146,20 +154,21 @@ func membersFromSlices(owner *podipcv1alpha1.Channel, eps []*endpointSlice) []di
 	return out
 }
 
-// publishedMembers decodes the slice's podipc.dev/members annotation. One that cannot
-// be decoded is treated as absent (the controller writes it; only a hand edit breaks it),
-// which leaves every member's account unknown and lets it send: the members are still
-// checked by UID and, under mutual TLS, by certificate.
-func publishedMembers(es *endpointSlice) discovery.PublishedMembers {
+// publishedMembers decodes the slice's podipc.dev/members annotation.
+// A slice without one leaves every member's account unknown (not compared) and lets it
+// send, as a controller that publishes none meant. One that cannot be decoded is an error:
+// only a hand edit or a foreign writer makes one, and the slice is then ignored (fails
+// closed) rather than read as if the controller had published no restriction.
+func publishedMembers(es *endpointSlice) (discovery.PublishedMembers, error) {
 	raw, ok := es.Metadata.Annotations[podipcv1alpha1.MembersAnnotation]
 	if !ok {
-		return nil
+		return nil, nil
 	}
 	var pm discovery.PublishedMembers
 	if err := json.Unmarshal([]byte(raw), &pm); err != nil {
-		return nil
+		return nil, fmt.Errorf("annotation %s: %w", podipcv1alpha1.MembersAnnotation, err)
 	}
-	return pm
+	return pm, nil
 }
 
 // peerPort returns the slice's podipc-peer port, or the well-known one.

@@ -118,6 +118,23 @@ func TestSnapshotMembers(t *testing.T) {
 				pod("a", "10.0.0.1", ready))},
 			want: []discovery.Member{member("a", "10.0.0.1", 7801, true, true, false)},
 		},
+		"the published service account and receive-only flag": {
+			slices: []*discoveryv1.EndpointSlice{annotated(slice("s1", feedUID, peerPorts, pod("a", "10.0.0.1", ready), pod("b", "10.0.0.2", ready)),
+				`{"uid-a":{"serviceAccount":"feeder"},"uid-b":{"serviceAccount":"reader","receiveOnly":true}}`)},
+			want: []discovery.Member{
+				withAccess(member("a", "10.0.0.1", 7801, true, true, false), "feeder", false),
+				withAccess(member("b", "10.0.0.2", 7801, true, true, false), "reader", true),
+			},
+		},
+		// A hand-edited (or foreign) annotation must not read as "no restriction published":
+		// the slice is ignored, the other slice's members stay.
+		"a slice whose published members cannot be decoded is ignored": {
+			slices: []*discoveryv1.EndpointSlice{
+				annotated(slice("s1", feedUID, peerPorts, pod("a", "10.0.0.1", ready)), `{"uid-a":{"receiveOnly":"yes"}}`),
+				slice("s2", feedUID, peerPorts, pod("b", "10.0.0.2", ready)),
+			},
+			want: []discovery.Member{member("b", "10.0.0.2", 7801, true, true, false)},
+		},
 		"a slice of an earlier Channel of the same name is ignored": {
 			slices: []*discoveryv1.EndpointSlice{
 				slice("old", "uid-earlier", peerPorts, pod("x", "10.0.0.7", ready)),
@@ -186,4 +203,16 @@ func toUnstructured(t *testing.T, obj apiruntime.Object) *unstructured.Unstructu
 		t.Fatal(err)
 	}
 	return &unstructured.Unstructured{Object: m}
+}
+
+// annotated sets the slice's podipc.dev/members annotation to raw.
+func annotated(es *discoveryv1.EndpointSlice, raw string) *discoveryv1.EndpointSlice {
+	es.Annotations = map[string]string{podipcv1alpha1.MembersAnnotation: raw}
+	return es
+}
+
+// withAccess is m with the published service account and receive-only flag.
+func withAccess(m discovery.Member, sa string, receiveOnly bool) discovery.Member {
+	m.ServiceAccount, m.ReceiveOnly = sa, receiveOnly
+	return m
 }

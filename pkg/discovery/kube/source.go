@@ -238,15 +238,20 @@ func (s *Source) sliceSelector() string {
 
 // snapshot builds the state from the informers' stores.
 func (s *Source) snapshot(channels map[string]cache.SharedIndexInformer, slices cache.Store) discovery.State {
-	byChannel := map[string][]*endpointSlice{}
+	byChannel := map[string][]memberSlice{}
 	for _, o := range slices.List() {
 		es := &endpointSlice{}
 		if err := apiruntime.DefaultUnstructuredConverter.FromUnstructured(o.(*unstructured.Unstructured).Object, es); err != nil {
 			s.Log.Error(err, "Ignoring an EndpointSlice that cannot be decoded", "endpointSlice", o.(*unstructured.Unstructured).GetName())
 			continue
 		}
+		published, err := publishedMembers(es)
+		if err != nil {
+			s.Log.Error(err, "Ignoring an EndpointSlice whose published members cannot be decoded: its endpoints are not members", "endpointSlice", o.(*unstructured.Unstructured).GetName())
+			continue
+		}
 		name := es.Metadata.Labels[podipcv1alpha1.ChannelLabel]
-		byChannel[name] = append(byChannel[name], es)
+		byChannel[name] = append(byChannel[name], memberSlice{es, published})
 	}
 	st := discovery.State{Channels: map[string]discovery.Channel{}}
 	for name, inf := range channels {
