@@ -8,7 +8,6 @@ import (
 	"runtime/debug"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -41,9 +40,6 @@ type LinkConfig struct {
 	// Secure, if set, secures the link's connections (mutual TLS) and verifies that the
 	// receiver is Member.
 	Secure Secure
-	// NoDirectWrite makes every frame go through the link's writer goroutine (the
-	// direct path, directLocked, off): for tests and measurements.
-	NoDirectWrite bool
 }
 
 // Link carries lines from this sidecar to one member pod. It implements router.Remote.
@@ -75,20 +71,6 @@ type Link struct {
 	closed bool
 	// bye asks the writer to say GOODBYE once the queue is empty.
 	bye bool
-	// The direct path (directLocked): a sender writes the frames it just encoded into
-	// the session's socket itself, without waking the writer, when the writer is idle
-	// and the socket takes them without blocking. raw is the session's socket (nil for
-	// none, or one behind TLS); writing says the writer is writing outside mu, so only
-	// it may write; leftover is what a direct write left unwritten (leftoverBuf its
-	// whole buffer), which the writer writes before anything else; directSpare is the
-	// buffer the direct path swaps in; directWrote tells the writer's keepalive that
-	// frames went out.
-	// directs and partials count direct writes and those that left bytes over (tests).
-	directs, partials     int
-	raw                   syscall.RawConn
-	writing, directWrote  bool
-	leftover, leftoverBuf []byte
-	directSpare           []byte
 	// upGauge, changedGauge and unackedGauge are this link's series of the per-peer
 	// gauges, held so a late report after Close cannot recreate a deleted series.
 	upGauge, changedGauge, unackedGauge prometheus.Gauge
@@ -165,7 +147,7 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line 
 	}
 	line.Ref.Retain(1)
 	l.outbox.push(st, line.Ref, line.Data, kind, anyOne)
-	l.writeOrKickLocked()
+	l.kickLocked()
 	return router.Queued, ""
 }
 
@@ -193,7 +175,7 @@ func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, 
 		}
 		l.outbox.push(st, line.Ref, line.Data, kind, false)
 	}
-	l.writeOrKickLocked()
+	l.kickLocked()
 	return len(lines), router.Queued, ""
 }
 
@@ -233,62 +215,6 @@ func (l *Link) admitLocked(ctx context.Context, st *chanState, n int, ov discove
 // update per line.
 func (l *Link) kickLocked() {
 	wake.Up(l.wake)
-}
-
-// writeOrKickLocked writes what is encoded straight into the socket if it can
-// (directLocked), and wakes the writer otherwise.
-func (l *Link) writeOrKickLocked() {
-	if !l.directLocked() {
-		l.kickLocked()
-	}
-}
-
-// directLocked writes the frames encoded so far into the session's socket from the
-// sender's goroutine, saving the writer's wake-up, if the writer is idle: not writing,
-// nothing left over. The write never blocks (the socket is non-blocking and a full one
-// returns EAGAIN), so holding mu through it costs one system call; what the socket
-// does not take is left over for the writer, which writes it first, and so the frames
-// stay in order and only one goroutine writes at a time. It reports whether the
-// frames were handled (false: the writer must be woken).
-func (l *Link) directLocked() bool {
-	if l.raw == nil || l.writing || l.leftover != nil {
-		return false
-	}
-	buf, n := l.outbox.take(l.directSpare)
-	if n == 0 {
-		return false
-	}
-	l.directSpare = nil
-	w := 0
-	_ = l.raw.Write(func(fd uintptr) bool {
-		for w < len(buf) {
-			m, err := syscall.Write(int(fd), buf[w:])
-			if m > 0 {
-				w += m
-			}
-			if err == syscall.EINTR {
-				continue
-			}
-			if err != nil || m <= 0 {
-				break
-			}
-		}
-		return true // never wait for the socket: the writer does
-	})
-	l.cfg.Metrics.Sent.Add(float64(n))
-	l.directWrote = true
-	l.directs++
-	if w < len(buf) {
-		// Full, or failed: the writer writes the rest (and meets the error).
-		l.leftover, l.leftoverBuf = buf[w:], buf
-		l.partials++
-		l.kickLocked()
-		return true
-	}
-	if cap(buf) <= 2*maxOutBytes {
-		l.directSpare = buf
-	}
-	return true
 }
 
 // settleLocked settles the messages pick selects (outbox.settle): Broadcast ones are
@@ -542,10 +468,6 @@ func (l *Link) resume(conn net.Conn, w Welcome) error {
 	l.up = true
 	l.reportUp(true)
 	l.conn = conn
-	l.raw = nil
-	if tc, ok := conn.(*net.TCPConn); ok && !l.cfg.NoDirectWrite {
-		l.raw, _ = tc.SyscallConn()
-	}
 	l.ended = make(chan struct{})
 	l.kickLocked()
 	l.mu.Unlock()
@@ -564,41 +486,14 @@ func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
 	// spare is the buffer written last time, swapped in for the encoders to fill next.
 	var spare []byte
 	wrote := false
-	write := func(b []byte) error {
-		_ = conn.SetWriteDeadline(time.Now().Add(3 * l.cfg.Keepalive))
-		_, err := conn.Write(b)
-		l.mu.Lock()
-		l.writing = false
-		l.mu.Unlock()
-		return err
-	}
 	for {
 		l.mu.Lock()
-		// What a direct write left over goes first; then what is encoded.
-		left, leftBuf := l.leftover, l.leftoverBuf
-		l.leftover, l.leftoverBuf = nil, nil
-		var buf []byte
-		n := 0
-		if left == nil {
-			buf, n = l.outbox.take(spare)
-		}
-		l.writing = left != nil || n > 0
+		buf, n := l.outbox.take(spare)
 		bye := l.bye && l.outbox.len() == 0
 		l.mu.Unlock()
-		if left != nil {
-			if err := write(left); err != nil {
-				return err
-			}
-			l.mu.Lock()
-			if l.directSpare == nil && cap(leftBuf) <= 2*maxOutBytes {
-				l.directSpare = leftBuf[:0]
-			}
-			l.mu.Unlock()
-			wrote = true
-			continue
-		}
 		if n > 0 {
-			if err := write(buf); err != nil {
+			_ = conn.SetWriteDeadline(time.Now().Add(3 * l.cfg.Keepalive))
+			if _, err := conn.Write(buf); err != nil {
 				return err
 			}
 			l.cfg.Metrics.Sent.Add(float64(n))
@@ -611,9 +506,6 @@ func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
 			continue
 		}
 		if bye {
-			l.mu.Lock()
-			l.writing = true // for good: no direct write after GOODBYE
-			l.mu.Unlock()
 			_ = conn.SetWriteDeadline(time.Now().Add(3 * l.cfg.Keepalive))
 			_, err := conn.Write(ReasonFrame(FrameGoodbye, "shutdown"))
 			return err
@@ -623,16 +515,9 @@ func (l *Link) writeLoop(conn net.Conn, done <-chan struct{}) error {
 		case <-done:
 			return nil
 		case <-ping.C:
-			l.mu.Lock()
-			wrote = wrote || l.directWrote
-			l.directWrote = false
-			// Only the writer writes outside mu, and the direct path writes only
-			// whole frames and only under mu: a PING written here falls between
-			// frames.
-			l.writing = !wrote
-			l.mu.Unlock()
 			if !wrote {
-				if err := write(PingFrame()); err != nil {
+				_ = conn.SetWriteDeadline(time.Now().Add(3 * l.cfg.Keepalive))
+				if _, err := conn.Write(PingFrame()); err != nil {
 					return err
 				}
 			}
@@ -707,8 +592,7 @@ func abort(c net.Conn) {
 
 // endSessionLocked records that the session has ended.
 func (l *Link) endSessionLocked() {
-	l.up, l.conn, l.raw, l.writing = false, nil, nil, false
-	l.leftover, l.leftoverBuf = nil, nil // the next session retransmits what was not acknowledged
+	l.up, l.conn = false, nil
 	l.reportUp(false)
 	l.outbox.stopEncoding()
 	if l.ended != nil {
