@@ -679,13 +679,6 @@ func (s *Server) readLoop(in *inbound, st *sender, fr *Reader) error {
 	}
 }
 
-// ackEvery and ackDelay: an acknowledgement of fewer than ackEvery lines waits up to
-// ackDelay for more (Server.writeLoop).
-const (
-	ackEvery = 256
-	ackDelay = time.Millisecond
-)
-
 // maxBatch bounds the lines dispatched under one completion, so that acknowledgements
 // keep flowing while a long buffered stream is dispatched.
 const maxBatch = 1024
@@ -872,28 +865,12 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 	// grace fires at the oldest pending line's deadline.
 	grace := time.NewTimer(time.Hour)
 	defer grace.Stop()
-	// delay holds back a small acknowledgement (fewer than ackEvery lines) for up to
-	// ackDelay, so that a trickle of lines costs the receiver one write and the sender
-	// one wake-up per ackDelay rather than per line.
-	delay := time.NewTimer(time.Hour)
-	delay.Stop()
-	defer delay.Stop()
-	delayed := false
-	ackNow := func(now bool) error {
+	ack := func() error {
 		a, next := st.ackable(time.Now())
 		if !next.IsZero() {
 			grace.Reset(max(time.Until(next), time.Millisecond))
 		}
-		if a > sentAck && !now && a-sentAck < ackEvery {
-			if !delayed {
-				delayed = true
-				delay.Reset(ackDelay)
-			}
-			return nil
-		}
 		if a > sentAck {
-			delayed = false
-			delay.Stop()
 			sentAck = a
 			buf = AckFrame(buf[:0], a)
 			_, _ = bw.Write(buf)
@@ -901,18 +878,12 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 		}
 		return nil
 	}
-	ack := func() error { return ackNow(true) }
 	if err := ack(); err != nil {
 		return err
 	}
 	for {
 		select {
 		case <-st.notify:
-			if err := ackNow(false); err != nil {
-				return err
-			}
-		case <-delay.C:
-			delayed = false
 			if err := ack(); err != nil {
 				return err
 			}
