@@ -178,8 +178,10 @@ func TestServerProtocolErrors(t *testing.T) {
 		frame  []byte
 		reason string
 	}{
-		"channel 0xff":    {data(1, "\xff", "x"), ReasonChannelName},
-		"empty channel":   {data(1, "", "x"), ReasonChannelName},
+		"channel 0xff":  {data(1, "\xff", "x"), ReasonChannelName},
+		"empty channel": {data(1, "", "x"), ReasonChannelName},
+		// The name is checked only when the shared-channel lookup misses.
+		"64 byte channel": {data(1, strings.Repeat("a", 64), "x"), ReasonChannelName},
 		"kind":            {append(AppendDataHeader(nil, 1, "orders", router.Kind(3), 1), 'x'), ReasonKind},
 		"frame over 1124": {data(1, "orders", strings.Repeat("x", 2000)), ReasonFrameSize},
 		"truncated":       {[]byte{0, 0, 0, 2, byte(FrameData), 0x80}, ReasonMalformed},
@@ -199,6 +201,22 @@ func TestServerProtocolErrors(t *testing.T) {
 			})
 		})
 	}
+	t.Run("bad name after a shared line", func(t *testing.T) {
+		conn, _ := ts.join(t)
+		before := testutil.ToFloat64(ts.metrics.ProtocolErrors.WithLabelValues("in", ReasonChannelName))
+		if _, err := conn.Write(append(data(1, "orders", "first"), data(2, "\xff", "x")...)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.Copy(io.Discard, conn); err != nil {
+			t.Fatalf("link not ended: %v", err)
+		}
+		if got := <-ts.lines; got != "first" {
+			t.Fatalf("delivered %q, want first", got)
+		}
+		eventuallyTrue(t, "counted", func() bool {
+			return testutil.ToFloat64(ts.metrics.ProtocolErrors.WithLabelValues("in", ReasonChannelName)) == before+1
+		})
+	})
 	t.Run("too large", func(t *testing.T) {
 		conn, _ := ts.join(t)
 		b := append(data(1, "orders", strings.Repeat("x", 101)), data(2, "orders", "fits")...)

@@ -476,11 +476,13 @@ func ParseAck(b []byte) (uint64, error) {
 	return v, d.err
 }
 
-// ParseData decodes a DATA body and validates every field: the channel name is a DNS
-// label and the kind one this version knows. Payload aliases b; its size is checked
-// against the channel's maxMessageBytes by the receiver, which knows the channel. It
-// is the receiving sidecar's per-line work, so it reads the fields directly rather than
-// through a decoder, and allocates only for an error.
+// ParseData decodes a DATA body and validates its framing and kind. The channel name is
+// not checked here: the receiver looks it up among the channels the link shares, and a
+// name found there is a DNS label by construction, so only a name that misses is
+// checked (CheckChannel), which keeps ValidLabel off the per-line path. Payload aliases
+// b; its size is checked against the channel's maxMessageBytes by the receiver, which
+// knows the channel. It is the receiving sidecar's per-line work, so it reads the
+// fields directly rather than through a decoder, and allocates only for an error.
 func ParseData(b []byte) (Data, error) {
 	seq, n := binary.Uvarint(b)
 	if n <= 0 {
@@ -496,12 +498,19 @@ func ParseData(b []byte) (Data, error) {
 		return Data{}, protocolError(ReasonMalformed, "short string")
 	}
 	name := b[:l:l]
-	if !ValidLabel(name) {
-		return Data{}, protocolError(ReasonChannelName, "invalid channel name %q", name[:min(len(name), 80)])
-	}
 	k := b[l]
 	if k > byte(router.NodeIPC) {
 		return Data{}, protocolError(ReasonKind, "kind %d", k)
 	}
 	return Data{Seq: seq, Channel: name, Kind: router.Kind(k), Payload: b[l+1:]}, nil
+}
+
+// CheckChannel returns a protocol error (ReasonChannelName) if name, a DATA frame's
+// channel, is not a DNS label. The receiver calls it for a name that is not one of the
+// link's shared channels, before counting the line as not shared.
+func CheckChannel(name []byte) error {
+	if ValidLabel(name) {
+		return nil
+	}
+	return protocolError(ReasonChannelName, "invalid channel name %q", name[:min(len(name), 80)])
 }

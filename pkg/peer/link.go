@@ -100,7 +100,15 @@ func NewLink(cfg LinkConfig) *Link {
 	l.outbox.init(cfg.Metrics.Unacked, l.unackedGauge, &l.mu, &l.closed)
 	l.outbox.budget = cfg.Router.Budget()
 	l.reportUp(false)
+	cfg.Metrics.track(l)
 	return l
+}
+
+// reportUnacked brings the unacknowledged-bytes gauges up to date (at scrape time).
+func (l *Link) reportUnacked() {
+	l.mu.Lock()
+	l.outbox.report()
+	l.mu.Unlock()
 }
 
 // reportUp publishes whether the link is established, and since when.
@@ -202,13 +210,10 @@ func (l *Link) admitLocked(ctx context.Context, st *chanState, n int, ov discove
 	return res, reason
 }
 
-// kickLocked wakes the writer.
+// kickLocked wakes the writer. A link that is down has no writer to report the
+// queue's growth: a scrape does (Metrics.refresh), so that queueing costs no gauge
+// update per line.
 func (l *Link) kickLocked() {
-	if !l.outbox.encoding {
-		// No writer reports for a link that is down: the queue's growth shows at once,
-		// once per batch rather than per line.
-		l.outbox.report()
-	}
 	wake.Up(l.wake)
 }
 
@@ -640,6 +645,7 @@ func (l *Link) Shutdown(ctx context.Context) error {
 // deleteSeries removes the link's per-peer series: the peer is no longer a member.
 func (l *Link) deleteSeries() {
 	p := l.cfg.Member.Name
+	l.cfg.Metrics.untrack(l)
 	l.cfg.Metrics.LinkUp.DeleteLabelValues(p)
 	l.cfg.Metrics.LinkChanged.DeleteLabelValues(p)
 	l.cfg.Metrics.LinkUnacked.DeleteLabelValues(p)

@@ -1,6 +1,10 @@
 package peer
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 // Metrics are the peer links' Prometheus series.
 type Metrics struct {
@@ -26,6 +30,58 @@ type Metrics struct {
 	LinkUp      *prometheus.GaugeVec
 	LinkChanged *prometheus.GaugeVec
 	LinkUnacked *prometheus.GaugeVec
+	// links are the outbound links that report to Unacked and LinkUnacked: a link
+	// that is down does not report per line, so a scrape brings each one up to date
+	// first (unackedCollector).
+	linksMu sync.Mutex
+	links   map[*Link]struct{}
+}
+
+// track adds l to the links brought up to date at each scrape.
+func (m *Metrics) track(l *Link) {
+	m.linksMu.Lock()
+	defer m.linksMu.Unlock()
+	if m.links == nil {
+		m.links = map[*Link]struct{}{}
+	}
+	m.links[l] = struct{}{}
+}
+
+// untrack removes l (closed) from them.
+func (m *Metrics) untrack(l *Link) {
+	m.linksMu.Lock()
+	defer m.linksMu.Unlock()
+	delete(m.links, l)
+}
+
+// refresh makes every link report its unacknowledged bytes.
+func (m *Metrics) refresh() {
+	m.linksMu.Lock()
+	links := make([]*Link, 0, len(m.links))
+	for l := range m.links {
+		links = append(links, l)
+	}
+	m.linksMu.Unlock()
+	for _, l := range links { // l.mu is never taken under linksMu
+		l.reportUnacked()
+	}
+}
+
+// unackedCollector exports Unacked and LinkUnacked exact at scrape time: it brings
+// every link's report up to date before collecting them. A link that is up reports
+// once per written batch and per acknowledgement; one that is down reports only
+// here, so that queueing on it costs no gauge update per line.
+type unackedCollector struct{ m *Metrics }
+
+func (c unackedCollector) Describe(ch chan<- *prometheus.Desc) {
+	c.m.Unacked.Describe(ch)
+	c.m.LinkUnacked.Describe(ch)
+}
+
+func (c unackedCollector) Collect(ch chan<- prometheus.Metric) {
+	c.m.refresh()
+	c.m.Unacked.Collect(ch)
+	c.m.LinkUnacked.Collect(ch)
 }
 
 // NewMetrics creates the peer series and registers them with reg (if not nil).
@@ -80,8 +136,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		m.Panics.WithLabelValues(dir)
 	}
 	if reg != nil {
-		reg.MustRegister(m.Links, m.Reconnects, m.Refused, m.ProtocolErrors, m.Panics, m.Sent, m.Received, m.Unacked, m.Senders,
-			m.LinkUp, m.LinkChanged, m.LinkUnacked)
+		reg.MustRegister(m.Links, m.Reconnects, m.Refused, m.ProtocolErrors, m.Panics, m.Sent, m.Received, m.Senders,
+			m.LinkUp, m.LinkChanged, unackedCollector{m})
 	}
 	return m
 }

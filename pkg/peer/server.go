@@ -673,7 +673,9 @@ func (s *Server) readLoop(in *inbound, st *sender, fr *Reader) error {
 		if b.started && d.Seq != b.last+1 {
 			return protocolError(ReasonSequence, "sequence gap: got %d after %d", d.Seq, b.last)
 		}
-		b.add(d, fr.Chunk())
+		if err := b.add(d, fr.Chunk()); err != nil {
+			return err
+		}
 	}
 }
 
@@ -708,34 +710,47 @@ type batch struct {
 // add dispatches d, whose payload lives in chunk, as part of the batch: only for a
 // channel the two pods share, and only if it fits the channel's maxMessageBytes. A line
 // that does not is counted dropped, and its sequence number acknowledged like any
-// other, so that the link goes on.
-func (b *batch) add(d Data, chunk *buffer.Chunk) {
+// other, so that the link goes on. A channel name that is not shared and not even a
+// DNS label is a protocol error (ParseData leaves that check to this lookup's miss).
+func (b *batch) add(d Data, chunk *buffer.Chunk) error {
+	if len(b.run) > 0 && (string(d.Channel) != b.runChan.name || d.Kind != b.runKind) {
+		b.flushRun()
+	}
+	var sc sharedChannel
+	shared := true
+	if len(b.run) == 0 {
+		sc, shared = b.in.shared.Load().channels[string(d.Channel)]
+		if !shared {
+			// Checked before the line counts as dispatched, so that its sequence
+			// number is not recorded as delivered.
+			if err := CheckChannel(d.Channel); err != nil {
+				return err
+			}
+		}
+	}
 	if b.c == nil {
 		b.c = router.NewCompletion(b.st.notify)
 		b.first = d.Seq
 	}
 	b.started, b.last = true, d.Seq
-	if len(b.run) > 0 && (string(d.Channel) != b.runChan.name || d.Kind != b.runKind) {
-		b.flushRun()
-	}
 	if len(b.run) == 0 {
-		sc, ok := b.in.shared.Load().channels[string(d.Channel)]
-		if !ok {
+		if !shared {
 			b.dropNotShared(d)
-			return
+			return nil
 		}
 		if sc.receiveOnly { // decided per link: one test per run of lines, not per line
 			b.dropNotPermitted(sc.name)
-			return
+			return nil
 		}
 		b.runChan, b.runKind = sc, d.Kind
 	}
 	if len(d.Payload) > b.runChan.maxMessageBytes {
 		b.dropTooLarge(len(d.Payload))
-		return
+		return nil
 	}
 	b.run = append(b.run, buffer.Payload{Data: d.Payload, Ref: chunk})
 	b.n++
+	return nil
 }
 
 // dropTooLarge counts a line of n bytes over its channel's maxMessageBytes, logging the
