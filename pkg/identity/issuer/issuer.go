@@ -168,6 +168,9 @@ func (s *Server) Start(ctx context.Context) error {
 		},
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
 	}
+	// One request per connection (the client sends one per half-life): an idle kept-alive
+	// connection would hold one of the maxConns slots for IdleTimeout.
+	srv.SetKeepAlivesEnabled(false)
 	done := make(chan error, 1)
 	go func() { done <- srv.ServeTLS(netutil.LimitListener(s.ln, maxConns), "", "") }()
 	s.Log.Info("Serving the identity endpoint", "address", s.ln.Addr().String(), "trustDomain", s.TrustDomain, "lifetime", s.Lifetime)
