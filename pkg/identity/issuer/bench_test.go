@@ -97,7 +97,9 @@ func BenchmarkIssuance(b *testing.B) {
 					b.Errorf("client %d stopped: %v", j, err)
 					return
 				}
-				<-done // until cancel
+				if err := <-done; err != nil { // after cancel
+					b.Errorf("client %d: %v", j, err)
+				}
 			})
 		}
 		close(gate)

@@ -133,7 +133,7 @@ func TestStreamAcrossRenewalAndRotation(t *testing.T) {
 				return
 			}
 		}
-		got <- result{next, fmt.Errorf("the app connection to B ended after %d lines: %v", next, in.Err())}
+		got <- result{next, fmt.Errorf("the app connection to B ended after %d lines: %w", next, in.Err())}
 	}()
 
 	// Renewal and rotation are done once both sidecars hold a certificate issued after the
