@@ -67,17 +67,26 @@ func TestControllerRole(t *testing.T) {
 		"bind the slice writer":       {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "bind", Group: "rbac.authorization.k8s.io", Resource: "clusterroles", Name: channel.SliceWriterRole}, true},
 		"read EndpointSlices":         {authorizationv1.ResourceAttributes{Verb: "list", Group: "discovery.k8s.io", Resource: "endpointslices"}, true},
 		// EndpointSlices are written only where the controller bound the slice writer to
-		// itself (TestControllerWritesSlicesOnlyWhereChannelsAre): never cluster-wide, and
-		// not in a namespace without a Channel.
-		"create EndpointSlices everywhere": {authorizationv1.ResourceAttributes{Verb: "create", Group: "discovery.k8s.io", Resource: "endpointslices"}, false},
-		"delete EndpointSlices everywhere": {authorizationv1.ResourceAttributes{Verb: "delete", Group: "discovery.k8s.io", Resource: "endpointslices"}, false},
-		"create an EndpointSlice":          {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "create", Group: "discovery.k8s.io", Resource: "endpointslices"}, false},
-		"update an EndpointSlice":          {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "update", Group: "discovery.k8s.io", Resource: "endpointslices", Name: "x"}, false},
-		"patch an EndpointSlice":           {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "patch", Group: "discovery.k8s.io", Resource: "endpointslices", Name: "x"}, false},
-		"delete an EndpointSlice":          {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "delete", Group: "discovery.k8s.io", Resource: "endpointslices", Name: "x"}, false},
-		"delete a ClusterRole":             {authorizationv1.ResourceAttributes{Verb: "delete", Group: "rbac.authorization.k8s.io", Resource: "clusterroles", Name: channel.MemberRole}, false},
-		"patch a ClusterRole":              {authorizationv1.ResourceAttributes{Verb: "patch", Group: "rbac.authorization.k8s.io", Resource: "clusterroles", Name: channel.SliceWriterRole}, false},
-		"delete a Role":                    {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "delete", Group: "rbac.authorization.k8s.io", Resource: "roles", Name: "x"}, false},
+		// itself (TestControllerWritesSlicesOnlyWhereChannelsAre): not in a namespace
+		// without a Channel, and never cluster-wide (below).
+		"create an EndpointSlice": {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "create", Group: "discovery.k8s.io", Resource: "endpointslices"}, false},
+		"update an EndpointSlice": {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "update", Group: "discovery.k8s.io", Resource: "endpointslices", Name: "x"}, false},
+		"patch an EndpointSlice":  {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "patch", Group: "discovery.k8s.io", Resource: "endpointslices", Name: "x"}, false},
+		"delete an EndpointSlice": {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "delete", Group: "discovery.k8s.io", Resource: "endpointslices", Name: "x"}, false},
+		"delete a ClusterRole":    {authorizationv1.ResourceAttributes{Verb: "delete", Group: "rbac.authorization.k8s.io", Resource: "clusterroles", Name: channel.MemberRole}, false},
+		"patch a ClusterRole":     {authorizationv1.ResourceAttributes{Verb: "patch", Group: "rbac.authorization.k8s.io", Resource: "clusterroles", Name: channel.SliceWriterRole}, false},
+		"delete a Role":           {authorizationv1.ResourceAttributes{Namespace: ns, Verb: "delete", Group: "rbac.authorization.k8s.io", Resource: "roles", Name: "x"}, false},
+	}
+	// No cluster-wide write on Roles, ClusterRoles or EndpointSlices, verb by verb.
+	for _, res := range []struct{ group, resource string }{
+		{"rbac.authorization.k8s.io", "roles"}, {"rbac.authorization.k8s.io", "clusterroles"}, {"discovery.k8s.io", "endpointslices"},
+	} {
+		for _, verb := range []string{"create", "update", "patch", "delete", "deletecollection"} {
+			cases[verb+" "+res.resource+" cluster-wide"] = struct {
+				attrs authorizationv1.ResourceAttributes
+				allow bool
+			}{authorizationv1.ResourceAttributes{Verb: verb, Group: res.group, Resource: res.resource}, false}
+		}
 	}
 	allowed := func(attrs authorizationv1.ResourceAttributes) (bool, error) {
 		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{User: user, ResourceAttributes: &attrs}}
