@@ -123,6 +123,9 @@ verify: generate ## Regenerate and fail if the tree changed (generated code is n
 	@git diff --exit-code -- . && test -z "$$(git status --porcelain --untracked-files=all -- api config charts)" || \
 	  { git status --short -- api config charts; echo "generated files are out of date: run 'make generate' and commit"; exit 1; }
 	@hack/verify-refs.sh
+	@# The chart's RBAC and the generated config/rbac agree (the chart covers every marker,
+	@# grants the fixed roles exactly, and no cluster-wide write the markers do not ask for).
+	@go test -count=1 -run 'TestRBACCoversGeneratedRole|TestRBACLeastPrivilege|TestMemberRole|TestSliceWriterRole' ./test/chart/
 
 ##@ Image
 

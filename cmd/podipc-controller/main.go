@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 
+	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
@@ -32,6 +33,7 @@ type options struct {
 	leaderElect             bool
 	leaderElectionNamespace string
 	channelConcurrency      int
+	serviceAccount          string
 	webhook                 webhookOptions
 	identity                identityOptions
 	sealSecret              string
@@ -47,6 +49,7 @@ func main() {
 	flag.BoolVar(&o.leaderElect, "leader-elect", true, "Elect a leader, so that only one replica reconciles at a time.")
 	flag.StringVar(&o.leaderElectionNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: the pod's own).")
 	flag.IntVar(&o.channelConcurrency, "channel-concurrency", 4, "Channels reconciled at once.")
+	flag.StringVar(&o.serviceAccount, "service-account", os.Getenv("POD_SERVICE_ACCOUNT"), "The controller's own service account (default $POD_SERVICE_ACCOUNT), in --namespace: it binds podipc-slice-writer to it in each Channel's namespace. Empty: it writes EndpointSlices with whatever cluster-wide rights it holds.")
 	o.webhook.bindFlags(flag.CommandLine)
 	o.identity.bindFlags(flag.CommandLine)
 	flag.StringVar(&o.sealSecret, "seal-secret", "podipc-seal", "Name of the Secret, in the controller's namespace, holding the key of the seal the webhook puts on every injected pod.")
@@ -136,6 +139,11 @@ func loadSeal(ctx context.Context, mgr ctrl.Manager, o options) (*seal.Key, erro
 
 func setupReconcilers(ctx context.Context, mgr ctrl.Manager, o options, key *seal.Key) error {
 	r := &channel.Reconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("podipc-controller"), Seal: key}
+	if o.serviceAccount != "" {
+		r.Self = &rbacv1.Subject{Kind: rbacv1.ServiceAccountKind, Name: o.serviceAccount, Namespace: o.webhook.namespace}
+	} else {
+		ctrl.Log.Info("No --service-account: EndpointSlices are written with the controller's cluster-wide rights, if it has them")
+	}
 	if err := r.SetupWithManager(ctx, mgr, o.channelConcurrency); err != nil {
 		return fmt.Errorf("setting up the Channel controller: %w", err)
 	}

@@ -86,9 +86,10 @@ func newIdentity(cfg sidecar.Config, log logr.Logger) (*identity.Client, error) 
 	ns, name, _ := strings.Cut(cfg.TrustBundle, "/") // validated by ParseConfig
 	return &identity.Client{
 		URL: cfg.IdentityURL, TokenFile: cfg.IdentityTokenFile, TrustDomain: cfg.TrustDomain,
-		Pod:    identity.Pod{Namespace: cfg.Namespace, Name: cfg.Name, UID: cfg.UID},
-		Bundle: identity.ConfigMapBundle{Client: dyn, Namespace: ns, Name: name},
-		Log:    log.WithName("identity"),
+		Pod:           identity.Pod{Namespace: cfg.Namespace, Name: cfg.Name, UID: cfg.UID},
+		Bundle:        identity.ConfigMapBundle{Client: dyn, Namespace: ns, Name: name},
+		BundleRefresh: cfg.TrustBundleRefresh,
+		Log:           log.WithName("identity"),
 	}, nil
 }
 

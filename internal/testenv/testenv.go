@@ -202,11 +202,17 @@ func (e *Env) WriteKubeconfig(dir, user string) (string, error) {
 // setup's context is the manager's: it ends when stop is called. stop cancels the manager
 // and waits for it to return, so no controller outlives the test control plane.
 func (e *Env) StartManager(opts ctrl.Options, setup func(ctx context.Context, mgr ctrl.Manager) error) (stop func(), err error) {
+	return e.StartManagerAs(e.Config, opts, setup)
+}
+
+// StartManagerAs is StartManager with the manager talking to the API server as cfg says
+// (e.g. Impersonate, to run a controller with only the rights its RBAC grants).
+func (e *Env) StartManagerAs(cfg *rest.Config, opts ctrl.Options, setup func(ctx context.Context, mgr ctrl.Manager) error) (stop func(), err error) {
 	if opts.Scheme == nil {
 		opts.Scheme = e.Scheme
 	}
 	opts.Metrics = metricsserver.Options{BindAddress: "0"}
-	mgr, err := ctrl.NewManager(e.Config, opts)
+	mgr, err := ctrl.NewManager(cfg, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -238,6 +244,17 @@ func (e *Env) StartManager(opts ctrl.Options, setup func(ctx context.Context, mg
 		}
 	}
 	return stop, nil
+}
+
+// As returns a copy of the admin config that impersonates the service account ns/name,
+// with the groups the API server gives every service account.
+func (e *Env) As(ns, name string) *rest.Config {
+	cfg := rest.CopyConfig(e.Config)
+	cfg.Impersonate = rest.ImpersonationConfig{
+		UserName: "system:serviceaccount:" + ns + ":" + name,
+		Groups:   []string{"system:serviceaccounts", "system:serviceaccounts:" + ns, "system:authenticated"},
+	}
+	return cfg
 }
 
 // RestartAPIServer stops the API server and starts it again on the same address, with

@@ -36,6 +36,27 @@ func MemberRules() []rbacv1.PolicyRule {
 	}
 }
 
+// SliceWriterRole is the fixed ClusterRole that lets the controller write EndpointSlices.
+// The controller holds only read on EndpointSlices cluster-wide, and binds this role to
+// itself with one RoleBinding per Channel in the Channel's namespace (SliceWriterName),
+// owned by the Channel, so it writes slices only where a Channel is (docs/security.md,
+// "What the controller may do").
+const SliceWriterRole = "podipc-slice-writer"
+
+// SliceWriterRules are SliceWriterRole's rules (config/rbac/slice_writer_role.yaml and the
+// chart are held to them by tests).
+func SliceWriterRules() []rbacv1.PolicyRule {
+	return []rbacv1.PolicyRule{{
+		APIGroups: []string{"discovery.k8s.io"},
+		Resources: []string{"endpointslices"},
+		Verbs:     []string{"create", "update", "patch", "delete"},
+	}}
+}
+
+// SliceWriterName names the controller's own RoleBinding of SliceWriterRole for a channel.
+// The colon cannot occur in a Channel's name, so it never meets an AccessName.
+func SliceWriterName(channel string) string { return "podipc-slice-writer:" + channel }
+
 // AccessName names the RoleBinding that gives a channel's members read access.
 func AccessName(channel string) string { return "podipc-" + channel }
 
@@ -66,6 +87,23 @@ func (r *Reconciler) applyRBAC(ctx context.Context, s *scope) error {
 		return nil
 	})
 	return err
+}
+
+// applySliceWriter binds SliceWriterRole to the controller itself (Reconciler.Self) in the
+// channel's namespace. It reports whether the binding was just created: the API server's
+// authorizer may not see it for a moment, so a slice write refused then is retried.
+func (r *Reconciler) applySliceWriter(ctx context.Context, s *scope) (created bool, _ error) {
+	if r.Self == nil {
+		return false, nil
+	}
+	binding := &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Name: SliceWriterName(s.channel.Name), Namespace: s.channel.Namespace}}
+	op, err := controllerutil.CreateOrUpdate(ctx, r.Client, binding, func() error {
+		setOwned(&binding.ObjectMeta, s)
+		binding.RoleRef = rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: SliceWriterRole}
+		binding.Subjects = []rbacv1.Subject{*r.Self}
+		return nil
+	})
+	return op == controllerutil.OperationResultCreated, err
 }
 
 // setOwned labels an object with its channel and makes the Channel its controller owner.

@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -58,6 +59,10 @@ type Reconciler struct {
 	// a member (see package seal). Nil accepts unsealed pods (an upgrade from a release
 	// without seals, until its pods are restarted).
 	Seal *seal.Key
+	// Self, if set, is the controller's own service account: it writes EndpointSlices
+	// through a RoleBinding of SliceWriterRole to Self per Channel namespace. Nil assumes
+	// the controller may write slices already (tests run as admin, older charts).
+	Self *rbacv1.Subject
 
 	// excludedMu guards excluded.
 	excludedMu sync.Mutex
@@ -75,13 +80,15 @@ type Reconciler struct {
 // +kubebuilder:rbac:groups=podipc.dev,resources=channels,verbs=get;list;watch
 // +kubebuilder:rbac:groups=podipc.dev,resources=channels/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch
-// +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch;create;update;patch;delete
+// EndpointSlices are read everywhere but written only through SliceWriterRole, which the
+// controller binds to itself per Channel namespace (applySliceWriter).
+// +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
 // RoleBindings: the controller binds the fixed ClusterRole podipc-member (MemberRole) to
 // each channel's member service accounts; it writes no Role. bind is narrowed to that one
 // ClusterRole (it also holds every right the role grants, which RBAC accepts instead).
 // +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=rolebindings,verbs=get;list;watch;create;update;patch;delete
-// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=clusterroles,verbs=bind,resourceNames=podipc-member
+// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=clusterroles,verbs=bind,resourceNames=podipc-member;podipc-slice-writer
 // The controller's metrics server (cmd/podipc-controller --metrics-secure) authenticates
 // and authorizes every scrape with the API server.
 // +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
@@ -134,7 +141,15 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (_ ctrl.Re
 	if err := r.applyRBAC(ctx, s); err != nil {
 		return r.applyFailed(ctx, "RBAC", err)
 	}
+	bound, err := r.applySliceWriter(ctx, s)
+	if err != nil {
+		return r.applyFailed(ctx, "the controller's RoleBinding", err)
+	}
 	if err := r.applySlices(ctx, s); err != nil {
+		if bound && apierrors.IsForbidden(err) {
+			// The authorizer has not seen the new binding yet.
+			return ctrl.Result{RequeueAfter: staleRetry}, errStale
+		}
 		return r.applyFailed(ctx, "EndpointSlices", err)
 	}
 	logger.V(4).Info("Published Channel membership", "members", len(s.members), "serviceAccounts", len(s.accounts))

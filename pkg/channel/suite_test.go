@@ -2,15 +2,23 @@ package channel_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"os"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/go-logr/logr"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/rand"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -41,17 +49,98 @@ func mustKey() *seal.Key {
 
 func TestMain(m *testing.M) { testenv.Main(m, &env, startController) }
 
+// The controller's service account: the suite's controller runs as it, with the rights of
+// config/rbac only.
+const (
+	controllerNS = "podipc-system"
+	controllerSA = "podipc-controller"
+)
+
 // startController runs the controller as cmd/podipc-controller does (same cache
-// restrictions), once for the whole package, with its client wrapped to count writes.
+// restrictions, same RBAC: the generated config/rbac roles bound to its service account,
+// which it impersonates), once for the whole package, with its client wrapped to count
+// writes.
 func startController(e *testenv.Env) (func(), error) {
 	ctrl.SetLogger(logr.Discard()) // the tests assert outcomes; controller logs are noise here
-	return e.StartManager(ctrl.Options{
+	if err := installControllerRBAC(e); err != nil {
+		return nil, fmt.Errorf("installing config/rbac: %w", err)
+	}
+	self := &rbacv1.Subject{Kind: rbacv1.ServiceAccountKind, Namespace: controllerNS, Name: controllerSA}
+	return e.StartManagerAs(e.As(controllerNS, controllerSA), ctrl.Options{
 		Cache:      cache.Options{ByObject: channel.CacheByObject()},
 		Controller: config.Controller{SkipNameValidation: ptrTo(true)},
 	}, func(ctx context.Context, mgr ctrl.Manager) error {
-		r := &channel.Reconciler{Client: countingClient{mgr.GetClient()}, Recorder: mgr.GetEventRecorder("podipc-controller"), Seal: sealKey}
+		r := &channel.Reconciler{Client: countingClient{mgr.GetClient()}, Recorder: mgr.GetEventRecorder("podipc-controller"), Seal: sealKey, Self: self}
 		return r.SetupWithManager(ctx, mgr, 4)
 	})
+}
+
+// installControllerRBAC creates the roles of config/rbac (role.yaml, generated from the
+// markers, and the fixed member and slice-writer ClusterRoles) and binds them to the
+// controller's service account as the chart does, then waits until the API server's
+// authorizer applies them.
+func installControllerRBAC(e *testenv.Env) error {
+	ctx := context.Background()
+	for _, o := range []client.Object{
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: controllerNS}},
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: controllerNS, Name: controllerSA}},
+	} {
+		if err := e.Client.Create(ctx, o); err != nil {
+			return err
+		}
+	}
+	subjects := []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: controllerNS, Name: controllerSA}}
+	for _, file := range []string{"role.yaml", "member_role.yaml", "slice_writer_role.yaml"} {
+		f, err := os.Open(filepath.Join(testenv.RepoRoot(), "config", "rbac", file))
+		if err != nil {
+			return err
+		}
+		dec := utilyaml.NewYAMLOrJSONDecoder(f, 4096)
+		for {
+			var role rbacv1.ClusterRole // a Role decodes the same way
+			if err := dec.Decode(&role); errors.Is(err, io.EOF) {
+				break
+			} else if err != nil {
+				_ = f.Close()
+				return fmt.Errorf("%s: %w", file, err)
+			}
+			objs := []client.Object{&role}
+			ref := rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: role.Kind, Name: role.Name}
+			switch {
+			case role.Kind == "Role":
+				objs = []client.Object{
+					&rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Name: role.Name, Namespace: role.Namespace}, Rules: role.Rules},
+					&rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Name: role.Name, Namespace: role.Namespace}, RoleRef: ref, Subjects: subjects},
+				}
+			case role.Name == "podipc-controller":
+				objs = append(objs, &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: role.Name}, RoleRef: ref, Subjects: subjects})
+			}
+			for _, o := range objs {
+				if err := e.Client.Create(ctx, o); err != nil {
+					_ = f.Close()
+					return fmt.Errorf("%s: %w", file, err)
+				}
+			}
+		}
+		_ = f.Close()
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+			User:               "system:serviceaccount:" + controllerNS + ":" + controllerSA,
+			ResourceAttributes: &authorizationv1.ResourceAttributes{Verb: "list", Resource: "pods"},
+		}}
+		if err := e.Client.Create(ctx, sar); err != nil {
+			return err
+		}
+		if sar.Status.Allowed {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return errors.New("the API server's authorizer never applied the controller's ClusterRoleBinding")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func ptrTo[T any](v T) *T { return &v }

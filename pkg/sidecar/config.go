@@ -59,6 +59,9 @@ type Config struct {
 	// IdentityTokenFile is the projected service-account token of audience
 	// podipc.dev/identity.
 	IdentityTokenFile string
+	// TrustBundleRefresh is how often the trust bundle ConfigMap is read again; it must stay
+	// well below the controller's --identity-propagation-delay.
+	TrustBundleRefresh time.Duration
 	// TrustDomain is the SPIFFE trust domain.
 	TrustDomain string
 	// TrustBundle is the ConfigMap holding the trust bundle, as <namespace>/<name>.
@@ -123,6 +126,7 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.StringVar(&c.IdentityTokenFile, "identity-token-file", DefaultIdentityTokenFile, "The projected service-account token (audience podipc.dev/identity) presented to the identity endpoint.")
 	fs.StringVar(&c.TrustDomain, "trust-domain", getenv("PODIPC_TRUST_DOMAIN"), "The SPIFFE trust domain of workload certificates (default $PODIPC_TRUST_DOMAIN).")
 	fs.StringVar(&c.TrustBundle, "trust-bundle", getenv("PODIPC_TRUST_BUNDLE"), "The ConfigMap holding the trust bundle, as <namespace>/<name> (default $PODIPC_TRUST_BUNDLE).")
+	fs.DurationVar(&c.TrustBundleRefresh, "trust-bundle-refresh", 30*time.Second, "How often the trust bundle is read again; keep it well below the controller's --identity-propagation-delay (10m by default).")
 	fs.StringVar(&c.memoryLimitFlag, "memory-limit", getenv("PODIPC_MEMORY_LIMIT"), "The container's memory limit (bytes, or a quantity such as 48Mi; default $PODIPC_MEMORY_LIMIT, which the webhook sets from limits.memory). Sets the Go runtime's soft limit to 90% of it and the memory budget to 50%.")
 	fs.StringVar(&c.memoryBudgetFlag, "memory-budget", "", "The bytes all queues, retransmit windows and read buffers may hold together (a quantity such as 16Mi; default half of --memory-limit, unbounded without one). When it is reached each channel's overflow policy applies as for a full queue, drops counted memory_budget.")
 	if err := fs.Parse(args); err != nil {

@@ -112,8 +112,8 @@ func TestRBACLeastPrivilege(t *testing.T) {
 			for _, r := range rules {
 				all := strings.Join(append(append(slices.Clone(r.APIGroups), r.Resources...), r.Verbs...), " ")
 				for _, bad := range []string{"*", "escalate", "bind", "impersonate"} {
-					if bad == "bind" && slices.Equal(r.Resources, []string{"clusterroles"}) && slices.Equal(r.ResourceNames, []string{channel.MemberRole}) {
-						continue // binding the fixed member role, and nothing else
+					if bad == "bind" && slices.Equal(r.Resources, []string{"clusterroles"}) && slices.Equal(r.ResourceNames, []string{channel.MemberRole, channel.SliceWriterRole}) {
+						continue // binding the fixed member and slice-writer roles, and nothing else
 					}
 					if slices.Contains(r.Verbs, bad) || slices.Contains(r.Resources, bad) || slices.Contains(r.APIGroups, bad) {
 						t.Errorf("rule %q grants %q", all, bad)
@@ -158,6 +158,34 @@ func TestMemberRole(t *testing.T) {
 	for _, r := range want {
 		if !slices.Equal(r.Verbs, []string{"get", "list", "watch"}) {
 			t.Errorf("members may %v %v: they must only read", r.Verbs, r.Resources)
+		}
+	}
+}
+
+// TestSliceWriterRole: the chart's podipc-slice-writer ClusterRole and
+// config/rbac/slice_writer_role.yaml grant exactly pkg/channel's SliceWriterRules, and the
+// controller's ClusterRole writes no EndpointSlice itself.
+func TestSliceWriterRole(t *testing.T) {
+	objs := render(t, nil)
+	chartRole := into[rbacv1.ClusterRole](t, objs.get(t, "ClusterRole", channel.SliceWriterRole))
+	raw, err := os.ReadFile(filepath.Join(repoRoot, "config", "rbac", "slice_writer_role.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var configRole rbacv1.ClusterRole
+	if err := utilyaml.Unmarshal(raw, &configRole); err != nil {
+		t.Fatal(err)
+	}
+	want := channel.SliceWriterRules()
+	for name, got := range map[string][]rbacv1.PolicyRule{"the chart's": chartRole.Rules, "config/rbac's": configRole.Rules} {
+		if !equality.Semantic.DeepEqual(got, want) {
+			t.Errorf("%s %s grants %+v, want %+v", name, channel.SliceWriterRole, got, want)
+		}
+	}
+	controller := into[rbacv1.ClusterRole](t, objs.get(t, "ClusterRole", "podipc-controller"))
+	for _, r := range controller.Rules {
+		if slices.Contains(r.Resources, "endpointslices") && !slices.Equal(r.Verbs, []string{"get", "list", "watch"}) {
+			t.Errorf("the controller's ClusterRole may %v endpointslices: it must only read them cluster-wide", r.Verbs)
 		}
 	}
 }

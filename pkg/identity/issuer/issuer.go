@@ -48,6 +48,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"golang.org/x/net/netutil"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -70,6 +71,12 @@ const (
 	backdate = 5 * time.Minute
 	// maxBody bounds a request: a P-256 CSR and a pod name fit in far less.
 	maxBody = 16 << 10
+	// maxConns bounds the connections served at once. When every sidecar of a cluster
+	// asks together (a node pool starting, the controller restarting), serving them all at
+	// once shares the CPU and the TokenReviews among all of them, so that every one
+	// finishes late, past its handshake timeout, and retries with backoff; the rest wait
+	// in the listen backlog and are served first come first served (BenchmarkIssuance).
+	maxConns = 64
 )
 
 // Admission decides whether a pod may hold an identity beyond what the issuer checks
@@ -161,8 +168,11 @@ func (s *Server) Start(ctx context.Context) error {
 		},
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
 	}
+	// One request per connection (the client sends one per half-life): an idle kept-alive
+	// connection would hold one of the maxConns slots for IdleTimeout.
+	srv.SetKeepAlivesEnabled(false)
 	done := make(chan error, 1)
-	go func() { done <- srv.ServeTLS(s.ln, "", "") }()
+	go func() { done <- srv.ServeTLS(netutil.LimitListener(s.ln, maxConns), "", "") }()
 	s.Log.Info("Serving the identity endpoint", "address", s.ln.Addr().String(), "trustDomain", s.TrustDomain, "lifetime", s.Lifetime)
 	select {
 	case err := <-done:

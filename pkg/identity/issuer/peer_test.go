@@ -17,6 +17,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/rand"
 	"k8s.io/utils/ptr"
 
@@ -140,6 +141,13 @@ type mtlsSidecar struct {
 // a projected identity token and no --peer-tls: Required is the default with an identity URL.
 func startMTLSSidecar(t *testing.T, bin, kubeconfig, dir string, pod *corev1.Pod, ip string) *mtlsSidecar {
 	t.Helper()
+	return startMTLSSidecarVia(t, bin, kubeconfig, dir, pod, ip, endpoint, trustCM)
+}
+
+// startMTLSSidecarVia is startMTLSSidecar against the identity endpoint url, with the trust
+// bundle in ConfigMap cm, and extra flags.
+func startMTLSSidecarVia(t *testing.T, bin, kubeconfig, dir string, pod *corev1.Pod, ip, url string, cm types.NamespacedName, extra ...string) *mtlsSidecar {
+	t.Helper()
 	sc := &mtlsSidecar{pod: pod, ip: ip, peerPort: freePortOn(t, ip), admin: freePortOn(t, ip),
 		log: filepath.Join(dir, pod.Name+".log")}
 	tokenFile := filepath.Join(dir, pod.Name+".token")
@@ -151,13 +159,14 @@ func startMTLSSidecar(t *testing.T, bin, kubeconfig, dir string, pod *corev1.Pod
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(sock) })
-	cmd := exec.Command(bin, "--discovery=kubernetes", "--kubeconfig="+kubeconfig,
-		"--peer-address="+net.JoinHostPort(ip, strconv.Itoa(sc.peerPort)), "--admin-address="+net.JoinHostPort(ip, strconv.Itoa(sc.admin)),
-		"--app-address="+ip, "--socket-dir="+sock, "--drain-timeout=1s", "--identity-token-file="+tokenFile, "--log-level=debug")
+	args := append([]string{"--discovery=kubernetes", "--kubeconfig=" + kubeconfig,
+		"--peer-address=" + net.JoinHostPort(ip, strconv.Itoa(sc.peerPort)), "--admin-address=" + net.JoinHostPort(ip, strconv.Itoa(sc.admin)),
+		"--app-address=" + ip, "--socket-dir=" + sock, "--drain-timeout=1s", "--identity-token-file=" + tokenFile, "--log-level=debug"}, extra...)
+	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), "PODIPC_POD_NAMESPACE="+pod.Namespace, "PODIPC_POD_NAME="+pod.Name,
 		"PODIPC_POD_UID="+string(pod.UID), "PODIPC_POD_IP="+ip, "PODIPC_CHANNELS=orders",
-		"PODIPC_IDENTITY_URL="+endpoint, "PODIPC_TRUST_DOMAIN="+trustDomain,
-		"PODIPC_TRUST_BUNDLE="+trustCM.Namespace+"/"+trustCM.Name)
+		"PODIPC_IDENTITY_URL="+url, "PODIPC_TRUST_DOMAIN="+trustDomain,
+		"PODIPC_TRUST_BUNDLE="+cm.Namespace+"/"+cm.Name)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	logf, err := os.Create(sc.log)
 	if err != nil {

@@ -299,7 +299,7 @@ func run(t *testing.T, c *identity.Client) {
 }
 
 // pemBundle returns the bundle as published.
-func pemBundle(t *testing.T) []byte {
+func pemBundle(t testing.TB) []byte {
 	t.Helper()
 	b, err := bundle.Bundle(t.Context())
 	if err != nil {
