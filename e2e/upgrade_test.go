@@ -16,8 +16,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
-	"github.com/podipc/podipc/e2e/internal/nodedns"
 )
 
 // previousRelease is the last commit before the chart's peerTLS value: its chart has no
@@ -37,9 +35,6 @@ const previousTag = podipcVersion + "-previous"
 // The Permissive sidecars count their plaintext links with the old pods, both ways, and
 // stop counting once the old pods are gone.
 func TestUpgradeToMutualTLS(t *testing.T) {
-	if !nodedns.Available(t.Context()) {
-		t.Skip(nodedns.SkipReason)
-	}
 	prevChart := previousChart(t)
 	kube := newCRClient(t)
 	t.Cleanup(func() {
