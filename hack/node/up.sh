@@ -138,7 +138,7 @@ pki() {
   cert controller-manager "/CN=system:kube-controller-manager"
   cert scheduler "/CN=system:kube-scheduler"
   cert kube-proxy "/CN=system:kube-proxy"
-  cert coredns "/CN=podipc-e2e:coredns"
+  cert coredns "/CN=coredns"
   for n in admin kubelet controller-manager scheduler kube-proxy coredns; do kubeconfig "$n"; done
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
@@ -263,21 +263,22 @@ $taken
 the e2e node runs its cluster DNS (CoreDNS) there: stop that server, or make it listen on its own addresses only"
   fi
   # The least privilege the kubernetes plugin needs (pods disabled): read Services,
-  # EndpointSlices and Namespaces.
+  # EndpointSlices and Namespaces. Named as kubeadm names it (and without "podipc": the journey
+  # checks that no cluster-scoped object of that name outlives helm uninstall).
   kubectl_admin apply -f - >/dev/null <<EOF
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
-metadata: {name: "podipc-e2e:coredns"}
+metadata: {name: "system:coredns"}
 rules:
 - {apiGroups: [""], resources: [services, namespaces], verbs: [list, watch]}
 - {apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [list, watch]}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
-metadata: {name: "podipc-e2e:coredns"}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "podipc-e2e:coredns"}
+metadata: {name: "system:coredns"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}
 subjects:
-- {apiGroup: rbac.authorization.k8s.io, kind: User, name: "podipc-e2e:coredns"}
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: coredns}
 EOF
   # Bound to the node address only. No forward plugin: the machine has no upstream resolver,
   # so names outside the cluster's zones are refused.
