@@ -163,6 +163,10 @@ control-plane: ## Build kube-apiserver, kubectl and etcd from source into bin/k8
 promtool: ## Build promtool into bin/, for test/chart's `promtool check rules` of the chart's alerts.
 	hack/promtool/build.sh
 
+.PHONY: coredns
+coredns: ## Build CoreDNS into bin/, the e2e node's cluster DNS (hack/node/up.sh builds it when missing).
+	hack/coredns/build.sh
+
 .PHONY: tools
 tools: $(BIN)/golangci-lint $(BIN)/controller-gen $(BIN)/helm ## Build the pinned tools into bin/.
 

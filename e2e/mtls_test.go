@@ -13,8 +13,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
-	"github.com/podipc/podipc/e2e/internal/nodedns"
 )
 
 // sidecarMetrics reads the admin port's /metrics of pod ns/name through the API server.
@@ -49,9 +47,6 @@ const refusedPlaintext = `podipc_peer_refused_total{reason="plaintext"}`
 // between it and the channels. Both are refused for speaking plaintext, told why, counted
 // and logged.
 func (j *journey) mtls(t *testing.T) {
-	if !nodedns.Available(t.Context()) {
-		t.Skip(nodedns.SkipReason)
-	}
 	for _, name := range j.talkPods {
 		logs := podLogs(t.Context(), j.ns, name, "podipc-sidecar")
 		if !strings.Contains(logs, "Peer links use mutual TLS with the workload certificate") || !strings.Contains(logs, `"mode":"Required"`) {

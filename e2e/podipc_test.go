@@ -33,8 +33,6 @@ import (
 	ctrlclient "sigs.k8s.io/controller-runtime/pkg/client"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
-
-	"github.com/podipc/podipc/e2e/internal/nodedns"
 )
 
 // The journey of the README ("The user journey") on the real node, through what a user uses: helm, the API.
@@ -174,7 +172,7 @@ var chartValues = []string{
 
 func (j *journey) helmInstall(t *testing.T) {
 	args := append([]string{"install", release, "charts/podipc", "-n", releaseNS, "--create-namespace",
-		"--wait", "--timeout", journeyTimeout.String()}, slices.Concat(chartValues, nodedns.ChartValues(t.Context()))...)
+		"--wait", "--timeout", journeyTimeout.String()}, chartValues...)
 	mustHelm(t, args...)
 	j.waitControllerReady(t)
 	j.waitCABundle(t)
@@ -736,7 +734,7 @@ func (j *journey) waitPodRunning(t *testing.T, ns, name string) {
 
 func (j *journey) helmUpgrade(t *testing.T) {
 	args := append([]string{"upgrade", release, "charts/podipc", "-n", releaseNS,
-		"--wait", "--timeout", journeyTimeout.String()}, slices.Concat(chartValues, nodedns.ChartValues(t.Context()))...)
+		"--wait", "--timeout", journeyTimeout.String()}, chartValues...)
 	// A changed value rolls the controller: the new pod must serve injection too.
 	args = append(args, "--set", "controller.logLevel=1")
 	mustHelm(t, args...)

@@ -20,8 +20,6 @@ import (
 	ctrlclient "sigs.k8s.io/controller-runtime/pkg/client"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
-
-	"github.com/podipc/podipc/e2e/internal/nodedns"
 )
 
 const (
@@ -176,7 +174,6 @@ func (s *suite) install(t *testing.T) {
 	args := []string{"install", release, "charts/podipc", "-n", releaseNS, "--create-namespace", "--wait",
 		"--timeout", "4m", "--set", "image.repository=" + podipcRepository, "--set", "image.tag=" + podipcVersion,
 		"--set", "image.pullPolicy=Never", "--set", "webhook.certMode=self", "--set", "controller.replicas=1"}
-	args = append(args, nodedns.ChartValues(t.Context())...)
 	if out, err := helm(t.Context(), args...); err != nil {
 		t.Fatal(err)
 	} else {

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Tears down the cluster of hack/node/up.sh and leaves the machine as it was found: stops every
-# recorded daemon, kills containerd's tasks and shims, unmounts everything under $STATE, removes
-# the CNI network namespaces, the bridge, the kubepods cgroups and the netfilter tables the
-# kubelet and kube-proxy created, restores the kernel settings, deletes $STATE, and finally
-# checks that nothing of ours is left (exit 1 and a list if something is).
+# recorded daemon (CoreDNS among them), kills containerd's tasks and shims, unmounts everything
+# under $STATE, removes the CNI network namespaces, the bridge, the kubepods cgroups and the
+# netfilter tables the kubelet and kube-proxy created, restores the kernel settings, deletes
+# $STATE, and finally checks that nothing of ours is left — no process, no socket listening on
+# the node address, … (exit 1 and a list if something is).
 #
 # Safe to run twice and after a half-finished bring-up. PODIPC_E2E_KEEP_LOGS=1 keeps
 # $STATE/logs (moved to $STATE.logs) for a failed run.
@@ -157,6 +158,8 @@ check() {
   local bad=0 x
   for x in $(our_pids); do log "LEFT: process $x ($(tr '\0' ' ' <"/proc/$x/cmdline" 2>/dev/null))"; bad=1; done
   for x in $(our_mounts); do log "LEFT: mount $x"; bad=1; done
+  # A socket bound to the node address outlives the address (CoreDNS's port 53 among them).
+  while read -r x; do [ -n "$x" ] && { log "LEFT: listening socket $x"; bad=1; }; done < <(node_listeners)
   ip link show "$BRIDGE" >/dev/null 2>&1 && { log "LEFT: bridge $BRIDGE"; bad=1; }
   for x in /run/netns/cni-*; do
     [ -e "$x" ] && ! grep -qx "$(basename "$x")" "$STATE/baseline/netns" 2>/dev/null && { log "LEFT: netns $x"; bad=1; }
@@ -192,7 +195,7 @@ stop netdelay kube-proxy kubelet
 containers
 stop containerd
 shims
-stop kube-scheduler kube-controller-manager kube-apiserver etcd
+stop coredns kube-scheduler kube-controller-manager kube-apiserver etcd
 mounts
 network
 netfilter

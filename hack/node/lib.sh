@@ -20,7 +20,11 @@ POD_CIDR=10.244.0.0/24
 POD_GW=10.244.0.1
 SERVICE_CIDR=10.97.0.0/24
 KUBERNETES_SVC_IP=10.97.0.1
+# The kube-dns Service's ClusterIP: the kubelet gives it to pods as their nameserver, kube-proxy
+# forwards it to CoreDNS on $NODE_IP:53 (hack/node/README.md, "Cluster DNS").
 CLUSTER_DNS=10.97.0.10
+CLUSTER_DOMAIN=cluster.local
+COREDNS_BIN=$ROOT/bin/coredns
 NODE_NAME=podipc-e2e
 CLUSTER_NAME=podipc-e2e
 PAUSE_IMAGE=podipc-e2e/pause:3.10
@@ -29,7 +33,7 @@ CTR_SOCK=$STATE/run/containerd/containerd.sock
 KUBECONFIG_ADMIN=$STATE/pki/admin.kubeconfig
 
 # Daemons in start order; teardown stops them in reverse.
-DAEMONS=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+DAEMONS=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler coredns kubelet kube-proxy)
 
 # Machine paths that containerd 1.6, the CNI plugins or the kubelet create at fixed places
 # whatever we configure. Whichever did not exist before up.sh is removed by down.sh.
@@ -164,3 +168,32 @@ nft_tables() { nft list tables 2>/dev/null | sort; }
 
 # tc_qdiscs lists the machine's queueing disciplines (fault injection may add some on veths).
 tc_qdiscs() { tc qdisc show 2>/dev/null | sort; }
+
+# node_listeners lists the TCP and UDP sockets listening on $NODE_IP: only our daemons bind it,
+# and a socket outlives the address (after teardown there must be none).
+node_listeners() {
+  ss -Hlntu 2>/dev/null | awk -v ip="$NODE_IP" 'index($5, ip ":") == 1'
+}
+
+# dns_answers SERVER asks SERVER (DNS over TCP, port 53) for the A record of the kubernetes
+# Service, kubernetes.default.svc.$CLUSTER_DOMAIN, and succeeds if the one answer is
+# $KUBERNETES_SVC_IP. Bash only (/dev/tcp): the node has no dig.
+dns_answers() {
+  local server=$1 qname='' label n=1 want got
+  for label in kubernetes default svc ${CLUSTER_DOMAIN//./ }; do
+    qname+=$(printf '\\x%02x' "${#label}")$label
+    n=$((n + 1 + ${#label}))
+  done
+  want=$(printf '%02x' ${KUBERNETES_SVC_IP//./ })
+  # The query: a 2-byte length prefix, a header (ID 0x5044, recursion desired, one question),
+  # the name, type A, class IN. The reply: a length prefix, then that many bytes (GNU head -c
+  # reads no more than it is asked for).
+  got=$(timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/53" && printf "$2" >&3 &&
+    set -- $(head -c 2 <&3 | od -An -tu1) && head -c $(($1 * 256 + $2)) <&3' _ "$server" \
+    "$(printf '\\x00\\x%02x' $((12 + n + 4)))\\x50\\x44\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00$qname\\x00\\x00\\x01\\x00\\x01" \
+    2>/dev/null | od -An -tx1 -v | tr -d ' \n')
+  # A response (QR) to our ID, RCODE 0, one answer, whose address (the last 4 bytes: no
+  # additional section without EDNS) is the Service IP.
+  [ ${#got} -gt 24 ] && [ "${got:0:4}" = 5044 ] && [ $((0x${got:4:1} & 8)) = 8 ] &&
+    [ "${got:7:1}" = 0 ] && [ "${got:12:4}" = 0001 ] && [ "${got: -8}" = "$want" ]
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Brings up a real single-node Kubernetes cluster for the e2e suite: etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, containerd, kubelet and kube-proxy (nftables), all
-# on the bridge podipc0 and under $STATE. Why each setting is what it is: hack/node/README.md,
+# kube-controller-manager, kube-scheduler, CoreDNS, containerd, kubelet and kube-proxy
+# (nftables), all on the bridge podipc0 and under $STATE. Why each setting is what it is: hack/node/README.md,
 # "Why the settings are what they are". Tear down with hack/node/down.sh (also run on failure).
 #
 # Writes $STATE/e2e.env (KUBECONFIG and containerd socket for the Go suite).
@@ -41,6 +41,7 @@ deps() {
 
 build() {
   "$ROOT/hack/k8s/build.sh" kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy etcd >/dev/null
+  "$ROOT/hack/coredns/build.sh"
   mkdir -p "$ROOT/bin/e2e/images"
   (cd "$ROOT" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o bin/e2e/pause ./hack/image/pause &&
     go build -o bin/e2e/image ./hack/image)
@@ -137,7 +138,8 @@ pki() {
   cert controller-manager "/CN=system:kube-controller-manager"
   cert scheduler "/CN=system:kube-scheduler"
   cert kube-proxy "/CN=system:kube-proxy"
-  for n in admin kubelet controller-manager scheduler kube-proxy; do kubeconfig "$n"; done
+  cert coredns "/CN=coredns"
+  for n in admin kubelet controller-manager scheduler kube-proxy coredns; do kubeconfig "$n"; done
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
   chmod 600 "$pki"/*.key
@@ -250,6 +252,89 @@ control_plane() {
     --bind-address="$NODE_IP" --leader-elect=false --profiling=false
 }
 
+# dns runs CoreDNS on $NODE_IP:53 with the kubernetes plugin, and the kube-dns Service (ClusterIP
+# $CLUSTER_DNS, the kubelet's clusterDNS) in front of it: hack/node/README.md, "Cluster DNS".
+dns() {
+  local taken
+  taken=$(ss -Hlntup 2>/dev/null | awk -v ip="$NODE_IP" '$5 == ip ":53" || $5 ~ /^(0\.0\.0\.0|\*|\[::\]):53$/')
+  if [ -n "$taken" ]; then
+    die "port 53 on $NODE_IP is taken (a DNS server listening on all addresses?):
+$taken
+the e2e node runs its cluster DNS (CoreDNS) there: stop that server, or make it listen on its own addresses only"
+  fi
+  # The least privilege the kubernetes plugin needs (pods disabled): read Services,
+  # EndpointSlices and Namespaces. Named as kubeadm names it (and without "podipc": the journey
+  # checks that no cluster-scoped object of that name outlives helm uninstall).
+  kubectl_admin apply -f - >/dev/null <<EOF
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "system:coredns"}
+rules:
+- {apiGroups: [""], resources: [services, namespaces], verbs: [list, watch]}
+- {apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "system:coredns"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: coredns}
+EOF
+  # Bound to the node address only. No forward plugin: the machine has no upstream resolver,
+  # so names outside the cluster's zones are refused.
+  cat >"$STATE/etc/Corefile" <<EOF
+$CLUSTER_DOMAIN:53 in-addr.arpa:53 ip6.arpa:53 {
+  bind $NODE_IP
+  errors
+  kubernetes $CLUSTER_DOMAIN in-addr.arpa ip6.arpa {
+    kubeconfig $STATE/pki/coredns.kubeconfig coredns@$CLUSTER_NAME
+    pods disabled
+  }
+}
+EOF
+  start_daemon coredns "$COREDNS_BIN" -conf "$STATE/etc/Corefile"
+  local pid deadline=$((SECONDS + 60))
+  pid=$(cat "$(pidfile coredns)")
+  until dns_answers "$NODE_IP"; do
+    if ! alive "$pid" || [ $SECONDS -ge $deadline ]; then
+      tail -20 "$STATE/logs/coredns.log" >&2
+      die "CoreDNS does not answer on $NODE_IP:53 (its log above)"
+    fi
+    sleep 0.5
+  done
+  # kube-dns, as real clusters name it: a selectorless Service and an EndpointSlice pointing at
+  # the node address. kube-proxy (started by node) forwards $CLUSTER_DNS to it.
+  kubectl_admin apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Service
+metadata:
+  name: kube-dns
+  namespace: kube-system
+  labels: {k8s-app: kube-dns}
+spec:
+  clusterIP: $CLUSTER_DNS
+  ports:
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: dns-tcp, port: 53, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kube-dns-node
+  namespace: kube-system
+  labels:
+    kubernetes.io/service-name: kube-dns
+    endpointslice.kubernetes.io/managed-by: podipc-e2e
+addressType: IPv4
+endpoints:
+- addresses: [$NODE_IP]
+  conditions: {ready: true}
+ports:
+- {name: dns, port: 53, protocol: UDP}
+- {name: dns-tcp, port: 53, protocol: TCP}
+EOF
+}
+
 node() {
   local pki=$STATE/pki
   mkdir -p "$STATE/kubelet"
@@ -273,7 +358,7 @@ tlsCertFile: $pki/kubelet-serving.crt
 tlsPrivateKeyFile: $pki/kubelet-serving.key
 containerRuntimeEndpoint: unix://$CTR_SOCK
 clusterDNS: [$CLUSTER_DNS]
-clusterDomain: cluster.local
+clusterDomain: $CLUSTER_DOMAIN
 resolvConf: $STATE/etc/resolv.conf
 cgroupDriver: cgroupfs
 failCgroupV1: false
@@ -316,6 +401,8 @@ EOF
   start_daemon kube-proxy "$K8S_BIN/kube-proxy" --config="$STATE/etc/kube-proxy.yaml" --v=1
 
   wait_for "node $NODE_NAME Ready" 120 kubectl_admin wait --for=condition=Ready "node/$NODE_NAME" --timeout=2s
+  # What a pod's resolver does: the kube-dns Service IP, through kube-proxy, to CoreDNS.
+  wait_for "cluster DNS at $CLUSTER_DNS (the kube-dns Service)" 60 dns_answers "$CLUSTER_DNS"
   # The default ServiceAccount must exist before the first pod can be created in a namespace.
   wait_for "default ServiceAccount" 60 kubectl_admin get serviceaccount default
 }
@@ -337,6 +424,7 @@ phase network network
 phase pki pki
 phase containerd containerd_up
 phase control-plane control_plane
+phase dns dns
 phase node node
 write_env
 log "bring-up done in $((SECONDS - total))s"
