@@ -16,7 +16,7 @@ import (
 // ADDR, the "send" role writes numbered lines "s ME SEQ PAD" of about 1 KiB as fast as the
 // sidecar takes them for SECONDS, then leaves as an app should (closes its sending side and
 // reads until the sidecar ends the connection); the "sink" role reads slowly (a line every
-// 5 ms) for SECONDS, so that its sidecar's queues fill, then at full speed. Both record what
+// 5 ms) for SECONDS from the first line it gets, so that its sidecar's queues fill, then at full speed. Both record what
 // they sent and received as stream does, served as JSON on REPORT (GET /report).
 //
 //	testapp flood ADDR send|sink SECONDS REPORT
@@ -45,15 +45,21 @@ func flood(ctx context.Context, args []string) error {
 	}
 	defer func() { _ = conn.Close() }()
 	fmt.Println("connected", args[0], "as", role)
-	slowUntil := time.Now().Add(time.Duration(secs) * time.Second)
 	ended := make(chan struct{})
 	go func() {
 		defer close(ended)
 		sc := bufio.NewScanner(conn)
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		var slowUntil time.Time // SECONDS from the first line on
 		for sc.Scan() {
 			rec.receive("flood", sc.Text())
-			if role == "sink" && time.Now().Before(slowUntil) {
+			if role != "sink" {
+				continue
+			}
+			if slowUntil.IsZero() {
+				slowUntil = time.Now().Add(time.Duration(secs) * time.Second)
+			}
+			if time.Now().Before(slowUntil) {
 				time.Sleep(5 * time.Millisecond)
 			}
 		}
@@ -70,7 +76,7 @@ func flood(ctx context.Context, args []string) error {
 	pad := strings.Repeat("x", 1000)
 	w := bufio.NewWriterSize(conn, 64<<10)
 	seq := 0
-	for time.Now().Before(slowUntil) && ctx.Err() == nil {
+	for until := time.Now().Add(time.Duration(secs) * time.Second); time.Now().Before(until) && ctx.Err() == nil; {
 		for range 64 {
 			seq++
 			_, _ = fmt.Fprintf(w, "s %s %d %s\n", me, seq, pad)
