@@ -76,6 +76,7 @@ docs/guarantees.md says once, or out of order where it promises order:
 | sidecar SIGKILLed (native sidecar restarted by the kubelet) | receiving side (b): no duplicate, every missing line counted (` + "`peer_restarted`, `no_connection`" + `); sending side (c): only what it had not had acknowledged is missing (at most one run of lines per kill); between the other pods, (a) |
 | pod deleted (graceful) | everything the victim sent before is delivered; between the others, (a); AnyOne lines rerouted from it may arrive twice (at-least-once), losses counted — on a surviving sidecar, or by the victim's sidecar, whose exit line the suite reads |
 | pod force-deleted (grace 0) | the victim's lines may lose their tail (c), never a line before a delivered one; between the others, (a) |
+| memory squeeze: a third Deployment pair on a Broadcast channel of its own (` + "`queueBytes`" + ` 8 MiB), six pods whose sidecars are limited to 48 Mi (memory budget 24 MiB, docs/design.md §8.7); one floods 1 KiB lines for 20 s while the five others read a line every 5 ms | no sidecar restarts and no OOM kill (the flooding sidecar's five link windows alone could hold 40 MiB); every line a reader misses is counted (` + "`memory_budget`, `queue_full`" + `); no duplicate, no reordering. Its row: **sent** is what the flooder wrote, **delivered** and **lost** are summed over the five readers |
 | kube-apiserver stopped 60 s, controller killed, etcd restarted | (a) for every pair, 0 lines lost; both Channels count every pod ready, and the controller has renewed its leader lease, within 60 s of the fault's end (the verdict says when, and how often the controller restarted) |
 
 Columns: **sent** — lines the senders wrote during the fault window (from the poll before the
@@ -104,7 +105,6 @@ const reportTail = `
   each other), or for "reordering 10 %", 10 ms for 90 % and at once for 10 % (netem's
   ` + "`delay 10ms reorder 10%`" + `). Traffic between the node and the pod (the kubelet's probes,
   the API server's proxy) is not delayed.
-* **Memory squeeze of the sidecar**: waits for the sidecar's memory budget.
 
 ## Open defects
 
