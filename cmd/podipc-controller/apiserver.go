@@ -31,7 +31,7 @@ const apiServerRetryCap = 5 * time.Second
 // restarts in a 60 s outage, leading again 92 s after it: docs/reliability.md).
 func waitForAPIServer(ctx context.Context, cfg *rest.Config, probeAddr string) error {
 	if probeAddr != "" && probeAddr != "0" {
-		stop, err := serveWaitingProbes(probeAddr)
+		stop, err := serveWaitingProbes(ctx, probeAddr)
 		if err != nil {
 			return err
 		}
@@ -67,8 +67,9 @@ func waitForAPIServer(ctx context.Context, cfg *rest.Config, probeAddr string) e
 
 // serveWaitingProbes serves /healthz (ok) and /readyz (503) on addr until stop, which
 // returns once the address is free again for the manager's probe server.
-func serveWaitingProbes(addr string) (stop func(), err error) {
-	ln, err := net.Listen("tcp", addr)
+func serveWaitingProbes(ctx context.Context, addr string) (stop func(), err error) {
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
 	}
