@@ -118,7 +118,7 @@ const reportTail = `
   AnyOne lines ` + "`no_receiver`" + ` (2 a run): with every link down, no member was a candidate for
   ` + "`maxWait`" + `. A ready member that advertised a connection when last heard is now a candidate
   while no member is reachable, and its link holds the line until it resumes (docs/design.md
-  §4, docs/guarantees.md); ` + "`pkg/sidecar`" + ` TestGuaranteeAnyOneUnreachable proves it with
+  §5.2, docs/guarantees.md); ` + "`pkg/sidecar`" + ` TestGuaranteeAnyOneUnreachable proves it with
   SIGSTOPped receiving sidecars. "kube-apiserver stopped 60 s": the controller restarted three
   times and led again 81–92 s after the fault, beyond the 60 s bound; a controller waiting for the
   API server did not answer its liveness probe (no probe server before the manager), so the
