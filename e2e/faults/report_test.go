@@ -108,13 +108,17 @@ const reportTail = `
 
 ## Open defects
 
-* **A pod deleted while AnyOne lines flow loses a line without a count** (graceful deletion
-  and force deletion, 1–2 lines a run, always from a *surviving* sender, no drop counted on any
-  pod the suite could read). Not yet explained: the suite now keeps the deleted victim's sidecar
-  log from its deletion on, and names, per missing line, which pods received its neighbours and
-  what its sender had sent at the victim's last poll. Until this suite has passed twice in a row,
-  ` + "`.ci/run`" + ` does not run it; ` + "`make e2e-faults`" + ` does.
-* **Fixed, to be confirmed by two passing runs:** "veth down 30 s" dropped the cut-off pod's own
+* **A pod deleted while AnyOne lines flow "lost" a line without a count** (graceful and force
+  deletion, 1–2 lines a run, always from a surviving sender). It was the suite's accounting,
+  not the data plane: in both deletion faults of the run of 2026-12-02 20:05 the one missing
+  line was the first of its sender's window (493 of 493–584; 716 of 716–777) with both
+  neighbours delivered to another pod, and the victim had no poll during the fault (it was
+  deleted before the poller's first tick), so the suite did not count that line — routed to the
+  victim just after the fault's first poll, and read by its app, which no poll reads once the
+  pod is deleted — as possibly delivered unseen. The fault's first poll now counts as the
+  victim's last. Until this suite has passed twice in a row, ` + "`.ci/run`" + ` does not run it;
+  ` + "`make e2e-faults`" + ` does.
+* **Fixed (2026-12-02), to be confirmed by two passing runs:** "veth down 30 s" dropped the cut-off pod's own
   AnyOne lines ` + "`no_receiver`" + ` (2 a run): with every link down, no member was a candidate for
   ` + "`maxWait`" + `. A ready member that advertised a connection when last heard is now a candidate
   while no member is reachable, and its link holds the line until it resumes (docs/design.md
