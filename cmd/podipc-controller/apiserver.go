@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"errors"
+	"net"
+	"net/http"
 	"time"
 
 	"k8s.io/client-go/discovery"
@@ -20,7 +23,20 @@ const apiServerRetryCap = 5 * time.Second
 // CrashLoopBackOff for minutes after the API server came back. Waiting in the process makes
 // that one prompt restart, and the controller leads again within seconds of the API server's
 // return (docs/reliability.md measures it). It returns ctx.Err() if ctx ends first.
-func waitForAPIServer(ctx context.Context, cfg *rest.Config) error {
+//
+// Meanwhile it answers the kubelet's probes on probeAddr (unless empty or "0"): /healthz ok
+// (the process is alive and doing what it should), /readyz not ready. The manager, which
+// serves them afterwards, does not exist yet; without this the liveness probe failed during
+// a long outage and the kubelet killed the waiting controller into the same back-off (three
+// restarts in a 60 s outage, leading again 92 s after it: docs/reliability.md).
+func waitForAPIServer(ctx context.Context, cfg *rest.Config, probeAddr string) error {
+	if probeAddr != "" && probeAddr != "0" {
+		stop, err := serveWaitingProbes(ctx, probeAddr)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	cfg = rest.CopyConfig(cfg)
 	cfg.Timeout = apiServerRetryCap
 	dc, err := discovery.NewDiscoveryClientForConfig(cfg)
@@ -47,4 +63,31 @@ func waitForAPIServer(ctx context.Context, cfg *rest.Config) error {
 		}
 		delay = min(2*delay, apiServerRetryCap)
 	}
+}
+
+// serveWaitingProbes serves /healthz (ok) and /readyz (503) on addr until stop, which
+// returns once the address is free again for the manager's probe server.
+func serveWaitingProbes(ctx context.Context, addr string) (stop func(), err error) {
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "waiting for the API server", http.StatusServiceUnavailable)
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			ctrl.Log.Error(err, "Serving the probes while waiting for the API server")
+		}
+	}()
+	return func() {
+		_ = srv.Close()
+		<-done
+	}, nil
 }

@@ -75,7 +75,7 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 	cfg := ctrl.GetConfigOrDie()
-	if err := waitForAPIServer(ctx, cfg); err != nil {
+	if err := waitForAPIServer(ctx, cfg, o.probeAddr); err != nil {
 		return err
 	}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{

@@ -198,7 +198,8 @@ func (r *result) anyOneFrom(k kind, from string, w window, victims map[string]bo
 	r.reordered += reord
 	pair := from + "→any"
 	if len(missing) > 0 {
-		r.notes = append(r.notes, fmt.Sprintf("%s: missing %v", pair, runsOf(missing)))
+		r.notes = append(r.notes, fmt.Sprintf("%s: missing %v (window %d-%d; %s)", pair, runsOf(missing), w.from+1, w.to,
+			tl.whereAround(from, missing, victims)))
 	}
 	switch {
 	case (k == sidecarKill) && victim:
@@ -327,4 +328,33 @@ func runsOf(missing []int) []string {
 		i = j + 1
 	}
 	return out
+}
+
+// whereAround is the evidence for missing AnyOne lines of from: which pod received the
+// lines just before and after each (at most three), and what from had sent at each
+// victim's last poll.
+func (t *tally) whereAround(from string, missing []int, victims map[string]bool) string {
+	who := func(n int) string {
+		var at []string
+		for name, st := range t.latest {
+			if st.report == nil {
+				continue
+			}
+			if f, ok := st.report.Recv[anyone][from]; ok && f.has(n) {
+				at = append(at, name)
+			}
+		}
+		slices.Sort(at)
+		return fmt.Sprintf("%d at %v", n, at)
+	}
+	var parts []string
+	for _, n := range missing[:min(3, len(missing))] {
+		parts = append(parts, who(n-1)+", "+who(n+1))
+	}
+	for v := range victims {
+		if last, ok := t.heardAt[v+"|"+from]; ok {
+			parts = append(parts, fmt.Sprintf("sent %d at %s's last poll", last, v))
+		}
+	}
+	return strings.Join(parts, "; ")
 }

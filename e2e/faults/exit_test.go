@@ -59,6 +59,15 @@ func (s *suite) readExit(pod string, logs io.ReadCloser) {
 	sc := bufio.NewScanner(logs)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
+		s.mu.Lock()
+		if s.exitLogs == nil {
+			s.exitLogs = map[string][]string{}
+		}
+		// Kept for the verdict's evidence: a deleted pod's log is gone with it.
+		if l := s.exitLogs[pod]; len(l) < 400 {
+			s.exitLogs[pod] = append(l, sc.Text())
+		}
+		s.mu.Unlock()
 		if !strings.Contains(sc.Text(), `"Drained"`) {
 			continue
 		}

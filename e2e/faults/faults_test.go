@@ -43,6 +43,9 @@ type faultCase struct {
 	kind   kind
 	kills  int // sidecarKill: how many times each victim's sidecar is killed
 	inject func(t *testing.T, s *suite, victims []*corev1.Pod)
+	// own, if set, is a fault with workloads and accounting of its own (the memory squeeze):
+	// it runs instead of inject and the streams' accounting.
+	own func(t *testing.T, s *suite) []result
 }
 
 func linkDownFor(d time.Duration) func(*testing.T, *suite, []*corev1.Pod) {
@@ -90,6 +93,7 @@ var faultCases = []faultCase{
 	{name: "sidecar SIGKILL ×3", kind: sidecarKill, kills: 3, inject: killSidecars(3)},
 	{name: "pod deleted (graceful)", kind: podDelete, inject: deletePods(nil)},
 	{name: "pod force-deleted (grace 0)", kind: podForceDelete, inject: deletePods(ptr.To[int64](0))},
+	{name: "memory squeeze", own: memorySqueeze},
 	// The controller exits when it loses its leader lease (the API server gone for 60 s) and,
 	// restarted, waits for the API server (cmd/podipc-controller): the API server comes last
 	// all the same, so that its restart does not overlap the other faults.
@@ -111,6 +115,10 @@ func TestFaults(t *testing.T) {
 	var results []result
 	for _, fc := range faultCases {
 		ok := t.Run(strings.NewReplacer(" ", "_", "%", "pct", "×", "x").Replace(fc.name), func(t *testing.T) {
+			if fc.own != nil {
+				results = append(results, fc.own(t, s)...)
+				return
+			}
 			results = append(results, s.run(t, fc)...)
 		})
 		if !ok && len(results) == 0 {
@@ -131,6 +139,8 @@ type suite struct {
 	// (the "Drained" line, exit_test.go): what it counted after the last poll.
 	mu    sync.Mutex
 	final map[string]map[string]float64
+	// exitLogs holds what a deleted victim's sidecar logged from its deletion on.
+	exitLogs map[string][]string
 }
 
 func newNamespace(t *testing.T) string {
@@ -337,6 +347,14 @@ func (s *suite) run(t *testing.T, fc faultCase) []result {
 	if t.Failed() {
 		s.dumpSidecarLogs(t, victims)
 	}
+	s.mu.Lock()
+	for pod, lines := range s.exitLogs {
+		if t.Failed() {
+			t.Logf("sidecar log of %s from its deletion on:\n%s", pod, strings.Join(lines, "\n"))
+		}
+	}
+	s.exitLogs = nil
+	s.mu.Unlock()
 	return out
 }
 

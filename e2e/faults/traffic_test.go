@@ -209,7 +209,21 @@ func newTally(first *snapshot) *tally {
 		unready: map[string][]window{}, wasUnready: map[string]bool{}, restarts: map[string]int32{}, heardAt: map[string]int{}}
 	maps.Copy(t.latest, first.pods)
 	maps.Copy(t.restarts, first.restarts)
+	// A victim deleted before the poller's first tick was last polled here: the lines its
+	// senders wrote after this poll may have reached it unseen (deliveredUnseen).
+	t.noteHeard(first)
 	return t
+}
+
+// noteHeard records, for every pair of pods s polled, what the sender had written then.
+func (t *tally) noteHeard(s *snapshot) {
+	for to := range s.pods {
+		for from, st := range s.pods {
+			for _, sent := range st.report.Sent {
+				t.heardAt[to+"|"+from] = sent
+			}
+		}
+	}
 }
 
 // restartsOf is how often pod's sidecar restarted since the first poll.
@@ -258,13 +272,7 @@ func (t *tally) add(s *snapshot) {
 		t.restarts[name] = max(t.restarts[name], r)
 	}
 	t.noteUnready(s)
-	for to := range s.pods {
-		for from, st := range s.pods {
-			for _, sent := range st.report.Sent {
-				t.heardAt[to+"|"+from] = sent
-			}
-		}
-	}
+	t.noteHeard(s)
 	for name, dropped := range s.terminating {
 		if before := t.latest[name]; before != nil {
 			t.add1(name, &podState{report: before.report, dropped: dropped, restarts: before.restarts})

@@ -51,7 +51,7 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: testapp print|exit|serve|dial|talk|stream|apiserver …")
+		return errors.New("usage: testapp print|exit|serve|dial|talk|stream|flood|apiserver …")
 	}
 	switch cmd, rest := args[0], args[1:]; {
 	case cmd == "print" && len(rest) == 1:
@@ -75,6 +75,8 @@ func run(ctx context.Context, args []string) error {
 		}
 	case cmd == "stream" && len(rest) == 4:
 		return stream(ctx, rest)
+	case cmd == "flood" && len(rest) == 4:
+		return flood(ctx, rest)
 	case cmd == "apiserver" && len(rest) == 0:
 		if err := apiserverVersion(ctx); err != nil {
 			return err

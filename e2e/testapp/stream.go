@@ -135,7 +135,7 @@ func (r *record) send(ctx context.Context, name string, conn net.Conn, seq int, 
 
 func (r *record) receive(channel, line string) {
 	f := strings.Fields(line)
-	if len(f) != 3 || f[0] != "s" {
+	if len(f) < 3 || len(f) > 4 || f[0] != "s" { // flood pads its lines with a fourth field
 		fmt.Println("unexpected line", channel, line)
 		return
 	}

@@ -381,6 +381,9 @@ func (l *Link) session(ctx context.Context) error {
 		// The receiver is going away and will not acknowledge more: AnyOne lines go to
 		// another candidate now rather than wait for it.
 		reroute = l.settleLocked(anyOneMsg, "")
+		// Nor is it a receiver any more: what it advertised is forgotten until the
+		// next WELCOME, so that AnyOne lines are not held for it while its link is down.
+		l.presence = map[string]int{}
 	}
 	l.mu.Unlock()
 	l.cfg.Router.Reroute(reroute)

@@ -466,6 +466,20 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data bu
 		}
 	}
 	if count == 0 {
+		// No member is reachable now. A ready member whose link is down (a partition,
+		// a timed-out link redialling) but which had connections when it was last
+		// heard is still a receiver: its link holds the line and sends it when it
+		// resumes, exactly once (guarantee (a)), or reroutes it if the member restarts,
+		// says GOODBYE or leaves (at-least-once). Dropping it no_receiver after maxWait
+		// would lose a line between two live sidecars.
+		for i, m := range remotes {
+			if n, up := m.Presence(ch.name); m.ready && !up && n > 0 {
+				set[(i+1)/64] |= 1 << ((i + 1) % 64)
+				count++
+			}
+		}
+	}
+	if count == 0 {
 		return false
 	}
 	pick := nthBit(set, int(ch.rr.Add(1)-1)%count) - 1

@@ -1,8 +1,11 @@
 package sidecar_test
 
 import (
+	"bufio"
 	"errors"
+	"fmt"
 	"io"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -123,4 +126,88 @@ func testGuaranteeSenderDies(t *testing.T, newCluster func(*testing.T, int, ...c
 	got := r.lines()
 	checkSeq(t, "receiver", got, "c", 0, len(got))
 	t.Logf("received %d of %d before the sender died", len(got), n)
+}
+
+// TestGuaranteeAnyOneUnreachable is guarantee (a) for AnyOne when every other member is
+// unreachable for longer than maxWait and than the keepalive (the e2e fault "veth down
+// 30 s", here made by stopping the receiving sidecars with SIGSTOP: alive, but silent, so
+// the sender's links time out and redial). The sender's own pod has no other connection,
+// so there is no candidate with a link up; the lines must wait on the links to the
+// members that had connections and arrive, each exactly once, when the links resume —
+// not be dropped no_receiver after maxWait.
+func TestGuaranteeAnyOneUnreachable(t *testing.T) {
+	c := prepareCluster(t, 3, chanCfg{name: "jobs", delivery: "AnyOne", maxWait: "500ms"})
+	c.args = []string{"--peer-keepalive=200ms"}
+	for _, p := range c.pods {
+		c.start(p)
+	}
+	for _, p := range c.pods {
+		c.waitReady(p)
+	}
+	c.waitLinks()
+	a, b, cc := c.pods[0], c.pods[1], c.pods[2]
+	sender := c.dialApp(a, 0, false)
+	rb, rc := c.dialApp(b, 0, false), c.dialApp(cc, 0, false)
+	c.waitConns(b, "jobs", 1)
+	c.waitConns(cc, "jobs", 1)
+	// Lines before the fault, until both receivers got some: a has their PRESENCE.
+	sent := 0
+	eventually(t, "both receivers reached", func() bool {
+		sender.send(t, "u", sent, sent+10)
+		sent += 10
+		time.Sleep(20 * time.Millisecond)
+		return rb.count() > 0 && rc.count() > 0
+	})
+	stop := func(sig syscall.Signal) {
+		for _, p := range []*pod{b, cc} {
+			if err := p.cmd.Process.Signal(sig); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	stop(syscall.SIGSTOP)
+	t.Cleanup(func() { stop(syscall.SIGCONT) })
+	eventually(t, "a's links down", func() bool {
+		return c.metric(a, `podipc_peer_links{direction="out",state="up"}`) == 0
+	})
+	// Lines while no member is reachable, for several times maxWait.
+	n := sent + 50
+	done := make(chan error, 1)
+	go func() {
+		w := bufio.NewWriter(sender.conn)
+		for i := sent; i < n; i++ {
+			_, _ = fmt.Fprintf(w, "u%08d\n", i)
+			if err := w.Flush(); err != nil {
+				done <- err
+				return
+			}
+			time.Sleep(40 * time.Millisecond)
+		}
+		done <- nil
+	}()
+	time.Sleep(2 * time.Second)
+	stop(syscall.SIGCONT)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	noReceiver := `podipc_dropped_lines_total{channel="jobs",reason="no_receiver"}`
+	eventually(t, "every line delivered or counted", func() bool {
+		return rb.count()+rc.count()+int(c.metric(a, noReceiver)) >= n
+	})
+	time.Sleep(200 * time.Millisecond) // a duplicate would show up as an extra line
+	if d := c.metric(a, noReceiver); d != 0 {
+		t.Errorf("%v lines dropped no_receiver while the members were only unreachable", d)
+	}
+	seen := map[string]int{}
+	for _, l := range append(rb.lines(), rc.lines()...) {
+		seen[l]++
+	}
+	for i := range n {
+		if l := fmt.Sprintf("u%08d", i); seen[l] != 1 {
+			t.Errorf("line %s received %d times, want exactly once", l, seen[l])
+		}
+	}
+	if c.metric(a, "podipc_peer_reconnects_total") == 0 {
+		t.Fatal("no link was reset: the test proved nothing")
+	}
 }
