@@ -106,9 +106,9 @@ const reportTail = `
   ` + "`delay 10ms reorder 10%`" + `). Traffic between the node and the pod (the kubelet's probes,
   the API server's proxy) is not delayed.
 
-## Open defects
+## Defects the suite found (all fixed; none open)
 
-* **A pod deleted while AnyOne lines flow "lost" a line without a count** (graceful and force
+* **Fixed (2026-12-02): a pod deleted while AnyOne lines flow "lost" a line without a count** (graceful and force
   deletion, 1–2 lines a run, always from a surviving sender). It was the suite's accounting,
   not the data plane: in both deletion faults of the run of 2026-12-02 20:05 the one missing
   line was the first of its sender's window (493 of 493–584; 716 of 716–777) with both
@@ -116,9 +116,8 @@ const reportTail = `
   deleted before the poller's first tick), so the suite did not count that line — routed to the
   victim just after the fault's first poll, and read by its app, which no poll reads once the
   pod is deleted — as possibly delivered unseen. The fault's first poll now counts as the
-  victim's last. Until this suite has passed twice in a row, ` + "`.ci/run`" + ` does not run it;
-  ` + "`make e2e-faults`" + ` does.
-* **Fixed (2026-12-02), to be confirmed by two passing runs:** "veth down 30 s" dropped the cut-off pod's own
+  victim's last. ` + "`.ci/run`" + ` runs this suite (` + "`make e2e-all`" + `) since it passed twice in a row.
+* **Fixed (2026-12-02):** "veth down 30 s" dropped the cut-off pod's own
   AnyOne lines ` + "`no_receiver`" + ` (2 a run): with every link down, no member was a candidate for
   ` + "`maxWait`" + `. A ready member that advertised a connection when last heard is now a candidate
   while no member is reachable, and its link holds the line until it resumes (docs/design.md
