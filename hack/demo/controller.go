@@ -44,7 +44,7 @@ func installController(ctx context.Context, c *cluster, root string, webhookPort
 	if err := cl.Create(ctx, ns); err != nil {
 		return err
 	}
-	for _, f := range []string{"role.yaml", "member_role.yaml"} {
+	for _, f := range []string{"role.yaml", "member_role.yaml", "slice_writer_role.yaml"} {
 		if _, err := c.applyFile(ctx, filepath.Join(root, "config", "rbac", f), "", nil); err != nil {
 			return err
 		}
@@ -101,6 +101,9 @@ func startController(ctx context.Context, c *cluster, binDir, dir string, webhoo
 		"--kubeconfig="+kubeconfig,
 		"--namespace="+controllerNamespace,
 		"--leader-elect=false", // one replica
+		// As the chart's Deployment does: the controller binds podipc-slice-writer to its own
+		// account in each Channel's namespace, its only right to write EndpointSlices.
+		"--service-account="+controllerAccount,
 		"--metrics-bind-address=0",
 		"--health-probe-bind-address=127.0.0.1:"+strconv.Itoa(probePort),
 		"--webhook-host=127.0.0.1",

@@ -68,11 +68,15 @@ func TestStreamAcrossRenewalAndRotation(t *testing.T) {
 	publish(t, ch, podB, b)
 
 	appA := dialLinePort(t, a)
-	var d net.Dialer
-	appB, err := d.DialContext(t.Context(), "tcp", net.JoinHostPort(b.ip, strconv.Itoa(mtlsPort)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	// B serves the channel once its discovery has synced, which may be after A's: dial
+	// until it listens (a single dial raced it and was refused).
+	var appB net.Conn
+	testenv.Eventually(t, "dialing B's line port", func() error {
+		var d net.Dialer
+		c, err := d.DialContext(t.Context(), "tcp", net.JoinHostPort(b.ip, strconv.Itoa(mtlsPort)))
+		appB = c
+		return err
+	})
 	t.Cleanup(func() { _ = appB.Close() })
 	in := bufio.NewScanner(appB)
 	// Probes until the link is up; the stream starts after the last probe B reads.
