@@ -106,7 +106,14 @@ const reportTail = `
   ` + "`delay 10ms reorder 10%`" + `). Traffic between the node and the pod (the kubelet's probes,
   the API server's proxy) is not delayed.
 
-## Defects the suite found (all fixed; none open)
+## Defects the suite found
+
+* **Open: after "kube-apiserver stopped 60 s" the controller may lead again only after the
+  60 s bound.** Traffic is never affected (0 lost in every run), but in the run of 2026-12-02
+  21:17 the controller restarted once and led again 91 s after the fault (in the run of 20:43,
+  16 s, 1 restart). Not yet analysed: the restart (leader election lost while the API server
+  was away) and the kubelet's restart back-off are the suspects. Until this suite passes twice
+  in a row, ` + "`.ci/run`" + ` does not run it; ` + "`make e2e-faults`" + ` does.
 
 * **Fixed (2026-12-02): a pod deleted while AnyOne lines flow "lost" a line without a count** (graceful and force
   deletion, 1–2 lines a run, always from a surviving sender). It was the suite's accounting,
@@ -116,7 +123,7 @@ const reportTail = `
   deleted before the poller's first tick), so the suite did not count that line — routed to the
   victim just after the fault's first poll, and read by its app, which no poll reads once the
   pod is deleted — as possibly delivered unseen. The fault's first poll now counts as the
-  victim's last. ` + "`.ci/run`" + ` runs this suite (` + "`make e2e-all`" + `) since it passed twice in a row.
+  victim's last.
 * **Fixed (2026-12-02):** "veth down 30 s" dropped the cut-off pod's own
   AnyOne lines ` + "`no_receiver`" + ` (2 a run): with every link down, no member was a candidate for
   ` + "`maxWait`" + `. A ready member that advertised a connection when last heard is now a candidate
