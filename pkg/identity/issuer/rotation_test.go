@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/pem"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/utils/clock"
 
+	"github.com/podipc/podipc/internal/testenv"
 	"github.com/podipc/podipc/pkg/certs"
 	"github.com/podipc/podipc/pkg/identity"
 	"github.com/podipc/podipc/pkg/identity/issuer"
@@ -29,36 +31,8 @@ func TestRootRotation(t *testing.T) {
 	if testing.Short() {
 		t.Skip("rotates the identity root in real time for ~30 s")
 	}
-	const propagation = 2 * time.Second
-	sec := types.NamespacedName{Namespace: controllerNS, Name: "rotating-identity"}
-	cm := types.NamespacedName{Namespace: controllerNS, Name: "rotating-identity-trust"}
-	policy := issuer.RootPolicy([]string{"127.0.0.1"}, propagation)
-	policy.CAValidity, policy.CARenewBefore = 20*time.Second, 10*time.Second
-	policy.CertValidity, policy.CertRenewBefore = 8*time.Second, 3*time.Second
-	const lifetime = 6 * time.Second
-	if err := issuer.ValidatePolicy(policy, lifetime); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	t.Cleanup(func() { cancel(); wg.Wait() })
-	rotator := &certs.Rotator{
-		Client: env.Client, Secret: sec, Clock: clock.RealClock{}, Name: "identity root", CheckInterval: 100 * time.Millisecond,
-		Publisher: &issuer.TrustBundle{Client: env.Client, ConfigMap: cm}, Policy: policy,
-	}
-	kp := &certs.Keypair{Clientset: clientset, Secret: sec}
-	rotating := &issuer.Server{
-		Addr: "127.0.0.1:0", TrustDomain: trustDomain, Lifetime: lifetime, Keypair: kp,
-		Reviewer: env.Client, Pods: env.Client, APIReader: env.Client, ChannelsOf: srv.ChannelsOf,
-		PodLimit: issuer.Limit{Rate: 50, Burst: 100}, Log: logr.Discard(), Metrics: issuer.NewMetrics(prometheus.NewRegistry()),
-	}
-	if err := rotating.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range []interface{ Start(context.Context) error }{rotator, kp, rotating} {
-		wg.Add(1)
-		go func() { defer wg.Done(); _ = r.Start(ctx) }()
-	}
+	url, cm, _ := rotatingIssuer(t, "rotating-identity")
+	ctx := t.Context()
 	// Root first published, by subject, as a sidecar would see it: sampled from the ConfigMap.
 	src := identity.ConfigMapBundle{Client: dynamic.NewForConfigOrDie(env.Config), Namespace: cm.Namespace, Name: cm.Name}
 	published := map[string]time.Time{}
@@ -85,7 +59,7 @@ func TestRootRotation(t *testing.T) {
 	for _, p := range []*identityPod{{a.Namespace, a.Name, string(a.UID), tokenFor(t, a, identity.Audience)}, {b.Namespace, b.Name, string(b.UID), tokenFor(t, b, identity.Audience)}} {
 		c := newClient(t, a, p.token)
 		c.Pod = identity.Pod{Namespace: p.ns, Name: p.name, UID: p.uid}
-		c.URL = "https://" + rotating.ListenAddr().String()
+		c.URL = url
 		c.Bundle, c.BundleRefresh = src, 100*time.Millisecond
 		c.Log = funcr.New(func(prefix, args string) { t.Log(p.name, prefix, args) }, funcr.Options{})
 		run(t, c)
@@ -107,8 +81,8 @@ func TestRootRotation(t *testing.T) {
 				issuers[root] = true
 				at, ok := published[root]
 				// The sampler polls every 20 ms: allow it that much lateness.
-				if !bootstrap[root] && (!ok || time.Since(at) < propagation-200*time.Millisecond) {
-					t.Fatalf("a certificate from root %s was issued %s after the root was first seen published (want ≥ %s)", root, time.Since(at), propagation)
+				if !bootstrap[root] && (!ok || time.Since(at) < rotatingPropagation-200*time.Millisecond) {
+					t.Fatalf("a certificate from root %s was issued %s after the root was first seen published (want ≥ %s)", root, time.Since(at), rotatingPropagation)
 				}
 			}
 			if time.Until(cert.Leaf.NotAfter) < 100*time.Millisecond {
@@ -150,4 +124,54 @@ func testenvEventually(t *testing.T, ok func() bool) {
 			t.Fatal("the trust bundle was never published")
 		}
 	}
+}
+
+// rotatingLifetime is the lifetime of the certificates rotatingIssuer issues, and
+// rotatingPropagation how long a new root is published before it signs.
+const (
+	rotatingLifetime    = 6 * time.Second
+	rotatingPropagation = 2 * time.Second
+)
+
+// rotatingIssuer runs an identity endpoint whose root rotates every ~10 s (a 20 s root
+// replaced 10 s before it expires, published 2 s before it signs) and issues 6 s
+// certificates, until the test ends. Its root is the Secret name, its trust bundle the
+// ConfigMap name-trust. It returns the endpoint's URL, that ConfigMap and its Keypair.
+func rotatingIssuer(t *testing.T, name string) (string, types.NamespacedName, *certs.Keypair) {
+	t.Helper()
+	sec := types.NamespacedName{Namespace: controllerNS, Name: name}
+	cm := types.NamespacedName{Namespace: controllerNS, Name: name + "-trust"}
+	policy := issuer.RootPolicy([]string{"127.0.0.1"}, rotatingPropagation)
+	policy.CAValidity, policy.CARenewBefore = 20*time.Second, 10*time.Second
+	policy.CertValidity, policy.CertRenewBefore = 8*time.Second, 3*time.Second
+	if err := issuer.ValidatePolicy(policy, rotatingLifetime); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	rotator := &certs.Rotator{
+		Client: env.Client, Secret: sec, Clock: clock.RealClock{}, Name: "identity root", CheckInterval: 100 * time.Millisecond,
+		Publisher: &issuer.TrustBundle{Client: env.Client, ConfigMap: cm}, Policy: policy,
+	}
+	kp := &certs.Keypair{Clientset: clientset, Secret: sec}
+	s := &issuer.Server{
+		// The sidecars dial the endpoint from their pod addresses.
+		Addr: "127.0.0.1:0", TrustDomain: trustDomain, Lifetime: rotatingLifetime, Keypair: kp,
+		Reviewer: env.Client, Pods: env.Client, APIReader: env.Client, ChannelsOf: srv.ChannelsOf,
+		PodLimit: issuer.Limit{Rate: 50, Burst: 100}, Log: logr.Discard(), Metrics: issuer.NewMetrics(prometheus.NewRegistry()),
+	}
+	if err := s.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []interface{ Start(context.Context) error }{rotator, kp, s} {
+		wg.Go(func() { _ = r.Start(ctx) })
+	}
+	testenv.Eventually(t, "the rotating identity root is loaded", func() error {
+		if kp.Signer() == nil {
+			return fmt.Errorf("no signer yet")
+		}
+		return nil
+	})
+	return "https://" + s.ListenAddr().String(), cm, kp
 }

@@ -13,17 +13,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr"
-	"github.com/prometheus/client_golang/prometheus"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/rand"
-	"k8s.io/utils/clock"
 
 	podipcv1alpha1 "github.com/podipc/podipc/api/v1alpha1"
 	"github.com/podipc/podipc/internal/testenv"
-	"github.com/podipc/podipc/pkg/certs"
-	"github.com/podipc/podipc/pkg/identity/issuer"
 )
 
 // streamLines is the length of TestStreamAcrossRenewalAndRotation's stream (issue 13:
@@ -51,7 +45,7 @@ func TestStreamAcrossRenewalAndRotation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	url, cm, kp := rotatingIssuer(t)
+	url, cm, kp := rotatingIssuer(t, "stream-identity")
 	rootAtStart := kp.Signer().Cert.SerialNumber
 
 	podA := member(t, nil)
@@ -163,7 +157,7 @@ func TestStreamAcrossRenewalAndRotation(t *testing.T) {
 			done := true
 			for _, sc := range []*mtlsSidecar{a, b} {
 				v, err := sc.metric("podipc_identity_certificate_expiry_timestamp_seconds")
-				done = done && err == nil && v > expiryAtStart[sc] && int64(v) >= rotatedAt.Add(streamLifetime).Unix()
+				done = done && err == nil && v > expiryAtStart[sc] && int64(v) >= rotatedAt.Add(rotatingLifetime).Unix()
 			}
 			if done {
 				rotated.Store(true)
@@ -237,49 +231,4 @@ func TestStreamAcrossRenewalAndRotation(t *testing.T) {
 	if !appA.receives(line, 10*time.Second) {
 		t.Fatal("A did not receive B's line after the stream")
 	}
-}
-
-// streamLifetime is the workload certificates' lifetime in the stream test.
-const streamLifetime = 6 * time.Second
-
-// rotatingIssuer runs an identity endpoint whose root rotates every ~10 s (a 20 s root
-// replaced 10 s before it expires, published 2 s before it signs) and issues 6 s
-// certificates. It returns the endpoint's URL, the trust bundle ConfigMap and its Keypair.
-func rotatingIssuer(t *testing.T) (string, types.NamespacedName, *certs.Keypair) {
-	t.Helper()
-	sec := types.NamespacedName{Namespace: controllerNS, Name: "stream-identity"}
-	cm := types.NamespacedName{Namespace: controllerNS, Name: "stream-identity-trust"}
-	policy := issuer.RootPolicy([]string{"127.0.0.1"}, 2*time.Second)
-	policy.CAValidity, policy.CARenewBefore = 20*time.Second, 10*time.Second
-	policy.CertValidity, policy.CertRenewBefore = 8*time.Second, 3*time.Second
-	if err := issuer.ValidatePolicy(policy, streamLifetime); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	t.Cleanup(func() { cancel(); wg.Wait() })
-	rotator := &certs.Rotator{
-		Client: env.Client, Secret: sec, Clock: clock.RealClock{}, Name: "identity root", CheckInterval: 100 * time.Millisecond,
-		Publisher: &issuer.TrustBundle{Client: env.Client, ConfigMap: cm}, Policy: policy,
-	}
-	kp := &certs.Keypair{Clientset: clientset, Secret: sec}
-	s := &issuer.Server{
-		// The sidecars dial the endpoint from their pod addresses.
-		Addr: "127.0.0.1:0", TrustDomain: trustDomain, Lifetime: streamLifetime, Keypair: kp,
-		Reviewer: env.Client, Pods: env.Client, APIReader: env.Client, ChannelsOf: srv.ChannelsOf,
-		PodLimit: issuer.Limit{Rate: 50, Burst: 100}, Log: logr.Discard(), Metrics: issuer.NewMetrics(prometheus.NewRegistry()),
-	}
-	if err := s.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range []interface{ Start(context.Context) error }{rotator, kp, s} {
-		wg.Go(func() { _ = r.Start(ctx) })
-	}
-	testenv.Eventually(t, "the rotating identity root is loaded", func() error {
-		if kp.Signer() == nil {
-			return fmt.Errorf("no signer yet")
-		}
-		return nil
-	})
-	return "https://" + s.ListenAddr().String(), cm, kp
 }
