@@ -81,12 +81,7 @@ func budgetCluster(t *testing.T, policy string, queueBytes int) (*cluster, net.C
 	c.bin = bin
 	// The budget is the default share of the limit: half.
 	c.pods[0].args = []string{"--memory-limit=32Mi"}
-	for _, p := range c.pods {
-		c.start(p)
-	}
-	for _, p := range c.pods {
-		c.waitReady(p)
-	}
+	c.startAll()
 	c.waitLinks()
 	var recv []*counter
 	for _, p := range c.pods {

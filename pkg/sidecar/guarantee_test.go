@@ -138,12 +138,7 @@ func testGuaranteeSenderDies(t *testing.T, newCluster func(*testing.T, int, ...c
 func TestGuaranteeAnyOneUnreachable(t *testing.T) {
 	c := prepareCluster(t, 3, chanCfg{name: "jobs", delivery: "AnyOne", maxWait: "500ms"})
 	c.args = []string{"--peer-keepalive=200ms"}
-	for _, p := range c.pods {
-		c.start(p)
-	}
-	for _, p := range c.pods {
-		c.waitReady(p)
-	}
+	c.startAll()
 	c.waitLinks()
 	a, b, cc := c.pods[0], c.pods[1], c.pods[2]
 	sender := c.dialApp(a, 0, false)

@@ -186,12 +186,7 @@ func TestAppConnectionCap(t *testing.T) {
 	const limit = 3
 	c := prepareCluster(t, 2, chanCfg{name: "orders"})
 	c.args = []string{fmt.Sprintf("--max-app-connections=%d", limit)}
-	for _, p := range c.pods {
-		c.start(p)
-	}
-	for _, p := range c.pods {
-		c.waitReady(p)
-	}
+	c.startAll()
 	c.waitLinks()
 	a, b := c.pods[0], c.pods[1]
 	sock := filepath.Join(b.sockDir, "app.orders")

@@ -158,12 +158,7 @@ func bothWays(t *testing.T, test func(t *testing.T, newCluster func(*testing.T, 
 func newCluster(t *testing.T, n int, channels ...chanCfg) *cluster {
 	t.Helper()
 	c := prepareCluster(t, n, channels...)
-	for _, p := range c.pods {
-		c.start(p)
-	}
-	for _, p := range c.pods {
-		c.waitReady(p)
-	}
+	c.startAll()
 	c.waitLinks()
 	return c
 }
@@ -249,6 +244,17 @@ func (s syncBuffer) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.Write(p)
+}
+
+// startAll starts every pod's sidecar, then waits until each is ready.
+func (c *cluster) startAll() {
+	c.t.Helper()
+	for _, p := range c.pods {
+		c.start(p)
+	}
+	for _, p := range c.pods {
+		c.waitReady(p)
+	}
 }
 
 func (c *cluster) start(p *pod) {

@@ -413,12 +413,7 @@ func TestMTLSPermissive(t *testing.T) {
 	a, b := c.pods[0], c.pods[1]
 	a.args = []string{"--peer-tls=Permissive"}
 	b.args = []string{"--peer-tls=Disabled"}
-	for _, p := range c.pods {
-		c.start(p)
-	}
-	for _, p := range c.pods {
-		c.waitReady(p)
-	}
+	c.startAll()
 	c.waitLinks()
 	ta, tb := c.dialApp(a, 0, false), c.dialApp(b, 0, false)
 	c.waitConns(a, "orders", 1)
