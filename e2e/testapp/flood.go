@@ -3,10 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
-	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -26,18 +23,10 @@ func flood(ctx context.Context, args []string) error {
 	if err != nil || secs <= 0 || (role != "send" && role != "sink") {
 		return fmt.Errorf("bad arguments %q", args)
 	}
-	me, err := os.Hostname()
+	rec, srv, err := serveRecord(args[3])
 	if err != nil {
 		return err
 	}
-	rec := &record{Me: me, Sent: map[string]int{}, Connects: map[string]int{}, recv: map[string]map[string]*flow{}}
-	srv := &http.Server{Addr: args[3], Handler: rec, ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			fmt.Fprintln(os.Stderr, "testapp: report server:", err)
-			os.Exit(1)
-		}
-	}()
 	defer func() { _ = srv.Close() }()
 	conn, err := dialRetry(ctx, args[0])
 	if err != nil {
@@ -79,7 +68,7 @@ func flood(ctx context.Context, args []string) error {
 	for until := time.Now().Add(time.Duration(secs) * time.Second); time.Now().Before(until) && ctx.Err() == nil; {
 		for range 64 {
 			seq++
-			_, _ = fmt.Fprintf(w, "s %s %d %s\n", me, seq, pad)
+			_, _ = fmt.Fprintf(w, "s %s %d %s\n", rec.Me, seq, pad)
 		}
 		if err := w.Flush(); err != nil {
 			fmt.Println("write", err)

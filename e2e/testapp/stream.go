@@ -29,18 +29,10 @@ func stream(ctx context.Context, args []string) error {
 	if err != nil || rate <= 0 {
 		return fmt.Errorf("bad rate %q", args[2])
 	}
-	me, err := os.Hostname()
+	rec, srv, err := serveRecord(args[3])
 	if err != nil {
 		return err
 	}
-	rec := &record{Me: me, Sent: map[string]int{}, Connects: map[string]int{}, recv: map[string]map[string]*flow{}}
-	srv := &http.Server{Addr: args[3], Handler: rec, ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			fmt.Fprintln(os.Stderr, "testapp: report server:", err)
-			os.Exit(1)
-		}
-	}()
 	var wg sync.WaitGroup
 	for i, name := range []string{"bcast", "any"} {
 		if args[i] == "-" {
@@ -223,4 +215,22 @@ func drain(conn net.Conn, ended <-chan struct{}) {
 	case <-ended:
 	case <-time.After(drainTimeout):
 	}
+}
+
+// serveRecord makes this pod's record and serves it as JSON on addr (GET /report) until
+// the returned server is closed; the fault suite reads it through the API server's pod proxy.
+func serveRecord(addr string) (*record, *http.Server, error) {
+	me, err := os.Hostname()
+	if err != nil {
+		return nil, nil, err
+	}
+	rec := &record{Me: me, Sent: map[string]int{}, Connects: map[string]int{}, recv: map[string]map[string]*flow{}}
+	srv := &http.Server{Addr: addr, Handler: rec, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			fmt.Fprintln(os.Stderr, "testapp: report server:", err)
+			os.Exit(1)
+		}
+	}()
+	return rec, srv, nil
 }
