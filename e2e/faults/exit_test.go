@@ -7,12 +7,15 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"strings"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
 )
 
@@ -108,12 +111,18 @@ func (s *suite) addFinal(tl *tally) {
 const leaseName = "controller.podipc.dev"
 
 // controllerState is what measureController found: how long after a control-plane fault the
-// controller renewed its lease again, and how often its container restarted meanwhile.
+// API server answered again through the `kubernetes` Service and the controller renewed its
+// lease again, and how often its container restarted meanwhile.
 type controllerState struct {
 	measured bool
+	routed   time.Duration
 	leading  time.Duration
 	restarts int32
 }
+
+// afterRoute is how long after the `kubernetes` Service routed again the controller led:
+// what it controls. Before that no in-cluster client reaches the API server at all.
+func (c controllerState) afterRoute() time.Duration { return max(c.leading-c.routed, 0) }
 
 // leaseBefore reads, before a control-plane fault, the controller's restart count (nil for
 // other faults: nothing is measured).
@@ -128,8 +137,9 @@ func (s *suite) leaseBefore(t *testing.T, fc faultCase) *int32 {
 	return &n
 }
 
-// measureController reports how long after since the controller's lease was renewed (so a
-// controller leads and reconciles again), and how often it restarted since before.
+// measureController reports how long after since the API server answered through the
+// `kubernetes` Service and the controller's lease was renewed (so a controller leads and
+// reconciles again), and how often it restarted since before.
 func (s *suite) measureController(before *int32, since time.Time) <-chan controllerState {
 	out := make(chan controllerState, 1)
 	if before == nil {
@@ -139,7 +149,10 @@ func (s *suite) measureController(before *int32, since time.Time) <-chan control
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
 		defer cancel()
-		st := controllerState{measured: true, leading: settleTimeout}
+		st := controllerState{measured: true, routed: settleTimeout, leading: settleTimeout}
+		if err := waitRouted(ctx); err == nil {
+			st.routed = time.Since(since)
+		}
 		for ctx.Err() == nil {
 			l, err := clientset.CoordinationV1().Leases(releaseNS).Get(ctx, leaseName, metav1.GetOptions{})
 			if err == nil && l.Spec.RenewTime != nil && l.Spec.RenewTime.After(since) {
@@ -154,6 +167,46 @@ func (s *suite) measureController(before *int32, since time.Time) <-chan control
 		out <- st
 	}()
 	return out
+}
+
+// waitRouted returns once the API server answers /readyz through the ClusterIP of the
+// `kubernetes` Service, the address the controller and the sidecars dial (in-cluster
+// config). The suite itself dials the API server directly, so the two differ: a
+// kube-apiserver that stops gracefully takes its address out of the Service's endpoints,
+// kube-proxy then rejects connections to the ClusterIP, and it routes them again only once
+// its informers have relisted after the API server's return, which their back-off (up to
+// a minute after a long outage) can delay well beyond it (docs/reliability.md). The host's
+// connections to a ClusterIP pass kube-proxy's rules as a pod's do.
+func waitRouted(ctx context.Context) error {
+	var svc *corev1.Service
+	var err error
+	for svc == nil {
+		if svc, err = clientset.CoreV1().Services("default").Get(ctx, "kubernetes", metav1.GetOptions{}); err != nil {
+			svc = nil
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
+	}
+	cfg := rest.CopyConfig(restConfig)
+	cfg.Host = "https://" + net.JoinHostPort(svc.Spec.ClusterIP, "443")
+	cfg.Timeout = 2 * time.Second
+	viaService, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	for {
+		if _, err := viaService.CoreV1().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx); err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 }
 
 func controllerRestarts(ctx context.Context) (int32, error) {

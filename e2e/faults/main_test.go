@@ -23,6 +23,7 @@ import (
 
 	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	ctrlclient "sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -42,8 +43,10 @@ const (
 
 var (
 	clientset kubernetes.Interface
-	kube      ctrlclient.Client
-	root      string
+	// restConfig reaches the API server directly, at the node's address.
+	restConfig *rest.Config
+	kube       ctrlclient.Client
+	root       string
 )
 
 func TestMain(m *testing.M) {
@@ -64,6 +67,7 @@ func setup() error {
 		return err
 	}
 	cfg.QPS, cfg.Burst = 50, 100
+	restConfig = cfg
 	if clientset, err = kubernetes.NewForConfig(cfg); err != nil {
 		return err
 	}
