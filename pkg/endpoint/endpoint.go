@@ -338,6 +338,9 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 				log.Info("Dropped a message this connection cannot carry", "conn", c.Name(),
 					"reason", router.ReasonUnframeable, "dropped", dropped, "err", err.Error())
 				unframeable = append(unframeable, items[i])
+				// Only that message is dropped: the connection goes on, also when it
+				// was the batch's last (err would otherwise close the connection).
+				err = nil
 				continue
 			}
 			if err != nil {

@@ -280,7 +280,9 @@ func TestAppConnectionCap(t *testing.T) {
 // TestUnframeablePeerLines: lines from a peer that a local connection's framing cannot
 // carry (here, node-ipc messages that are not JSON, sent by hand by a member as
 // docs/protocol.md frames them) are not delivered to that connection, counted
-// unframeable and not as written, and every other line reaches every connection.
+// unframeable and not as written, and every other line reaches every connection, which
+// stays open: also when the unframeable message is the last (here: the only) one of the
+// batch its writer took, which once closed the connection.
 func TestUnframeablePeerLines(t *testing.T) {
 	c := prepareCluster(t, 3, chanCfg{name: "orders"})
 	b, m := c.pods[1], c.pods[2] // m is a member played by the test
@@ -308,10 +310,10 @@ func TestUnframeablePeerLines(t *testing.T) {
 		body := append(str(binary.AppendUvarint(nil, seq), "orders"), kind)
 		return frame(4, append(body, payload...))
 	}
-	var out []byte
-	out = append(out, frame(1, hello)...)
-	out = append(out, data(1, 1, "not json")...) // a node-ipc message: neither client can carry it
-	out = append(out, data(2, 0, "fine")...)
+	unframeable := `podipc_dropped_lines_total{channel="orders",reason="unframeable"}`
+	// A node-ipc message neither client can carry, alone: each writer takes a batch of it
+	// only.
+	out := append(frame(1, hello), data(1, 1, "not json")...)
 	if _, err := peerConn.Write(out); err != nil {
 		t.Fatal(err)
 	}
@@ -319,6 +321,11 @@ func TestUnframeablePeerLines(t *testing.T) {
 	_ = peerConn.SetReadDeadline(time.Now().Add(30 * time.Second))
 	if _, err := io.ReadFull(peerConn, head); err != nil || head[4] != 2 {
 		t.Fatalf("no WELCOME from b: type %d, %v", head[4], err)
+	}
+	eventually(t, "b to count the lone unframeable line for both connections", func() bool { return c.metric(b, unframeable) >= 2 })
+	// Then another, and an honest line behind it, in one write.
+	if _, err := peerConn.Write(append(data(2, 1, "not json either"), data(3, 0, "fine")...)); err != nil {
+		t.Fatal(err)
 	}
 
 	eventually(t, "the line client to read the honest line", func() bool { return line.count() >= 1 })
@@ -330,10 +337,9 @@ func TestUnframeablePeerLines(t *testing.T) {
 	if got := line.lines(); len(got) != 1 || got[0] != "fine" {
 		t.Fatalf("line client read %q, want only \"fine\"", got)
 	}
-	unframeable := `podipc_dropped_lines_total{channel="orders",reason="unframeable"}`
-	eventually(t, "b to count the unframeable line for both connections", func() bool { return c.metric(b, unframeable) >= 2 })
-	if got := c.metric(b, unframeable); got != 2 {
-		t.Fatalf("b counted %v unframeable lines, want 2 (one per connection)", got)
+	eventually(t, "b to count the unframeable lines for both connections", func() bool { return c.metric(b, unframeable) >= 4 })
+	if got := c.metric(b, unframeable); got != 4 {
+		t.Fatalf("b counted %v unframeable lines, want 4 (two per connection)", got)
 	}
 	if !b.logged("Dropped a message this connection cannot carry") {
 		t.Fatal("b did not log the unframeable line")
