@@ -324,9 +324,13 @@ type overloadResult struct {
 	offered  float64 // the rate asked for, lines/s
 	achieved float64 // the rate the sending app managed to write, lines/s
 	sent     uint64
-	received uint64
-	rate     float64 // lines/s the receiving app read while the sender ran
+	received uint64   // by all receiving apps together
+	each     []uint64 // by each receiving app
+	rate     float64  // lines/s the receiving apps read together while the sender ran
 }
+
+// missing is the lines sent that some receiving app did not read, summed over them.
+func (r overloadResult) missing() uint64 { return r.sent*uint64(len(r.each)) - r.received }
 
 // measureOverload writes lines at rate (open loop: on schedule, not waiting for the
 // receiver) for dur, then waits until nothing more arrives. Lines may be lost (a bounded
@@ -334,7 +338,7 @@ type overloadResult struct {
 // pushes back, the sender's writes block and it falls behind the schedule; achieved says
 // by how much.
 //
-// readRate, if not 0, makes the receiving app a slow reader: it reads at most readRate
+// readRate, if not 0, makes every receiving app a slow reader: it reads at most readRate
 // lines per second, so the receiving sidecar's queue for it fills.
 func measureOverload(ctx context.Context, open opener, size int, rate, readRate float64, dur time.Duration) (overloadResult, error) {
 	res := overloadResult{offered: rate}
@@ -346,29 +350,33 @@ func measureOverload(ctx context.Context, open opener, size int, rate, readRate 
 	if err := p.Bound(time.Now().Add(syncTimeout + dur + 2*drainTimeout)); err != nil {
 		return res, err
 	}
-	chk := newChecker(size, true)
-	recvErr := make(chan error, 1)
-	consume := chk.consume
-	if readRate > 0 {
+	chks := make([]*checker, p.Receivers())
+	recvErr := make(chan error, len(chks))
+	for i := range chks {
+		chks[i] = newChecker(size, true)
+		consume := chks[i].consume
+		if readRate > 0 {
+			consume = slowly(consume, readRate)
+		}
+		go func() { recvErr <- p.Receive(i, consume) }()
+	}
+	if err := syncPath(p, size, chks, recvErr); err != nil {
+		return res, err
+	}
+	received := func() uint64 {
 		var n uint64
-		var start time.Time
-		consume = func(line []byte) error {
-			if err := chk.consume(line); err != nil {
+		for _, c := range chks {
+			n += c.count.Load()
+		}
+		return n
+	}
+	checkErr := func() error {
+		for _, c := range chks {
+			if err := c.Err(); err != nil {
 				return err
 			}
-			if n == 0 {
-				start = time.Now()
-			}
-			n++
-			if n%64 == 0 {
-				time.Sleep(time.Until(start.Add(time.Duration(float64(n) / readRate * float64(time.Second)))))
-			}
-			return nil
 		}
-	}
-	go func() { recvErr <- p.Receive(0, consume) }()
-	if err := syncPath(p, size, []*checker{chk}, recvErr); err != nil {
-		return res, err
+		return nil
 	}
 
 	line := newLine(size)
@@ -390,26 +398,48 @@ func measureOverload(ctx context.Context, open opener, size int, rate, readRate 
 		if err := p.Flush(); err != nil {
 			return res, err
 		}
-		if err := chk.Err(); err != nil {
+		if err := checkErr(); err != nil {
 			return res, err
 		}
 		time.Sleep(time.Until(now.Add(time.Millisecond)))
 	}
 	elapsed := time.Since(start)
-	got := chk.count.Load()
 	res.achieved = float64(res.sent) / elapsed.Seconds()
-	res.rate = float64(got) / elapsed.Seconds()
+	res.rate = float64(received()) / elapsed.Seconds()
 
 	// Drain: wait until a second passes with nothing new, within drainTimeout.
+	all := res.sent * uint64(len(chks))
 	deadline := time.Now().Add(drainTimeout)
 	for last := uint64(0); time.Now().Before(deadline); {
 		time.Sleep(time.Second)
-		n := chk.count.Load()
-		if n == last || n == res.sent {
+		n := received()
+		if n == last || n == all {
 			break
 		}
 		last = n
 	}
-	res.received = chk.count.Load()
-	return res, chk.Err()
+	for _, c := range chks {
+		res.each = append(res.each, c.count.Load())
+		res.received += res.each[len(res.each)-1]
+	}
+	return res, checkErr()
+}
+
+// slowly makes consume read at most readRate lines per second.
+func slowly(consume func([]byte) error, readRate float64) func([]byte) error {
+	var n uint64
+	var start time.Time
+	return func(line []byte) error {
+		if err := consume(line); err != nil {
+			return err
+		}
+		if n == 0 {
+			start = time.Now()
+		}
+		n++
+		if n%64 == 0 {
+			time.Sleep(time.Until(start.Add(time.Duration(float64(n) / readRate * float64(time.Second)))))
+		}
+		return nil
+	}
 }

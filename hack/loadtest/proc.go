@@ -221,8 +221,14 @@ func (s *rssSampler) stop() map[int]int64 {
 	return s.peak
 }
 
-// scrapeDrops sums every podipc_*drop* counter on a /metrics page, by series.
+// scrapeDrops reads every podipc_*drop* counter on a /metrics page, by series.
 func scrapeDrops(ctx context.Context, url string) (map[string]float64, error) {
+	return scrapeMetrics(ctx, url, func(name string) bool { return strings.Contains(name, "drop") })
+}
+
+// scrapeMetrics reads the podipc_* series of a /metrics page whose metric name keep
+// accepts, by series.
+func scrapeMetrics(ctx context.Context, url string, keep func(name string) bool) (map[string]float64, error) {
 	c := http.Client{Timeout: 2 * time.Second}
 	resp, err := get(ctx, &c, url)
 	if err != nil {
@@ -245,7 +251,7 @@ func scrapeDrops(ctx context.Context, url string) (map[string]float64, error) {
 		}
 		series := line[:i]
 		name, _, _ := strings.Cut(series, "{")
-		if !strings.Contains(name, "drop") {
+		if !keep(name) {
 			continue
 		}
 		v, err := strconv.ParseFloat(line[i+1:], 64)

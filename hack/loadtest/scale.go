@@ -37,6 +37,10 @@ type scaleConfig struct {
 	queueBytes          int
 	a2aRate             float64
 	a2aDuration         time.Duration
+	overloadFactor      float64
+	overloadDuration    time.Duration
+	overloadSize        int
+	memoryLimit         string
 	net                 string
 	natsAddr            string
 	out, svgDir         string
@@ -59,6 +63,10 @@ func parseScaleFlags(args []string) (scaleConfig, error) {
 	fs.IntVar(&c.queueBytes, "queue-bytes", 1<<20, "the channels' overflow.queueBytes (the Channel default is 1 MiB)")
 	fs.Float64Var(&c.a2aRate, "all-to-all-rate", 1000, "lines/s each member sends in the all-to-all run (0 skips it)")
 	fs.DurationVar(&c.a2aDuration, "all-to-all-duration", 3*time.Second, "length of the all-to-all run")
+	fs.Float64Var(&c.overloadFactor, "overload-factor", 10, "the overload run floods at this multiple of the closed-loop Broadcast rate at -overload-size (0 skips it)")
+	fs.DurationVar(&c.overloadDuration, "overload-duration", 3*time.Second, "length of the overload run")
+	fs.IntVar(&c.overloadSize, "overload-size", 1024, "line size of the overload run; one of -sizes")
+	fs.StringVar(&c.memoryLimit, "memory-limit", "128Mi", "the sidecars' --memory-limit in the overload run (the chart's default container limit)")
 	fs.StringVar(&c.net, "net", "127.77.0", "first three octets of the sidecars' loopback addresses (member i is .i+1)")
 	fs.StringVar(&c.natsAddr, "nats-addr", "127.0.0.1", "nats-server's loopback address")
 	fs.StringVar(&c.out, "out", "", "also write the Markdown report to this file")
@@ -86,6 +94,9 @@ func parseScaleFlags(args []string) (scaleConfig, error) {
 		}
 		c.sizes = append(c.sizes, n)
 	}
+	if c.overloadFactor > 0 && !slices.Contains(c.sizes, c.overloadSize) {
+		return fail(fmt.Errorf("-overload-size %d is not one of -sizes", c.overloadSize))
+	}
 	if strings.Count(c.net, ".") != 2 || !strings.HasPrefix(c.net, "127.") {
 		return fail(fmt.Errorf("-net: %q is not three octets of a loopback address (127.x.y)", c.net))
 	}
@@ -101,6 +112,8 @@ type scalePoint struct {
 	bcast map[string]map[int]*bcastFigures
 	// a2a holds the all-to-all runs by target.
 	a2a map[string]*a2aFigures
+	// over is the overload run (podipc only), nil if skipped.
+	over *scaleOverload
 }
 
 // bcastFigures is one Broadcast run at one N and size.
@@ -213,6 +226,17 @@ func measurePoint(ctx context.Context, cfg scaleConfig, dir string, n int, nats 
 			fmt.Fprintf(os.Stderr, "scale N=%-3d %-6s all-to-all: apps wrote %.0f lines/s of %.0f; %.0f delivered of %.0f offered, %s behind, lost %.0f\n",
 				n, name, f.res.written, float64(n)*cfg.a2aRate, f.res.delivered, f.res.expected, f.res.drain.Round(time.Millisecond), f.lost)
 		}
+	}
+	if cfg.overloadFactor > 0 {
+		t.stop() // the overload run starts the members again, with a memory limit
+		rate := cfg.overloadFactor * pt.bcast["podipc"][cfg.overloadSize].res.slowest
+		o, err := measureScaleOverload(ctx, cfg, overloadDir(dir), ms, cfg.overloadSize, rate, 0)
+		if err != nil {
+			return nil, fmt.Errorf("overload: %w", err)
+		}
+		pt.over = o
+		fmt.Fprintf(os.Stderr, "scale N=%-3d overload: offered %.0f lines/s, wrote %.0f, delivered %.0f; sending sidecar RSS %s → %s, memory used peak %s of a %s budget; dropped %v, lost without a count %.0f\n",
+			n, o.res.offered, o.res.achieved, o.res.rate, mb(o.idle), mb(o.peak), mb(int64(o.usedPeak)), mb(int64(o.budget)), o.dropped, o.lost())
 	}
 	return pt, nil
 }

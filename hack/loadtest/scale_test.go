@@ -7,6 +7,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -168,4 +170,32 @@ func TestDisplayArgsNamesNoMachinePaths(t *testing.T) {
 	if want := "scale -sidecar=bin/podipc-sidecar -members=2,4 -svg-dir=docs/scale"; got != want {
 		t.Fatalf("got %q, want %q", got, want)
 	}
+}
+
+// The overload phase against real sidecars (built from this repository): three members
+// under a 64 Mi limit, the sender flooding receivers that read slowly, so that lines are
+// dropped; every line a receiver missed must be counted by some sidecar, or the run fails.
+func TestScaleOverloadCountsEveryMissingLine(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "podipc-sidecar")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/podipc-sidecar")
+	build.Dir = filepath.Join("..", "..")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building the sidecar: %v\n%s", err, out)
+	}
+	cfg, err := parseScaleFlags([]string{"-sidecar=" + bin, "-memory-limit=64Mi", "-overload-duration=1s", "-settle=500ms"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms := []member{{"pod-00", "uid-00", "127.78.0.1"}, {"pod-01", "uid-01", "127.78.0.2"}, {"pod-02", "uid-02", "127.78.0.3"}}
+	o, err := measureScaleOverload(t.Context(), cfg, t.TempDir(), ms, 1024, 20000, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.res.missing() == 0 || o.counted == 0 {
+		t.Fatalf("receivers reading 1,000 of 20,000 lines/s missed %d lines, %v counted: the run did not overload", o.res.missing(), o.dropped)
+	}
+	if o.budget != 32<<20 || o.peak == 0 || o.usedPeak == 0 {
+		t.Fatalf("budget %.0f bytes (want half of 64 Mi), peak RSS %d, memory used peak %.0f", o.budget, o.peak, o.usedPeak)
+	}
+	t.Logf("missed %d, counted %v; sending sidecar RSS %s → %s, memory used peak %s", o.res.missing(), o.dropped, mb(o.idle), mb(o.peak), mb(int64(o.usedPeak)))
 }

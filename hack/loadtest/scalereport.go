@@ -1,12 +1,15 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 )
@@ -53,6 +56,19 @@ func writeScaleReport(w io.Writer, cfg scaleConfig, m machine, loadEnd [3]float6
 		p("\n")
 	}
 
+	if cfg.overloadFactor > 0 {
+		p("#### Overload under the memory limit\n\nThe N sidecars started again with `--memory-limit=%[1]s` (the chart's default container limit: the Go runtime's soft limit at 90 %% of it, the memory budget at half). The sending app on member 0 floods channel `flood` (`WaitThenDrop`, %[2]s queues, 100 ms wait) open loop for %[3]s at %.0[4]f× the closed-loop Broadcast rate just measured at %[5]s, and every other member's app reads as fast as it can. Written: lines/s the sending app managed to write; delivered: lines/s all receivers read together while it wrote. The sending sidecar's RSS (VmRSS, every 50 ms) and its `podipc_memory_used_bytes` (every 100 ms) are its peaks during the run. Every line a receiver misses must be counted in `podipc_dropped_lines_total` on some sidecar (lost without a count = 0, else the run fails), every sequence still in order, and no sidecar may die.\n\n",
+			cfg.memoryLimit, sizeName(cfg.queueBytes), cfg.overloadDuration, cfg.overloadFactor, sizeName(cfg.overloadSize))
+		p("| N | offered, lines/s | written | delivered, all receivers | sending sidecar RSS idle → peak | memory used, peak / budget | missed by receivers | counted as dropped | lost without a count |\n")
+		p("|---:|---:|---:|---:|---:|---:|---:|---|---:|\n")
+		for _, pt := range points {
+			o := pt.over
+			p("| %d | %s | %s | %s | %s → %s | %s / %s | %d | %s | %.0f |\n", pt.n, si(o.res.offered), si(o.res.achieved), si(o.res.rate),
+				mb(o.idle), mb(o.peak), mb(int64(o.usedPeak)), mb(int64(o.budget)), o.res.missing(), reasons(o.dropped), o.lost())
+		}
+		p("\n")
+	}
+
 	p("#### Idle RSS by number of peer links\n\nEach sidecar's VmRSS %s after all N were ready, before any traffic: N−1 peer links each.\n\n", cfg.settle)
 	p("| peer links | sending sidecar | median sidecar | highest sidecar |\n|---:|---:|---:|---:|\n")
 	for _, pt := range points {
@@ -62,6 +78,19 @@ func writeScaleReport(w io.Writer, cfg scaleConfig, m machine, loadEnd [3]float6
 		base := filepath.Base(cfg.svgDir)
 		p("\n![Broadcast lines/s against N](%s/scale-lines.svg)\n\n![RSS against N](%s/scale-rss.svg)\n", base, base)
 	}
+}
+
+// reasons formats drop counts by reason, largest first.
+func reasons(m map[string]float64) string {
+	if len(m) == 0 {
+		return "0"
+	}
+	keys := slices.SortedFunc(maps.Keys(m), func(a, b string) int { return cmp.Compare(m[b], m[a]) })
+	parts := make([]string, 0, len(keys))
+	for _, k := range keys {
+		parts = append(parts, fmt.Sprintf("%s %.0f", k, m[k]))
+	}
+	return strings.Join(parts, ", ")
 }
 
 // times formats a/b, or a dash when b is 0.
