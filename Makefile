@@ -57,6 +57,8 @@ test: ## Run unit, integration (real API server) and node-ipc compatibility test
 	@$(MAKE) --no-print-directory -s $(BIN)/helm
 	@echo "make test: step 3 of 3: go test $(GOTEST_FLAGS) of $$(go list ./... | wc -l) packages; each prints ok or FAIL as it finishes"
 	KUBEBUILDER_ASSETS=$(K8S_BIN) go test $(GOTEST_FLAGS) ./...
+	@echo "make test: and the load tool (hack/loadtest, a module of its own), against real sidecars"
+	cd hack/loadtest && go test $(GOTEST_FLAGS) ./...
 
 .PHONY: bench
 bench: ## Run the Go benchmarks (figures go to docs/performance.md).

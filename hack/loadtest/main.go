@@ -335,7 +335,11 @@ func runOverload(ctx context.Context, r *results, t *target, size int, slowReade
 		rss, _ := rssBytes(p.pid())
 		o.idle = append(o.idle, rss)
 	}
-	o.dropsBefore = scrapeAll(ctx, t.metrics)
+	// Drops are counted from the sync on (a sync line can be counted no_connection).
+	synced := func() error {
+		o.dropsBefore = scrapeAll(ctx, t.metrics)
+		return nil
+	}
 	pids := make([]int, 0, len(t.procs))
 	for _, p := range t.procs {
 		pids = append(pids, p.pid())
@@ -343,7 +347,7 @@ func runOverload(ctx context.Context, r *results, t *target, size int, slowReade
 	// The split is a rough half-time mark (the path sync comes first): RSS still growing in
 	// the second half of the run would show as a late peak above the overall early one.
 	s := sampleRSSSplit(pids, 50*time.Millisecond, time.Now().Add(cfg.overloadDuration/2))
-	o.res, o.err = measureOverload(ctx, t.openFlood, size, rate, readRate, cfg.overloadDuration)
+	o.res, o.err = measureOverload(ctx, t.openFlood, synced, size, rate, readRate, cfg.overloadDuration)
 	peaks := s.stop()
 	for _, p := range t.procs {
 		o.peak = append(o.peak, peaks[p.pid()])

@@ -340,7 +340,7 @@ func (r overloadResult) missing() uint64 { return r.sent*uint64(len(r.each)) - r
 //
 // readRate, if not 0, makes every receiving app a slow reader: it reads at most readRate
 // lines per second, so the receiving sidecar's queue for it fills.
-func measureOverload(ctx context.Context, open opener, size int, rate, readRate float64, dur time.Duration) (overloadResult, error) {
+func measureOverload(ctx context.Context, open opener, synced func() error, size int, rate, readRate float64, dur time.Duration) (overloadResult, error) {
 	res := overloadResult{offered: rate}
 	p, err := open(ctx)
 	if err != nil {
@@ -362,6 +362,11 @@ func measureOverload(ctx context.Context, open opener, size int, rate, readRate 
 	}
 	if err := syncPath(p, size, chks, recvErr); err != nil {
 		return res, err
+	}
+	if synced != nil {
+		if err := synced(); err != nil {
+			return res, err
+		}
 	}
 	received := func() uint64 {
 		var n uint64

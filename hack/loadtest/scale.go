@@ -230,7 +230,7 @@ func measurePoint(ctx context.Context, cfg scaleConfig, dir string, n int, nats 
 	if cfg.overloadFactor > 0 {
 		t.stop() // the overload run starts the members again, with a memory limit
 		rate := cfg.overloadFactor * pt.bcast["podipc"][cfg.overloadSize].res.slowest
-		o, err := measureScaleOverload(ctx, cfg, overloadDir(dir), ms, cfg.overloadSize, rate, 0)
+		o, err := measureScaleOverload(ctx, cfg, overloadDir(dir), ms, cfg.overloadSize, rate, 0, dialApps)
 		if err != nil {
 			return nil, fmt.Errorf("overload: %w", err)
 		}

@@ -172,22 +172,89 @@ func TestDisplayArgsNamesNoMachinePaths(t *testing.T) {
 	}
 }
 
-// The overload phase against real sidecars (built from this repository): three members
-// under a 64 Mi limit, the sender flooding receivers that read slowly, so that lines are
-// dropped; every line a receiver missed must be counted by some sidecar, or the run fails.
-func TestScaleOverloadCountsEveryMissingLine(t *testing.T) {
+// buildSidecar builds the sidecar of this repository into a temporary directory.
+func buildSidecar(t *testing.T) string {
+	t.Helper()
 	bin := filepath.Join(t.TempDir(), "podipc-sidecar")
 	build := exec.Command("go", "build", "-o", bin, "./cmd/podipc-sidecar")
 	build.Dir = filepath.Join("..", "..")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("building the sidecar: %v\n%s", err, out)
 	}
-	cfg, err := parseScaleFlags([]string{"-sidecar=" + bin, "-memory-limit=64Mi", "-overload-duration=1s", "-settle=500ms"})
+	return bin
+}
+
+// lateConn is a receiving app's connection that dials only when it is first read, after
+// a delay: the sync lines sent before it connects reach its sidecar with no connection.
+type lateConn struct {
+	net.Conn // nil until the first Read
+	addr     string
+	delay    time.Duration
+	once     sync.Once
+	err      error
+}
+
+func (c *lateConn) Read(b []byte) (int, error) {
+	c.once.Do(func() {
+		time.Sleep(c.delay)
+		c.Conn, c.err = net.Dial("tcp", c.addr)
+	})
+	if c.err != nil {
+		return 0, c.err
+	}
+	return c.Conn.Read(b)
+}
+
+func (c *lateConn) SetWriteDeadline(time.Time) error { return nil } // a receiver writes nothing
+
+func (c *lateConn) Close() error {
+	c.once.Do(func() { c.err = net.ErrClosed })
+	if c.Conn == nil {
+		return nil
+	}
+	return c.Conn.Close()
+}
+
+// A receiver that connects after the sync has begun makes its sidecar count the sync
+// lines it missed (no_connection). Those are not lines of the measurement: the phase
+// must count drops from the sync on, and with fast readers report nothing lost.
+func TestScaleOverloadIgnoresSyncLineDrops(t *testing.T) {
+	cfg, err := parseScaleFlags([]string{"-sidecar=" + buildSidecar(t), "-overload-duration=1s", "-settle=500ms"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms := []member{{"pod-00", "uid-00", "127.78.1.1"}, {"pod-01", "uid-01", "127.78.1.2"}, {"pod-02", "uid-02", "127.78.1.3"}}
+	late := func(ctx context.Context, tx string, rx ...string) (path, error) {
+		var d net.Dialer
+		first, err := d.DialContext(ctx, "tcp", rx[0])
+		if err != nil {
+			return nil, err
+		}
+		sender, err := d.DialContext(ctx, "tcp", tx)
+		if err != nil {
+			return nil, errors.Join(err, first.Close())
+		}
+		return newTCPPath(sender, first, &lateConn{addr: rx[1], delay: time.Second}), nil
+	}
+	o, err := measureScaleOverload(t.Context(), cfg, t.TempDir(), ms, 1024, 2000, 0, late)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.res.missing() != 0 || o.counted != 0 {
+		t.Fatalf("fast receivers of 2,000 lines/s: missed %d lines, %v counted after the sync", o.res.missing(), o.dropped)
+	}
+}
+
+// The overload phase against real sidecars (built from this repository): three members
+// under a 64 Mi limit, the sender flooding receivers that read slowly, so that lines are
+// dropped; every line a receiver missed must be counted by some sidecar, or the run fails.
+func TestScaleOverloadCountsEveryMissingLine(t *testing.T) {
+	cfg, err := parseScaleFlags([]string{"-sidecar=" + buildSidecar(t), "-memory-limit=64Mi", "-overload-duration=1s", "-settle=500ms"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ms := []member{{"pod-00", "uid-00", "127.78.0.1"}, {"pod-01", "uid-01", "127.78.0.2"}, {"pod-02", "uid-02", "127.78.0.3"}}
-	o, err := measureScaleOverload(t.Context(), cfg, t.TempDir(), ms, 1024, 20000, 1000)
+	o, err := measureScaleOverload(t.Context(), cfg, t.TempDir(), ms, 1024, 20000, 1000, dialApps)
 	if err != nil {
 		t.Fatal(err)
 	}

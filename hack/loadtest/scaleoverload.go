@@ -32,10 +32,22 @@ type scaleOverload struct {
 // lost is the lines some receiver missed that no sidecar counted.
 func (o *scaleOverload) lost() float64 { return float64(o.res.missing()) - o.counted }
 
+// appDialer connects the sending app to tx and a receiving app to each of rx.
+type appDialer func(ctx context.Context, tx string, rx ...string) (path, error)
+
+// dialApps is the appDialer of the runs: every app dials at once, receivers first.
+func dialApps(ctx context.Context, tx string, rx ...string) (path, error) {
+	p, err := dialBoth(ctx, tx, rx...)
+	if err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
 // measureScaleOverload starts ms's sidecars with the memory limit and floods them at
 // rate lines/s of size bytes; readRate, if not 0, makes every receiver read at most that
 // many lines a second (the scale run's receivers read as fast as they can).
-func measureScaleOverload(ctx context.Context, cfg scaleConfig, dir string, ms []member, size int, rate, readRate float64) (*scaleOverload, error) {
+func measureScaleOverload(ctx context.Context, cfg scaleConfig, dir string, ms []member, size int, rate, readRate float64, dial appDialer) (*scaleOverload, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
@@ -54,19 +66,23 @@ func measureScaleOverload(ctx context.Context, cfg scaleConfig, dir string, ms [
 		return nil, err
 	}
 	o.budget = gauges["podipc_memory_budget_bytes"]
-	before, err := readDrops(ctx, t.metrics)
-	if err != nil {
-		return nil, err
+	// The drops are counted from when every receiver has seen a sync line: a sync line
+	// that reaches a member before its receiver connected is counted no_connection, and
+	// is not a line the receivers miss.
+	var before dropCounts
+	synced := func() (err error) {
+		before, err = readDrops(ctx, t.metrics)
+		return err
 	}
 
 	var rx []string
 	for _, m := range ms[1:] {
 		rx = append(rx, hostPort(m.ip, floodPort))
 	}
-	open := func(ctx context.Context) (path, error) { return dialBoth(ctx, hostPort(ms[0].ip, floodPort), rx...) }
+	open := func(ctx context.Context) (path, error) { return dial(ctx, hostPort(ms[0].ip, floodPort), rx...) }
 	rss := sampleRSS([]int{pid}, 50*time.Millisecond)
 	used := sampleUsed(t.metrics[0], 100*time.Millisecond)
-	o.res, err = measureOverload(ctx, open, size, rate, readRate, cfg.overloadDuration)
+	o.res, err = measureOverload(ctx, open, synced, size, rate, readRate, cfg.overloadDuration)
 	o.peak, o.usedPeak = rss.stop()[pid], used.stop()
 	if err == nil {
 		err = t.alive() // a sidecar killed at its limit (or crashed) fails the run
