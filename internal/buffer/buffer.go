@@ -36,7 +36,15 @@ type Chunk struct {
 	refs atomic.Int32
 }
 
-var chunkPool = sync.Pool{New: func() any { return &Chunk{buf: make([]byte, 0, ChunkSize)} }}
+// SmallChunkSize is the size of the chunks a peer reader waits in while its link is
+// quiet: a sidecar has two readers per peer, and a 64 KiB chunk each would make an idle
+// link cost more than everything else it holds (docs/design.md §8.7).
+const SmallChunkSize = 4 << 10
+
+var (
+	chunkPool      = sync.Pool{New: func() any { return &Chunk{buf: make([]byte, 0, ChunkSize)} }}
+	smallChunkPool = sync.Pool{New: func() any { return &Chunk{buf: make([]byte, 0, SmallChunkSize)} }}
+)
 
 // NewChunk returns an empty pooled chunk holding one reference, for a reader that reads
 // straight into chunks (Bytes) rather than copying messages into a Slab.
@@ -46,7 +54,15 @@ func NewChunk() *Chunk {
 	return c
 }
 
-// Bytes returns the chunk's whole buffer (ChunkSize bytes), for a reader to fill.
+// NewSmallChunk is NewChunk with a buffer of SmallChunkSize bytes.
+func NewSmallChunk() *Chunk {
+	c := smallChunkPool.Get().(*Chunk)
+	c.refs.Store(1)
+	return c
+}
+
+// Bytes returns the chunk's whole buffer (ChunkSize or SmallChunkSize bytes), for a
+// reader to fill.
 func (c *Chunk) Bytes() []byte { return c.buf[:cap(c.buf)] }
 
 // Refs returns the references held on the chunk, for tests that check every reference
@@ -68,7 +84,11 @@ func (c *Chunk) Release(n int) {
 	switch r := c.refs.Add(-int32(n)); {
 	case r == 0:
 		c.buf = c.buf[:0]
-		chunkPool.Put(c)
+		if cap(c.buf) == SmallChunkSize {
+			smallChunkPool.Put(c)
+		} else {
+			chunkPool.Put(c)
+		}
 	case r < 0:
 		panic("buffer: chunk released more often than retained")
 	}

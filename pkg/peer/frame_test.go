@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -141,6 +142,72 @@ func (c *chunkyReader) Read(p []byte) (int, error) {
 	c.i++
 	n := min(len(p), 1+(c.i*7919)%9000)
 	return c.r.Read(p[:n])
+}
+
+// scriptedReader returns its pieces in order, each in as many reads as the reader's
+// room takes, and records the room every read was offered.
+type scriptedReader struct {
+	pieces  [][]byte
+	offered []int
+}
+
+func (s *scriptedReader) Read(p []byte) (int, error) {
+	s.offered = append(s.offered, len(p))
+	if len(s.pieces) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, s.pieces[0])
+	if s.pieces[0] = s.pieces[0][n:]; len(s.pieces[0]) == 0 {
+		s.pieces = s.pieces[1:]
+	}
+	return n, nil
+}
+
+// TestReaderWaitsQuietInASmallChunk: a sidecar has two readers per peer, most of them on
+// quiet links; a quiet reader waits for its next read in a small chunk (4 KiB, not 64),
+// takes a full chunk as soon as traffic fills the small one, and goes back when the
+// link is quiet again, every frame intact across the moves.
+func TestReaderWaitsQuietInASmallChunk(t *testing.T) {
+	var burst []byte
+	var want [][]byte
+	for i := range 200 {
+		p := bytes.Repeat([]byte{byte('a' + i%26)}, 1000)
+		burst = append(AppendDataHeader(burst, uint64(i+1), "bench", router.Line, len(p)), p...)
+		want = append(want, p)
+	}
+	src := &scriptedReader{pieces: [][]byte{PingFrame(), PingFrame(), burst, PingFrame(), PingFrame()}}
+	r := NewReader(src, MaxFrameBytes)
+	defer r.Close()
+	for i := range 2 {
+		if typ, _, err := r.Next(); err != nil || typ != FramePing {
+			t.Fatalf("ping %d: type %d, %v", i, typ, err)
+		}
+	}
+	for i := range want {
+		typ, body, err := r.Next()
+		if err != nil || typ != FrameData {
+			t.Fatalf("frame %d: type %d, %v", i, typ, err)
+		}
+		if d, err := ParseData(body); err != nil || d.Seq != uint64(i+1) || !bytes.Equal(d.Payload, want[i]) {
+			t.Fatalf("frame %d: seq %d, %d bytes, %v", i, d.Seq, len(d.Payload), err)
+		}
+	}
+	for i := range 2 {
+		if typ, _, err := r.Next(); err != nil || typ != FramePing {
+			t.Fatalf("ping %d after the burst: type %d, %v", i, typ, err)
+		}
+	}
+	if _, _, err := r.Next(); !errors.Is(err, io.EOF) {
+		t.Fatalf("end of stream: %v", err)
+	}
+	o := src.offered
+	if o[0] > buffer.SmallChunkSize || o[1] > buffer.SmallChunkSize || o[len(o)-1] > buffer.SmallChunkSize {
+		t.Errorf("a quiet reader was offered %d, %d and, at the end, %d bytes of room: want at most %d (offers %v)",
+			o[0], o[1], o[len(o)-1], buffer.SmallChunkSize, o)
+	}
+	if big := slices.Max(o); big < buffer.ChunkSize/2 {
+		t.Errorf("during a 200 KB burst the largest read offered %d bytes: the reader never took a full chunk (offers %v)", big, o)
+	}
 }
 
 // TestReaderKeepsRetainedFrames: the receiving sidecar queues a line in place, holding a

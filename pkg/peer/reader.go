@@ -30,10 +30,20 @@ type Reader struct {
 	// cur is the chunk of the frame returned last; nil for a frame too large for a
 	// chunk, which gets a buffer of its own.
 	cur *buffer.Chunk
+	// quiet is set when the last read returned less than quietRead bytes: the stream
+	// is idle or trickling (keepalives, a few lines a second), and the next chunk the
+	// reader takes with nothing to carry over is a small one, so that a quiet link
+	// waits in 4 KiB rather than 64 KiB. A read that fills the small chunk means
+	// traffic: the next chunk is a full one.
+	quiet bool
 }
 
 // minRead is the least room a read is offered: a chunk with less left is replaced.
+// A small chunk is replaced when it has less than a quarter of itself left.
 const minRead = 4 << 10
+
+// quietRead: a read returning fewer bytes than this found the stream quiet.
+const quietRead = 512
 
 // source is what the Reader reads from. With a timeout set it pushes the connection's
 // read deadline forward before each read from the socket, that is once per buffer
@@ -54,7 +64,7 @@ func (s *source) Read(p []byte) (int, error) {
 
 // NewReader reads frames of at most maxFrame bytes from r. Close releases its buffer.
 func NewReader(r io.Reader, maxFrame int) *Reader {
-	fr := &Reader{src: &source{r: r}}
+	fr := &Reader{src: &source{r: r}, quiet: true}
 	fr.SetMax(maxFrame)
 	return fr
 }
@@ -104,8 +114,14 @@ func (r *Reader) Next() (FrameType, []byte, error) {
 
 // fill reads more of the stream, into a new chunk if the current one is short of room.
 func (r *Reader) fill() error {
-	if r.chunk == nil || len(r.buf)-r.w < minRead {
-		next := buffer.NewChunk()
+	small := r.quiet && r.r == r.w
+	if r.chunk == nil || len(r.buf)-r.w < min(minRead, len(r.buf)/4) || (small && len(r.buf) > buffer.SmallChunkSize) {
+		var next *buffer.Chunk
+		if small {
+			next = buffer.NewSmallChunk()
+		} else {
+			next = buffer.NewChunk()
+		}
 		buf := next.Bytes()
 		r.w = copy(buf, r.buf[r.r:r.w])
 		r.r = 0
@@ -114,6 +130,7 @@ func (r *Reader) fill() error {
 	}
 	n, err := r.src.Read(r.buf[r.w:])
 	r.w += n
+	r.quiet = n < quietRead
 	if n > 0 {
 		return nil
 	}
