@@ -108,6 +108,9 @@ type scalePoint struct {
 	n int
 	// idle is each sidecar's RSS after settling: N−1 peer links each, no traffic.
 	idle []int64
+	// idleHeap is the sending sidecar's Go heap in use then (go_memstats_heap_inuse_bytes):
+	// buffers allocated but never touched count here and not in RSS.
+	idleHeap float64
 	// bcast holds the Broadcast runs by target ("podipc", "nats") and size.
 	bcast map[string]map[int]*bcastFigures
 	// a2a holds the all-to-all runs by target.
@@ -190,8 +193,13 @@ func measurePoint(ctx context.Context, cfg scaleConfig, dir string, n int, nats 
 		rss, _ := rssBytes(p.pid())
 		pt.idle = append(pt.idle, rss)
 	}
-	fmt.Fprintf(os.Stderr, "scale N=%-3d idle RSS: sending sidecar %s, median sidecar %s (%d peer links each)\n",
-		n, mb(pt.idle[0]), mb(int64(median(floats(pt.idle)))), n-1)
+	heap, err := scrapeMetrics(ctx, t.metrics[0], func(name string) bool { return name == "go_memstats_heap_inuse_bytes" })
+	if err != nil {
+		return nil, err
+	}
+	pt.idleHeap = heap["go_memstats_heap_inuse_bytes"]
+	fmt.Fprintf(os.Stderr, "scale N=%-3d idle RSS: sending sidecar %s (heap in use %s), median sidecar %s (%d peer links each)\n",
+		n, mb(pt.idle[0]), mb(int64(pt.idleHeap)), mb(int64(median(floats(pt.idle)))), n-1)
 
 	var rx []string
 	for _, m := range ms[1:] {
