@@ -242,7 +242,7 @@ func scrapeMetrics(ctx context.Context, url string, keep func(name string) bool)
 	s := bufio.NewScanner(io.LimitReader(resp.Body, 8<<20))
 	for s.Scan() {
 		line := s.Text()
-		if strings.HasPrefix(line, "#") || !(strings.HasPrefix(line, "podipc_") || strings.HasPrefix(line, "go_")) {
+		if strings.HasPrefix(line, "#") || (!strings.HasPrefix(line, "podipc_") && !strings.HasPrefix(line, "go_")) {
 			continue
 		}
 		i := strings.LastIndexByte(line, ' ')
