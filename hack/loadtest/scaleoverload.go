@@ -37,16 +37,13 @@ type appDialer func(ctx context.Context, tx string, rx ...string) (path, error)
 
 // dialApps is the appDialer of the runs: every app dials at once, receivers first.
 func dialApps(ctx context.Context, tx string, rx ...string) (path, error) {
-	p, err := dialBoth(ctx, tx, rx...)
-	if err != nil {
-		return nil, err
-	}
-	return p, nil
+	return dialBoth(ctx, tx, rx...)
 }
 
 // measureScaleOverload starts ms's sidecars with the memory limit and floods them at
 // rate lines/s of size bytes; readRate, if not 0, makes every receiver read at most that
-// many lines a second (the scale run's receivers read as fast as they can).
+// many lines a second (the scale run's receivers read as fast as they can). dial connects
+// the apps (dialApps; a test connects a receiver late).
 func measureScaleOverload(ctx context.Context, cfg scaleConfig, dir string, ms []member, size int, rate, readRate float64, dial appDialer) (*scaleOverload, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
