@@ -1,5 +1,5 @@
 // Package buffer is the shared memory of the data plane: reference-counted 64 KiB
-// chunks that lines live in from the moment they are read until every queue that holds
+// chunks (4 KiB ones for peer readers on quiet links) that lines live in from the moment they are read until every queue that holds
 // them has written or dropped them, the slabs that copy app lines into chunks, the
 // payload references the queues pass around, and the signal a bounded queue broadcasts
 // when it has room. It exists for pkg/router, pkg/peer and pkg/endpoint, which share

@@ -10,8 +10,8 @@ import (
 // with the AEADs crypto/tls negotiates for TLS 1.3 on a CPU with AES instructions
 // (ChaCha20-Poly1305 only where there are none). It is the floor of what mutual TLS adds
 // per byte to a peer link, one encryption in the sending sidecar and one decryption in the
-// receiving one, whatever the code around crypto/tls does: docs/performance.md §4 divides a
-// 1 KiB line's plaintext CPU by it to bound the mTLS/plaintext ratio on a CPU-bound machine.
+// receiving one, whatever the code around crypto/tls does: docs/performance.md §4 adds it
+// to a 1 KiB line's plaintext CPU to bound the mTLS/plaintext ratio on a CPU-bound machine.
 func BenchmarkRecordCipher(b *testing.B) {
 	key := make([]byte, 32)
 	aeads := []struct {
