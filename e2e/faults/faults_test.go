@@ -279,6 +279,7 @@ func (s *suite) run(t *testing.T, fc faultCase) []result {
 	p := s.startPolling(first)
 	defer p.cancel()
 	lease := s.leaseBefore(t, fc)
+	start := time.Now()
 	fc.inject(t, s, victims)
 	end := time.Now()
 	membershipDone := s.measureMembership(end)
@@ -310,15 +311,16 @@ func (s *suite) run(t *testing.T, fc faultCase) []result {
 	time.Sleep(12 * time.Second)
 	p.stop(t, s.ns)
 	s.addFinal(p.tally)
-	membership := <-membershipDone
+	m := <-membershipDone
 	ctl := <-controllerDone
+	nodeFlipped := nodeReadyChangedSince(start)
 
 	victimSet := map[string]bool{victims[0].Name: true, victims[1].Name: true}
 	k, kills, unexpected := judgedAs(fc, victims, p.tally)
 	var out []result
 	for _, ch := range []string{bcast, anyone} {
 		r := account(k, ch, victimSet, kills, first, caught, p.tally)
-		r.fault, r.catchUp, r.membership = fc.name, catchUp, membership
+		r.fault, r.catchUp, r.membership = fc.name, catchUp, m.caughtUp
 		for _, u := range unexpected {
 			r.violatef("%s", u)
 		}
@@ -327,8 +329,14 @@ func (s *suite) run(t *testing.T, fc faultCase) []result {
 				r.violatef("the sidecar of %s restarted %d× while the control plane was down", name, n)
 			}
 		}
-		if fc.kind == controlPlane && membership > membershipBound {
-			r.violatef("membership caught up %s after the fault, beyond %s", membership.Round(time.Second), membershipBound)
+		if fc.kind == controlPlane {
+			if m.podsReady > 0 {
+				r.notes = append(r.notes, fmt.Sprintf("pods not Ready after the fault%s; all Ready again in the API %s after it, the Channels counted them %s after that",
+					nodeFlipped, m.podsReady.Round(time.Second), m.lag().Round(time.Second)))
+			}
+			if m.lag() > membershipBound {
+				r.violatef("the Channels counted every pod ready %s after the API server listed them all Ready, beyond %s", m.lag().Round(time.Second), membershipBound)
+			}
 		}
 		if ctl.measured {
 			r.notes = append(r.notes, fmt.Sprintf("kubernetes Service routed again %s after the fault; controller leading again %s after the fault (%s after the route), %d restart(s)",
@@ -342,7 +350,7 @@ func (s *suite) run(t *testing.T, fc faultCase) []result {
 		}
 		t.Logf("%s on %s: sent %d delivered %d not addressed (receiver not Ready) %d lost %d (of which unacknowledged at a dead sender %d) dropped %v duplicated %d reordered %d; back to rate %s, membership %s; %v",
 			fc.name, ch, r.sent, r.delivered, r.unaddressed, r.lost, r.uncountedOK, r.dropped, r.duplicated, r.reordered,
-			catchUp.Round(100*time.Millisecond), membership.Round(time.Second), r.notes)
+			catchUp.Round(100*time.Millisecond), m.caughtUp.Round(time.Second), r.notes)
 		out = append(out, r)
 	}
 	if t.Failed() {
@@ -415,53 +423,112 @@ func (s *suite) waitMembership(t *testing.T) time.Duration {
 	return waitFor(t, "membership", s.membershipState)
 }
 
-// measureMembership reports how long after since both Channels list every pod ready
-// (settleTimeout if they never do).
-func (s *suite) measureMembership(since time.Time) <-chan time.Duration {
-	out := make(chan time.Duration, 1)
+// membership is what measureMembership found after a fault: when both Channels counted every
+// pod ready (caughtUp), and when the pods themselves were last all Ready again in the API
+// (podsReady), both from the fault's end. The second is Kubernetes' doing, not podipc's: an API
+// server away for longer than kube-controller-manager's node-monitor-grace-period (50 s) lets
+// the kubelet's node lease lapse, the node lifecycle controller then marks the node and every
+// pod on it NotReady as soon as it can reach the API server again, and the pods are Ready
+// again only once the kubelet has noticed and written their status back.
+type membership struct {
+	caughtUp, podsReady time.Duration
+}
+
+// lag is what podipc's controller controls: how long the Channels took to count the pods
+// ready after the API server listed them all ready.
+func (m membership) lag() time.Duration { return max(m.caughtUp-m.podsReady, 0) }
+
+// measureMembership polls, twice a second, until both Channels count every pod ready
+// (settleTimeout if they never do). podsReady is 0 while every poll finds every pod Ready;
+// once one does not, it is the poll that next finds them all Ready again.
+func (s *suite) measureMembership(since time.Time) <-chan membership {
+	out := make(chan membership, 1)
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
 		defer cancel()
+		readySince := since
 		for ctx.Err() == nil {
-			if ok, _ := s.membershipState(ctx); ok {
-				out <- time.Since(since)
+			podsOK, chOK, _ := s.readiness(ctx)
+			switch {
+			case !podsOK:
+				readySince = time.Time{}
+			case readySince.IsZero():
+				readySince = time.Now()
+			}
+			if podsOK && chOK {
+				out <- membership{caughtUp: time.Since(since), podsReady: readySince.Sub(since)}
 				return
 			}
 			time.Sleep(500 * time.Millisecond)
 		}
-		out <- settleTimeout
+		m := membership{caughtUp: settleTimeout, podsReady: settleTimeout}
+		if !readySince.IsZero() {
+			m.podsReady = readySince.Sub(since)
+		}
+		out <- m
 	}()
 	return out
 }
 
+// membershipState is true when both Deployments have exactly their replicas, all Ready, and
+// both Channels count them all ready.
 func (s *suite) membershipState(ctx context.Context) (bool, string) {
-	{
-		var state []string
-		for _, c := range []struct {
-			app, channel string
-			n            int32
-		}{{bcastApp, bcast, bcastReplicas}, {anyApp, anyone, anyReplicas}} {
-			pods, err := s.pods(ctx, c.app)
-			if err != nil {
-				return false, err.Error()
-			}
-			ready := 0
-			for _, p := range pods {
-				if p.DeletionTimestamp == nil && podReady(&p) {
-					ready++
-				}
-			}
-			var ch podipcv1alpha1.Channel
-			if err := kube.Get(ctx, ctrlclient.ObjectKey{Namespace: s.ns, Name: c.channel}, &ch); err != nil {
-				return false, err.Error()
-			}
-			if len(pods) != int(c.n) || ready != int(c.n) || ch.Status.Members != c.n || ch.Status.ReadyMembers != c.n {
-				state = append(state, fmt.Sprintf("%s: %d pods, %d ready, channel members %d ready %d",
-					c.app, len(pods), ready, ch.Status.Members, ch.Status.ReadyMembers))
+	podsOK, chOK, state := s.readiness(ctx)
+	return podsOK && chOK, state
+}
+
+// readiness reads both Deployments' pods and both Channels: podsOK when each Deployment has
+// exactly its replicas, all Ready and none deleted; channelsOK when each Channel counts them
+// all as members and ready.
+func (s *suite) readiness(ctx context.Context) (podsOK, channelsOK bool, state string) {
+	var states []string
+	podsOK, channelsOK = true, true
+	for _, c := range []struct {
+		app, channel string
+		n            int32
+	}{{bcastApp, bcast, bcastReplicas}, {anyApp, anyone, anyReplicas}} {
+		pods, err := s.pods(ctx, c.app)
+		if err != nil {
+			return false, false, err.Error()
+		}
+		ready := 0
+		for _, p := range pods {
+			if p.DeletionTimestamp == nil && podReady(&p) {
+				ready++
 			}
 		}
-		return len(state) == 0, strings.Join(state, "; ")
+		var ch podipcv1alpha1.Channel
+		if err := kube.Get(ctx, ctrlclient.ObjectKey{Namespace: s.ns, Name: c.channel}, &ch); err != nil {
+			return false, false, err.Error()
+		}
+		pOK := len(pods) == int(c.n) && ready == int(c.n)
+		cOK := ch.Status.Members == c.n && ch.Status.ReadyMembers == c.n
+		podsOK, channelsOK = podsOK && pOK, channelsOK && cOK
+		if !pOK || !cOK {
+			states = append(states, fmt.Sprintf("%s: %d pods, %d ready, channel members %d ready %d",
+				c.app, len(pods), ready, ch.Status.Members, ch.Status.ReadyMembers))
+		}
 	}
+	return podsOK, channelsOK, strings.Join(states, "; ")
+}
+
+// nodeReadyChangedSince says, for the verdict, whether the node's Ready condition changed
+// since the fault began: kube-controller-manager marks a node whose lease lapsed (the API server
+// away for longer than its node-monitor-grace-period), and every pod on it, NotReady.
+func nodeReadyChangedSince(since time.Time) string {
+	nodes, err := clientset.CoreV1().Nodes().List(context.Background(), metav1.ListOptions{})
+	if err != nil {
+		return ""
+	}
+	for _, n := range nodes.Items {
+		for _, c := range n.Status.Conditions {
+			if c.Type == corev1.NodeReady && c.LastTransitionTime.After(since) {
+				return fmt.Sprintf(" (the node's Ready condition last changed %s after the fault began: kube-controller-manager marks a node whose lease lapsed, and its pods, NotReady)",
+					c.LastTransitionTime.Sub(since).Round(time.Second))
+			}
+		}
+	}
+	return ""
 }
 
 func podReady(p *corev1.Pod) bool {
