@@ -32,6 +32,7 @@ type webhookOptions struct {
 	image, pullPolicy                             string
 	cpuRequest, cpuLimit, memoryRequest, memLimit string
 	peerTLS                                       string
+	maxProcs                                      int
 }
 
 func (o *webhookOptions) bindFlags(fs *flag.FlagSet) {
@@ -50,6 +51,7 @@ func (o *webhookOptions) bindFlags(fs *flag.FlagSet) {
 	fs.StringVar(&o.cpuLimit, "sidecar-cpu-limit", "", "Default CPU limit of the sidecar; empty for none.")
 	fs.StringVar(&o.memoryRequest, "sidecar-memory-request", "32Mi", "Default memory request of the sidecar; empty for none.")
 	fs.StringVar(&o.memLimit, "sidecar-memory-limit", "128Mi", "Default memory limit of the sidecar; empty for none.")
+	fs.IntVar(&o.maxProcs, "sidecar-max-procs", 1, "GOMAXPROCS of every injected sidecar (its $PODIPC_MAX_PROCS; pods override it with podipc.dev/sidecar-max-procs); 0 leaves the Go runtime's choice, the CPU limit or else every CPU of the node.")
 	fs.StringVar(&o.peerTLS, "peer-tls", string(peertls.Required), "Peer TLS mode of every injected sidecar (its $PODIPC_PEER_TLS): Required, Permissive (also plaintext peers, while a cluster upgrades) or Disabled. Required and Permissive need workload identity; a pod may only make it stricter (podipc.dev/peer-tls).")
 }
 
@@ -135,7 +137,10 @@ func setupWebhooks(mgr ctrl.Manager, o webhookOptions, id *inject.Identity, key 
 
 // injectConfig turns the sidecar flags into inject.Config.
 func (o webhookOptions) injectConfig() (inject.Config, error) {
-	cfg := inject.Config{Image: o.image, PullPolicy: corev1.PullPolicy(o.pullPolicy), ControllerNamespace: o.namespace}
+	cfg := inject.Config{Image: o.image, PullPolicy: corev1.PullPolicy(o.pullPolicy), ControllerNamespace: o.namespace, MaxProcs: o.maxProcs}
+	if o.maxProcs < 0 {
+		return cfg, fmt.Errorf("--sidecar-max-procs=%d: want 0 or more", o.maxProcs)
+	}
 	for _, q := range []struct {
 		flag, value string
 		list        *corev1.ResourceList

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -41,6 +42,7 @@ func run() error {
 		return err
 	}
 	setMemoryLimit(cfg, log)
+	setMaxProcs(cfg, log)
 	source, reload, err := newSource(cfg, log)
 	if err != nil {
 		return err
@@ -69,6 +71,15 @@ func setMemoryLimit(cfg sidecar.Config, log logr.Logger) {
 	}
 	debug.SetMemoryLimit(soft)
 	log.Info("Memory limit", "limitBytes", cfg.MemoryLimit, "softLimitBytes", soft, "budgetBytes", cfg.MemoryBudget)
+}
+
+// setMaxProcs sets GOMAXPROCS to --max-procs (docs/design.md §8.8), unless GOMAXPROCS says
+// otherwise or --max-procs is 0 (the runtime's own choice).
+func setMaxProcs(cfg sidecar.Config, log logr.Logger) {
+	if os.Getenv("GOMAXPROCS") == "" && cfg.MaxProcs > 0 {
+		runtime.GOMAXPROCS(cfg.MaxProcs)
+	}
+	log.Info("Processors", "gomaxprocs", runtime.GOMAXPROCS(0), "cpus", runtime.NumCPU())
 }
 
 // newIdentity builds the workload certificate client: the trust bundle is read through

@@ -170,7 +170,9 @@ func TestInvalidAnnotationsAreRejected(t *testing.T) {
 		"cpu request":    {map[string]string{AnnotationCPURequest: "lots"}, `annotation podipc.dev/sidecar-cpu-request="lots" is not a valid non-negative quantity`},
 		"memory limit":   {map[string]string{AnnotationMemoryLimit: "-1Gi"}, `annotation podipc.dev/sidecar-memory-limit="-1Gi" is not a valid`},
 		"channel name":   {map[string]string{AnnotationChannels: "orders,Bad_Name"}, `names channel "Bad_Name", which is not a valid Channel name`},
-		"resources kept": {map[string]string{AnnotationCPURequest: "25m", AnnotationMemoryLimit: "256Mi"}, ""},
+		"max procs":      {map[string]string{AnnotationMaxProcs: "-2"}, `annotation podipc.dev/sidecar-max-procs="-2" is not a whole number of 0 or more`},
+		"max procs word": {map[string]string{AnnotationMaxProcs: "all"}, `annotation podipc.dev/sidecar-max-procs="all" is not a whole number`},
+		"resources kept": {map[string]string{AnnotationCPURequest: "25m", AnnotationMemoryLimit: "256Mi", AnnotationMaxProcs: "0"}, ""},
 	}
 	i := 0
 	for name, tt := range tests {
@@ -189,6 +191,15 @@ func TestInvalidAnnotationsAreRejected(t *testing.T) {
 				r := pod.Spec.InitContainers[0].Resources
 				if r.Requests.Cpu().String() != "25m" || r.Limits.Memory().String() != "256Mi" || r.Requests.Memory().String() != "32Mi" {
 					t.Fatalf("resources %v", r)
+				}
+				procs := []string{}
+				for _, e := range pod.Spec.InitContainers[0].Env {
+					if e.Name == EnvMaxProcs {
+						procs = append(procs, e.Value)
+					}
+				}
+				if len(procs) != 1 || procs[0] != "0" {
+					t.Fatalf("sidecar %s = %q, want the annotation's \"0\" once", EnvMaxProcs, procs)
 				}
 				return
 			}

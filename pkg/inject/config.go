@@ -3,6 +3,7 @@ package inject
 import (
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -34,6 +35,9 @@ type Config struct {
 	// it stricter with podipc.dev/peer-tls. Empty means Disabled. Required and Permissive
 	// need Identity.
 	PeerTLS peertls.Mode
+	// MaxProcs is every injected sidecar's GOMAXPROCS (PODIPC_MAX_PROCS); a pod may say
+	// otherwise with podipc.dev/sidecar-max-procs. 0 leaves the Go runtime's choice.
+	MaxProcs int
 	// Seal, if set, seals every injected pod (podipc.dev/seal), which the controller and
 	// the identity endpoint require of members.
 	Seal *seal.Key
@@ -69,6 +73,10 @@ func (c Config) Inject(pod *corev1.Pod) error {
 	if err != nil {
 		return err
 	}
+	procs, err := c.maxProcs(pod.Annotations)
+	if err != nil {
+		return err
+	}
 	for _, v := range pod.Spec.Volumes {
 		if v.Name == SocketsVolume || v.Name == TokenVolume {
 			return fmt.Errorf("the pod already has a volume named %q, which podipc injects", v.Name)
@@ -92,7 +100,7 @@ func (c Config) Inject(pod *corev1.Pod) error {
 	if pod.Spec.ServiceAccountName == "" {
 		pod.Spec.ServiceAccountName = "default"
 	}
-	pod.Spec.InitContainers = append([]corev1.Container{c.sidecar(channels, mode, resources)}, pod.Spec.InitContainers...)
+	pod.Spec.InitContainers = append([]corev1.Container{c.sidecar(channels, mode, procs, resources)}, pod.Spec.InitContainers...)
 	if pod.Labels == nil {
 		pod.Labels = map[string]string{}
 	}
@@ -150,7 +158,7 @@ func (c Config) resources(annotations map[string]string) (corev1.ResourceRequire
 
 // sidecar is the podipc-sidecar container: a native sidecar (an init container that keeps
 // running) whose startup probe holds the app containers back until the sidecar is ready.
-func (c Config) sidecar(channels []string, mode peertls.Mode, resources corev1.ResourceRequirements) corev1.Container {
+func (c Config) sidecar(channels []string, mode peertls.Mode, procs int, resources corev1.ResourceRequirements) corev1.Container {
 	field := func(name, path string) corev1.EnvVar {
 		return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{
 			FieldRef: &corev1.ObjectFieldSelector{APIVersion: "v1", FieldPath: path},
@@ -178,7 +186,7 @@ func (c Config) sidecar(channels []string, mode peertls.Mode, resources corev1.R
 			{Name: PeerPortName, ContainerPort: PeerPort, Protocol: corev1.ProtocolTCP},
 			{Name: AdminPortName, ContainerPort: AdminPort, Protocol: corev1.ProtocolTCP},
 		},
-		Env:       c.env(channels, mode, field),
+		Env:       c.env(channels, mode, procs, field),
 		Resources: resources,
 		VolumeMounts: []corev1.VolumeMount{
 			{Name: SocketsVolume, MountPath: SocketDir},
@@ -205,9 +213,9 @@ func (c Config) sidecar(channels []string, mode peertls.Mode, resources corev1.R
 }
 
 // env is the sidecar's environment: the pod from the downward API, its channels, its peer
-// TLS mode (always said, so the sidecar never guesses) and, with identity on, where to get
-// its certificate.
-func (c Config) env(channels []string, mode peertls.Mode, field func(name, path string) corev1.EnvVar) []corev1.EnvVar {
+// TLS mode and GOMAXPROCS (always said, so the sidecar never guesses) and, with identity
+// on, where to get its certificate.
+func (c Config) env(channels []string, mode peertls.Mode, procs int, field func(name, path string) corev1.EnvVar) []corev1.EnvVar {
 	env := []corev1.EnvVar{
 		field(EnvPodName, "metadata.name"),
 		field(EnvPodNamespace, "metadata.namespace"),
@@ -215,6 +223,7 @@ func (c Config) env(channels []string, mode peertls.Mode, field func(name, path 
 		field(EnvPodIP, "status.podIP"),
 		{Name: EnvChannels, Value: strings.Join(channels, ",")},
 		{Name: EnvPeerTLS, Value: string(mode)},
+		{Name: EnvMaxProcs, Value: strconv.Itoa(procs)},
 	}
 	// The sidecar sizes its Go soft limit and memory budget from its own memory limit.
 	env = append(env, corev1.EnvVar{Name: EnvMemoryLimit, ValueFrom: &corev1.EnvVarSource{

@@ -28,6 +28,7 @@ var (
 		Image:               "ghcr.io/podipc/sidecar:test",
 		PullPolicy:          corev1.PullIfNotPresent,
 		ControllerNamespace: "podipc-system",
+		MaxProcs:            1,
 		Resources: corev1.ResourceRequirements{
 			Requests: corev1.ResourceList{
 				corev1.ResourceCPU:    resource.MustParse("50m"),

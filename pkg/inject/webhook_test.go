@@ -275,7 +275,7 @@ func TestInjectedPodThroughAPIServer(t *testing.T) {
 	want := map[string]string{
 		EnvPodName: "metadata.name", EnvPodNamespace: "metadata.namespace", EnvPodUID: "metadata.uid",
 		EnvPodIP: "status.podIP", EnvChannels: "events,orders", EnvMemoryLimit: SidecarName + "/limits.memory",
-		EnvPeerTLS: "Disabled",
+		EnvPeerTLS: "Disabled", EnvMaxProcs: "1",
 	}
 	if !mapsEqual(env, want) {
 		t.Errorf("sidecar env = %v, want %v", env, want)
@@ -351,6 +351,7 @@ func TestGoldenPatches(t *testing.T) {
 	withInit.Spec.InitContainers = []corev1.Container{{Name: "migrate", Image: "m"}, {Name: "seed", Image: "s"}}
 	overrides := newPod("golden", "p", map[string]string{
 		AnnotationInject: "true", AnnotationCPURequest: "10m", AnnotationCPULimit: "1", AnnotationMemoryRequest: "16Mi", AnnotationMemoryLimit: "1Gi",
+		AnnotationMaxProcs: "2",
 	})
 	for name, pod := range map[string]*corev1.Pod{
 		"minimal":            newPod("golden", "p", optIn),

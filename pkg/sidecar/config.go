@@ -73,7 +73,23 @@ type Config struct {
 	// default MemoryBudgetShare of the limit; 0: unbounded). docs/design.md §8.7.
 	MemoryLimit, MemoryBudget         int64
 	memoryLimitFlag, memoryBudgetFlag string
+
+	// MaxProcs is how many OS threads may run the sidecar's Go code at once (GOMAXPROCS;
+	// --max-procs, default $PODIPC_MAX_PROCS, else DefaultMaxProcs; 0: the Go runtime's own
+	// choice, the container's CPU limit or else every CPU). docs/design.md §8.8.
+	MaxProcs     int
+	maxProcsFlag string
 }
+
+// DefaultMaxProcs is the sidecar's GOMAXPROCS unless told otherwise: one, as Linkerd runs
+// its proxies with one worker. A sidecar forwards one pod's lines; with more Ps than it can
+// keep busy the scheduler wakes idle threads to steal work at every hand-off, which on a
+// node full of sidecars costs more CPU than it buys (docs/performance.md §7).
+const DefaultMaxProcs = 1
+
+// EnvMaxProcs is the default of --max-procs: the webhook sets it from the chart's
+// sidecar.maxProcs or the pod's podipc.dev/sidecar-max-procs annotation.
+const EnvMaxProcs = "PODIPC_MAX_PROCS"
 
 // The shares of the memory limit (docs/design.md §8.7): the Go runtime's soft limit
 // (GOMEMLIMIT) is set to SoftLimitShare of it, so the collector works harder before the
@@ -129,13 +145,23 @@ func ParseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.DurationVar(&c.TrustBundleRefresh, "trust-bundle-refresh", 30*time.Second, "How often the trust bundle is read again; keep it well below the controller's --identity-propagation-delay (10m by default).")
 	fs.StringVar(&c.memoryLimitFlag, "memory-limit", getenv("PODIPC_MEMORY_LIMIT"), "The container's memory limit (bytes, or a quantity such as 48Mi; default $PODIPC_MEMORY_LIMIT, which the webhook sets from limits.memory). Sets the Go runtime's soft limit to 90% of it and the memory budget to 50%.")
 	fs.StringVar(&c.memoryBudgetFlag, "memory-budget", "", "The bytes all queues, retransmit windows and read buffers may hold together (a quantity such as 16Mi; default half of --memory-limit, unbounded without one). When it is reached each channel's overflow policy applies as for a full queue, drops counted memory_budget.")
+	c.maxProcsFlag = getenv(EnvMaxProcs)
+	if c.maxProcsFlag == "" {
+		c.maxProcsFlag = strconv.Itoa(DefaultMaxProcs)
+	}
+	fs.StringVar(&c.maxProcsFlag, "max-procs", c.maxProcsFlag, "How many OS threads may run the sidecar's Go code at once (GOMAXPROCS; default $PODIPC_MAX_PROCS, which the webhook sets from the chart's sidecar.maxProcs, else 1); 0 leaves the Go runtime's choice (the CPU limit, else every CPU). $GOMAXPROCS, if set, wins.")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
+	n, err := strconv.Atoi(c.maxProcsFlag)
+	if err != nil || n < 0 {
+		return Config{}, fmt.Errorf("--max-procs=%q (or $%s): want a whole number, 0 or more", c.maxProcsFlag, EnvMaxProcs)
+	}
+	c.MaxProcs = n
 	if err := c.parseMemory(); err != nil {
 		return Config{}, err
 	}
-	err := c.validate()
+	err = c.validate()
 	if err == nil {
 		c.PeerTLS, err = c.peerTLS()
 	}

@@ -71,8 +71,9 @@ type pod struct {
 	logMu         *sync.Mutex
 	// files are the pod's certificate, key and bundle in a cluster with mutual TLS.
 	files pki.Files
-	// args are extra sidecar flags (later ones win over the harness's).
-	args []string
+	// args are extra sidecar flags (later ones win over the harness's), env extra
+	// environment variables.
+	args, env []string
 }
 
 type cluster struct {
@@ -278,6 +279,7 @@ func (c *cluster) start(p *pod) {
 	cmd.Args = append(append(cmd.Args, c.args...), p.args...)
 	cmd.Env = append(os.Environ(), "PODIPC_POD_NAME="+p.name, "PODIPC_POD_NAMESPACE=demo", "PODIPC_POD_UID="+p.uid,
 		"PODIPC_POD_IP="+p.ip, "PODIPC_CHANNELS="+strings.Join(names, ","))
+	cmd.Env = append(cmd.Env, p.env...)
 	// The sidecars die with the test binary, even when it panics on a timeout.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	p.log, p.logMu = &bytes.Buffer{}, &sync.Mutex{}

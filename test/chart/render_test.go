@@ -66,7 +66,7 @@ func TestRenderDefaults(t *testing.T) {
 	for _, arg := range []string{"--leader-elect", "--cert-mode=self", "--webhook-port=9443",
 		"--webhook-config-name=podipc-injector", "--webhook-service=podipc-webhook",
 		"--webhook-secret=podipc-webhook-tls", "--sidecar-image=ghcr.io/podipc/podipc:0.1.0",
-		"--sidecar-cpu-request=50m", "--sidecar-cpu-limit=", "--sidecar-memory-limit=128Mi", "--zap-log-level=info"} {
+		"--sidecar-cpu-request=50m", "--sidecar-cpu-limit=", "--sidecar-memory-limit=128Mi", "--sidecar-max-procs=1", "--zap-log-level=info"} {
 		if !slices.Contains(c.Args, arg) {
 			t.Errorf("controller args %q lack %q", c.Args, arg)
 		}
@@ -305,6 +305,7 @@ func TestSchemaRejects(t *testing.T) {
 		"bad digest":             {map[string]string{"image.digest": `"latest"`}, "digest"},
 		"bad excluded namespace": {map[string]string{"webhook.excludeNamespaces": `["Not_A_Namespace"]`}, "excludeNamespaces"},
 		"bad peer TLS mode":      {map[string]string{"peerTLS": `"Strict"`}, "peerTLS"},
+		"negative max procs":     {map[string]string{"sidecar.maxProcs": `-1`}, "maxProcs"},
 		"peer TLS Required without identity": {
 			map[string]string{"identity.enabled": "false"},
 			"peerTLS=Required needs identity.enabled=true: sidecars present their workload certificates on peer links",
