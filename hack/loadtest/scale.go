@@ -58,7 +58,7 @@ func parseScaleFlags(args []string) (scaleConfig, error) {
 	fs.StringVar(&sizes, "sizes", "64,1024", "line sizes in bytes, '\\n' included")
 	fs.DurationVar(&c.duration, "duration", 3*time.Second, "measured time of one Broadcast run")
 	fs.DurationVar(&c.warmup, "warmup", 500*time.Millisecond, "unmeasured time before each Broadcast run")
-	fs.DurationVar(&c.settle, "settle", 2*time.Second, "wait after the sidecars are ready before the idle RSS is read (the peer links connect)")
+	fs.DurationVar(&c.settle, "settle", 2*time.Second, "wait after the sidecars are ready and all their peer links up before the idle RSS is read")
 	fs.IntVar(&c.window, "window", 1<<20, "most bytes the sender keeps in flight ahead of the slowest receiver")
 	fs.IntVar(&c.queueBytes, "queue-bytes", 1<<20, "the channels' overflow.queueBytes (the Channel default is 1 MiB)")
 	fs.Float64Var(&c.a2aRate, "all-to-all-rate", 1000, "lines/s each member sends in the all-to-all run (0 skips it)")
@@ -187,6 +187,9 @@ func measurePoint(ctx context.Context, cfg scaleConfig, dir string, n int, nats 
 		return nil, err
 	}
 	defer t.stop()
+	if err := waitLinksUp(ctx, t, n-1); err != nil {
+		return nil, err
+	}
 	time.Sleep(cfg.settle)
 	pt := &scalePoint{n: n, bcast: map[string]map[int]*bcastFigures{"podipc": {}, "nats": {}}, a2a: map[string]*a2aFigures{}}
 	for _, p := range t.procs {
@@ -364,4 +367,30 @@ func floats(xs []int64) []float64 {
 		out[i] = float64(x)
 	}
 	return out
+}
+
+// waitLinksUp waits until every sidecar of t reports links to all its peers up
+// (podipc_peer_link_up summed over its peers): a sidecar is ready before its outbound links
+// have all connected, and "idle with N−1 links" means with all of them.
+func waitLinksUp(ctx context.Context, t *target, links int) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	for i, url := range t.metrics {
+		for {
+			m, err := scrapeMetrics(ctx, url, func(name string) bool { return name == "podipc_peer_link_up" })
+			up := 0.0
+			for _, v := range m {
+				up += v
+			}
+			if err == nil && int(up) == links {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("sidecar %d: %v of %d peer links up after a minute (%v)", i, up, links, err)
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}
+	return nil
 }

@@ -69,7 +69,7 @@ func writeScaleReport(w io.Writer, cfg scaleConfig, m machine, loadEnd [3]float6
 		p("\n")
 	}
 
-	p("#### Idle RSS by number of peer links\n\nEach sidecar's VmRSS %s after all N were ready, before any traffic: N−1 peer links each; and the sending sidecar's Go heap in use (`go_memstats_heap_inuse_bytes`), which also counts buffers allocated and not yet touched.\n\n", cfg.settle)
+	p("#### Idle RSS by number of peer links\n\nEach sidecar's VmRSS %s after all N were ready with all their peer links up, before any traffic: N−1 peer links each; and the sending sidecar's Go heap in use (`go_memstats_heap_inuse_bytes`), which also counts buffers allocated and not yet touched.\n\n", cfg.settle)
 	p("| peer links | sending sidecar | median sidecar | highest sidecar | sending sidecar's heap in use |\n|---:|---:|---:|---:|---:|\n")
 	for _, pt := range points {
 		p("| %d | %s | %s | %s | %s |\n", pt.n-1, mb(pt.idle[0]), mb(int64(median(floats(pt.idle)))), mb(maxOf(pt.idle)), mb(int64(pt.idleHeap)))
