@@ -187,7 +187,7 @@ func measurePoint(ctx context.Context, cfg scaleConfig, dir string, n int, nats 
 		return nil, err
 	}
 	defer t.stop()
-	if err := waitLinksUp(ctx, t, n-1); err != nil {
+	if err := waitLinksUp(ctx, ms, n-1); err != nil {
 		return nil, err
 	}
 	time.Sleep(cfg.settle)
@@ -369,28 +369,60 @@ func floats(xs []int64) []float64 {
 	return out
 }
 
-// waitLinksUp waits until every sidecar of t reports links to all its peers up
-// (podipc_peer_link_up summed over its peers): a sidecar is ready before its outbound links
-// have all connected, and "idle with N−1 links" means with all of them.
-func waitLinksUp(ctx context.Context, t *target, links int) error {
+// waitLinksUp waits until every member has links to all its peers: its outbound peer links
+// TCP connections established (from /proc/net/tcp, so the sidecars themselves are not
+// touched: a scrape of /metrics would add its own buffers to the idle RSS). A sidecar is
+// ready before its outbound links have all connected, and "idle with N−1 links" means with
+// all of them; settle then covers the handshakes on top.
+func waitLinksUp(ctx context.Context, ms []member, links int) error {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	for i, url := range t.metrics {
-		for {
-			m, err := scrapeMetrics(ctx, url, func(name string) bool { return name == "podipc_peer_link_up" })
-			up := 0.0
-			for _, v := range m {
-				up += v
-			}
-			if err == nil && int(up) == links {
+	for {
+		up, err := outboundLinks()
+		if err != nil {
+			return err
+		}
+		short := ""
+		for _, m := range ms {
+			if up[m.ip] < links {
+				short = fmt.Sprintf("%s has %d of %d outbound peer links", m.pod, up[m.ip], links)
 				break
 			}
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("sidecar %d: %v of %d peer links up after a minute (%v)", i, up, links, err)
-			case <-time.After(100 * time.Millisecond):
-			}
+		}
+		if short == "" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("after a minute: %s", short)
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	return nil
+}
+
+// outboundLinks counts, per local IPv4 address, the established TCP connections to a remote
+// peer port (7701).
+func outboundLinks() (map[string]int, error) {
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]int{}
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		// sl local_address rem_address st …; addresses are hex IP:port, the IP little-endian.
+		if len(f) < 4 || f[3] != "01" {
+			continue
+		}
+		local, remote := f[1], f[2]
+		if !strings.HasSuffix(remote, fmt.Sprintf(":%04X", peerPort)) || len(local) < 8 {
+			continue
+		}
+		ip, err := strconv.ParseUint(local[:8], 16, 32)
+		if err != nil {
+			continue
+		}
+		out[fmt.Sprintf("%d.%d.%d.%d", ip&0xff, ip>>8&0xff, ip>>16&0xff, ip>>24)]++
+	}
+	return out, nil
 }
