@@ -1,5 +1,5 @@
 // Package buffer is the shared memory of the data plane: reference-counted 64 KiB
-// chunks (4 KiB ones for peer readers on quiet links) that lines live in from the moment they are read until every queue that holds
+// chunks (1 KiB ones for peer readers on quiet links) that lines live in from the moment they are read until every queue that holds
 // them has written or dropped them, the slabs that copy app lines into chunks, the
 // payload references the queues pass around, and the signal a bounded queue broadcasts
 // when it has room. It exists for pkg/router, pkg/peer and pkg/endpoint, which share
@@ -38,8 +38,11 @@ type Chunk struct {
 
 // SmallChunkSize is the size of the chunks a peer reader waits in while its link is
 // quiet: a sidecar has two readers per peer, and a 64 KiB chunk each would make an idle
-// link cost more than everything else it holds (docs/design.md §8.7).
-const SmallChunkSize = 4 << 10
+// link cost more than everything else it holds (docs/design.md §8.7). 1 KiB: what a
+// quiet link reads (keepalives, acknowledgements, presence, a few lines) is tens of bytes
+// a read, and four such chunks share a page of the heap, where a 4 KiB one made every
+// waiting reader keep a resident page of its own.
+const SmallChunkSize = 1 << 10
 
 var (
 	chunkPool      = sync.Pool{New: func() any { return &Chunk{buf: make([]byte, 0, ChunkSize)} }}

@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -193,7 +194,10 @@ func TestServerProtocolErrors(t *testing.T) {
 			if _, err := conn.Write(tc.frame); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := io.Copy(io.Discard, conn); err != nil {
+			// The server closes as soon as it has read the bad header; what the
+			// attacker sent after it is left unread, so the close may come as a
+			// reset instead of an end of stream. Either ends the link.
+			if _, err := io.Copy(io.Discard, conn); err != nil && !errors.Is(err, syscall.ECONNRESET) {
 				t.Fatalf("link not ended: %v", err)
 			}
 			eventuallyTrue(t, "counted", func() bool {

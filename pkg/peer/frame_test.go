@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/router"
@@ -163,10 +164,19 @@ func (s *scriptedReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// stepClock is a reader's clock that moves by step at every reading.
+type stepClock struct {
+	t    time.Time
+	step time.Duration
+}
+
+func (c *stepClock) now() time.Time { c.t = c.t.Add(c.step); return c.t }
+
 // TestReaderWaitsQuietInASmallChunk: a sidecar has two readers per peer, most of them on
-// quiet links; a quiet reader waits for its next read in a small chunk (4 KiB, not 64),
-// takes a full chunk as soon as traffic fills the small one, and goes back when the
-// link is quiet again, every frame intact across the moves.
+// quiet links; a quiet reader (its reads small and a second apart) waits for its next
+// read in a small chunk (1 KiB, not 64), takes a full chunk as soon as traffic fills the
+// small one, and goes back when the link is quiet again, every frame intact across the
+// moves.
 func TestReaderWaitsQuietInASmallChunk(t *testing.T) {
 	var burst []byte
 	var want [][]byte
@@ -178,6 +188,7 @@ func TestReaderWaitsQuietInASmallChunk(t *testing.T) {
 	src := &scriptedReader{pieces: [][]byte{PingFrame(), PingFrame(), burst, PingFrame(), PingFrame()}}
 	r := NewReader(src, MaxFrameBytes)
 	defer r.Close()
+	r.src.now = (&stepClock{step: time.Second}).now
 	for i := range 2 {
 		if typ, _, err := r.Next(); err != nil || typ != FramePing {
 			t.Fatalf("ping %d: type %d, %v", i, typ, err)
@@ -207,6 +218,43 @@ func TestReaderWaitsQuietInASmallChunk(t *testing.T) {
 	}
 	if big := slices.Max(o); big < buffer.ChunkSize/2 {
 		t.Errorf("during a 200 KB burst the largest read offered %d bytes: the reader never took a full chunk (offers %v)", big, o)
+	}
+}
+
+// TestReaderKeepsItsChunkOnABusyLink: small reads that come one right after another are
+// a busy link, not a quiet one (acknowledgements under load, lines trickling in as fast
+// as they are sent): the reader stays in its full chunk instead of cutting the stream
+// into small ones.
+func TestReaderKeepsItsChunkOnABusyLink(t *testing.T) {
+	var burst []byte
+	for i := range 100 {
+		burst = append(AppendDataHeader(burst, uint64(i+1), "bench", router.Line, 1000), bytes.Repeat([]byte{'x'}, 1000)...)
+	}
+	pieces := [][]byte{burst}
+	for range 50 {
+		pieces = append(pieces, AckFrame(nil, 7))
+	}
+	src := &scriptedReader{pieces: pieces}
+	r := NewReader(src, MaxFrameBytes)
+	defer r.Close()
+	r.src.now = (&stepClock{step: time.Microsecond}).now
+	for i := range 150 {
+		if _, _, err := r.Next(); err != nil {
+			t.Fatalf("frame %d: %v", i, err)
+		}
+	}
+	if _, _, err := r.Next(); !errors.Is(err, io.EOF) {
+		t.Fatalf("end of stream: %v", err)
+	}
+	first := slices.IndexFunc(src.offered, func(n int) bool { return n > buffer.SmallChunkSize })
+	if first < 0 {
+		t.Fatalf("the burst never got a full chunk (offers %v)", src.offered)
+	}
+	for i, n := range src.offered[first:] {
+		if n <= buffer.SmallChunkSize {
+			t.Fatalf("read %d after the burst was offered %d bytes: a busy link moved to a small chunk (offers %v)",
+				first+i, n, src.offered)
+		}
 	}
 }
 

@@ -30,10 +30,13 @@ type Reader struct {
 	// cur is the chunk of the frame returned last; nil for a frame too large for a
 	// chunk, which gets a buffer of its own.
 	cur *buffer.Chunk
-	// quiet is set when the last read returned less than quietRead bytes: the stream
-	// is idle or trickling (keepalives, a few lines a second), and the next chunk the
-	// reader takes with nothing to carry over is a small one, so that a quiet link
-	// waits in 4 KiB rather than 64 KiB. A read that fills the small chunk means
+	// quiet is set when the last read returned less than quietRead bytes. A reader
+	// with nothing to carry over whose last read was small and came quietWait or more
+	// after the one before it is on an idle link (keepalives, a few lines a second): it
+	// takes a small chunk to wait in, so that a quiet link waits in 1 KiB rather than
+	// 64 KiB. A busy link whose reads happen to be small keeps its full chunk: small
+	// chunks there would cut its lines into short runs per chunk, which every queue
+	// then retains and releases run by run. A read that fills the small chunk means
 	// traffic: the next chunk is a full one.
 	quiet bool
 }
@@ -45,6 +48,9 @@ const minRead = 4 << 10
 // quietRead: a read returning fewer bytes than this found the stream quiet.
 const quietRead = 512
 
+// quietWait: reads this far apart, the last of them small, mean an idle link.
+const quietWait = 100 * time.Millisecond
+
 // source is what the Reader reads from. With a timeout set it pushes the connection's
 // read deadline forward before each read from the socket, that is once per buffer
 // refill (hundreds of small frames) rather than once per frame, which cost a clock read
@@ -53,18 +59,28 @@ type source struct {
 	r       io.Reader
 	conn    interface{ SetReadDeadline(time.Time) error }
 	timeout time.Duration
+	// now is the clock (time.Now; a test's own); last is when the last read began.
+	now  func() time.Time
+	last time.Time
 }
 
 func (s *source) Read(p []byte) (int, error) {
+	s.last = s.now()
 	if s.conn != nil {
-		_ = s.conn.SetReadDeadline(time.Now().Add(s.timeout))
+		_ = s.conn.SetReadDeadline(s.last.Add(s.timeout))
 	}
 	return s.r.Read(p)
 }
 
+// idle tells whether the last read began quietWait or more ago: it waited that long
+// for the stream. The caller's own work between two reads takes microseconds; when it
+// takes longer (a full queue under Block), the next read waits in a small chunk that
+// the backlog then fills, and the one after it is a full chunk again.
+func (s *source) idle() bool { return s.now().Sub(s.last) >= quietWait }
+
 // NewReader reads frames of at most maxFrame bytes from r. Close releases its buffer.
 func NewReader(r io.Reader, maxFrame int) *Reader {
-	fr := &Reader{src: &source{r: r}, quiet: true}
+	fr := &Reader{src: &source{r: r, now: time.Now}, quiet: true}
 	fr.SetMax(maxFrame)
 	return fr
 }
@@ -114,7 +130,7 @@ func (r *Reader) Next() (FrameType, []byte, error) {
 
 // fill reads more of the stream, into a new chunk if the current one is short of room.
 func (r *Reader) fill() error {
-	small := r.quiet && r.r == r.w
+	small := r.quiet && r.r == r.w && (r.chunk == nil || r.src.idle())
 	if r.chunk == nil || len(r.buf)-r.w < min(minRead, len(r.buf)/4) || (small && len(r.buf) > buffer.SmallChunkSize) {
 		var next *buffer.Chunk
 		if small {

@@ -1,7 +1,6 @@
 package peer
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -850,17 +849,19 @@ func (st *sender) ackable(now time.Time) (uint64, time.Time) {
 // writeLoop is the connection's only writer: acknowledgements as lines complete,
 // presence when local connections come and go, pings when idle, GOODBYE on shutdown.
 func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) error {
-	bw := bufio.NewWriterSize(in.conn, 4<<10)
 	ping := time.NewTicker(s.cfg.Keepalive)
 	defer ping.Stop()
 	presence := s.cfg.Router.PresenceChanged()
 	var sentAck uint64
 	var buf []byte
 	wrote := false
-	flush := func() error {
+	// send writes one frame. Every frame this loop writes goes out at once, alone, so
+	// it needs no write buffer of its own: an idle link holds none (docs/design.md §8.7).
+	send := func(frame []byte) error {
 		_ = in.conn.SetWriteDeadline(time.Now().Add(3 * s.cfg.Keepalive))
 		wrote = true
-		return bw.Flush()
+		_, err := in.conn.Write(frame)
+		return err
 	}
 	// grace fires at the oldest pending line's deadline.
 	grace := time.NewTimer(time.Hour)
@@ -873,8 +874,7 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 		if a > sentAck {
 			sentAck = a
 			buf = AckFrame(buf[:0], a)
-			_, _ = bw.Write(buf)
-			return flush()
+			return send(buf)
 		}
 		return nil
 	}
@@ -893,11 +893,11 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 			}
 		case <-presence:
 			presence = s.cfg.Router.PresenceChanged()
-			if err := s.advertise(in, bw, flush); err != nil {
+			if err := s.advertise(in, send); err != nil {
 				return err
 			}
 		case <-in.presence:
-			if err := s.advertise(in, bw, flush); err != nil {
+			if err := s.advertise(in, send); err != nil {
 				return err
 			}
 		case <-ping.C:
@@ -907,16 +907,14 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 				return err
 			}
 			if !wrote {
-				_, _ = bw.Write(PingFrame())
-				if err := flush(); err != nil {
+				if err := send(PingFrame()); err != nil {
 					return err
 				}
 			}
 			wrote = false
 		case <-in.bye:
 			_ = ack()
-			_, _ = bw.Write(ReasonFrame(FrameGoodbye, "shutdown"))
-			return flush()
+			return send(ReasonFrame(FrameGoodbye, "shutdown"))
 		case <-readDone:
 			return nil
 		}
@@ -924,9 +922,8 @@ func (s *Server) writeLoop(in *inbound, st *sender, readDone <-chan struct{}) er
 }
 
 // advertise writes the presence of the channels the link's peer shares.
-func (s *Server) advertise(in *inbound, bw *bufio.Writer, flush func() error) error {
-	_, _ = bw.Write(PresenceFrame(in.shared.Load().presence(s.cfg.Router.Presence())))
-	return flush()
+func (s *Server) advertise(in *inbound, send func([]byte) error) error {
+	return send(PresenceFrame(in.shared.Load().presence(s.cfg.Router.Presence())))
 }
 
 // Revalidate closes inbound links whose peer is no longer authorized, and frees the
