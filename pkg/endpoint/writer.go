@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/ipc"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -60,7 +61,7 @@ type writer struct {
 }
 
 func newWriter(e *Endpoint, conn net.Conn) *writer {
-	w := &writer{e: e, conn: conn, out: sink{conn: conn}}
+	w := &writer{e: e, conn: conn, out: sink{conn: conn, budget: e.ch.Budget()}}
 	if sc, ok := conn.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
 			w.out.raw = raw
@@ -191,7 +192,7 @@ func (w *writer) fail() {
 	w.c.Failed(w.unframeable, router.ReasonUnframeable)
 	w.reset()
 	w.ended = true
-	w.out.rest = nil
+	w.out.dropRest()
 	_ = w.conn.Close()
 }
 
@@ -245,6 +246,10 @@ type sink struct {
 	// set and everything after it waits in rest, in order, for a blocking write.
 	direct, blocked bool
 	rest            []byte
+	// budget is charged with rest while it holds bytes: the lines' own bytes stay
+	// charged in their queue until written, and rest is a second copy of some of them
+	// (at most the ipc.Writer's buffer and one message).
+	budget *buffer.Budget
 	// The arguments and results of writeFd, in fields so that no closure is made per
 	// write.
 	p   []byte
@@ -263,7 +268,7 @@ func (s *sink) Write(p []byte) (int, error) {
 		return s.conn.Write(p)
 	}
 	if s.blocked {
-		s.rest = append(s.rest, p...)
+		s.keep(p)
 		return len(p), nil
 	}
 	n, err := s.tryWrite(p)
@@ -272,9 +277,21 @@ func (s *sink) Write(p []byte) (int, error) {
 	}
 	if n < len(p) {
 		s.blocked = true
-		s.rest = append(s.rest, p[n:]...)
+		s.keep(p[n:])
 	}
 	return len(p), nil
+}
+
+// keep appends p to rest.
+func (s *sink) keep(p []byte) {
+	s.rest = append(s.rest, p...)
+	s.budget.Add(len(p))
+}
+
+// dropRest forgets rest (the connection failed).
+func (s *sink) dropRest() {
+	s.budget.Add(-len(s.rest))
+	s.rest = nil
 }
 
 // flushRest writes, blocking, what a direct write left.
@@ -284,7 +301,7 @@ func (s *sink) flushRest() error {
 	}
 	_, err := s.conn.Write(s.rest)
 	// An idle connection keeps no buffer: rest is rare (a reader slower than its peers).
-	s.rest = nil
+	s.dropRest()
 	return err
 }
 

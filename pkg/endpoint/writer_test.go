@@ -45,10 +45,11 @@ func readLines(t *testing.T, r *bufio.Reader, first, n int) {
 // nothing until the test says so. (Its receive buffer is left as it is: shrunk after the
 // connection is up, it makes the kernel drop segments already in flight, and TCP's
 // retransmission backoff then stalls the stream for minutes.)
-func stalledApp(t *testing.T) (*router.Router, net.Conn, *bufio.Reader) {
+func stalledApp(t testing.TB) (*router.Router, net.Conn, *bufio.Reader) {
 	t.Helper()
 	r := router.New(logr.Discard(), nil)
 	t.Cleanup(r.Close)
+	r.UseBudget(buffer.NewBudget(1 << 40)) // to see what is charged, not to limit it
 	// Queues large enough that the pushes below never wait: what holds the lines back
 	// is the app's socket alone.
 	ch := r.Ensure("orders", discovery.Spec{Overflow: discovery.Overflow{Policy: discovery.Block, QueueBytes: 64 << 20}})
@@ -84,6 +85,8 @@ func stalledApp(t *testing.T) (*router.Router, net.Conn, *bufio.Reader) {
 // order, and only then are the peer's lines complete (acknowledgeable).
 func TestOfferedLinesToAStalledApp(t *testing.T) {
 	r, app, in := stalledApp(t)
+	budget := r.Budget()
+	idle := budget.Used()
 	// First one batch of 16 MiB, more than loopback sockets buffer, then small batches
 	// that find it still being written.
 	const big, batches, per, size = 16 << 10, 64, 16, 1024
@@ -125,6 +128,11 @@ func TestOfferedLinesToAStalledApp(t *testing.T) {
 	_ = app.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
 	if extra, err := in.ReadString('\n'); err == nil {
 		t.Fatalf("a line arrived twice or from nowhere: %.20q", extra)
+	}
+	// Everything written: the memory budget holds what it held before, no more (the
+	// bytes the full socket refused were charged while the writer kept them).
+	if used := budget.Used(); used != idle {
+		t.Fatalf("memory budget charged %d bytes once every line was written, %d before the lines came", used, idle)
 	}
 }
 
@@ -191,4 +199,31 @@ func tcpPair(t *testing.T) (server, client net.Conn) {
 	}
 	t.Cleanup(func() { _ = server.Close(); _ = client.Close() })
 	return server, client
+}
+
+// BenchmarkOffer: a line delivered to an app connection that keeps up, written by the
+// delivering goroutine itself (the receiving sidecar's path for every line from a peer).
+// The app's side is drained by a goroutine of its own. 0 allocations per line.
+func BenchmarkOffer(b *testing.B) {
+	for _, size := range []int{64, 1024} {
+		b.Run(fmt.Sprintf("%dB", size), func(b *testing.B) {
+			r, _, in := stalledApp(b)
+			go func() {
+				buf := make([]byte, 64<<10)
+				for {
+					if _, err := in.Read(buf); err != nil {
+						return
+					}
+				}
+			}()
+			line := lines(0, 1, size)
+			c := router.NewCompletion(make(chan struct{}, 1))
+			c.Add(1 << 30) // one completion for every line: its references never run out
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			for b.Loop() {
+				r.DeliverBatch(b.Context(), "orders", router.Line, line, c)
+			}
+		})
+	}
 }
