@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -58,6 +59,9 @@ type writer struct {
 	carried bool
 	// ended says the connection failed or closed: nothing more is written.
 	ended bool
+	// deadline says the writer goroutine has set a write deadline, which it clears
+	// before it lets offers write again.
+	deadline bool
 }
 
 func newWriter(e *Endpoint, conn net.Conn) *writer {
@@ -98,7 +102,7 @@ func (w *writer) drain() bool {
 	}
 	if w.carried {
 		w.out.direct = false
-		_ = w.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+		w.setDeadline()
 		if err := w.out.flushRest(); err != nil {
 			w.fail()
 			return false
@@ -109,7 +113,20 @@ func (w *writer) drain() bool {
 		w.batch = w.c.Queue.Take(w.batch[:0])
 		w.writeBatch(false)
 	}
+	if w.deadline && !w.ended {
+		// The deadline bounds this goroutine's blocking writes only. Left set, it would
+		// expire while offers write, and Go refuses any write, even one that cannot
+		// block, once a connection's deadline has passed.
+		_ = w.conn.SetWriteDeadline(time.Time{})
+		w.deadline = false
+	}
 	return !w.ended
+}
+
+// setDeadline bounds the blocking writes that follow by writeTimeout.
+func (w *writer) setDeadline() {
+	_ = w.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	w.deadline = true
 }
 
 // offer writes what is queued for the connection from the calling goroutine, if nobody
@@ -138,7 +155,7 @@ func (w *writer) writeBatch(direct bool) {
 	if !direct {
 		// Before the first byte: a batch larger than the ipc.Writer's buffer writes
 		// through while it is encoded, not only at the flush.
-		_ = w.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+		w.setDeadline()
 	}
 	for ; w.next < len(w.batch); w.next++ {
 		if w.out.blocked {
@@ -272,6 +289,11 @@ func (s *sink) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	n, err := s.tryWrite(p)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		// A deadline is the writer goroutine's, for its blocking writes; it cannot
+		// judge a write that never waits. Leave the bytes to that goroutine.
+		err = nil
+	}
 	if err != nil {
 		return n, err
 	}

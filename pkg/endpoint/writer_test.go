@@ -227,3 +227,31 @@ func BenchmarkOffer(b *testing.B) {
 		})
 	}
 }
+
+// TestOfferAfterTheWritersDeadline: once the writer goroutine has written a batch with
+// its deadline, lines offered after that deadline has passed still reach the app: the
+// deadline bounds the goroutine's blocking writes, not the offers that follow. (Left set,
+// it made Go refuse every later offer with a timeout, and the sidecar closed the app's
+// connection, counting its lines receiver_closed: what the fault suite's long streams
+// met a minute into a run.)
+func TestOfferAfterTheWritersDeadline(t *testing.T) {
+	defer func(d time.Duration) { writeTimeout = d }(writeTimeout)
+	writeTimeout = 100 * time.Millisecond
+	r, app, in := stalledApp(t)
+	deliver := func(first, n int) {
+		c := router.NewCompletion(make(chan struct{}, 1))
+		r.DeliverBatch(t.Context(), "orders", router.Line, lines(first, n, 1024), c)
+		c.Done()
+	}
+	// 16 MiB to an app that reads nothing for a while: the offer carries what the socket
+	// refuses, and the writer goroutine writes it with its deadline.
+	deliver(1, 16<<10)
+	time.Sleep(writeTimeout / 4)
+	readLines(t, in, 1, 16<<10)
+	time.Sleep(3 * writeTimeout)
+	for i := range 3 {
+		deliver(1+16<<10+i, 1)
+	}
+	_ = app.SetReadDeadline(time.Now().Add(10 * time.Second))
+	readLines(t, in, 1+16<<10, 3)
+}
