@@ -2,13 +2,13 @@
 // framing) and a node-ipc Unix socket (JSON '\f' framing). Each app connection gets one
 // reader goroutine, which hands every message to the router, and one writer goroutine,
 // which drains the connection's router queue in batches and translates between the
-// message kinds at this, the receiving, edge only. Whoever queues lines for a connection
-// whose writer is idle writes them itself, as far as the socket takes them without
-// blocking (writer.go).
+// message kinds at this, the receiving, edge only.
 package endpoint
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -197,18 +197,12 @@ func (e *Endpoint) refuseLocked(conn net.Conn) {
 
 // serve runs one app connection until it ends.
 func (e *Endpoint) serve(conn net.Conn) {
-	w := newWriter(e, conn)
-	// Offers made before w.c is set find the writer locked, and leave their lines to
-	// the writer goroutine.
-	w.mu.Lock()
-	w.c = e.ch.Attach(e.kind, conn.RemoteAddr().String(), func() { _ = conn.Close() }, w.offer)
-	c := w.c
-	w.mu.Unlock()
+	c := e.ch.Attach(e.kind, conn.RemoteAddr().String(), func() { _ = conn.Close() })
 	writerDone := make(chan struct{})
 	stop := make(chan struct{})
 	go func() {
 		defer close(writerDone)
-		w.loop(stop)
+		e.writeLoop(conn, c, stop)
 	}()
 	err := e.readLoop(conn, c)
 	e.mu.Lock()
@@ -221,7 +215,6 @@ func (e *Endpoint) serve(conn net.Conn) {
 	close(stop)
 	_ = conn.Close()
 	<-writerDone
-	w.abandon()
 	c.Detach()
 	e.mu.Lock()
 	delete(e.conns, conn)
@@ -309,6 +302,100 @@ func (b *batchingReader) Read(p []byte) (int, error) {
 func (b *batchingReader) route() {
 	if len(b.batch) > 0 {
 		b.flush()
+	}
+}
+
+// writeTimeout bounds the writing of one batch to an app: an app that reads nothing for
+// this long loses its connection (and the lines queued for it, counted). A variable so
+// that a test can shorten it.
+var writeTimeout = time.Minute
+
+// writeLoop writes whatever is queued for the connection in one batch per wakeup.
+func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}) {
+	w := ipc.NewWriter(conn, e.framing)
+	var items, unframeable []router.Item
+	var scratch bytes.Buffer
+	// dropped counts the connection's unframeable messages: a peer can send any number,
+	// so only the first is logged at info level.
+	dropped := 0
+	for {
+		select {
+		case <-c.Queue.Ready():
+		case <-stop:
+			return
+		}
+		items = c.Queue.Take(items[:0])
+		if len(items) == 0 {
+			continue
+		}
+		// Before the first byte: a batch larger than the ipc.Writer's buffer writes
+		// through while it is encoded, not only at the flush.
+		_ = conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+		var err error
+		// Messages this connection's framing cannot carry are moved out of items,
+		// which keeps those written, in place.
+		kept, i := 0, 0
+		for ; i < len(items); i++ {
+			err = e.write(w, items[i], &scratch)
+			if errors.Is(err, ipc.ErrUnframeable) {
+				dropped++
+				log := e.log.V(1)
+				if dropped == 1 {
+					log = e.log
+				}
+				log.Info("Dropped a message this connection cannot carry", "conn", c.Name(),
+					"reason", router.ReasonUnframeable, "dropped", dropped, "err", err.Error())
+				unframeable = append(unframeable, items[i])
+				// Only that message is dropped: the connection goes on, also when it
+				// was the batch's last (err would otherwise close the connection).
+				err = nil
+				continue
+			}
+			if err != nil {
+				break
+			}
+			items[kept] = items[i]
+			kept++
+		}
+		if err == nil {
+			err = w.Flush()
+		}
+		if err != nil {
+			// Whether the buffered part reached the app is unknown; count the whole
+			// batch as dropped so nothing is acknowledged that may be lost.
+			c.Failed(items[:kept], router.ReasonClosed)
+			c.Failed(items[i:], router.ReasonClosed) // items[kept:i] were moved
+			c.Failed(unframeable, router.ReasonUnframeable)
+			clear(items)
+			clear(unframeable)
+			_ = conn.Close()
+			return
+		}
+		c.Written(items[:kept])
+		c.Failed(unframeable, router.ReasonUnframeable)
+		clear(items)
+		clear(unframeable)
+		unframeable = unframeable[:0]
+	}
+}
+
+// write translates one item to the connection's kind and buffers it.
+func (e *Endpoint) write(w *ipc.Writer, it router.Item, scratch *bytes.Buffer) error {
+	switch {
+	case it.Kind == e.kind:
+		return w.WriteMessage(it.Data)
+	case e.kind == router.Line: // a node-ipc message reaches a line client as compact JSON
+		scratch.Reset()
+		if err := json.Compact(scratch, it.Data); err != nil {
+			return fmt.Errorf("%w: %w", ipc.ErrUnframeable, err)
+		}
+		return w.WriteMessage(scratch.Bytes())
+	default: // a line reaches a node-ipc client as {"type":"message","data":"<line>"}
+		ev, err := ipc.EncodeEvent("message", string(it.Data))
+		if err != nil {
+			return fmt.Errorf("%w: %w", ipc.ErrUnframeable, err)
+		}
+		return w.WriteMessage(ev)
 	}
 }
 

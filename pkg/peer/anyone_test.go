@@ -38,7 +38,7 @@ func TestAnyOneLineToAPodWithoutAppIsRerouted(t *testing.T) {
 	start(ctx, t, srv)
 
 	sendRouter := router.New(logr.Discard(), nil)
-	other := sendRouter.Ensure("orders", spec).Attach(router.Line, "other", func() {}, nil)
+	other := sendRouter.Ensure("orders", spec).Attach(router.Line, "other", func() {})
 	got := make(chan string, 100)
 	otherDone := drainLocal(ctx, other, func(data []byte) { got <- string(data) })
 	port := ln.Addr().(*net.TCPAddr).Port

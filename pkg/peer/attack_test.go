@@ -42,8 +42,8 @@ func newTestServer(tb testing.TB, maxMessageBytes int) *testServer {
 		Overflow: discovery.Overflow{Policy: discovery.WaitThenDrop, MaxWait: 10 * time.Millisecond, QueueBytes: 1 << 20}}.WithDefaults()
 	ts := &testServer{metrics: NewMetrics(nil), rmet: router.NewMetrics(nil), lines: make(chan string, 1024)}
 	r := router.New(logr.Discard(), ts.rmet)
-	local := r.Ensure("orders", spec).Attach(router.Line, "", func() {}, nil)
-	r.Ensure("secret", spec).Attach(router.Line, "", func() {}, nil)
+	local := r.Ensure("orders", spec).Attach(router.Line, "", func() {})
+	r.Ensure("secret", spec).Attach(router.Line, "", func() {})
 	ctx, cancel := context.WithCancel(context.Background())
 	drained := drainLocal(ctx, local, func(data []byte) {
 		select {

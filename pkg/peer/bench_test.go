@@ -110,7 +110,7 @@ func benchFanout(b *testing.B, members, size int) {
 		remotes[i], ready[i] = links[i], true
 	}
 	ch.SetMembers(remotes, ready, ready)
-	from := ch.Attach(router.Line, "", func() {}, nil)
+	from := ch.Attach(router.Line, "", func() {})
 	line := make([]byte, size)
 	var slab buffer.Slab
 	defer slab.Close()

@@ -25,7 +25,7 @@ func TestLinkResumesExactlyOnce(t *testing.T) {
 
 	recvRouter := router.New(logr.Discard(), nil)
 	recvCh := recvRouter.Ensure("orders", spec)
-	local := recvCh.Attach(router.Line, "", func() {}, nil)
+	local := recvCh.Attach(router.Line, "", func() {})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -37,7 +37,7 @@ func TestServerForgetsDepartedSenders(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	spec := discovery.Spec{Overflow: discovery.Overflow{Policy: discovery.Block, QueueBytes: 64 << 10}}.WithDefaults()
 	recvRouter := router.New(logr.Discard(), nil)
-	local := recvRouter.Ensure("orders", spec).Attach(router.Line, "", func() {}, nil)
+	local := recvRouter.Ensure("orders", spec).Attach(router.Line, "", func() {})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

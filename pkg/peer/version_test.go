@@ -40,7 +40,7 @@ func TestServerSpeaksToANewerSender(t *testing.T) {
 	r := router.New(logr.Discard(), nil)
 	defer r.Close()
 	spec := discovery.Spec{}.WithDefaults()
-	local := r.Ensure("orders", spec).Attach(router.Line, "", func() {}, nil)
+	local := r.Ensure("orders", spec).Attach(router.Line, "", func() {})
 	defer local.Detach()
 	lines := make(chan string, 10)
 	ctx, cancel := context.WithCancel(t.Context())

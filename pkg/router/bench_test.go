@@ -37,8 +37,8 @@ func benchLines(b *testing.B, size int, route func(ch *Channel, from, to *Conn, 
 	defer r.Close()
 	ch := r.Ensure("bench", discovery.Spec{})
 	ch.SetMembers([]Remote{nullRemote{}}, []bool{true}, []bool{true})
-	from := ch.Attach(Line, "", func() {}, nil)
-	to := ch.Attach(Line, "", func() {}, nil)
+	from := ch.Attach(Line, "", func() {})
+	to := ch.Attach(Line, "", func() {})
 	line := make([]byte, size)
 	var slab buffer.Slab
 	var items []Item

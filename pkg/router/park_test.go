@@ -42,7 +42,7 @@ func TestAnyOneLineWithoutConnectionWaitsForOne(t *testing.T) {
 	if n := testutil.ToFloat64(m.Dropped.WithLabelValues("jobs", ReasonNoConnection)); n != 0 {
 		t.Fatalf("counted %v no_connection while a connection may still take the lines", n)
 	}
-	c := ch.Attach(Line, "app", func() {}, nil)
+	c := ch.Attach(Line, "app", func() {})
 	later := NewCompletion(make(chan struct{}, 1))
 	r.DeliverBatch(t.Context(), "jobs", Line, lines("q", 1), later)
 	later.Done()

@@ -140,10 +140,6 @@ type Conn struct {
 	// name identifies the connection in logs (its remote address).
 	name string
 	kick func()
-	// offer, if not nil, is called by whoever queued messages for the connection, once
-	// they are queued: the connection may write them at once from that goroutine when
-	// its writer is idle (docs/design.md §5.5). The queue has woken the writer already.
-	offer func()
 }
 
 // Ensure returns the channel named name, creating it, and applies spec.
@@ -226,11 +222,9 @@ func (ch *Channel) SetMembers(remotes []Remote, ready, serving []bool) {
 }
 
 // Attach registers a local connection of the given kind, named name in logs. kick must
-// end the connection; it is called when the Disconnect policy finds it too slow. offer
-// (which may be nil) is called after every push that queued messages for it; it must
-// not block, and it may take and write what is queued (Conn.offer).
-func (ch *Channel) Attach(kind Kind, name string, kick, offer func()) *Conn {
-	c := &Conn{ch: ch, Kind: kind, name: name, kick: kick, offer: offer}
+// end the connection; it is called when the Disconnect policy finds it too slow.
+func (ch *Channel) Attach(kind Kind, name string, kick func()) *Conn {
+	c := &Conn{ch: ch, Kind: kind, name: name, kick: kick}
 	budget := ch.r.budget
 	c.Queue = NewQueue(func(d int) {
 		ch.bytes.Add(float64(d))
@@ -322,7 +316,6 @@ func (ch *Channel) pushLocal(ctx context.Context, c *Conn, it Item, ov discovery
 	res, reason := c.Queue.Push(ctx, it, ov)
 	switch res {
 	case Queued:
-		c.offered()
 		return true
 	case Disconnect:
 		ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "conn", c.name, "queueBytes", ov.QueueBytes)
@@ -413,17 +406,7 @@ func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []buf
 		dropped++
 		rest = rest[n+1:]
 	}
-	if dropped < len(data) {
-		c.offered()
-	}
 	return dropped
-}
-
-// offered tells the connection that messages were queued for it.
-func (c *Conn) offered() {
-	if c.offer != nil {
-		c.offer()
-	}
 }
 
 // routeAnyOne picks the next candidate pod round robin and hands it the line, waiting

@@ -126,8 +126,8 @@ func TestAnyOneRoundRobin(t *testing.T) {
 	r := New(logr.Discard(), nil)
 	defer r.Close()
 	ch := r.Ensure("jobs", discovery.Spec{Delivery: discovery.AnyOne})
-	sender := ch.Attach(Line, "", func() {}, nil)
-	other := ch.Attach(Line, "", func() {}, nil)
+	sender := ch.Attach(Line, "", func() {})
+	other := ch.Attach(Line, "", func() {})
 	b, c, idle := &fakeRemote{id: "b", conns: 1}, &fakeRemote{id: "c", conns: 2}, &fakeRemote{id: "d"}
 	ch.SetMembers([]Remote{c, idle, b}, []bool{true, true, true}, []bool{true, true, true})
 	for i := range 9 {
