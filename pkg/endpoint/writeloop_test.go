@@ -12,7 +12,6 @@ import (
 
 	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
-	"github.com/podipc/podipc/pkg/ipc"
 	"github.com/podipc/podipc/pkg/router"
 )
 
@@ -28,13 +27,17 @@ func TestWriterAfterAnIdleMinute(t *testing.T) {
 	r := router.New(logr.Discard(), nil)
 	t.Cleanup(r.Close)
 	ch := r.Ensure("orders", discovery.Spec{Overflow: discovery.Overflow{Policy: discovery.Block, QueueBytes: 64 << 20}})
-	server, app := tcpPair(t)
-	e := &Endpoint{ch: ch, kind: router.Line, framing: ipc.Lines, log: logr.Discard()}
-	c := ch.Attach(router.Line, "app", func() { _ = server.Close() })
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() { defer close(done); e.writeLoop(server, c, stop) }()
-	t.Cleanup(func() { close(stop); <-done })
+	ep, err := ListenLines(ch, "127.0.0.1:0", Options{}, logr.Discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ep.Close() })
+	go func() { _ = ep.Start(t.Context()) }()
+	app, err := net.Dial("tcp", ep.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = app.Close() })
 	in := bufio.NewReader(app)
 
 	deliver := func(first, n int) {
@@ -47,41 +50,34 @@ func TestWriterAfterAnIdleMinute(t *testing.T) {
 		r.DeliverBatch(t.Context(), "orders", router.Line, lines, done)
 		done.Done()
 	}
+	const probe = "00000000 "
 	read := func(first, n int) {
 		_ = app.SetReadDeadline(time.Now().Add(10 * time.Second))
-		for i := range n {
+		for i := 0; i < n; {
 			line, err := in.ReadString('\n')
 			if err != nil {
 				t.Fatalf("line %d of %d: %v (the writer closed the app's connection)", i, n, err)
 			}
+			if strings.HasPrefix(line, probe) {
+				continue // a late probe (below)
+			}
 			if want := fmt.Sprintf("%08d ", first+i); !strings.HasPrefix(line, want) {
 				t.Fatalf("line %d of %d: got %.20q, want it to start %q", i, n, line, want)
 			}
+			i++
 		}
 	}
-	deliver(1, 1)
-	read(1, 1)
+	// The first line read back is the batch that sets the deadline. Lines delivered
+	// before the connection is attached are dropped (no_connection), so probes (line 0)
+	// are delivered until one arrives.
+	for {
+		deliver(0, 1)
+		_ = app.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		if _, err := in.ReadString('\n'); err == nil {
+			break
+		}
+	}
 	time.Sleep(3 * writeTimeout)
 	deliver(2, 256) // 256 KiB: four times the ipc.Writer's buffer, written as one batch
 	read(2, 256)
-}
-
-// tcpPair returns both ends of a loopback TCP connection.
-func tcpPair(t *testing.T) (server, client net.Conn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = ln.Close() }()
-	client, err = net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err = ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = server.Close(); _ = client.Close() })
-	return server, client
 }
