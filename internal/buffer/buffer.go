@@ -10,6 +10,7 @@ package buffer
 import (
 	"sync"
 	"sync/atomic"
+	"unsafe"
 )
 
 // Payload is a message copied into a slab chunk, with the reference that keeps the chunk.
@@ -140,17 +141,73 @@ func (s *Slab) Copy(b []byte) Payload {
 	if len(b) > ChunkSize/4 {
 		return Payload{Data: append([]byte(nil), b...)}
 	}
-	if s.cur == nil || cap(s.cur.buf)-len(s.cur.buf) < len(b) {
+	c := s.room(len(b))
+	start := len(c.buf)
+	c.buf = append(c.buf, b...)
+	return Payload{Data: c.buf[start:len(c.buf):len(c.buf)], Ref: c}
+}
+
+// CopyLine is Copy for a message that its framing ends with delim: the copy is followed
+// by delim in its chunk, so that consecutive messages copied this way lie in the chunk
+// exactly as a connection of that framing carries them, and Run can hand them on as one
+// piece. The payload is the message alone.
+func (s *Slab) CopyLine(b []byte, delim byte) Payload {
+	if len(b) >= ChunkSize/4 {
+		return Payload{Data: append([]byte(nil), b...)}
+	}
+	c := s.room(len(b) + 1)
+	start := len(c.buf)
+	c.buf = append(append(c.buf, b...), delim)
+	end := len(c.buf) - 1
+	return Payload{Data: c.buf[start:end:end], Ref: c}
+}
+
+// room returns the chunk to copy n more bytes into.
+func (s *Slab) room(n int) *Chunk {
+	if s.cur == nil || cap(s.cur.buf)-len(s.cur.buf) < n {
 		if s.cur != nil {
 			s.full = append(s.full, s.cur)
 		}
 		s.cur = chunkPool.Get().(*Chunk)
 		s.cur.refs.Store(1)
 	}
-	c := s.cur
-	start := len(c.buf)
-	c.buf = append(c.buf, b...)
-	return Payload{Data: c.buf[start:len(c.buf):len(c.buf)], Ref: c}
+	return s.cur
+}
+
+// Run returns how many of lines, from the first, form a run, and the run's bytes: lines
+// that follow one another in one chunk, each ended by delim among the bytes the chunk's
+// filler wrote (as CopyLine leaves them), at most maxCount lines and maxBytes bytes,
+// delimiters included. A run is the lines of one read as a connection of their framing
+// carries them, so it travels as one piece. It returns 0 and nil when the first line is
+// not in a chunk or not followed by delim there.
+//
+// Only the chunk's filled bytes count (len of its buffer): the byte after a line copied
+// by Copy is where the next copy goes, so a delimiter found there by chance could be
+// overwritten while the run is queued.
+func Run(lines []Payload, delim byte, maxBytes, maxCount int) (int, []byte) {
+	c := lines[0].Ref
+	if c == nil {
+		return 0, nil
+	}
+	base := uintptr(unsafe.Pointer(unsafe.SliceData(c.buf)))
+	filled := uintptr(len(c.buf))
+	start := uintptr(unsafe.Pointer(unsafe.SliceData(lines[0].Data))) - base
+	end, n := start, 0
+	for n < len(lines) && n < maxCount {
+		l := lines[n]
+		if l.Ref != c || uintptr(unsafe.Pointer(unsafe.SliceData(l.Data)))-base != end {
+			break
+		}
+		e := end + uintptr(len(l.Data)) // where its delimiter must be
+		if e >= filled || c.buf[e] != delim || e+1-start > uintptr(maxBytes) {
+			break
+		}
+		end, n = e+1, n+1
+	}
+	if n == 0 {
+		return 0, nil
+	}
+	return n, c.buf[start:end:end]
 }
 
 // Recycle ends the validity of the copies made so far: the slab drops its references on
@@ -168,6 +225,23 @@ func (s *Slab) Close() {
 	s.Recycle()
 	s.cur.Release(1)
 	s.cur = nil
+}
+
+// Adjoins reports whether next begins one byte after prev ends and that byte is delim:
+// two messages that lie in a chunk as a connection of their framing carries them. Both
+// must be in one chunk (the caller compares their references); the byte between them is
+// read only once the addresses say it lies between them, inside that chunk.
+func Adjoins(prev, next []byte, delim byte) bool {
+	end := unsafe.Add(unsafe.Pointer(unsafe.SliceData(prev)), len(prev))
+	return unsafe.Pointer(unsafe.SliceData(next)) == unsafe.Add(end, 1) && *(*byte)(end) == delim
+}
+
+// Span returns the bytes from the start of first to the end of last, which lies after it
+// in the same chunk (a run of messages that adjoin one another).
+func Span(first, last []byte) []byte {
+	p := unsafe.SliceData(first)
+	n := uintptr(unsafe.Pointer(unsafe.SliceData(last))) - uintptr(unsafe.Pointer(p)) + uintptr(len(last))
+	return unsafe.Slice(p, n)
 }
 
 // Signal is a broadcast condition: waiters take C() and the notifier closes it.

@@ -248,6 +248,10 @@ func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
 	}
 	defer src.route() // before slab.Close
 	malformed := 0
+	// Each line is copied with its delimiter after it, so that a read's lines lie in
+	// the chunk as the app sent them and a peer link sends them as one run
+	// (buffer.Run).
+	delim := e.kind.Delimiter()
 	for {
 		msg, err := r.Next()
 		if err != nil {
@@ -271,7 +275,7 @@ func (e *Endpoint) readLoop(conn net.Conn, c *router.Conn) error {
 			}
 			return err
 		}
-		src.batch = append(src.batch, slab.Copy(msg))
+		src.batch = append(src.batch, slab.CopyLine(msg, delim))
 		if len(src.batch) == maxBatch {
 			src.route()
 		}
@@ -336,6 +340,19 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 		// which keeps those written, in place.
 		kept, i := 0, 0
 		for ; i < len(items); i++ {
+			if j := e.joined(items, i); j > i+1 {
+				// Lines that arrived as one run go out in one copy; if one of them
+				// cannot be framed, each goes (or is dropped) alone below.
+				err = w.WriteJoined(buffer.Span(items[i].Data, items[j-1].Data), j-i)
+				if err == nil {
+					kept += copy(items[kept:], items[i:j])
+					i = j - 1
+					continue
+				}
+				if !errors.Is(err, ipc.ErrUnframeable) {
+					break
+				}
+			}
 			err = e.write(w, items[i], &scratch)
 			if errors.Is(err, ipc.ErrUnframeable) {
 				dropped++
@@ -377,6 +394,23 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 		clear(unframeable)
 		unframeable = unframeable[:0]
 	}
+}
+
+// joined returns the end of the lines from items[i] on that lie one after another in one
+// chunk, joined by line breaks, as the lines of a RUN frame do in the peer reader's chunk
+// (at most i+1 if items[i] is not such a line). Only lines to a line connection qualify:
+// a node-ipc message is checked as an event one by one.
+func (e *Endpoint) joined(items []router.Item, i int) int {
+	first := items[i]
+	if e.kind != router.Line || first.Kind != router.Line || first.Ref == nil {
+		return i + 1
+	}
+	j := i + 1
+	for j < len(items) && items[j].Kind == router.Line && items[j].Ref == first.Ref &&
+		buffer.Adjoins(items[j-1].Data, items[j].Data, '\n') {
+		j++
+	}
+	return j
 }
 
 // write translates one item to the connection's kind and buffers it.

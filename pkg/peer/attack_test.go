@@ -109,6 +109,12 @@ func data(seq uint64, channel string, payload string) []byte {
 	return append(b, payload...)
 }
 
+// run is a RUN frame of count line messages, payload being their bytes as sent (each
+// meant to end with '\n'): a hostile sender may declare any count for any bytes.
+func run(seq uint64, count int, channel string, payload string) []byte {
+	return appendRun(nil, seq, count, newChanState(channel).tail[router.Line], []byte(payload))
+}
+
 // FuzzServer sends whatever frames the fuzzer makes up, after an honest handshake, to
 // a real Server and router. None may panic (a recovered panic is counted, and fails
 // the target), and the server must end or go on with the connection, never hang:
@@ -123,6 +129,8 @@ func FuzzServer(f *testing.F) {
 	f.Add(data(1, "\xff", "boom"))
 	f.Add(data(1, "nope", strings.Repeat("x", 5000)))
 	f.Add(append(data(1, "orders", "x"), data(7, "orders", "y")...))
+	f.Add(append(run(1, 3, "orders", "a\nb\nc\n"), run(4, 2, "orders", "d\ne")...))
+	f.Add(run(1<<63, 1<<62, "orders", "x\n"))
 	f.Add(AckFrame(nil, 1<<62))
 	f.Add(append(PresenceFrame(map[string]int{"orders": 3}), ReasonFrame(FrameGoodbye, "bye")...))
 	f.Add([]byte{0, 0, 0, 0})
@@ -184,8 +192,24 @@ func TestServerProtocolErrors(t *testing.T) {
 		// The name is checked only when the shared-channel lookup misses.
 		"64 byte channel": {data(1, strings.Repeat("a", 64), "x"), ReasonChannelName},
 		"kind":            {append(AppendDataHeader(nil, 1, "orders", router.Kind(3), 1), 'x'), ReasonKind},
-		"frame over 1124": {data(1, "orders", strings.Repeat("x", 2000)), ReasonFrameSize},
-		"truncated":       {[]byte{0, 0, 0, 2, byte(FrameData), 0x80}, ReasonMalformed},
+		// The bound is the channels' maxMessageBytes (100) but never below a RUN's.
+		"frame over 8+1 KiB": {data(1, "orders", strings.Repeat("x", MaxRunBytes+DataOverhead)), ReasonFrameSize},
+		"truncated":          {[]byte{0, 0, 0, 2, byte(FrameData), 0x80}, ReasonMalformed},
+		// A RUN must hold exactly its count of messages, each ended by its delimiter:
+		// a sender cannot smuggle a line break into a line, nor make the receiver split
+		// off more or fewer messages than it numbered.
+		"run smuggling a line":             {run(1, 1, "orders", "a\nb\n"), ReasonRun},
+		"run short of its count":           {run(1, 3, "orders", "a\nb\n"), ReasonRun},
+		"run unterminated":                 {run(1, 2, "orders", "a\nb"), ReasonRun},
+		"run of none":                      {run(1, 0, "orders", "\n"), ReasonRun},
+		"run over its bytes":               {run(1, 5, "orders", "a\n"), ReasonRun},
+		"run wrapping seq":                 {run(1<<64-2, 3, "orders", "a\nb\nc\n"), ReasonRun},
+		"run of a nodeipc kind with lines": {appendRun(nil, 1, 1, newChanState("orders").tail[router.NodeIPC], []byte("a\n")), ReasonRun},
+		"run bad name":                     {run(1, 1, "\xff", "x\n"), ReasonChannelName},
+		// (On a channel not shared, so that no line reaches the reader the other cases
+		// share: the sequence is checked before the channel.)
+		"run overlapping": {append(run(1, 2, "secret", "a\nb\n"), run(2, 2, "secret", "b\nc\n")...), ReasonSequence},
+		"run after a gap": {append(run(1, 2, "secret", "a\nb\n"), run(4, 1, "secret", "d\n")...), ReasonSequence},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -223,6 +247,7 @@ func TestServerProtocolErrors(t *testing.T) {
 	})
 	t.Run("too large", func(t *testing.T) {
 		conn, _ := ts.join(t)
+		before := testutil.ToFloat64(ts.rmet.Dropped.WithLabelValues("orders", ReasonTooLarge))
 		b := append(data(1, "orders", strings.Repeat("x", 101)), data(2, "orders", "fits")...)
 		if _, err := conn.Write(b); err != nil {
 			t.Fatal(err)
@@ -230,8 +255,36 @@ func TestServerProtocolErrors(t *testing.T) {
 		if got := <-ts.lines; got != "fits" {
 			t.Fatalf("delivered %q", got)
 		}
-		if got := testutil.ToFloat64(ts.rmet.Dropped.WithLabelValues("orders", ReasonTooLarge)); got != 1 {
-			t.Fatalf("too_large = %v", got)
+		if got := testutil.ToFloat64(ts.rmet.Dropped.WithLabelValues("orders", ReasonTooLarge)); got != before+1 {
+			t.Fatalf("too_large = %v, want %v", got, before+1)
+		}
+	})
+	// A RUN's messages are held to maxMessageBytes one by one: the line over it is
+	// dropped, its neighbours delivered, and every sequence number acknowledged.
+	t.Run("too large in a run", func(t *testing.T) {
+		conn, _ := ts.join(t)
+		before := testutil.ToFloat64(ts.rmet.Dropped.WithLabelValues("orders", ReasonTooLarge))
+		payload := "before\n" + strings.Repeat("x", 101) + "\nafter\n"
+		if _, err := conn.Write(append(run(1, 3, "orders", payload), run(1, 3, "orders", payload)...)); err != nil {
+			t.Fatal(err)
+		}
+		for _, want := range []string{"before", "after"} {
+			if got := <-ts.lines; got != want {
+				t.Fatalf("delivered %q, want %q", got, want)
+			}
+		}
+		fr := NewReader(conn, MaxFrameBytes)
+		defer fr.Close()
+		if seq := nextAck(t, fr); seq != 3 {
+			t.Fatalf("ACK %d, want 3", seq)
+		}
+		if got := testutil.ToFloat64(ts.rmet.Dropped.WithLabelValues("orders", ReasonTooLarge)); got != before+1 {
+			t.Fatalf("too_large = %v, want %v (the retransmitted run is skipped)", got, before+1)
+		}
+		select {
+		case got := <-ts.lines:
+			t.Fatalf("the retransmitted run delivered %q again", got)
+		case <-time.After(100 * time.Millisecond):
 		}
 	})
 }

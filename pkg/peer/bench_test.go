@@ -105,7 +105,7 @@ func benchFanout(b *testing.B, members, size int) {
 	for i := range links {
 		links[i] = NewLink(LinkConfig{Router: r, Log: logr.Discard(), Member: discovery.Member{UID: "m" + strconv.Itoa(i), Name: "m" + strconv.Itoa(i)}})
 		links[i].mu.Lock()
-		links[i].outbox.startEncoding()
+		links[i].outbox.startEncoding(true)
 		links[i].mu.Unlock()
 		remotes[i], ready[i] = links[i], true
 	}
@@ -121,7 +121,7 @@ func benchFanout(b *testing.B, members, size int) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := range b.N {
-		batch = append(batch, slab.Copy(line))
+		batch = append(batch, slab.CopyLine(line, '\n'))
 		if len(batch) < cap(batch) && i < b.N-1 {
 			continue
 		}

@@ -1,6 +1,7 @@
 package peer
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -15,9 +16,13 @@ import (
 // ends of a link use the highest version both speak, so release N interoperates with
 // N-1 as long as MinVersion trails Version by one.
 const (
-	Version    uint16 = 1
+	Version    uint16 = 2
 	MinVersion uint16 = 1
 )
+
+// VersionRun is the first version with RUN frames: a sender sends them only on a link
+// whose negotiated version is at least this.
+const VersionRun uint16 = 2
 
 // FrameType is the first byte of every frame.
 type FrameType uint8
@@ -33,6 +38,7 @@ const (
 	FramePresence FrameType = 6 // receiver → sender: local connection counts per channel
 	FramePing     FrameType = 7 // both ways: keepalive when otherwise idle
 	FrameGoodbye  FrameType = 8 // both ways: orderly end of the link
+	FrameRun      FrameType = 9 // sender → receiver: consecutive sequenced messages (version 2)
 )
 
 // headerLen is the frame header: a 4-byte big-endian length of what follows (type byte
@@ -47,6 +53,15 @@ const MaxFrameBytes = 16<<20 + DataOverhead
 // link's frame bound is the largest maxMessageBytes of the channels it carries plus
 // this.
 const DataOverhead = 1024
+
+// MaxRunBytes bounds a RUN frame's payload: a sender puts consecutive lines of one
+// channel in one frame while they fit it, and a receiver's frame bound is never below it
+// plus DataOverhead, whatever the channels' maxMessageBytes (a RUN's lines are checked
+// against maxMessageBytes one by one). Small beside the receiver's 64 KiB read chunks:
+// a frame that does not fit what is left of a chunk is carried over into the next one
+// (copied), and one larger than a chunk gets a buffer of its own; with 64 KiB runs, every
+// run did (1 KiB lines cost 15-20 % more CPU than with DATA frames, measured).
+const MaxRunBytes = 8 << 10
 
 // maxHandshakeBytes bounds HELLO and WELCOME, which are read before authentication.
 const maxHandshakeBytes = 64 << 10
@@ -72,6 +87,7 @@ const (
 	ReasonSequence    = "sequence"     // a DATA sequence number after a gap
 	ReasonAck         = "ack"          // an ACK beyond the highest sequence number sent
 	ReasonLastSeq     = "last_seq"     // a WELCOME lastSeq beyond the highest sequence number sent
+	ReasonRun         = "run"          // a RUN frame whose lines do not match its count
 )
 
 // ProtocolError is a frame that breaks the protocol: the link that carried it ends,
@@ -172,6 +188,22 @@ type Data struct {
 	Kind    router.Kind
 	Payload []byte
 }
+
+// Run is consecutive messages of one channel and kind, numbered Seq, Seq+1, …,
+// Seq+Count-1: a RUN frame. Payload holds them each ended by its kind's delimiter
+// (router.Kind.Delimiter), exactly as an app connection of that kind frames them, so
+// that neither end parses a line it only carries.
+type Run struct {
+	Seq   uint64
+	Count int
+	// Channel aliases the frame body, as in Data.
+	Channel []byte
+	Kind    router.Kind
+	Payload []byte
+}
+
+// Last returns the sequence number of the run's last message.
+func (r Run) Last() uint64 { return r.Seq + uint64(r.Count) - 1 }
 
 // appendHeader appends a frame header for a body of n bytes.
 func appendHeader(dst []byte, t FrameType, n int) []byte {
@@ -296,6 +328,20 @@ func appendData(dst []byte, seq uint64, tail, payload []byte) []byte {
 	binary.BigEndian.PutUint32(hdr[:], uint32(i-headerLen+len(tail)+len(payload)+1))
 	hdr[4] = byte(FrameData)
 	dst = append(dst, hdr[:i]...)
+	dst = append(dst, tail...)
+	return append(dst, payload...)
+}
+
+// appendRun appends a whole RUN frame to dst: the frame header, the first message's
+// sequence number, the count, tail (as appendData) and payload, count messages each
+// ended by the kind's delimiter.
+func appendRun(dst []byte, seq uint64, count int, tail, payload []byte) []byte {
+	var hdr [headerLen + 2*binary.MaxVarintLen64]byte
+	b := binary.AppendUvarint(hdr[:headerLen], seq)
+	b = binary.AppendUvarint(b, uint64(count))
+	binary.BigEndian.PutUint32(b, uint32(len(b)-headerLen+len(tail)+len(payload)+1))
+	b[4] = byte(FrameRun)
+	dst = append(dst, b...)
 	dst = append(dst, tail...)
 	return append(dst, payload...)
 }
@@ -503,6 +549,53 @@ func ParseData(b []byte) (Data, error) {
 		return Data{}, protocolError(ReasonKind, "kind %d", k)
 	}
 	return Data{Seq: seq, Channel: name, Kind: router.Kind(k), Payload: b[l+1:]}, nil
+}
+
+// ParseRun decodes a RUN body and validates its framing, kind and count: at least one
+// message, sequence numbers that do not wrap, and a payload that ends with the kind's
+// delimiter and holds exactly count of them, so that every message the receiver splits
+// off is one the sender framed (a line that smuggles a line break into another cannot
+// pass). The channel and the messages' sizes are checked by the receiver, as for DATA.
+// The count costs one vectorised pass over the payload; nothing is allocated but an
+// error.
+func ParseRun(b []byte) (Run, error) {
+	seq, n := binary.Uvarint(b)
+	if n <= 0 {
+		return Run{}, protocolError(ReasonMalformed, "short varint")
+	}
+	b = b[n:]
+	count, n := binary.Uvarint(b)
+	if n <= 0 {
+		return Run{}, protocolError(ReasonMalformed, "short varint")
+	}
+	b = b[n:]
+	l, n := binary.Uvarint(b)
+	if n <= 0 {
+		return Run{}, protocolError(ReasonMalformed, "short varint")
+	}
+	b = b[n:]
+	if l >= uint64(len(b)) {
+		return Run{}, protocolError(ReasonMalformed, "short string")
+	}
+	name := b[:l:l]
+	k := b[l]
+	if k > byte(router.NodeIPC) {
+		return Run{}, protocolError(ReasonKind, "kind %d", k)
+	}
+	payload := b[l+1:]
+	kind := router.Kind(k)
+	switch {
+	case count == 0 || count > uint64(len(payload)):
+		return Run{}, protocolError(ReasonRun, "%d messages in %d bytes", count, len(payload))
+	case seq+count-1 < seq:
+		return Run{}, protocolError(ReasonRun, "sequence numbers %d + %d wrap", seq, count)
+	case payload[len(payload)-1] != kind.Delimiter():
+		return Run{}, protocolError(ReasonRun, "the last message is not ended by its delimiter")
+	}
+	if got := bytes.Count(payload, []byte{kind.Delimiter()}); uint64(got) != count {
+		return Run{}, protocolError(ReasonRun, "%d messages declared, %d delimited", count, got)
+	}
+	return Run{Seq: seq, Count: int(count), Channel: name, Kind: kind, Payload: payload}, nil
 }
 
 // CheckChannel returns a protocol error (ReasonChannelName) if name, a DATA frame's

@@ -154,6 +154,11 @@ func (l *Link) Send(ctx context.Context, channel string, kind router.Kind, line 
 // SendBatch queues Broadcast lines of one channel in order, as Send does for each, with
 // one lock and one wakeup of the writer per batch. It stops at the first line that is
 // not queued and returns its index with the result and reason.
+//
+// Lines that lie one after another in one chunk, each followed by its delimiter (an
+// app read's lines, as the endpoint copies them), are queued as runs: one entry, one
+// copy and one RUN frame for up to MaxRunBytes of them. A run enters only if it fits at
+// once; otherwise its lines go one by one, under the policy as any line does.
 func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, lines []buffer.Payload, ov discovery.Overflow) (n int, res router.Result, reason string) {
 	// Every line's chunk is retained before the writer can see it (one atomic
 	// operation per chunk), and what was not queued is released on the way out.
@@ -163,7 +168,15 @@ func (l *Link) SendBatch(ctx context.Context, channel string, kind router.Kind, 
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	st := l.outbox.channel(channel)
-	for i, line := range lines {
+	delim := kind.Delimiter()
+	for i := 0; i < len(lines); i++ {
+		if j, run := buffer.Run(lines[i:], delim, MaxRunBytes, maxRunCount); j > 1 && !l.closed && st.bound.Fits(len(run), ov.QueueBytes) {
+			l.outbox.pushRun(st, lines[i].Ref, run, j, kind, false)
+			lines[i].Ref.Release(j - 1) // one reference for the entry
+			i += j - 1
+			continue
+		}
+		line := lines[i]
 		if i > 0 && st.bound.Bytes() != 0 && st.bound.Bytes()+len(line.Data) > ov.QueueBytes {
 			// Admission may wait for acknowledgements: let the writer send what is
 			// queued.
@@ -465,7 +478,7 @@ func (l *Link) resume(conn net.Conn, w Welcome) error {
 		}
 		reroute = l.settleLocked(sentUpTo(l.outbox.sentSeq), router.ReasonPeerRestarted)
 	}
-	l.outbox.startEncoding()
+	l.outbox.startEncoding(w.Version >= VersionRun)
 	l.havePeer, l.peerInc = true, w.Pod.Incarnation
 	l.presence = w.Presence
 	l.up = true

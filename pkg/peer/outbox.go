@@ -1,6 +1,7 @@
 package peer
 
 import (
+	"bytes"
 	"encoding/binary"
 	"sort"
 	"sync"
@@ -33,8 +34,11 @@ type outbox struct {
 	// writer has room again. Between sessions messages only wait in q; the next session
 	// encodes those its receiver has not acknowledged.
 	encoding bool
-	out      []byte
-	// outN counts the frames in out; outSeq is the last one's sequence number.
+	// runs says the current session's receiver reads RUN frames (version 2); a run
+	// queued for one that does not is encoded as one DATA frame per message.
+	runs bool
+	out  []byte
+	// outN counts the messages in out; outSeq is the last one's sequence number.
 	outN   int
 	outSeq uint64
 	// nextSeq is the sequence number of the next message queued.
@@ -63,21 +67,34 @@ type outbox struct {
 	budget *buffer.Budget
 }
 
-// outMsg is a sequenced message waiting for its acknowledgement. The outbox keeps them
-// by value in a fifo: queueing a line allocates nothing. A full queue of short lines
-// holds tens of thousands of them, written once and read back at acknowledgement long
-// after, so the struct is kept small (40 bytes): the channel name lives in st, and the
-// message's bytes are a pointer and a length rather than a slice.
+// outMsg is a sequenced message, or a run of consecutive ones, waiting for its
+// acknowledgement. The outbox keeps them by value in a fifo: queueing allocates
+// nothing. A full queue holds thousands of them, written once and read back at
+// acknowledgement long after, so the struct is kept small (40 bytes): the channel name
+// lives in st, and the bytes are a pointer and a length rather than a slice.
+//
+// A run (count > 1) is the Broadcast lines of one app read that lie one after another in
+// one chunk, each ended by its kind's delimiter: it is numbered seq … seq+count-1, one
+// entry and one copy for all of them, and one RUN frame on the wire (docs/protocol.md).
+// A single message (count 1) holds its bytes without a delimiter.
 type outMsg struct {
 	seq uint64
 	st  *chanState
-	// ref keeps the bytes' slab chunk; released when the message leaves the queue.
+	// ref keeps the bytes' slab chunk (one reference per entry); released when the
+	// entry leaves the queue.
 	ref    *buffer.Chunk
 	ptr    *byte
 	n      uint32
+	count  uint16
 	kind   router.Kind
 	anyOne bool
 }
+
+// maxRunCount bounds the messages of one run (outMsg.count).
+const maxRunCount = 1<<16 - 1
+
+// last returns the sequence number of the entry's last message.
+func (m *outMsg) last() uint64 { return m.seq + uint64(m.count) - 1 }
 
 // data returns the message's bytes.
 func (m *outMsg) data() []byte { return unsafe.Slice(m.ptr, m.n) }
@@ -169,15 +186,21 @@ func (o *outbox) channel(name string) *chanState {
 }
 
 // push queues data as the next message in sequence, and encodes it for the writer if a
-// session is up. The caller has retained ref for the message. The queue entry is
-// filled in place, field by field: it is written once per line, into memory that has
-// usually left the cache since its last use.
+// session is up. The caller has retained ref for the message.
 func (o *outbox) push(st *chanState, ref *buffer.Chunk, data []byte, kind router.Kind, anyOne bool) {
+	o.pushRun(st, ref, data, 1, kind, anyOne)
+}
+
+// pushRun queues count consecutive messages as one entry: data is the message itself if
+// count is 1, or count messages each ended by kind's delimiter. The caller has retained
+// ref once for the entry. The entry is filled in place, field by field: it is written
+// once, into memory that has usually left the cache since its last use.
+func (o *outbox) pushRun(st *chanState, ref *buffer.Chunk, data []byte, count int, kind router.Kind, anyOne bool) {
 	m := o.q.add()
 	m.seq, m.st, m.ref = o.nextSeq, st, ref
-	m.ptr, m.n = unsafe.SliceData(data), uint32(len(data)) // lines are at most MaxFrameBytes
-	m.kind, m.anyOne = kind, anyOne
-	o.nextSeq++
+	m.ptr, m.n = unsafe.SliceData(data), uint32(len(data)) // at most MaxFrameBytes
+	m.count, m.kind, m.anyOne = uint16(count), kind, anyOne
+	o.nextSeq += uint64(count)
 	st.bound.Add(len(data))
 	o.unacked += len(data)
 	if o.encoding && o.next == o.q.len()-1 && len(o.out) < maxOutBytes {
@@ -199,16 +222,32 @@ func (o *outbox) fill() {
 	}
 }
 
-// encode appends m's DATA frame to out.
+// encode appends m's frame to out: a DATA frame for a single message, a RUN frame for a
+// run, or a DATA frame per message of the run for a receiver that reads no RUN frames.
 func (o *outbox) encode(m *outMsg) {
-	o.out = appendData(o.out, m.seq, m.st.tail[m.kind], m.data())
-	o.outN++
-	o.outSeq = m.seq
+	tail := m.st.tail[m.kind]
+	switch {
+	case m.count == 1:
+		o.out = appendData(o.out, m.seq, tail, m.data())
+	case o.runs:
+		o.out = appendRun(o.out, m.seq, int(m.count), tail, m.data())
+	default:
+		seq, delim := m.seq, m.kind.Delimiter()
+		for rest := m.data(); len(rest) > 0; seq++ {
+			i := bytes.IndexByte(rest, delim)
+			o.out = appendData(o.out, seq, tail, rest[:i])
+			rest = rest[i+1:]
+		}
+	}
+	o.outN += int(m.count)
+	o.outSeq = m.last()
 }
 
 // startEncoding encodes, from the oldest, the messages queued, and later ones as they
-// are queued, for a session whose writer is about to run.
-func (o *outbox) startEncoding() {
+// are queued, for a session whose writer is about to run; runs says its receiver reads
+// RUN frames.
+func (o *outbox) startEncoding(runs bool) {
+	o.runs = runs
 	o.next = 0
 	o.out, o.outN = o.out[:0], 0
 	o.encoding = true
@@ -250,7 +289,35 @@ func (o *outbox) report() {
 func (o *outbox) ack(seq uint64) {
 	q := o.q.items()
 	// A search, not a subtraction: settling AnyOne lines on GOODBYE leaves gaps in q.
-	o.trim(sort.Search(len(q), func(i int) bool { return q[i].seq > seq }))
+	k := sort.Search(len(q), func(i int) bool { return q[i].last() > seq })
+	o.trim(k)
+	if q = o.q.items(); len(q) > 0 && q[0].seq <= seq {
+		// A receiver acknowledges whole runs, since it reads them whole; if one ever
+		// acknowledged part of a run, the part stays queued so that a resumed link
+		// sends the rest exactly once.
+		o.cutFront(&q[0], int(seq-q[0].seq+1))
+	}
+}
+
+// cutFront removes the first k messages of the run m (fewer than m.count).
+func (o *outbox) cutFront(m *outMsg, k int) {
+	data, delim := m.data(), m.kind.Delimiter()
+	cut := 0
+	for range k {
+		cut += bytes.IndexByte(data[cut:], delim) + 1
+	}
+	rest := data[cut:]
+	if int(m.count)-k == 1 {
+		rest = rest[:len(rest)-1] // a single message holds no delimiter
+	}
+	freed := len(data) - len(rest)
+	m.st.bound.Add(-freed)
+	o.unacked -= freed
+	m.ptr, m.n = unsafe.SliceData(rest), uint32(len(rest))
+	m.seq += uint64(k)
+	m.count -= uint16(k)
+	o.report()
+	o.space.Broadcast()
 }
 
 // trim removes the first k messages (acknowledged).
@@ -299,7 +366,7 @@ func (o *outbox) settle(pick func(*outMsg) bool) (reroute []router.Message, drop
 			if drops == nil {
 				drops = map[string]int{}
 			}
-			drops[m.st.name]++
+			drops[m.st.name] += int(m.count)
 		}
 		m.ref.Release(1)
 	}
@@ -321,10 +388,12 @@ func (o *outbox) renumber(last uint64) error {
 		return protocolError(ReasonLastSeq, "WELCOME lastSeq %d is beyond %d", last, uint64(maxResumeSeq))
 	}
 	q := o.q.items()
+	next := last + 1
 	for i := range q {
-		q[i].seq = last + 1 + uint64(i)
+		q[i].seq = next
+		next += uint64(q[i].count)
 	}
-	o.nextSeq = last + 1 + uint64(len(q))
+	o.nextSeq = next
 	o.sentSeq = last
 	return nil
 }

@@ -65,7 +65,7 @@ func TestOutbox(t *testing.T) {
 	}
 
 	// A session encodes what is queued, and later lines as they come.
-	o.startEncoding()
+	o.startEncoding(false)
 	push("events", "e4", true)
 	buf, n := o.take(nil)
 	want := []string{"1 orders o1", "2 events e2", "3 orders o3", "4 events e4"}
@@ -103,7 +103,7 @@ func TestOutbox(t *testing.T) {
 	}
 
 	// The next session resends from the oldest line left.
-	o.startEncoding()
+	o.startEncoding(false)
 	buf, _ = o.take(nil)
 	if got := frames(t, buf); fmt.Sprint(got) != "[5 orders o5]" {
 		t.Errorf("next session sent %q, want [5 orders o5]", got)
@@ -126,7 +126,7 @@ func TestOutboxEncodesAheadOnlySoFar(t *testing.T) {
 	closed := false
 	var o outbox
 	o.init(prometheus.NewGauge(prometheus.GaugeOpts{Name: "unacked"}), nil, &mu, &closed)
-	o.startEncoding()
+	o.startEncoding(false)
 	line := bytes.Repeat([]byte("x"), 60<<10)
 	const lines = 2 * maxOutBytes / (60 << 10)
 	for range lines {

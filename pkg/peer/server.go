@@ -1,6 +1,7 @@
 package peer
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -586,7 +587,8 @@ func (s *Server) sharedFor(id Identity) *sharedSet {
 		ss.channels[name] = sharedChannel{name: name, maxMessageBytes: n, receiveOnly: slices.Contains(receiveOnly, name)}
 		biggest = max(biggest, n)
 	}
-	ss.maxFrame = biggest + DataOverhead
+	// A RUN frame may hold MaxRunBytes of short lines whatever maxMessageBytes is.
+	ss.maxFrame = max(biggest, MaxRunBytes) + DataOverhead
 	return ss
 }
 
@@ -657,6 +659,11 @@ func (s *Server) readLoop(in *inbound, st *sender, fr *Reader) error {
 		}
 		switch t {
 		case FrameData:
+		case FrameRun:
+			if err := b.addRun(body, fr.Chunk()); err != nil {
+				return err
+			}
+			continue
 		case FrameGoodbye:
 			return errGoodbye
 		default: // PING and frames of later versions
@@ -749,6 +756,35 @@ func (b *batch) add(d Data, chunk *buffer.Chunk) error {
 	}
 	b.run = append(b.run, buffer.Payload{Data: d.Payload, Ref: chunk})
 	b.n++
+	return nil
+}
+
+// addRun dispatches the messages of a RUN frame, body, as add does each: they are
+// split at their delimiters, which ParseRun has counted, and each keeps its sequence
+// number, so a run and the DATA frames it stands for are dispatched alike. A run that
+// the receiver has wholly dispatched already is a retransmission and skipped; one that
+// begins inside what it dispatched is a protocol error, since a sender resends whole
+// entries after the last sequence number a receiver reported.
+func (b *batch) addRun(body []byte, chunk *buffer.Chunk) error {
+	r, err := ParseRun(body)
+	if err != nil {
+		return err
+	}
+	if b.started && r.Last() <= b.last {
+		return nil
+	}
+	if b.started && r.Seq != b.last+1 {
+		return protocolError(ReasonSequence, "sequence gap: got a run of %d-%d after %d", r.Seq, r.Last(), b.last)
+	}
+	d := Data{Seq: r.Seq, Channel: r.Channel, Kind: r.Kind}
+	delim := r.Kind.Delimiter()
+	for rest := r.Payload; len(rest) > 0; d.Seq++ {
+		i := bytes.IndexByte(rest, delim)
+		d.Payload, rest = rest[:i:i], rest[i+1:]
+		if err := b.add(d, chunk); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

@@ -18,6 +18,17 @@ const (
 	NodeIPC Kind = 1
 )
 
+// Delimiter returns the byte that ends a message of kind k on an app connection: '\n'
+// for a line, '\f' for a node-ipc frame. Neither occurs inside a message of its kind
+// (a line is split at '\n'; JSON has no raw '\f'), which lets a run of messages travel
+// as the bytes an app connection carries.
+func (k Kind) Delimiter() byte {
+	if k == NodeIPC {
+		return '\f'
+	}
+	return '\n'
+}
+
 func (k Kind) String() string {
 	if k == NodeIPC {
 		return "nodeipc"

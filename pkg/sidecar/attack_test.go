@@ -532,8 +532,9 @@ func TestAttackFrameBounds(t *testing.T) {
 	if n := c.metric(a, `podipc_dropped_lines_total{channel="public",reason="too_large"}`); n != 1 {
 		t.Fatalf("too_large drops = %v, want 1", n)
 	}
-	// 1024 + 1024 of framing is the bound; 4 KiB is over it.
-	w.write(dataFrame(3, "public", 0, strings.Repeat("x", 4096)))
+	// The bound is maxMessageBytes (1024) but never below a RUN frame's 8 KiB, plus
+	// 1 KiB of framing; a line of 9 KiB is over it.
+	w.write(dataFrame(3, "public", 0, strings.Repeat("x", 9<<10)))
 	w.closedByPeer()
 	eventually(t, "frame_size counted", func() bool {
 		return c.metric(a, `podipc_peer_protocol_errors_total{direction="in",reason="frame_size"}`) == 1
