@@ -159,6 +159,11 @@ func (s *Slab) CopyLine(b []byte, delim byte) Payload {
 	start := len(c.buf)
 	c.buf = append(append(c.buf, b...), delim)
 	end := len(c.buf) - 1
+	if start == end {
+		// An empty slice with no capacity would point at the chunk's start, not
+		// here (Go does not let one point past what it may reach), and end the run.
+		return Payload{Data: c.buf[start:end:len(c.buf)], Ref: c}
+	}
 	return Payload{Data: c.buf[start:end:end], Ref: c}
 }
 

@@ -46,3 +46,64 @@ func TestSlabReferences(t *testing.T) {
 		}
 	}
 }
+
+// TestRun: lines copied with their delimiter form a run as long as they adjoin in one
+// chunk, within the bounds; a line copied without one, a line of another chunk, or one
+// that is not in a chunk ends it; the run's bytes are the lines with their delimiters.
+func TestRun(t *testing.T) {
+	var s Slab
+	defer s.Close()
+	lines := []Payload{s.CopyLine([]byte("ab"), '\n'), s.CopyLine([]byte(""), '\n'), s.CopyLine([]byte("cd"), '\n')}
+	if n, run := Run(lines, '\n', 1<<10, 100); n != 3 || string(run) != "ab\n\ncd\n" {
+		t.Fatalf("Run = %d %q, want 3 \"ab\\n\\ncd\\n\"", n, run)
+	}
+	if n, _ := Run(lines, '\f', 1<<10, 100); n != 0 {
+		t.Fatalf("lines ended by '\\n' made a run of %d for '\\f'", n)
+	}
+	if n, run := Run(lines, '\n', 4, 100); n != 2 || string(run) != "ab\n\n" {
+		t.Fatalf("Run within 4 bytes = %d %q, want 2 \"ab\\n\\n\"", n, run)
+	}
+	if n, _ := Run(lines, '\n', 1<<10, 2); n != 2 {
+		t.Fatalf("Run of at most 2 lines = %d", n)
+	}
+	// A copy without a delimiter: the byte after it is the next copy's, not a delimiter.
+	plain := []Payload{s.Copy([]byte("ef")), s.CopyLine([]byte("gh"), '\n')}
+	if n, _ := Run(plain, '\n', 1<<10, 100); n != 0 {
+		t.Fatalf("a line copied without its delimiter began a run of %d", n)
+	}
+	// The last line of a chunk: its delimiter is the chunk's last filled byte.
+	var t2 Slab
+	defer t2.Close()
+	var full []Payload
+	for range ChunkSize / 8 {
+		full = append(full, t2.CopyLine([]byte("1234567"), '\n'))
+	}
+	next := t2.CopyLine([]byte("x"), '\n')
+	if next.Ref == full[0].Ref {
+		t.Fatal("the chunk had room for another line")
+	}
+	all := append(full[len(full)-2:], next)
+	if n, _ := Run(all, '\n', 1<<20, 1<<20); n != 2 {
+		t.Fatalf("a run across two chunks: %d lines, want 2", n)
+	}
+	if n, _ := Run([]Payload{{Data: []byte("x\n")[:1]}}, '\n', 1<<10, 100); n != 0 {
+		t.Fatal("a line outside any chunk began a run")
+	}
+}
+
+// TestAdjoins: two messages adjoin when one delimiter byte alone lies between them.
+func TestAdjoins(t *testing.T) {
+	b := []byte("ab\ncd\n\nef xy")
+	if !Adjoins(b[0:2], b[3:5], '\n') || string(Span(b[0:2], b[3:5])) != "ab\ncd" {
+		t.Fatal("ab and cd, joined by a line break, do not adjoin")
+	}
+	if Adjoins(b[3:5], b[7:9], '\n') {
+		t.Fatal("cd and ef adjoin across an empty line")
+	}
+	if Adjoins(b[7:9], b[10:12], '\n') {
+		t.Fatal("ef and xy adjoin across a space")
+	}
+	if !Adjoins(b[3:5], b[6:6], '\n') {
+		t.Fatal("cd and the empty line after it do not adjoin")
+	}
+}

@@ -240,6 +240,38 @@ func TestWriter(t *testing.T) {
 	}
 }
 
+// TestWriterJoined: n lines joined by line breaks are written as n WriteMessage calls
+// would write them; a count that does not match the line breaks, or a framing other
+// than Lines, writes nothing and is unframeable.
+func TestWriterJoined(t *testing.T) {
+	var buf bytes.Buffer
+	w := ipc.NewWriter(&buf, ipc.Lines)
+	for _, tc := range []struct {
+		joined string
+		n      int
+	}{{"a\n\nb c", 3}, {"two\nlines", 1}, {"a\nb", 3}, {"", 0}} {
+		err := w.WriteJoined([]byte(tc.joined), tc.n)
+		if want := strings.Count(tc.joined, "\n") == tc.n-1 && tc.n > 0; (err == nil) != want {
+			t.Errorf("WriteJoined(%q, %d) = %v", tc.joined, tc.n, err)
+		} else if err != nil && !errors.Is(err, ipc.ErrUnframeable) {
+			t.Errorf("WriteJoined(%q, %d) = %v, want ErrUnframeable", tc.joined, tc.n, err)
+		}
+	}
+	if err := w.WriteJoined([]byte("x"), 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := buf.String(); got != "a\n\nb c\nx\n" {
+		t.Fatalf("wrote %q", got)
+	}
+	n := ipc.NewWriter(&buf, ipc.NodeIPC)
+	if err := n.WriteJoined([]byte(`{"type":"a"}`), 1); !errors.Is(err, ipc.ErrUnframeable) {
+		t.Fatalf("WriteJoined on NodeIPC framing = %v, want ErrUnframeable", err)
+	}
+}
+
 func TestEncodeDecodeEvent(t *testing.T) {
 	tests := map[string]struct {
 		typ     string
