@@ -147,5 +147,5 @@ var refusedReasons = []string{RefusedHandshake, RefusedVersion, RefusedUnauthori
 	RefusedSourceLimit, RefusedHandshakeTimeout, RefusedIdentity}
 
 // protocolReasons are the reason labels of podipc_peer_protocol_errors_total.
-var protocolReasons = []string{ReasonMalformed, ReasonChannelName, ReasonKind, ReasonFrameSize, ReasonSequence,
+var protocolReasons = []string{ReasonMalformed, ReasonChannelName, ReasonKind, ReasonFrameSize, ReasonSequence, ReasonRun,
 	ReasonAck, ReasonLastSeq}
