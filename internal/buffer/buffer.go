@@ -8,6 +8,7 @@
 package buffer
 
 import (
+	"bytes"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -18,6 +19,39 @@ type Payload struct {
 	Data []byte
 	// Ref is nil for messages that were not copied into a chunk.
 	Ref *Chunk
+	// Run is how many messages Data holds when it is a run of them, each ended by its
+	// kind's delimiter, as a RUN frame carries them (pkg/peer); 0 when Data is one
+	// message without its delimiter.
+	Run uint32
+}
+
+// Lines returns how many messages p holds.
+func (p Payload) Lines() int { return max(int(p.Run), 1) }
+
+// SplitRuns returns lines with every run split into its messages (each without its
+// delimiter, in place in the run's chunk), for a receiver that takes messages one by one;
+// lines itself if it holds no run.
+func SplitRuns(lines []Payload, delim byte) []Payload {
+	n := 0
+	for _, l := range lines {
+		n += l.Lines()
+	}
+	if n == len(lines) {
+		return lines
+	}
+	out := make([]Payload, 0, n)
+	for _, l := range lines {
+		if l.Run == 0 {
+			out = append(out, l)
+			continue
+		}
+		for rest := l.Data; len(rest) > 0; {
+			i := bytes.IndexByte(rest, delim)
+			out = append(out, Payload{Data: rest[:i:i], Ref: l.Ref})
+			rest = rest[i+1:]
+		}
+	}
+	return out
 }
 
 // ChunkSize is the size of the chunks message bytes are copied (or read) into, so the

@@ -340,7 +340,11 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 		// which keeps those written, in place.
 		kept, i := 0, 0
 		for ; i < len(items); i++ {
-			if j := e.joined(items, i); j > i+1 {
+			if items[i].Run > 0 {
+				// A run of lines from a peer, queued only for a line connection, as
+				// the connection carries it.
+				err = w.WriteRun(items[i].Data, int(items[i].Run))
+			} else if j := e.joined(items, i); j > i+1 {
 				// Lines that arrived as one run go out in one copy; if one of them
 				// cannot be framed, each goes (or is dropped) alone below.
 				err = w.WriteJoined(buffer.Span(items[i].Data, items[j-1].Data), j-i)
@@ -353,7 +357,9 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 					break
 				}
 			}
-			err = e.write(w, items[i], &scratch)
+			if items[i].Run == 0 {
+				err = e.write(w, items[i], &scratch)
+			}
 			if errors.Is(err, ipc.ErrUnframeable) {
 				dropped++
 				log := e.log.V(1)
@@ -402,11 +408,11 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 // a node-ipc message is checked as an event one by one.
 func (e *Endpoint) joined(items []router.Item, i int) int {
 	first := items[i]
-	if e.kind != router.Line || first.Kind != router.Line || first.Ref == nil {
+	if e.kind != router.Line || first.Kind != router.Line || first.Ref == nil || first.Run > 0 {
 		return i + 1
 	}
 	j := i + 1
-	for j < len(items) && items[j].Kind == router.Line && items[j].Ref == first.Ref &&
+	for j < len(items) && items[j].Kind == router.Line && items[j].Run == 0 && items[j].Ref == first.Ref &&
 		buffer.Adjoins(items[j-1].Data, items[j].Data, '\n') {
 		j++
 	}

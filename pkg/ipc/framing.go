@@ -372,6 +372,18 @@ func (w *Writer) WriteJoined(b []byte, n int) error {
 	return w.delimit()
 }
 
+// WriteRun buffers n Lines messages that b holds each ended by '\n' (a run, as a
+// connection of this framing carries them): exactly what n calls of WriteMessage would
+// buffer, in one copy. It returns an error wrapping ErrUnframeable, and writes nothing,
+// unless the framing is Lines and b holds exactly n line breaks, the last its last byte.
+func (w *Writer) WriteRun(b []byte, n int) error {
+	if w.f != Lines || n < 1 || b[len(b)-1] != '\n' || bytes.Count(b, []byte{'\n'}) != n {
+		return errNotJoined
+	}
+	_, err := w.bw.Write(b)
+	return err
+}
+
 var (
 	errNotJoined = fmt.Errorf("%w: not Lines messages joined by line breaks", ErrUnframeable)
 	errLineBreak = fmt.Errorf("%w: a Lines message contains a line break", ErrUnframeable)

@@ -1,6 +1,7 @@
 package peer
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"net"
@@ -10,7 +11,7 @@ import (
 )
 
 // drainLocal plays the endpoint writer of the local connection c until ctx ends: it
-// takes whatever is queued, hands each message to got, and marks it written (which
+// takes whatever is queued, hands each message (each line of a run) to got, and marks it written (which
 // completes it, so the server acknowledges it). The returned channel is closed when it
 // has stopped.
 func drainLocal(ctx context.Context, c *router.Conn, got func(data []byte)) <-chan struct{} {
@@ -26,7 +27,16 @@ func drainLocal(ctx context.Context, c *router.Conn, got func(data []byte)) <-ch
 			}
 			items = c.Queue.Take(items[:0])
 			for _, it := range items {
-				got(it.Data)
+				if it.Run == 0 {
+					got(it.Data)
+					continue
+				}
+				// A run of lines from a RUN frame: each line, as the app reads it.
+				for _, l := range bytes.SplitAfter(it.Data, []byte{'\n'}) {
+					if len(l) > 0 {
+						got(l[:len(l)-1])
+					}
+				}
 			}
 			c.Written(items)
 			clear(items)

@@ -719,52 +719,71 @@ type batch struct {
 // other, so that the link goes on. A channel name that is not shared and not even a
 // DNS label is a protocol error (ParseData leaves that check to this lookup's miss).
 func (b *batch) add(d Data, chunk *buffer.Chunk) error {
-	if len(b.run) > 0 && (string(d.Channel) != b.runChan.name || d.Kind != b.runKind) {
+	if ok, err := b.open(d.Channel, d.Kind, d.Seq, d.Seq, 1); !ok {
+		return err
+	}
+	b.addLine(d.Payload, chunk)
+	return nil
+}
+
+// open makes the messages first … last, lines of them, of channel and kind part of the
+// batch, and reports whether they are to be dispatched: a channel the two pods do not
+// share, or one the member may only receive on, counts them dropped instead. A channel
+// name that is not even a DNS label is a protocol error, reported before the messages
+// count as dispatched, so that their sequence numbers are not recorded as delivered.
+func (b *batch) open(channel []byte, kind router.Kind, first, last uint64, lines int) (bool, error) {
+	if len(b.run) > 0 && (string(channel) != b.runChan.name || kind != b.runKind) {
 		b.flushRun()
 	}
 	var sc sharedChannel
 	shared := true
 	if len(b.run) == 0 {
-		sc, shared = b.in.shared.Load().channels[string(d.Channel)]
+		sc, shared = b.in.shared.Load().channels[string(channel)]
 		if !shared {
-			// Checked before the line counts as dispatched, so that its sequence
-			// number is not recorded as delivered.
-			if err := CheckChannel(d.Channel); err != nil {
-				return err
+			if err := CheckChannel(channel); err != nil {
+				return false, err
 			}
 		}
 	}
 	if b.c == nil {
 		b.c = router.NewCompletion(b.st.notify)
-		b.first = d.Seq
+		b.first = first
 	}
-	b.started, b.last = true, d.Seq
+	b.started, b.last = true, last
 	if len(b.run) == 0 {
 		if !shared {
-			b.dropNotShared(d)
-			return nil
+			b.dropNotShared(string(channel), lines)
+			return false, nil
 		}
 		if sc.receiveOnly { // decided per link: one test per run of lines, not per line
-			b.dropNotPermitted(sc.name)
-			return nil
+			b.dropNotPermitted(sc.name, lines)
+			return false, nil
 		}
-		b.runChan, b.runKind = sc, d.Kind
+		b.runChan, b.runKind = sc, kind
 	}
-	if len(d.Payload) > b.runChan.maxMessageBytes {
-		b.dropTooLarge(len(d.Payload))
-		return nil
-	}
-	b.run = append(b.run, buffer.Payload{Data: d.Payload, Ref: chunk})
-	b.n++
-	return nil
+	return true, nil
 }
 
-// addRun dispatches the messages of a RUN frame, body, as add does each: they are
-// split at their delimiters, which ParseRun has counted, and each keeps its sequence
-// number, so a run and the DATA frames it stands for are dispatched alike. A run that
-// the receiver has wholly dispatched already is a retransmission and skipped; one that
-// begins inside what it dispatched is a protocol error, since a sender resends whole
-// entries after the last sequence number a receiver reported.
+// addLine dispatches one message of the open channel, if it fits the channel's
+// maxMessageBytes.
+func (b *batch) addLine(payload []byte, chunk *buffer.Chunk) {
+	if len(payload) > b.runChan.maxMessageBytes {
+		b.dropTooLarge(len(payload))
+		return
+	}
+	b.run = append(b.run, buffer.Payload{Data: payload, Ref: chunk})
+	b.n++
+}
+
+// addRun dispatches the messages of a RUN frame, body, as add does each. A run of lines
+// that all fit maxMessageBytes (their bytes together do) is dispatched whole, as one
+// payload: the local queues hold it as one item and a line connection writes it as it
+// is, and a connection of the other kind gets it split (Router.DeliverBatch). Otherwise
+// its messages are split at their delimiters, which ParseRun has counted, and each is
+// held to maxMessageBytes alone. A run that the receiver has wholly dispatched already
+// is a retransmission and skipped; one that begins inside what it dispatched is a
+// protocol error, since a sender resends whole entries after the last sequence number a
+// receiver reported.
 func (b *batch) addRun(body []byte, chunk *buffer.Chunk) error {
 	r, err := ParseRun(body)
 	if err != nil {
@@ -776,14 +795,19 @@ func (b *batch) addRun(body []byte, chunk *buffer.Chunk) error {
 	if b.started && r.Seq != b.last+1 {
 		return protocolError(ReasonSequence, "sequence gap: got a run of %d-%d after %d", r.Seq, r.Last(), b.last)
 	}
-	d := Data{Seq: r.Seq, Channel: r.Channel, Kind: r.Kind}
+	if ok, err := b.open(r.Channel, r.Kind, r.Seq, r.Last(), r.Count); !ok {
+		return err
+	}
+	if r.Kind == router.Line && len(r.Payload)-r.Count <= b.runChan.maxMessageBytes {
+		b.run = append(b.run, buffer.Payload{Data: r.Payload, Ref: chunk, Run: uint32(r.Count)})
+		b.n += r.Count
+		return nil
+	}
 	delim := r.Kind.Delimiter()
-	for rest := r.Payload; len(rest) > 0; d.Seq++ {
+	for rest := r.Payload; len(rest) > 0; {
 		i := bytes.IndexByte(rest, delim)
-		d.Payload, rest = rest[:i:i], rest[i+1:]
-		if err := b.add(d, chunk); err != nil {
-			return err
-		}
+		b.addLine(rest[:i:i], chunk)
+		rest = rest[i+1:]
 	}
 	return nil
 }
@@ -800,23 +824,23 @@ func (b *batch) dropTooLarge(n int) {
 	}
 }
 
-// dropNotShared counts a line for a channel the two pods do not share, logging the
+// dropNotShared counts n lines for a channel the two pods do not share, logging the
 // first of the link. The router labels the count with the channel's name only if this
 // sidecar serves it.
-func (b *batch) dropNotShared(d Data) {
-	b.s.cfg.Router.Drop(string(d.Channel), ReasonNotShared, 1)
+func (b *batch) dropNotShared(channel string, n int) {
+	b.s.cfg.Router.Drop(channel, ReasonNotShared, n)
 	if !b.notShared {
 		b.notShared = true
 		id := b.in.id
 		b.s.cfg.Log.Info("Dropped a peer's line for a channel the two pods do not share", "pod", id.Namespace+"/"+id.Name,
-			"uid", id.UID, "channel", string(d.Channel), "reason", ReasonNotShared)
+			"uid", id.UID, "channel", channel, "reason", ReasonNotShared)
 	}
 }
 
-// dropNotPermitted counts a line from a member that may only receive on channel, logging
-// the first of the link.
-func (b *batch) dropNotPermitted(channel string) {
-	b.s.cfg.Router.Drop(channel, ReasonNotPermitted, 1)
+// dropNotPermitted counts n lines from a member that may only receive on channel,
+// logging the first of the link.
+func (b *batch) dropNotPermitted(channel string, n int) {
+	b.s.cfg.Router.Drop(channel, ReasonNotPermitted, n)
 	if b.notPermitted {
 		return
 	}

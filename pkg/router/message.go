@@ -93,13 +93,21 @@ func (c *Completion) DoneN(n int) bool {
 // Complete reports whether every reference has been released.
 func (c *Completion) Complete() bool { return c.remaining.Load() <= 0 }
 
-// Item is one message in a receiver's queue.
+// Lines returns how many messages it holds.
+func (it *Item) Lines() int { return max(int(it.Run), 1) }
+
+// Item is one message (or run of lines) in a receiver's queue.
 type Item struct {
 	Kind Kind
 	// pins says the queue charged the item for its whole chunk (see Queue.pinLocked).
 	// It sits beside Kind, in what would be padding, to keep an Item at 48 bytes: queues
 	// write and read one per line.
 	pins bool
+	// Run is how many lines Data holds when it is a run of them, each ended by '\n',
+	// as a RUN frame from a peer carries them (buffer.Payload.Run); 0 when Data is one
+	// message without its delimiter. Only Line items are runs, queued only for line
+	// connections (Router.DeliverBatch), which write them as they are.
+	Run  uint32
 	Data []byte
 	// Ref keeps the chunk Data lives in from being reused; the queue's owner releases
 	// it once the item is written or dropped.
@@ -112,17 +120,19 @@ type Item struct {
 // settleItems ends the hold of items that leave a queue, written or dropped: it
 // releases their completion references and chunk references, one atomic operation per
 // run of items sharing a completion or a chunk, and returns their bytes and how many of
-// them the queue charged a chunk for (Item.pins). It is one pass over the items: the
-// writer settles every line it writes, and a loop per job cost a pass per job.
-func settleItems(items []Item) (bytes, pins int) {
+// them the queue charged a chunk for (Item.pins), and the lines they hold. It is one
+// pass over the items: the writer settles every line it writes, and a loop per job cost
+// a pass per job.
+func settleItems(items []Item) (bytes, pins, lines int) {
 	if len(items) == 0 {
-		return 0, 0
+		return 0, 0, 0
 	}
 	ref, refs := items[0].Ref, 0
 	done, dones := items[0].Done, 0
 	for i := range items {
 		it := &items[i]
 		bytes += len(it.Data)
+		lines += it.Lines()
 		if it.pins {
 			pins++
 		}
@@ -139,5 +149,5 @@ func settleItems(items []Item) (bytes, pins int) {
 	}
 	ref.Release(refs)
 	done.DoneN(dones)
-	return bytes, pins
+	return bytes, pins, lines
 }

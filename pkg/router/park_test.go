@@ -117,3 +117,45 @@ func TestAnyOneParkIsBounded(t *testing.T) {
 	}
 	done.Done()
 }
+
+// TestRunsCountTheirLines: a run of lines from a peer (one payload, one queue item)
+// counts as the lines it holds wherever lines are counted: dropped without a
+// connection, parked for AnyOne (one line each), dropped when its connection closes
+// before writing it.
+func TestRunsCountTheirLines(t *testing.T) {
+	m := NewMetrics(nil)
+	r := New(logr.Discard(), m)
+	defer r.Close()
+	run := []buffer.Payload{{Data: []byte("a\nb\nc\n"), Run: 3}}
+
+	r.Ensure("news", discovery.Spec{Overflow: discovery.Overflow{MaxWait: time.Hour}}.WithDefaults())
+	done := NewCompletion(make(chan struct{}, 1))
+	r.DeliverBatch(t.Context(), "news", Line, run, done)
+	done.Done()
+	if n := testutil.ToFloat64(m.Dropped.WithLabelValues("news", ReasonNoConnection)); n != 3 {
+		t.Fatalf("no_connection = %v, want 3", n)
+	}
+
+	jobs := r.Ensure("jobs", anyOneSpec(time.Hour))
+	parked := NewCompletion(make(chan struct{}, 1))
+	r.DeliverBatch(t.Context(), "jobs", Line, run, parked)
+	c := jobs.Attach(Line, "", func() {})
+	got := c.Queue.Take(nil)
+	if len(got) != 3 || string(got[0].Data) != "a" || string(got[2].Data) != "c" {
+		t.Fatalf("the next connection got %d items, want the run's 3 lines one by one", len(got))
+	}
+	c.Written(got)
+	parked.Done()
+	if !parked.Complete() || testutil.ToFloat64(m.LinesOut.WithLabelValues("jobs")) != 3 {
+		t.Fatalf("complete %v, lines out %v; want the parked run written as 3 lines",
+			parked.Complete(), testutil.ToFloat64(m.LinesOut.WithLabelValues("jobs")))
+	}
+
+	queued := NewCompletion(make(chan struct{}, 1))
+	r.DeliverBatch(t.Context(), "jobs", Line, run, queued)
+	c.Detach()
+	queued.Done()
+	if n := testutil.ToFloat64(m.Dropped.WithLabelValues("jobs", ReasonClosed)); n != 3 || !queued.Complete() {
+		t.Fatalf("receiver_closed = %v, complete %v; want 3, true", n, queued.Complete())
+	}
+}

@@ -253,7 +253,7 @@ func (q *Queue) UseBudget(b *buffer.Budget) { q.bound.UseBudget(b) }
 // Push offers it to the queue under policy ov, waiting as the policy says.
 func (q *Queue) Push(ctx context.Context, it Item, ov discovery.Overflow) (Result, string) {
 	if ov.Policy == discovery.WaitThenDrop {
-		p := [1]buffer.Payload{{Data: it.Data, Ref: it.Ref}}
+		p := [1]buffer.Payload{{Data: it.Data, Ref: it.Ref, Run: it.Run}}
 		_, res, reason := q.PushBatch(ctx, it.Kind, p[:], it.Done, ov)
 		return res, reason
 	}
@@ -329,7 +329,7 @@ func (q *Queue) PushBatch(ctx context.Context, kind Kind, data []buffer.Payload,
 		if res != Queued {
 			break
 		}
-		it := Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done}
+		it := Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done, Run: data[n].Run}
 		q.pinLocked(&it, ov.QueueBytes)
 		q.items = append(q.items, it)
 		q.bound.bytes += len(d)
@@ -382,7 +382,7 @@ func (q *Queue) pushNoWait(ctx context.Context, kind Kind, data []buffer.Payload
 		if q.closed {
 			return n, Dropped, ReasonClosed
 		}
-		it := Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done}
+		it := Item{Kind: kind, Data: d, Ref: data[n].Ref, Done: done, Run: data[n].Run}
 		if len(q.waiting) > 0 {
 			if full, budget := q.waitBytes+len(d) > limit, !q.bound.budget.Fits(added+len(d)); full || budget {
 				if done != nil {
@@ -463,9 +463,9 @@ func (q *Queue) expire(ep uint64) {
 	q.mu.Unlock()
 	q.gauge(-n)
 	q.space.Broadcast() // local senders waiting for room in the episode
-	_, pins := settleItems(left)
+	_, pins, lines := settleItems(left)
 	q.unpin(pins)
-	q.dropped(reason, len(left))
+	q.dropped(reason, lines)
 }
 
 // admitWaitingLocked moves waiting messages that now fit into the queue, ending the

@@ -261,26 +261,29 @@ func (c *Conn) Detach() {
 	c.Failed(left, ReasonClosed)
 }
 
-// Written counts items written to the app, releases their bytes and completes them.
+// Written counts the lines of items written to the app, releases their bytes and
+// completes them.
 func (c *Conn) Written(items []Item) {
-	c.settle(items)
-	c.ch.linesOut.Add(float64(len(items)))
+	if lines := c.settle(items); lines > 0 {
+		c.ch.linesOut.Add(float64(lines))
+	}
 }
 
-// Failed counts items taken for c that could not be written as dropped for reason,
-// releases their bytes and completes them.
+// Failed counts the lines of items taken for c that could not be written as dropped for
+// reason, releases their bytes and completes them.
 func (c *Conn) Failed(items []Item, reason string) {
-	c.settle(items)
-	if len(items) > 0 {
-		c.ch.drop(reason, len(items))
+	if lines := c.settle(items); lines > 0 {
+		c.ch.drop(reason, lines)
 	}
 }
 
 // settle ends the queue's hold on items, written or not: their completions and chunk
-// references are released, and their bytes returned to the queue's bound.
-func (c *Conn) settle(items []Item) {
-	n, pins := settleItems(items)
+// references are released, and their bytes returned to the queue's bound. It returns
+// the lines they hold.
+func (c *Conn) settle(items []Item) int {
+	n, pins, lines := settleItems(items)
 	c.Queue.release(n, pins)
+	return lines
 }
 
 // Channel returns the channel c is attached to.
@@ -321,7 +324,7 @@ func (ch *Channel) pushLocal(ctx context.Context, c *Conn, it Item, ov discovery
 		ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "conn", c.name, "queueBytes", ov.QueueBytes)
 		c.kick()
 	}
-	ch.dropFor(c.name, reason, ov)
+	ch.dropFor(c.name, reason, it.Lines(), ov)
 	return false
 }
 
@@ -363,17 +366,17 @@ func (ch *Channel) RouteBatch(ctx context.Context, from *Conn, kind Kind, lines 
 			if res == Queued {
 				break
 			}
-			ch.dropFor(m.ID(), reason, spec.Overflow)
+			ch.dropFor(m.ID(), reason, rest[n].Lines(), spec.Overflow)
 			rest = rest[n+1:]
 		}
 	}
 }
 
-// dropFor counts a line for receiver dropped for reason; a block_timeout is also
+// dropFor counts n lines for receiver dropped for reason; a block_timeout is also
 // logged (at most once a second per channel), since it means a receiver held the
 // channel back for maxBlock: gone, or far too slow for Block.
-func (ch *Channel) dropFor(receiver, reason string, ov discovery.Overflow) {
-	ch.drop(reason, 1)
+func (ch *Channel) dropFor(receiver, reason string, n int, ov discovery.Overflow) {
+	ch.drop(reason, n)
 	if reason != ReasonBlockTimeout {
 		return
 	}
@@ -385,8 +388,9 @@ func (ch *Channel) dropFor(receiver, reason string, ov discovery.Overflow) {
 		"receiver", receiver, "maxBlock", ov.MaxBlock, "reason", reason)
 }
 
-// pushBatch queues data for c and counts what is not queued. Queued lines take a
-// reference on done (nil for lines of local apps). It returns how many were dropped.
+// pushBatch queues data for c and counts the lines that are not queued. Queued
+// payloads take a reference on done (nil for lines of local apps). It returns how many
+// payloads were dropped (a run is one).
 func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []buffer.Payload, done *Completion, ov discovery.Overflow) int {
 	dropped := 0
 	for rest := data; len(rest) > 0; {
@@ -398,15 +402,24 @@ func (ch *Channel) pushBatch(ctx context.Context, c *Conn, kind Kind, data []buf
 			ch.r.log.Info("Disconnecting slow reader", "channel", ch.name, "conn", c.name, "queueBytes", ov.QueueBytes)
 			c.kick()
 			// The connection is going away: what is left of the batch is not for it.
-			ch.drop(reason, len(rest)-n)
+			ch.drop(reason, countLines(rest[n:]))
 			dropped += len(rest) - n
 			break
 		}
-		ch.dropFor(c.name, reason, ov)
+		ch.dropFor(c.name, reason, rest[n].Lines(), ov)
 		dropped++
 		rest = rest[n+1:]
 	}
 	return dropped
+}
+
+// countLines returns how many messages data holds.
+func countLines(data []buffer.Payload) int {
+	n := 0
+	for _, d := range data {
+		n += d.Lines()
+	}
+	return n
 }
 
 // routeAnyOne picks the next candidate pod round robin and hands it the line, waiting
@@ -493,7 +506,7 @@ func (ch *Channel) tryAnyOne(ctx context.Context, from *Conn, kind Kind, data bu
 		return true
 	}
 	if res, reason := remotes[pick].Send(ctx, ch.name, kind, data, true, ov); res != Queued {
-		ch.dropFor(remotes[pick].ID(), reason, ov)
+		ch.dropFor(remotes[pick].ID(), reason, data.Lines(), ov)
 	}
 	return true
 }
@@ -537,21 +550,32 @@ func (r *Router) DeliverBatch(ctx context.Context, channel string, kind Kind, da
 	conns := *ch.conns.Load()
 	if len(conns) == 0 && spec.Delivery == discovery.AnyOne && done != nil {
 		// An AnyOne line is for any one member: keep it unacknowledged for the next
-		// connection, or for its sender to reroute (park.go).
-		if conns = ch.park(kind, data, done, spec.Overflow); len(conns) == 0 {
+		// connection, or for its sender to reroute (park.go). (A sender sends runs
+		// only of Broadcast lines, but its spec may be a moment older than this one.)
+		if conns = ch.park(kind, buffer.SplitRuns(data, kind.Delimiter()), done, spec.Overflow); len(conns) == 0 {
 			return spec.Overflow.MaxWait
 		}
 	}
 	if len(conns) == 0 {
 		// Counted so that a line a peer carried here never vanishes without a trace,
 		// although for Broadcast no connection means nobody to deliver to.
-		ch.drop(ReasonNoConnection, len(data))
+		ch.drop(ReasonNoConnection, countLines(data))
 		return 0
 	}
+	// A run goes as it is only to connections of its own kind, which write it as it is;
+	// any other gets its lines one by one, to translate (split once, if needed).
+	var split []buffer.Payload
 	for _, c := range conns {
+		d := data
+		if c.Kind != kind {
+			if split == nil {
+				split = buffer.SplitRuns(data, kind.Delimiter())
+			}
+			d = split
+		}
 		// The caller's own reference keeps done from completing while refs are taken.
-		done.Add(len(data))
-		if n := ch.pushBatch(ctx, c, kind, data, done, spec.Overflow); n > 0 {
+		done.Add(len(d))
+		if n := ch.pushBatch(ctx, c, kind, d, done, spec.Overflow); n > 0 {
 			done.Add(-n)
 		}
 	}

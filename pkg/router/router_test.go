@@ -185,7 +185,7 @@ func TestQueueCompactsSparseLines(t *testing.T) {
 	if len(own) != kept+1 {
 		t.Fatalf("the lines live in %d chunks, want %d read chunks and one of the queue's", len(own), kept+1)
 	}
-	n, pins := settleItems(items)
+	n, pins, _ := settleItems(items)
 	q.release(n, pins) // as Conn.Written does
 	for i, c := range originals {
 		if r := c.Refs(); r != 0 {
@@ -203,7 +203,7 @@ func TestQueueCompactsSparseLines(t *testing.T) {
 		if len(items) != 1 || items[0].Ref != c {
 			t.Fatalf("line %d of a draining queue was copied", i)
 		}
-		n, pins := settleItems(items)
+		n, pins, _ := settleItems(items)
 		q.release(n, pins)
 	}
 }
