@@ -22,6 +22,7 @@ func sampleStream() []byte {
 	b = AppendDataHeader(b, 100, "orders", router.NodeIPC, 5)
 	b = append(b, "hello"...)
 	b = AckFrame(b, 100)
+	b = appendRun(b, 101, 3, newChanState("events").tail[router.Line], []byte("a\n\nc\n"))
 	b = append(b, PresenceFrame(map[string]int{"orders": 0, "events": 3})...)
 	b = append(b, PingFrame()...)
 	b = append(b, ReasonFrame(FrameGoodbye, "shutdown")...)
@@ -53,6 +54,10 @@ func TestCodecRoundTrip(t *testing.T) {
 	}
 	if a, err := ParseAck(next(FrameAck)); err != nil || a != 100 {
 		t.Fatalf("ack = %d, %v", a, err)
+	}
+	if run, err := ParseRun(next(FrameRun)); err != nil || run.Seq != 101 || run.Count != 3 || run.Last() != 103 ||
+		string(run.Channel) != "events" || run.Kind != router.Line || string(run.Payload) != "a\n\nc\n" {
+		t.Fatalf("run = %+v, %v", run, err)
 	}
 	if p, err := ParsePresence(next(FramePresence)); err != nil || !reflect.DeepEqual(p, map[string]int{"orders": 0, "events": 3}) {
 		t.Fatalf("presence = %v, %v", p, err)
@@ -115,6 +120,10 @@ func decodeAll(r *Reader) []string {
 			var d Data
 			d, err = ParseData(body)
 			v = []any{d.Seq, string(d.Channel), d.Kind, string(d.Payload)}
+		case FrameRun:
+			var r Run
+			r, err = ParseRun(body)
+			v = []any{r.Seq, r.Count, string(r.Channel), r.Kind, string(r.Payload)}
 		case FrameAck:
 			v, err = ParseAck(body)
 		case FramePresence:
@@ -345,4 +354,26 @@ func TestAppendDataMatchesHeader(t *testing.T) {
 			t.Fatalf("ParseData = %+v, %v; want %+v", d, err, m)
 		}
 	}
+}
+
+// FuzzParseRun: whatever a RUN body holds, ParseRun does not panic, and a body it
+// accepts splits at its delimiters into exactly Count messages, none holding the
+// delimiter, numbered without wrapping.
+func FuzzParseRun(f *testing.F) {
+	f.Add(appendRun(nil, 1, 3, newChanState("orders").tail[router.Line], []byte("a\nb\n\n"))[headerLen:])
+	f.Add(appendRun(nil, 1<<63, 2, newChanState("x").tail[router.NodeIPC], []byte("{}\f{}\f"))[headerLen:])
+	f.Add([]byte{1, 0, 1, 'a', 0, '\n'})
+	f.Fuzz(func(t *testing.T, body []byte) {
+		r, err := ParseRun(body)
+		if err != nil {
+			return
+		}
+		if r.Count < 1 || r.Last() < r.Seq {
+			t.Fatalf("accepted a run of %d from %d", r.Count, r.Seq)
+		}
+		parts := bytes.Split(r.Payload, []byte{r.Kind.Delimiter()})
+		if len(parts) != r.Count+1 || len(parts[r.Count]) != 0 {
+			t.Fatalf("accepted %q as %d messages", r.Payload, r.Count)
+		}
+	})
 }
