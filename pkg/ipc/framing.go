@@ -377,7 +377,7 @@ func (w *Writer) WriteJoined(b []byte, n int) error {
 // buffer, in one copy. It returns an error wrapping ErrUnframeable, and writes nothing,
 // unless the framing is Lines and b holds exactly n line breaks, the last its last byte.
 func (w *Writer) WriteRun(b []byte, n int) error {
-	if w.f != Lines || n < 1 || b[len(b)-1] != '\n' || bytes.Count(b, []byte{'\n'}) != n {
+	if w.f != Lines || n < 1 || len(b) == 0 || b[len(b)-1] != '\n' || bytes.Count(b, []byte{'\n'}) != n {
 		return errNotJoined
 	}
 	_, err := w.bw.Write(b)

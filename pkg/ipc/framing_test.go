@@ -240,9 +240,10 @@ func TestWriter(t *testing.T) {
 	}
 }
 
-// TestWriterJoined: n lines joined by line breaks are written as n WriteMessage calls
-// would write them; a count that does not match the line breaks, or a framing other
-// than Lines, writes nothing and is unframeable.
+// TestWriterJoined: n lines joined by line breaks (WriteJoined), or each ended by one
+// (WriteRun), are written as n WriteMessage calls would write them; a count that does
+// not match the line breaks, a run not ended by one, an empty one, or a framing other
+// than Lines writes nothing and is unframeable.
 func TestWriterJoined(t *testing.T) {
 	var buf bytes.Buffer
 	w := ipc.NewWriter(&buf, ipc.Lines)
@@ -260,10 +261,22 @@ func TestWriterJoined(t *testing.T) {
 	if err := w.WriteJoined([]byte("x"), 1); err != nil {
 		t.Fatal(err)
 	}
+	// A run holds each line ended by its line break.
+	for _, tc := range []struct {
+		run string
+		n   int
+	}{{"", 1}, {"a", 1}, {"a\nb", 2}, {"a\nb\n", 1}, {"a\n", 0}} {
+		if err := w.WriteRun([]byte(tc.run), tc.n); !errors.Is(err, ipc.ErrUnframeable) {
+			t.Errorf("WriteRun(%q, %d) = %v, want ErrUnframeable", tc.run, tc.n, err)
+		}
+	}
+	if err := w.WriteRun([]byte("y\n\nz\n"), 3); err != nil {
+		t.Fatal(err)
+	}
 	if err := w.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	if got := buf.String(); got != "a\n\nb c\nx\n" {
+	if got := buf.String(); got != "a\n\nb c\nx\ny\n\nz\n" {
 		t.Fatalf("wrote %q", got)
 	}
 	n := ipc.NewWriter(&buf, ipc.NodeIPC)
