@@ -534,21 +534,29 @@ func ParseData(b []byte) (Data, error) {
 	if n <= 0 {
 		return Data{}, protocolError(ReasonMalformed, "short varint")
 	}
-	b = b[n:]
+	name, kind, payload, err := parseTail(b[n:])
+	if err != nil {
+		return Data{}, err
+	}
+	return Data{Seq: seq, Channel: name, Kind: kind, Payload: payload}, nil
+}
+
+// parseTail decodes what DATA and RUN frames end with: the channel name, the kind and
+// the payload (the rest of the body, aliased).
+func parseTail(b []byte) (channel []byte, kind router.Kind, payload []byte, err error) {
 	l, n := binary.Uvarint(b)
 	if n <= 0 {
-		return Data{}, protocolError(ReasonMalformed, "short varint")
+		return nil, 0, nil, protocolError(ReasonMalformed, "short varint")
 	}
 	b = b[n:]
 	if l >= uint64(len(b)) { // the channel name and the kind byte
-		return Data{}, protocolError(ReasonMalformed, "short string")
+		return nil, 0, nil, protocolError(ReasonMalformed, "short string")
 	}
-	name := b[:l:l]
 	k := b[l]
 	if k > byte(router.NodeIPC) {
-		return Data{}, protocolError(ReasonKind, "kind %d", k)
+		return nil, 0, nil, protocolError(ReasonKind, "kind %d", k)
 	}
-	return Data{Seq: seq, Channel: name, Kind: router.Kind(k), Payload: b[l+1:]}, nil
+	return b[:l:l], router.Kind(k), b[l+1:], nil
 }
 
 // ParseRun decodes a RUN body and validates its framing, kind and count: at least one
@@ -568,22 +576,10 @@ func ParseRun(b []byte) (Run, error) {
 	if n <= 0 {
 		return Run{}, protocolError(ReasonMalformed, "short varint")
 	}
-	b = b[n:]
-	l, n := binary.Uvarint(b)
-	if n <= 0 {
-		return Run{}, protocolError(ReasonMalformed, "short varint")
+	name, kind, payload, err := parseTail(b[n:])
+	if err != nil {
+		return Run{}, err
 	}
-	b = b[n:]
-	if l >= uint64(len(b)) {
-		return Run{}, protocolError(ReasonMalformed, "short string")
-	}
-	name := b[:l:l]
-	k := b[l]
-	if k > byte(router.NodeIPC) {
-		return Run{}, protocolError(ReasonKind, "kind %d", k)
-	}
-	payload := b[l+1:]
-	kind := router.Kind(k)
 	switch {
 	case count == 0 || count > uint64(len(payload)):
 		return Run{}, protocolError(ReasonRun, "%d messages in %d bytes", count, len(payload))
