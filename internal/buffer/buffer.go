@@ -9,6 +9,7 @@ package buffer
 
 import (
 	"bytes"
+	"iter"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -45,13 +46,27 @@ func SplitRuns(lines []Payload, delim byte) []Payload {
 			out = append(out, l)
 			continue
 		}
-		for rest := l.Data; len(rest) > 0; {
-			i := bytes.IndexByte(rest, delim)
-			out = append(out, Payload{Data: rest[:i:i], Ref: l.Ref})
-			rest = rest[i+1:]
+		for m := range Messages(l.Data, delim) {
+			out = append(out, Payload{Data: m, Ref: l.Ref})
 		}
 	}
 	return out
+}
+
+// Messages yields the messages of run, each ended by delim (a RUN frame's payload, a
+// run payload), without their delimiters and in place: the one way the data plane
+// splits a run, wherever it must take its messages one by one. Bytes after the last
+// delimiter are not a message and are not yielded.
+func Messages(run []byte, delim byte) iter.Seq[[]byte] {
+	return func(yield func([]byte) bool) {
+		for {
+			i := bytes.IndexByte(run, delim)
+			if i < 0 || !yield(run[:i:i]) {
+				return
+			}
+			run = run[i+1:]
+		}
+	}
 }
 
 // ChunkSize is the size of the chunks message bytes are copied (or read) into, so the
@@ -264,23 +279,6 @@ func (s *Slab) Close() {
 	s.Recycle()
 	s.cur.Release(1)
 	s.cur = nil
-}
-
-// Adjoins reports whether next begins one byte after prev ends and that byte is delim:
-// two messages that lie in a chunk as a connection of their framing carries them. Both
-// must be in one chunk (the caller compares their references); the byte between them is
-// read only once the addresses say it lies between them, inside that chunk.
-func Adjoins(prev, next []byte, delim byte) bool {
-	end := unsafe.Add(unsafe.Pointer(unsafe.SliceData(prev)), len(prev))
-	return unsafe.Pointer(unsafe.SliceData(next)) == unsafe.Add(end, 1) && *(*byte)(end) == delim
-}
-
-// Span returns the bytes from the start of first to the end of last, which lies after it
-// in the same chunk (a run of messages that adjoin one another).
-func Span(first, last []byte) []byte {
-	p := unsafe.SliceData(first)
-	n := uintptr(unsafe.Pointer(unsafe.SliceData(last))) - uintptr(unsafe.Pointer(p)) + uintptr(len(last))
-	return unsafe.Slice(p, n)
 }
 
 // Signal is a broadcast condition: waiters take C() and the notifier closes it.

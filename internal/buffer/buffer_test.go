@@ -2,6 +2,7 @@ package buffer
 
 import (
 	"bytes"
+	"slices"
 	"testing"
 )
 
@@ -91,19 +92,23 @@ func TestRun(t *testing.T) {
 	}
 }
 
-// TestAdjoins: two messages adjoin when one delimiter byte alone lies between them.
-func TestAdjoins(t *testing.T) {
-	b := []byte("ab\ncd\n\nef xy")
-	if !Adjoins(b[0:2], b[3:5], '\n') || string(Span(b[0:2], b[3:5])) != "ab\ncd" {
-		t.Fatal("ab and cd, joined by a line break, do not adjoin")
+// TestMessages: a run splits into its messages, empty ones included, without their
+// delimiters; bytes after the last delimiter are not a message; a consumer may stop early.
+func TestMessages(t *testing.T) {
+	var got []string
+	for m := range Messages([]byte("ab\n\ncd\nrest"), '\n') {
+		got = append(got, string(m))
 	}
-	if Adjoins(b[3:5], b[7:9], '\n') {
-		t.Fatal("cd and ef adjoin across an empty line")
+	if want := []string{"ab", "", "cd"}; !slices.Equal(got, want) {
+		t.Fatalf("Messages = %q, want %q", got, want)
 	}
-	if Adjoins(b[7:9], b[10:12], '\n') {
-		t.Fatal("ef and xy adjoin across a space")
+	n := 0
+	for range Messages([]byte("a\fb\fc\f"), '\f') {
+		if n++; n == 2 {
+			break
+		}
 	}
-	if !Adjoins(b[3:5], b[6:6], '\n') {
-		t.Fatal("cd and the empty line after it do not adjoin")
+	if n != 2 {
+		t.Fatalf("stopped after %d messages, want 2", n)
 	}
 }

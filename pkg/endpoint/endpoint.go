@@ -340,8 +340,13 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 		// which keeps those written, in place.
 		kept, i := 0, 0
 		for ; i < len(items); i++ {
-			var n int
-			n, err = e.writeItems(w, items[i:], &scratch)
+			if items[i].Run > 0 {
+				// A run of lines from a peer, queued only for a line connection: as
+				// the connection carries it, in one copy.
+				err = w.WriteRun(items[i].Data, int(items[i].Run))
+			} else {
+				err = e.write(w, items[i], &scratch)
+			}
 			if errors.Is(err, ipc.ErrUnframeable) {
 				dropped++
 				log := e.log.V(1)
@@ -359,8 +364,8 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 			if err != nil {
 				break
 			}
-			kept += copy(items[kept:], items[i:i+n])
-			i += n - 1
+			items[kept] = items[i]
+			kept++
 		}
 		if err == nil {
 			err = w.Flush()
@@ -382,44 +387,6 @@ func (e *Endpoint) writeLoop(conn net.Conn, c *router.Conn, stop <-chan struct{}
 		clear(unframeable)
 		unframeable = unframeable[:0]
 	}
-}
-
-// writeItems buffers items[0], or the lines that lie joined with it, and returns how
-// many items it wrote (on an error, the first is the one that failed):
-//   - a run of lines from a peer (Item.Run), queued only for a line connection, as the
-//     connection carries it, in one copy;
-//   - lines that lie one after another in one chunk joined by line breaks (the lines
-//     of a RUN split because one was too long, a local app's read), in one copy;
-//   - any other message translated to the connection's kind (write).
-func (e *Endpoint) writeItems(w *ipc.Writer, items []router.Item, scratch *bytes.Buffer) (int, error) {
-	it := items[0]
-	if it.Run > 0 {
-		return 1, w.WriteRun(it.Data, int(it.Run))
-	}
-	if j := e.joined(items); j > 1 {
-		err := w.WriteJoined(buffer.Span(it.Data, items[j-1].Data), j)
-		if !errors.Is(err, ipc.ErrUnframeable) {
-			return j, err
-		}
-		// One of them cannot be framed: each goes, or is dropped, alone.
-	}
-	return 1, e.write(w, it, scratch)
-}
-
-// joined returns how many lines from items[0] on lie one after another in one chunk,
-// joined by line breaks (1 if items[0] is not such a line). Only lines to a line
-// connection qualify: a node-ipc message is checked as an event one by one.
-func (e *Endpoint) joined(items []router.Item) int {
-	first := items[0]
-	if e.kind != router.Line || first.Kind != router.Line || first.Ref == nil || first.Run > 0 {
-		return 1
-	}
-	j := 1
-	for j < len(items) && items[j].Kind == router.Line && items[j].Run == 0 && items[j].Ref == first.Ref &&
-		buffer.Adjoins(items[j-1].Data, items[j].Data, '\n') {
-		j++
-	}
-	return j
 }
 
 // write translates one item to the connection's kind and buffers it.

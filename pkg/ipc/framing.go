@@ -357,35 +357,20 @@ func (w *Writer) WriteMessageString(msg string) error {
 	return w.delimit()
 }
 
-// WriteJoined buffers n Lines messages that b holds joined by '\n' (as they lie in a
-// run read from a connection: each message but the last followed by the delimiter),
-// with the last one's delimiter: exactly what n calls of WriteMessage would buffer, in
-// one copy. It returns an error wrapping ErrUnframeable, and writes nothing, unless the
-// framing is Lines and b holds exactly n-1 line breaks.
-func (w *Writer) WriteJoined(b []byte, n int) error {
-	if w.f != Lines || n < 1 || bytes.Count(b, []byte{'\n'}) != n-1 {
-		return errNotJoined
-	}
-	if _, err := w.bw.Write(b); err != nil {
-		return err
-	}
-	return w.delimit()
-}
-
 // WriteRun buffers n Lines messages that b holds each ended by '\n' (a run, as a
 // connection of this framing carries them): exactly what n calls of WriteMessage would
 // buffer, in one copy. It returns an error wrapping ErrUnframeable, and writes nothing,
 // unless the framing is Lines and b holds exactly n line breaks, the last its last byte.
 func (w *Writer) WriteRun(b []byte, n int) error {
 	if w.f != Lines || n < 1 || len(b) == 0 || b[len(b)-1] != '\n' || bytes.Count(b, []byte{'\n'}) != n {
-		return errNotJoined
+		return errNotRun
 	}
 	_, err := w.bw.Write(b)
 	return err
 }
 
 var (
-	errNotJoined = fmt.Errorf("%w: not Lines messages joined by line breaks", ErrUnframeable)
+	errNotRun    = fmt.Errorf("%w: not a run of Lines messages each ended by a line break", ErrUnframeable)
 	errLineBreak = fmt.Errorf("%w: a Lines message contains a line break", ErrUnframeable)
 	errNotEvent  = fmt.Errorf("%w: a NodeIPC message must be a JSON object with a string \"type\"", ErrUnframeable)
 )

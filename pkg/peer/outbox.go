@@ -1,7 +1,6 @@
 package peer
 
 import (
-	"bytes"
 	"encoding/binary"
 	"sort"
 	"sync"
@@ -232,11 +231,10 @@ func (o *outbox) encode(m *outMsg) {
 	case o.runs:
 		o.out = appendRun(o.out, m.seq, int(m.count), tail, m.data())
 	default:
-		seq, delim := m.seq, m.kind.Delimiter()
-		for rest := m.data(); len(rest) > 0; seq++ {
-			i := bytes.IndexByte(rest, delim)
-			o.out = appendData(o.out, seq, tail, rest[:i])
-			rest = rest[i+1:]
+		seq := m.seq
+		for msg := range buffer.Messages(m.data(), m.kind.Delimiter()) {
+			o.out = appendData(o.out, seq, tail, msg)
+			seq++
 		}
 	}
 	o.outN += int(m.count)
@@ -301,10 +299,13 @@ func (o *outbox) ack(seq uint64) {
 
 // cutFront removes the first k messages of the run m (fewer than m.count).
 func (o *outbox) cutFront(m *outMsg, k int) {
-	data, delim := m.data(), m.kind.Delimiter()
-	cut := 0
-	for range k {
-		cut += bytes.IndexByte(data[cut:], delim) + 1
+	data, cut, cutN := m.data(), 0, 0
+	for msg := range buffer.Messages(data, m.kind.Delimiter()) {
+		if cutN == k {
+			break
+		}
+		cut += len(msg) + 1
+		cutN++
 	}
 	rest := data[cut:]
 	if int(m.count)-k == 1 {

@@ -1,7 +1,6 @@
 package peer
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -803,11 +802,8 @@ func (b *batch) addRun(body []byte, chunk *buffer.Chunk) error {
 		b.n += r.Count
 		return nil
 	}
-	delim := r.Kind.Delimiter()
-	for rest := r.Payload; len(rest) > 0; {
-		i := bytes.IndexByte(rest, delim)
-		b.addLine(rest[:i:i], chunk)
-		rest = rest[i+1:]
+	for msg := range buffer.Messages(r.Payload, r.Kind.Delimiter()) {
+		b.addLine(msg, chunk)
 	}
 	return nil
 }
