@@ -1,7 +1,6 @@
-package endpoint_test
+package endpoint
 
 import (
-	"net"
 	"path/filepath"
 	"testing"
 	"time"
@@ -11,7 +10,6 @@ import (
 
 	"github.com/podipc/podipc/internal/buffer"
 	"github.com/podipc/podipc/pkg/discovery"
-	"github.com/podipc/podipc/pkg/endpoint"
 	"github.com/podipc/podipc/pkg/ipc"
 	"github.com/podipc/podipc/pkg/router"
 )
@@ -25,35 +23,14 @@ func TestRunsReachEveryKindOfApp(t *testing.T) {
 	r := router.New(logr.Discard(), m)
 	t.Cleanup(r.Close)
 	ch := r.Ensure("orders", discovery.Spec{})
-	lines, err := endpoint.ListenLines(ch, "127.0.0.1:0", endpoint.Options{}, logr.Discard())
+	lineApp := dial(t, listenLines(t, ch))
+	nodeipc, err := ListenNodeIPC(ch, filepath.Join(t.TempDir(), "app.orders"), Options{}, logr.Discard())
 	if err != nil {
 		t.Fatal(err)
 	}
-	go func() { _ = lines.Start(t.Context()) }()
-	t.Cleanup(func() { _ = lines.Close() })
-	dir := t.TempDir()
-	nodeipc, err := endpoint.ListenNodeIPC(ch, filepath.Join(dir, "app.orders"), endpoint.Options{}, logr.Discard())
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = nodeipc.Start(t.Context()) }()
-	t.Cleanup(func() { _ = nodeipc.Close() })
-
-	lineApp, err := net.Dial("tcp", lines.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = lineApp.Close() })
-	nodeApp, err := net.Dial("unix", nodeipc.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = nodeApp.Close() })
-	for deadline := time.Now().Add(10 * time.Second); r.Presence()["orders"] < 2; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the apps never attached")
-		}
-	}
+	serve(t, nodeipc)
+	nodeApp := dial(t, nodeipc)
+	waitAttached(t, r, "orders", 2)
 
 	// As the peer server hands them over: a run of four lines in the read chunk, then a
 	// line of a DATA frame.

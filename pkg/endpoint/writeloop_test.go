@@ -3,7 +3,6 @@ package endpoint
 import (
 	"bufio"
 	"fmt"
-	"net"
 	"strings"
 	"testing"
 	"time"
@@ -27,17 +26,8 @@ func TestWriterAfterAnIdleMinute(t *testing.T) {
 	r := router.New(logr.Discard(), nil)
 	t.Cleanup(r.Close)
 	ch := r.Ensure("orders", discovery.Spec{Overflow: discovery.Overflow{Policy: discovery.Block, QueueBytes: 64 << 20}})
-	ep, err := ListenLines(ch, "127.0.0.1:0", Options{}, logr.Discard())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ep.Close() })
-	go func() { _ = ep.Start(t.Context()) }()
-	app, err := net.Dial("tcp", ep.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = app.Close() })
+	app := dial(t, listenLines(t, ch))
+	waitAttached(t, r, "orders", 1)
 	in := bufio.NewReader(app)
 
 	deliver := func(first, n int) {
@@ -50,7 +40,6 @@ func TestWriterAfterAnIdleMinute(t *testing.T) {
 		r.DeliverBatch(t.Context(), "orders", router.Line, lines, done)
 		done.Done()
 	}
-	const probe = "00000000 "
 	read := func(first, n int) {
 		_ = app.SetReadDeadline(time.Now().Add(10 * time.Second))
 		for i := 0; i < n; {
@@ -58,25 +47,15 @@ func TestWriterAfterAnIdleMinute(t *testing.T) {
 			if err != nil {
 				t.Fatalf("line %d of %d: %v (the writer closed the app's connection)", i, n, err)
 			}
-			if strings.HasPrefix(line, probe) {
-				continue // a late probe (below)
-			}
 			if want := fmt.Sprintf("%08d ", first+i); !strings.HasPrefix(line, want) {
 				t.Fatalf("line %d of %d: got %.20q, want it to start %q", i, n, line, want)
 			}
 			i++
 		}
 	}
-	// The first line read back is the batch that sets the deadline. Lines delivered
-	// before the connection is attached are dropped (no_connection), so probes (line 0)
-	// are delivered until one arrives.
-	for {
-		deliver(0, 1)
-		_ = app.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-		if _, err := in.ReadString('\n'); err == nil {
-			break
-		}
-	}
+	// A first batch sets the writer's deadline; the next comes after it has passed.
+	deliver(0, 1)
+	read(0, 1)
 	time.Sleep(3 * writeTimeout)
 	deliver(2, 256) // 256 KiB: four times the ipc.Writer's buffer, written as one batch
 	read(2, 256)
